@@ -1,0 +1,3 @@
+"""stdaemon: SimpleTuner's cloud-training operations server as a Twisted daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""stdaemon.config."""

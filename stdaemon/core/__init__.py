@@ -1,0 +1,1 @@
+"""Pure logic: no Twisted I/O, no clock reads, no file or network access."""
