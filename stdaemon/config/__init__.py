@@ -1,1 +1,6 @@
-"""stdaemon.config."""
+"""Configuration: one frozen object built once at start-up."""
+
+from stdaemon.config.loader import ConfigError, database_path, load_config, state_path
+from stdaemon.config.schema import Config
+
+__all__ = ["Config", "ConfigError", "database_path", "load_config", "state_path"]

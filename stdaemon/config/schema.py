@@ -1,0 +1,131 @@
+"""The configuration schema: frozen, typed sections with their defaults.
+
+Every key an operator can set lives here, once.  The loader (``loader.py``)
+coerces raw values from YAML, INI and the environment into these types and
+reports errors with the full key path.  ``config/stdaemon.yaml`` and
+``config/stdaemon.ini`` document the same keys; ``tests/test_config.py``
+checks that both example files cover every key listed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Mapping
+
+DEFAULT_LISTEN = ("tcp:8080:interface=127.0.0.1",)
+
+
+def _frozen_mapping(value: Mapping | None = None) -> Mapping:
+    return MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    public_url: str = ""
+    state_dir: str = "~/.simpletuner"
+    trusted_proxies: tuple[str, ...] = ()
+    max_body_bytes: int = 1024 * 1024
+    ssl_cert: str = ""
+    ssl_key: str = ""
+    shutdown_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+    format: str = "text"
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    enabled: bool = True
+    calls: int = 100
+    period: int = 60
+    backend: str = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    sqlite_path: str = ""
+    exempt_loopback: bool = True
+    fail_open: bool = True
+    timeout: float = 0.5
+    # Custom rules, each ``{pattern, calls, period, methods}``; matched before
+    # the built-in table.
+    rules: tuple = ()
+
+
+@dataclass(frozen=True)
+class SecretsConfig:
+    file: str = ""
+    aws_secret_name: str = ""
+    aws_region: str = ""
+    vault_addr: str = ""
+    vault_path: str = "simpletuner"
+    vault_mount: str = "secret"
+    cache_ttl: float = 300.0
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    enabled: bool = False
+    dir: str = ""
+    interval: float = 86400.0
+    keep_days: int = 30
+    keep_count: int = 10
+    compress: bool = True
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    prometheus_enabled: bool = False
+    prometheus_categories: tuple[str, ...] = ("jobs", "http", "health")
+    bearer_token: str = ""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    registration_enabled: bool = False
+    session_ttl: float = 86400.0
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    poll_interval: float = 30.0
+    upload_credential_ttl: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    retention_days: int = 365
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    # ``providers.<name>.<field>`` as given in the file (validated by the
+    # provider settings module); values are plain Python types.
+    providers: Mapping[str, Mapping[str, Any]] = field(default_factory=_frozen_mapping)
+    # Where each non-default value came from: ``{"server.listen": "file"}``.
+    sources: Mapping[str, str] = field(default_factory=_frozen_mapping)
+    # Environment snapshot taken once at load time (proxy, CA, timeout
+    # defaults for outbound HTTP and the like), so nothing else reads
+    # ``os.environ`` behind the config's back.
+    environ: Mapping[str, str] = field(default_factory=_frozen_mapping)
+    config_file: str = ""
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory().__class__  # type: ignore[misc]
+    for f in fields(Config)
+    if f.name not in ("providers", "sources", "environ", "config_file")
+}

@@ -1,0 +1,247 @@
+"""The root resource: every request passes through here, once.
+
+Pipeline per request (in its own ``contextvars`` context so log lines and
+outbound calls carry its correlation id):
+
+1. correlation id: a valid incoming ``X-Correlation-ID`` or a new one, echoed;
+2. route match across the surfaces (404/405 JSON when nothing matches);
+3. client IP derivation (S6 rules, one function for every surface);
+4. middlewares (rate limiting, …), each may answer instead of the handler;
+5. authentication and authorisation from the matched route's access policy
+   (``stdaemon.http.surface.route``) — nothing reaches a handler otherwise;
+6. the surface's Klein resource renders the request;
+7. metrics: request count, errors and latency per ``METHOD_<route template>``.
+
+Body limits are enforced earlier, while the body arrives
+(``stdaemon/http/request.py``), from :meth:`Root.body_policy`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Optional
+
+from klein.resource import KleinResource
+from twisted.internet import defer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
+
+from stdaemon.core.client_ip import derive_client_ip
+from stdaemon.http.errors import ApiError, forbidden, unauthorized
+from stdaemon.http.request import BodyPolicy
+from stdaemon.http.surface import ROUTES, Access, RouteInfo, Surface, render_error
+from stdaemon.logs import correlation_id_var, get_logger
+
+log = get_logger("stdaemon.http")
+
+_VALID_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+@dataclass
+class RouteMatch:
+    surface: Surface
+    resource: KleinResource
+    endpoint: str
+    template: str          # the route template, e.g. /api/cloud/jobs/<job_id>
+    args: dict
+    info: RouteInfo
+
+    @property
+    def label(self) -> str:
+        """Bounded-cardinality metrics label: ``METHOD_<route template>``."""
+        return self.template
+
+
+Middleware = Callable[[Any, RouteMatch], Awaitable[Optional[bytes]]]
+
+
+class UnprotectedRoute(RuntimeError):
+    """A surface registered a Klein route without ``stdaemon.http.surface.route``."""
+
+
+class Root(Resource):
+    isLeaf = True
+
+    def __init__(self, ctx: Any, surfaces: list[Surface]):
+        super().__init__()
+        self.ctx = ctx
+        self.surfaces = surfaces
+        self.middlewares: list[Middleware] = []
+        self._mounted: list[tuple[Surface, KleinResource, Any]] = []
+        for surface in surfaces:
+            app = surface.app
+            for rule in app.url_map.iter_rules():
+                if rule.endpoint not in ROUTES:
+                    raise UnprotectedRoute(
+                        f"{type(surface).__name__}: route {rule.rule} has no access policy; "
+                        "register it with stdaemon.http.surface.route")
+            self._mounted.append((surface, KleinResource(app), app.url_map))
+
+    # -- routing --------------------------------------------------------------
+
+    def routes(self) -> list[tuple[str, tuple[str, ...], str, RouteInfo]]:
+        """Every registered route: (template, methods, endpoint, info)."""
+        out = []
+        for _, _, url_map in self._mounted:
+            for rule in url_map.iter_rules():
+                methods = tuple(sorted(m for m in (rule.methods or ()) if m not in ("HEAD", "OPTIONS")))
+                out.append((rule.rule, methods, rule.endpoint, ROUTES[rule.endpoint]))
+        return out
+
+    def match(self, method: str, path: str) -> RouteMatch:
+        allowed: set[str] = set()
+        for surface, resource, url_map in self._mounted:
+            adapter = url_map.bind("localhost", path_info=path, default_method=method)
+            try:
+                rule, args = adapter.match(return_rule=True)
+            except NotFound:
+                continue
+            except MethodNotAllowed as e:
+                allowed.update(e.valid_methods or ())
+                continue
+            except RequestRedirect:
+                continue
+            return RouteMatch(surface, resource, rule.endpoint, rule.rule, args, ROUTES[rule.endpoint])
+        if allowed:
+            raise ApiError(405, "method_not_allowed", f"Method {method} is not allowed here",
+                           headers={"Allow": ", ".join(sorted(allowed))})
+        raise ApiError(404, "not_found", f"No route for {path}")
+
+    def body_policy(self, method: bytes, raw_path: bytes, headers: Any) -> BodyPolicy:
+        default = self.ctx.config.server.max_body_bytes
+        path = raw_path.split(b"?", 1)[0].decode("latin-1")
+        try:
+            match = self.match(method.decode("latin-1").upper(), _unquote_path(path))
+        except ApiError:
+            return BodyPolicy(max_bytes=default)
+        chooser = getattr(match.surface, "body_policy", None)
+        if chooser is not None:
+            return chooser(method, raw_path, headers, match)
+        limit = match.info.max_body or match.surface.max_body or default
+        return BodyPolicy(max_bytes=limit)
+
+    # -- rendering ------------------------------------------------------------
+
+    def render(self, request: Any) -> Any:
+        context = contextvars.copy_context()
+        context.run(self._start, request)
+        return NOT_DONE_YET
+
+    def _start(self, request: Any) -> None:
+        incoming = request.getHeader("x-correlation-id")
+        cid = incoming if incoming and _VALID_CORRELATION_ID.match(incoming) else uuid.uuid4().hex
+        correlation_id_var.set(cid)
+        request.correlation_id = cid
+        request.setHeader("X-Correlation-ID", cid)
+        request.setHeader("X-Content-Type-Options", "nosniff")
+        request.setHeader("Server", "stdaemon")
+        started = self.ctx.clock.seconds()
+        d = defer.Deferred.fromCoroutine(self._handle(request, started))
+        d.addErrback(self._crashed, request)
+
+    async def _handle(self, request: Any, started: float) -> None:
+        method = request.method.decode("latin-1").upper()
+        path = _request_path(request)
+        match: Optional[RouteMatch] = None
+        try:
+            match = self.match(method, path)
+            request.route = match
+            request.client_ip = self.client_ip(request)
+            for middleware in self.middlewares:
+                answer = await middleware(request, match)
+                if answer is not None:
+                    self._write(request, answer)
+                    return
+            await self._authorise(request, match)
+        except ApiError as error:
+            self._write(request, render_error(request, error))
+            self._observe(request, match, method, started)
+            return
+        request.notifyFinish().addBoth(lambda _: self._observe(request, match, method, started))
+        result = match.resource.render(request)
+        if result is not NOT_DONE_YET:
+            self._write(request, result)
+
+    async def _authorise(self, request: Any, match: RouteMatch) -> None:
+        required = match.info.access
+        if required == Access.PUBLIC:
+            request.principal = await self._optional_principal(request)
+            return
+        principal = await self.ctx.auth.authenticate(request)
+        if principal is None:
+            raise unauthorized("A valid API key or session is required")
+        request.principal = principal
+        role_level = {"viewer": Access.VIEWER, "operator": Access.OPERATOR,
+                      "admin": Access.ADMIN}.get(principal.role, Access.PUBLIC)
+        if role_level < required:
+            raise forbidden(f"This action requires the {required.name.lower()} role")
+
+    async def _optional_principal(self, request: Any) -> Any:
+        """Public routes that also serve operators (S3 reads) see who is calling
+        when credentials are presented; they never fail for lack of them."""
+        if request.getHeader("x-api-key") is None and request.getHeader("authorization") is None \
+                and not request.received_cookies:
+            return None
+        try:
+            return await self.ctx.auth.authenticate(request)
+        except Exception:
+            return None
+
+    def client_ip(self, request: Any) -> str:
+        peer = request.getClientAddress()
+        host = getattr(peer, "host", None) or "unknown"
+        return derive_client_ip(
+            host,
+            request.requestHeaders.getRawHeaders("x-forwarded-for", []),
+            request.getHeader("x-real-ip"),
+            self.ctx.trusted_proxies,
+        )
+
+    def _write(self, request: Any, body: Any) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        if isinstance(body, str):
+            body = body.encode()
+        if body:
+            request.write(body)
+        request.finish()
+
+    def _observe(self, request: Any, match: Optional[RouteMatch], method: str, started: float) -> None:
+        label = f"{method}_{match.label if match else 'unmatched'}"
+        latency_ms = (self.ctx.clock.seconds() - started) * 1000.0
+        status = request.code
+        try:
+            self.ctx.metrics.observe_http(label, status, latency_ms)
+        except Exception:
+            log.failure("metrics hook failed")
+        if status >= 500:
+            log.error("{method} {path} -> {status}", method=method, path=_request_path(request),
+                      status=status, latency_ms=round(latency_ms, 3))
+        else:
+            log.debug("{method} {path} -> {status}", method=method, path=_request_path(request),
+                      status=status, latency_ms=round(latency_ms, 3))
+
+    def _crashed(self, failure: Any, request: Any) -> None:
+        log.failure("Request pipeline failed", failure=failure)
+        if not request.finished and not getattr(request, "_disconnected", False):
+            if not request.startedWriting:
+                request.setResponseCode(500)
+                request.setHeader("Content-Type", "application/json")
+                request.write(b'{"error":"internal_error","detail":"Internal server error"}')
+            request.finish()
+
+
+def _request_path(request: Any) -> str:
+    return "/" + "/".join(seg.decode("utf-8", "replace") for seg in request.postpath) \
+        if request.postpath is not None else request.path.decode("latin-1")
+
+
+def _unquote_path(path: str) -> str:
+    from urllib.parse import unquote
+
+    return unquote(path)

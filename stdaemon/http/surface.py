@@ -1,0 +1,204 @@
+"""How an HTTP surface is written: a Klein app per class, routes with access.
+
+A surface module looks like::
+
+    class HealthSurface(Surface):
+        app = Klein()
+        prefixes = ("/api/cloud/health", "/health")
+
+        @route(app, "/api/cloud/health/live", access=PUBLIC)
+        async def live(self, request):
+            return {"status": "ok"}
+
+Routes use full paths (grep for the path to find its handler).  ``route``
+records the access policy of every endpoint; the root refuses to mount a
+surface with a Klein route registered any other way, and authenticates every
+request *before* the handler runs, from the matched route's policy.  Nothing
+is public unless it says ``access=PUBLIC``.
+
+Handlers return a dict/list (JSON, 200), a :class:`Response`, or bytes, or
+raise :class:`ApiError`.  Any other exception is logged with its traceback
+and answered as a JSON 500 without it.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+from klein import Klein
+from twisted.web.server import NOT_DONE_YET
+
+from stdaemon.http.errors import ApiError, bad_request
+from stdaemon.logs import get_logger
+
+log = get_logger("stdaemon.http")
+
+
+class Access(enum.IntEnum):
+    """Who may call a route.  Roles are ordered: admin ⊇ operator ⊇ viewer."""
+
+    PUBLIC = 0
+    VIEWER = 1
+    OPERATOR = 2
+    ADMIN = 3
+
+
+PUBLIC = Access.PUBLIC
+VIEWER = Access.VIEWER
+OPERATOR = Access.OPERATOR
+ADMIN = Access.ADMIN
+
+ROLE_ACCESS = {"viewer": Access.VIEWER, "operator": Access.OPERATOR, "admin": Access.ADMIN}
+
+
+@dataclass
+class RouteInfo:
+    access: Access
+    max_body: Optional[int] = None   # None = server.max_body_bytes
+    rate_limited: bool = True
+
+
+@dataclass
+class Response:
+    body: Any = None                 # dict/list → JSON; bytes/str → as is
+    status: int = 200
+    headers: dict = field(default_factory=dict)
+    content_type: Optional[str] = None
+
+
+# endpoint name → RouteInfo, filled by ``route``; endpoint names are unique
+# because they include the surface class.
+ROUTES: dict[str, RouteInfo] = {}
+
+
+def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
+          access: Access = Access.ADMIN, max_body: Optional[int] = None,
+          rate_limited: bool = True) -> Callable:
+    """Register a handler on ``app`` with an explicit access policy."""
+
+    methods = tuple(m.upper() for m in methods)
+
+    def decorator(fn: Callable) -> Callable:
+        endpoint = f"{fn.__module__}.{fn.__qualname__}"
+        ROUTES[endpoint] = RouteInfo(access=access, max_body=max_body, rate_limited=rate_limited)
+
+        @functools.wraps(fn)
+        async def handler(self: Any, request: Any, **kwargs: Any) -> Any:
+            try:
+                result = fn(self, request, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+            except ApiError as error:
+                return render_error(request, error)
+            except Exception:
+                log.failure("Unhandled error in {endpoint}", endpoint=endpoint)
+                return render_error(request, ApiError(500, "internal_error",
+                                                      "Internal server error"))
+            return render_result(request, result)
+
+        app.route(path, methods=list(methods), endpoint=endpoint)(handler)
+        return fn
+
+    return decorator
+
+
+def render_result(request: Any, result: Any) -> Any:
+    if result is NOT_DONE_YET or result is None and request.finished:
+        return NOT_DONE_YET
+    if isinstance(result, Response):
+        request.setResponseCode(result.status)
+        for name, value in result.headers.items():
+            request.setHeader(name, value)
+        if result.content_type:
+            request.setHeader("Content-Type", result.content_type)
+        result = result.body
+        if result is None:
+            return b""
+    if isinstance(result, (dict, list)):
+        if not request.responseHeaders.hasHeader(b"content-type"):
+            request.setHeader("Content-Type", "application/json")
+        return json.dumps(result, separators=(",", ":"), default=str).encode()
+    if isinstance(result, str):
+        return result.encode()
+    return result
+
+
+def render_error(request: Any, error: ApiError) -> bytes:
+    request.setResponseCode(error.status)
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
+    request.setHeader("Content-Type", "application/json")
+    return json.dumps(error.body()).encode()
+
+
+def json_body(request: Any, required: bool = True) -> Any:
+    """The request body parsed as JSON, or a 400 that says why."""
+    request.content.seek(0)
+    raw = request.content.read()
+    if not raw.strip():
+        if required:
+            raise bad_request("A JSON body is required", code="invalid_json")
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("The body is not valid JSON", code="invalid_json") from None
+
+
+def json_object(request: Any, required: bool = True) -> dict:
+    body = json_body(request, required=required)
+    if not isinstance(body, dict):
+        raise bad_request("The JSON body must be an object", code="invalid_json")
+    return body
+
+
+def query_arg(request: Any, name: str, default: Optional[str] = None) -> Optional[str]:
+    values = request.args.get(name.encode())
+    if not values:
+        return default
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request(f"Query parameter {name} is not valid UTF-8") from None
+
+
+def query_args(request: Any, name: str) -> list[str]:
+    try:
+        return [v.decode("utf-8") for v in request.args.get(name.encode(), [])]
+    except UnicodeDecodeError:
+        raise bad_request(f"Query parameter {name} is not valid UTF-8") from None
+
+
+def query_int(request: Any, name: str, default: int, minimum: int = 0,
+              maximum: Optional[int] = None) -> int:
+    raw = query_arg(request, name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_request(f"{name} must be an integer", code="invalid_query") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f" and at most {maximum}" if maximum is not None else ""
+        raise bad_request(f"{name} must be at least {minimum}{bound}", code="invalid_query")
+    return value
+
+
+class Surface:
+    """Base class of every HTTP surface.  Subclasses set ``app`` and
+    ``prefixes`` (path prefixes the surface serves, for body limits and
+    routing) and take the :class:`stdaemon.app.App` context."""
+
+    app: Klein
+    prefixes: tuple[str, ...] = ()
+    # Body limit for this surface's routes when the route does not set one
+    # (None = ``server.max_body_bytes``).
+    max_body: Optional[int] = None
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx

@@ -1,0 +1,209 @@
+"""Build the service tree from the config.
+
+``StdaemonService`` (a MultiService) owns:
+- the listeners, built from endpoint strings (``tcp:``, ``ssl:``,
+  ``systemd:domain=INET:name=…``); bound in ``privilegedStartService`` so a
+  port that cannot be bound stops start-up with a clear message;
+- the App context (database, health, metrics, auth, capabilities) and its
+  child services (timers, pools);
+- start-up: open the database and migrate, create the first admin key, wire
+  the capabilities, then mark the daemon ready;
+- graceful stop on SIGTERM: not ready, stop accepting, let in-flight requests
+  finish (bounded by ``server.shutdown_timeout``), stop timers, close the
+  database.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver
+from twisted.python.components import Componentized
+
+from stdaemon.app import App
+from stdaemon.config import Config
+from stdaemon.http.health import HealthSurface
+from stdaemon.http.request import StdaemonSite
+from stdaemon.http.root import Root
+from stdaemon.logs import (
+    configure_structured_logging,
+    get_logger,
+    make_observer,
+    reopen_log_files,
+    track_observer,
+)
+from stdaemon.store import api_keys
+
+log = get_logger("stdaemon.service")
+
+
+def build_surfaces(ctx: App) -> list:
+    """Every HTTP surface, composed under one root.  Add new surfaces here."""
+    surfaces: list = [HealthSurface(ctx)]
+    return surfaces
+
+
+def wire_capabilities(ctx: App, root: Root) -> None:
+    """Attach capabilities that are not surfaces (middlewares, auth strategies,
+    health components, timers) to the context and root.  Runs before the
+    database is open; anything needing the database goes in ``start_capabilities``."""
+
+
+async def start_capabilities(ctx: App) -> None:
+    """Start-up work that needs the open database (runs before ``ready``)."""
+
+
+def listen_descriptions(config: Config) -> list[str]:
+    """Endpoint strings; with ``server.ssl_cert``/``ssl_key`` set, ``tcp:``
+    listeners serve HTTPS directly (``ssl:`` with that certificate)."""
+    out = []
+    for description in config.server.listen:
+        if config.server.ssl_cert and description.startswith("tcp:"):
+            rest = description[len("tcp:"):]
+            cert = _escape(config.server.ssl_cert)
+            key = _escape(config.server.ssl_key)
+            description = f"ssl:{rest}:privateKey={key}:certKey={cert}"
+        out.append(description)
+    return out
+
+
+def _escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+class StdaemonService(MultiService):
+    def __init__(self, config: Config, reactor: Any, clock: Optional[Any] = None,
+                 log_observer: Any = None):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.ctx = App(config, reactor, clock)
+        self.ctx.services.setServiceParent(self)
+        self.root = Root(self.ctx, build_surfaces(self.ctx))
+        wire_capabilities(self.ctx, self.root)
+        self.site = StdaemonSite(self.root, body_policy=self.root.body_policy)
+        self.ports: list = []
+        self.inflight = 0
+        self._idle: list[defer.Deferred] = []
+        self.log_observer = log_observer
+        self.started: defer.Deferred = defer.Deferred()
+        self._wrap_root_for_inflight()
+
+    # -- logging under twistd -----------------------------------------------
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd asks the application for an ILogObserver when no --logger
+        # was given: offer the structured observer (JSON or text per config).
+        if isinstance(parent, Componentized) and self.log_observer is not None:
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+    # -- in-flight tracking for graceful stop ---------------------------------
+
+    def _wrap_root_for_inflight(self) -> None:
+        original = self.root.render
+
+        def render(request: Any) -> Any:
+            self.inflight += 1
+            request.notifyFinish().addBoth(self._request_done)
+            return original(request)
+
+        self.root.render = render  # type: ignore[method-assign]
+
+    def _request_done(self, _: Any) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
+
+    # -- start -----------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        for description in listen_descriptions(self.config):
+            endpoint = serverFromString(self.reactor, description)
+            d = endpoint.listen(self.site)
+            failures: list = []
+            d.addCallbacks(self.ports.append, failures.append)
+            if failures:
+                reason = failures[0].getErrorMessage()
+                for port in self.ports:
+                    port.stopListening()
+                raise SystemExit(f"stdaemon: cannot listen on {description}: {reason}")
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if not self.ports:
+            # Started without privilegedStartService (tests, embedding).
+            self.privilegedStartService()
+        super().startService()
+        if hasattr(signal, "SIGHUP") and self.reactor is _global_reactor():
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(reopen_log_files))
+        d = defer.Deferred.fromCoroutine(self._start())
+        d.addErrback(self._start_failed)
+        d.chainDeferred(self.started)
+
+    async def _start(self) -> None:
+        ctx = self.ctx
+        version = await ctx.db.start()
+        key_path = ctx.path("config", "cloud", "admin.key")
+        written = await ctx.db.run_write(api_keys.ensure_admin_key, key_path, ctx.now())
+        if written:
+            log.warning("Created the first admin API key; it is in {path} (mode 0600)", path=written)
+        await start_capabilities(ctx)
+        ctx.health.phase = "ready"
+        ctx.health.not_ready_reason = None
+        log.info("stdaemon {version} ready on {listen} (schema version {schema})",
+                 version=ctx.version, listen=", ".join(self.config.server.listen), schema=version)
+
+    def _start_failed(self, failure: Any) -> None:
+        self.ctx.health.not_ready_reason = f"start-up failed: {failure.getErrorMessage()}"
+        log.failure("Start-up failed; the daemon is not ready", failure=failure)
+
+    # -- stop ------------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        ctx = self.ctx
+        ctx.health.phase = "stopping"
+        log.info("Stopping: no new connections, finishing {n} in-flight request(s)", n=self.inflight)
+        await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
+        self.ports = []
+        if self.inflight:
+            idle: defer.Deferred = defer.Deferred()
+            self._idle.append(idle)
+            idle.addTimeout(self.config.server.shutdown_timeout, ctx.clock)
+            try:
+                await idle
+            except defer.TimeoutError:
+                log.warning("{n} request(s) still running after {t} s; stopping anyway",
+                            n=self.inflight, t=self.config.server.shutdown_timeout)
+        await defer.maybeDeferred(MultiService.stopService, self)
+        ctx.db.stop()
+        log.info("Stopped; database closed")
+
+
+def _global_reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def make_service(config: Config, reactor: Any = None, clock: Any = None,
+                 install_logging: bool = False) -> StdaemonService:
+    if reactor is None:
+        reactor = _global_reactor()
+    observer = make_observer(config.logging.level, config.logging.format == "json",
+                             config.logging.file or None)
+    track_observer(observer)
+    if install_logging:
+        configure_structured_logging(config.logging.level, config.logging.format == "json",
+                                     config.logging.file or None)
+    return StdaemonService(config, reactor, clock, log_observer=observer)

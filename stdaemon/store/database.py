@@ -1,0 +1,155 @@
+"""SQLite access off the reactor thread, with exactly one writer.
+
+``Database.run_write(fn, ...)`` runs ``fn(conn, ...)`` on the single writer
+thread inside ``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back if ``fn`` raises)
+and fires its Deferred only after the commit is on disk (WAL,
+``synchronous=FULL``): a 2xx acknowledged after ``run_write`` is durable.
+
+``Database.run_read(fn, ...)`` runs ``fn(conn, ...)`` on one of a small pool
+of reader threads; WAL lets readers proceed while the writer commits.
+
+Connections are per thread and opened lazily.  ``reopen()`` (used by restore)
+closes every connection; the next call opens the new file.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from stdaemon.store import schema
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000
+
+
+class DatabaseClosed(RuntimeError):
+    """The database is closed (shutting down, or being swapped by a restore)."""
+
+
+def connect(path: str, readonly: bool = False) -> sqlite3.Connection:
+    """Open a connection with stdaemon's pragmas (also used by tools and tests)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                           timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class Database:
+    def __init__(self, path: str, reactor: Any, readers: int = 2):
+        self.path = path
+        self._reactor = reactor
+        self._writer = ThreadPool(minthreads=1, maxthreads=1, name="stdaemon-db-writer")
+        self._readers = ThreadPool(minthreads=1, maxthreads=readers, name="stdaemon-db-reader")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._generation = 0
+        self._running = False
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> Deferred:
+        """Start the threads and apply migrations (on the writer thread)."""
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._writer.start()
+        self._readers.start()
+        self._running = True
+        return deferToThreadPool(self._reactor, self._writer, self._migrate)
+
+    def _migrate(self) -> int:
+        return schema.migrate(self._connection())
+
+    def stop(self) -> None:
+        """Finish queued work, stop the threads, close every connection."""
+        if not self._running:
+            return
+        self._running = False
+        self._writer.stop()
+        self._readers.stop()
+        self._close_all()
+
+    def reopen(self, swap: Callable[[], None] | None = None) -> Deferred:
+        """Close all connections, run ``swap()`` on the writer thread while no
+        connection is open, and let the next call open the (new) file.
+
+        The writer thread is the only place that could hold the write lock, so
+        running the swap there serialises it with every write."""
+
+        def on_writer() -> None:
+            with self._lock:
+                self._generation += 1
+            self._close_all()
+            if swap is not None:
+                swap()
+            schema.migrate(self._connection())
+
+        return deferToThreadPool(self._reactor, self._writer, on_writer)
+
+    def _close_all(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    # -- running work -------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        local = self._local
+        if getattr(local, "generation", None) != self._generation or local.conn is None:
+            local.conn = connect(self.path)
+            local.generation = self._generation
+            with self._lock:
+                self._connections.append(local.conn)
+        return local.conn
+
+    def run_write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
+        if not self._running:
+            from twisted.internet.defer import fail
+
+            return fail(DatabaseClosed("database is closed"))
+
+        def in_transaction() -> T:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn, *args, **kwargs)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return deferToThreadPool(self._reactor, self._writer, in_transaction)
+
+    def run_read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
+        if not self._running:
+            from twisted.internet.defer import fail
+
+            return fail(DatabaseClosed("database is closed"))
+
+        def read() -> T:
+            return fn(self._connection(), *args, **kwargs)
+
+        return deferToThreadPool(self._reactor, self._readers, read)
+
+    def ping(self) -> Deferred:
+        """A real query, for the health check."""
+        return self.run_read(lambda conn: conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0])

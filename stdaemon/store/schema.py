@@ -1,0 +1,119 @@
+"""Schema migrations, applied in order on the writer connection at start-up.
+
+Each migration has a unique name and is applied once, inside one
+transaction, and recorded in ``schema_migrations``.  To change the schema,
+append a new ``(name, sql)`` entry; never edit an applied one.  The schema
+version reported by ``get_database_info()`` is the number of applied
+migrations.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_core",
+        """
+        CREATE TABLE users (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            username TEXT NOT NULL UNIQUE,
+            email TEXT UNIQUE,
+            password_hash TEXT,
+            role TEXT NOT NULL CHECK (role IN ('admin', 'operator', 'viewer')),
+            created_at REAL NOT NULL,
+            disabled INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE api_keys (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('admin', 'operator', 'viewer')),
+            created_at REAL NOT NULL,
+            expires_at REAL,
+            revoked_at REAL,
+            last_used_at REAL
+        );
+        CREATE TABLE settings (
+            namespace TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value_json TEXT NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (namespace, key)
+        );
+        CREATE TABLE jobs (
+            job_id TEXT PRIMARY KEY,
+            provider TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'pending_approval', 'uploading',
+                'queued', 'running', 'completed', 'failed', 'cancelled')),
+            config_name TEXT,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            completed_at REAL,
+            cost_usd REAL NOT NULL DEFAULT 0,
+            hardware_type TEXT,
+            error_message TEXT,
+            output_url TEXT,
+            user_id INTEGER,
+            metadata TEXT NOT NULL DEFAULT '{}',
+            external_id TEXT,
+            idempotency_key TEXT
+        );
+        CREATE INDEX jobs_status ON jobs(status);
+        CREATE INDEX jobs_provider_created ON jobs(provider, created_at);
+        CREATE INDEX jobs_created ON jobs(created_at);
+        CREATE UNIQUE INDEX jobs_external ON jobs(provider, external_id)
+            WHERE external_id IS NOT NULL;
+        CREATE UNIQUE INDEX jobs_idempotency ON jobs(user_id, idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+        """,
+    ),
+]
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply pending migrations; return the schema version."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " name TEXT PRIMARY KEY, applied_at TEXT NOT NULL DEFAULT (datetime('now')))"
+    )
+    applied = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+    for name, sql in MIGRATIONS:
+        if name in applied:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # executescript would COMMIT the open transaction first; run the
+            # statements one by one so the migration is atomic.
+            for statement in _split(sql):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (name) VALUES (?)", (name,))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return schema_version(conn)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0]
+
+
+def known_migrations() -> list[str]:
+    return [name for name, _ in MIGRATIONS]
+
+
+def _split(sql: str) -> list[str]:
+    statements, current = [], []
+    for line in sql.splitlines():
+        current.append(line)
+        candidate = "\n".join(current).strip()
+        if candidate.endswith(";") and sqlite3.complete_statement(candidate):
+            statements.append(candidate)
+            current = []
+    rest = "\n".join(current).strip()
+    if rest:
+        statements.append(rest)
+    return statements
