@@ -639,6 +639,11 @@ class SecretsService(service.Service):
         environ: Mapping[str, str] | None = None,
         pool_size: int = DEFAULT_POOL_SIZE,
     ):
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
         self.pool = ThreadPool(minthreads=0, maxthreads=pool_size, name="stdaemon-secrets")
         self.manager = SecretsManager(config, clock, self.pool, reactor=reactor, environ=environ)
 
@@ -648,11 +653,16 @@ class SecretsService(service.Service):
         # Warm the cache in the background; start-up never waits on a store.
         self.manager.refresh().addErrback(lambda f: log.failure("secrets warm-up failed", f))
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred:
+        """Stop accepting loads and join the pool's threads off the reactor thread.
+
+        Loads in flight are bounded by the clients' timeouts, so this ends.
+        """
+        super().stopService()
         self.manager.stop()
-        if self.pool.started:
-            self.pool.stop()
-        return super().stopService()
+        if not self.pool.started or self.pool.joined:
+            return defer.succeed(None)
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.pool.stop)
 
 
 __all__ = [
