@@ -51,8 +51,9 @@ class Database:
     def __init__(self, path: str, reactor: Any, readers: int = 2):
         self.path = path
         self._reactor = reactor
-        self._writer = ThreadPool(minthreads=1, maxthreads=1, name="stdaemon-db-writer")
-        self._readers = ThreadPool(minthreads=1, maxthreads=readers, name="stdaemon-db-reader")
+        self._reader_count = readers
+        self._writer: ThreadPool | None = None
+        self._readers: ThreadPool | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
@@ -66,6 +67,10 @@ class Database:
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, mode=0o700, exist_ok=True)
+        # Thread pools cannot be restarted once stopped: new ones each start.
+        self._writer = ThreadPool(minthreads=1, maxthreads=1, name="stdaemon-db-writer")
+        self._readers = ThreadPool(minthreads=1, maxthreads=self._reader_count,
+                                   name="stdaemon-db-reader")
         self._writer.start()
         self._readers.start()
         self._running = True
@@ -82,6 +87,8 @@ class Database:
         self._writer.stop()
         self._readers.stop()
         self._close_all()
+        with self._lock:
+            self._generation += 1
 
     def reopen(self, swap: Callable[[], None] | None = None) -> Deferred:
         """Close all connections, run ``swap()`` on the writer thread while no

@@ -1,0 +1,196 @@
+"""The root pipeline over a real loopback port: health, auth, errors, limits."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest_twisted
+import treq
+from twisted.internet import defer, reactor
+
+from stdaemon.http.surface import Access
+
+
+async def get_json(url, **kwargs):
+    response = await treq.get(url, **kwargs)
+    return response, json.loads(await response.content())
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_ready_and_full_health(daemon):
+    response, body = await get_json(daemon.url + "/api/cloud/health/live")
+    assert response.code == 200 and body == {"status": "ok"}
+    response, body = await get_json(daemon.url + "/health")
+    assert body == {"status": "ok"}
+    response, body = await get_json(daemon.url + "/api/cloud/health/ready")
+    assert response.code == 200 and body == {"status": "ready"}
+    response, body = await get_json(daemon.url + "/api/cloud/health")
+    assert response.code == 200
+    assert body["status"] == "healthy"
+    names = {c["name"] for c in body["components"]}
+    assert {"database", "disk"} <= names
+    database = next(c for c in body["components"] if c["name"] == "database")
+    assert database["latency_ms"] is not None and database["latency_ms"] >= 0
+    assert body["uptime_seconds"] >= 0
+    assert body["timestamp"].endswith("Z")
+
+
+@pytest_twisted.ensureDeferred
+async def test_ready_is_503_while_stopping_and_when_database_is_gone(daemon):
+    daemon.ctx.health.phase = "stopping"
+    response, body = await get_json(daemon.url + "/api/cloud/health/ready")
+    assert response.code == 503 and body["reason"] == "shutting down"
+    daemon.ctx.health.phase = "ready"
+    daemon.ctx.db.stop()
+    try:
+        response, body = await get_json(daemon.url + "/api/cloud/health/ready")
+        assert response.code == 503 and body["reason"] == "database unavailable"
+        response, body = await get_json(daemon.url + "/api/cloud/health")
+        assert response.code == 503 and body["status"] == "unhealthy"
+    finally:
+        daemon.ctx.db.start()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_route_is_json_404_and_wrong_method_405(daemon):
+    response, body = await get_json(daemon.url + "/no/such/route")
+    assert response.code == 404 and body["error"] == "not_found" and "detail" in body
+    response = await treq.post(daemon.url + "/api/cloud/health/live")
+    body = json.loads(await response.content())
+    assert response.code == 405 and body["error"] == "method_not_allowed"
+    assert "GET" in response.headers.getRawHeaders("allow")[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_correlation_id_is_echoed_or_generated(daemon):
+    response = await treq.get(daemon.url + "/health", headers={"X-Correlation-ID": "abc-123"})
+    assert response.headers.getRawHeaders("x-correlation-id") == ["abc-123"]
+    await response.content()
+    response = await treq.get(daemon.url + "/health", headers={"X-Correlation-ID": "bad id <script>"})
+    generated = response.headers.getRawHeaders("x-correlation-id")[0]
+    assert generated != "bad id <script>" and len(generated) == 32
+    await response.content()
+
+
+def raw_request(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
+    """Send raw bytes and read the answer until the server closes (blocking,
+    run in a thread so the reactor keeps serving)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_body_is_refused_before_it_is_read(daemon):
+    from twisted.internet.threads import deferToThread
+
+    limit = daemon.ctx.config.server.max_body_bytes
+    head = (f"POST /api/cloud/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: {limit + 1}\r\n"
+            "Expect: 100-continue\r\n\r\n").encode()
+    answer = await deferToThread(raw_request, daemon.port, head)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"100 Continue" not in answer
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["error"] == "payload_too_large"
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_chunked_body_is_cut_off(daemon):
+    from twisted.internet.threads import deferToThread
+
+    limit = daemon.ctx.config.server.max_body_bytes
+    chunk = b"x" * 65536
+    count = limit // len(chunk) + 2
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(count)) + b"0\r\n\r\n"
+    head = b"POST /api/cloud/health/live HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answer = await deferToThread(raw_request, daemon.port, head + body)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_non_public_route_needs_a_key(daemon):
+    """Enumerate every registered route: without a valid key (even from
+    127.0.0.1 with a forged X-Forwarded-For) each non-public one is 401."""
+    routes = daemon.service.root.routes()
+    assert routes, "no routes registered"
+    checked = 0
+    for template, methods, endpoint, info in routes:
+        if info.access == Access.PUBLIC:
+            continue
+        path = template.replace("<path:", "<").split("<")[0] + "x" if "<" in template else template
+        for method in methods:
+            for headers in ({}, {"X-Forwarded-For": "127.0.0.1"}, {"X-API-Key": "st_wrong"},
+                            {"Authorization": "Bearer st_wrong"}):
+                response = await treq.request(method, daemon.url + path, headers=headers, data=b"{}")
+                body = await response.content()
+                assert response.code == 401, (method, template, response.code, body[:200])
+                assert response.headers.getRawHeaders("www-authenticate")
+                checked += 1
+    public = [r for r in routes if r[3].access == Access.PUBLIC]
+    assert public and all(r[0].startswith(("/api/cloud/health", "/health", "/api/webhooks",
+                                           "/api/cloud/storage", "/api/auth/login",
+                                           "/api/cloud/metrics/prometheus", "/", "/console",
+                                           "/static")) for r in public)
+    return checked
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_key_file_is_private_and_works(daemon):
+    import os
+    import stat
+
+    path = daemon.ctx.path("config", "cloud", "admin.key")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert daemon.admin_key.startswith("st_")
+    from stdaemon.store import api_keys
+
+    principal = await daemon.ctx.db.run_read(api_keys.lookup, daemon.admin_key, daemon.ctx.now())
+    assert principal.role == "admin"
+    stored = await daemon.ctx.db.run_read(
+        lambda c: [r[0] for r in c.execute("SELECT key_hash FROM api_keys")])
+    assert daemon.admin_key not in stored and api_keys.hash_key(daemon.admin_key) in stored
+
+
+@pytest_twisted.ensureDeferred
+async def test_graceful_stop_waits_for_in_flight_requests(make_daemon):
+    running = await make_daemon()
+    gate = defer.Deferred()
+    entered = defer.Deferred()
+
+    async def hold(request, match):
+        if not entered.called:
+            entered.callback(None)
+        await gate
+        return None
+
+    running.service.root.middlewares.append(hold)
+    pending = treq.get(running.url + "/api/cloud/health/live")
+    await entered
+    stopping = running.service.stopService()
+    await deferLater(0.1)
+    assert not stopping.called, "stop did not wait for the in-flight request"
+    # No new connections are accepted once stopping has begun.
+    refused = await treq.get(running.url + "/health").addCallbacks(lambda r: False, lambda f: True)
+    assert refused
+    gate.callback(None)
+    response = await pending
+    assert response.code == 200
+    assert json.loads(await response.content()) == {"status": "ok"}
+    await stopping
+    assert running.ctx.health.phase == "stopping"
+
+
+def deferLater(seconds):
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
