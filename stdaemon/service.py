@@ -51,6 +51,9 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     """Attach capabilities that are not surfaces (middlewares, auth strategies,
     health components, timers) to the context and root.  Runs before the
     database is open; anything needing the database goes in ``start_capabilities``."""
+    from stdaemon.clients import secrets
+
+    secrets.install(ctx)  # ctx.secrets: await ctx.secrets.get("REPLICATE_API_TOKEN")
 
 
 async def start_capabilities(ctx: App) -> None:

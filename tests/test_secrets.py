@@ -404,3 +404,23 @@ async def test_service_owns_and_stops_its_thread_pool(state_dir):
     assert svc.pool.max <= 4
     await svc.stopService()
     assert not svc.pool.started and svc.pool.joined
+
+
+# --------------------------------------------------------------------- in the daemon
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemon_uses_token_only_in_vault_and_reports_health(make_daemon, bao, monkeypatch):
+    import treq
+
+    monkeypatch.delenv(REPLICATE_TOKEN, raising=False)
+    monkeypatch.setenv("VAULT_TOKEN", bao.root_token)
+    bao.put_v2("daemon-app", {REPLICATE_TOKEN: "r8_daemon_vault"})
+    d = await make_daemon(settings={"secrets": {"vault_addr": bao.url, "vault_path": "daemon-app"}})
+    assert await d.ctx.secrets.get(REPLICATE_TOKEN) == "r8_daemon_vault"
+    response = await treq.get(d.url + "/api/cloud/health")
+    body = await response.json()
+    component = next(c for c in body["components"] if c["name"] == "secrets")
+    assert component["status"] == "healthy", component
+    assert component["message"] == "API token configured"
+    assert "r8_daemon_vault" not in json.dumps(body)

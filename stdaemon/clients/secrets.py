@@ -667,8 +667,26 @@ class SecretsService(service.Service):
 
 __all__ = [
     "REPLICATE_TOKEN",
+    "install",
     "SecretStoreError",
     "SecretsManager",
     "SecretsService",
 ]
 
+
+
+def install(ctx: Any) -> SecretsService:
+    """Wire secrets into the App context: ``ctx.secrets`` (the manager), the pool
+    service under ``ctx.services`` and the ``secrets`` health component."""
+    svc = SecretsService(ctx.config, ctx.clock, reactor=ctx.reactor)
+    svc.setServiceParent(ctx.services)
+    ctx.secrets = svc.manager
+
+    async def check() -> Any:
+        from stdaemon.health import Component
+
+        report = await svc.manager.health()
+        return Component(report["name"], report["status"], report["message"], report["latency_ms"])
+
+    ctx.health.register("secrets", check)
+    return svc
