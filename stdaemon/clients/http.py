@@ -429,7 +429,7 @@ class OutboundResponse:
     body: bytes
 
     def header(self, name: str) -> str | None:
-        values = self.headers.getRawHeaders(name)
+        values = self.headers.getRawHeaders(name.encode("ascii"))
         return values[0].decode("latin-1") if values else None
 
     def json(self) -> Any:

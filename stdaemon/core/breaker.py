@@ -151,6 +151,13 @@ class CircuitBreaker:
             if self.consecutive_failures >= self.settings.failure_threshold:
                 self._move(OPEN)
 
+    def record_neutral(self) -> None:
+        """An admitted call ended with an outcome that says nothing about the
+        provider's health (e.g. a local TLS configuration error): give its
+        half-open trial slot back."""
+        if self.state == HALF_OPEN and self._half_open_admitted > 0:
+            self._half_open_admitted -= 1
+
     def reconfigure(self, settings: BreakerSettings) -> None:
         """Apply new thresholds; the current state is kept."""
         self.settings = settings
