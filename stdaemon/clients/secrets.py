@@ -40,8 +40,10 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+
+from stdaemon.logs import get_logger
 
 REPLICATE_TOKEN = "REPLICATE_API_TOKEN"
 
@@ -61,7 +63,7 @@ ERROR = "error"  # reachable but failing: auth, bad format, ...
 
 _DEGRADED_STATES = (DOWN, REFUSED, NOT_FOUND, ERROR)
 
-log = Logger(namespace="stdaemon.secrets")
+log = get_logger("stdaemon.secrets")
 
 
 class SecretStoreError(Exception):
@@ -581,7 +583,9 @@ class SecretsManager:
         st.inflight = deferToThreadPool(self._reactor, self._pool, st.store.load)
         st.inflight.addCallbacks(lambda data: self._loaded(st, data), lambda f: self._failed(st, f))
 
-        def done(_: Any) -> None:
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):  # a bug in _loaded/_failed, not a store error
+                log.failure("secrets cache update failed", failure=result)
             st.inflight = None
             waiters, st.waiters = st.waiters, []
             for w in waiters:
@@ -616,11 +620,11 @@ class SecretsManager:
         changed = (state, message) != (st.state, st.message)
         st.state, st.message = state, message
         if changed:
-            level = log.critical if state == REFUSED else log.warn
+            level = log.critical if state == REFUSED else log.warning
             level(
-                "secrets store {store} degraded: {message}{stale}",
+                "secrets store {store} degraded: {reason}{stale}",
                 store=st.store.name,
-                message=message,
+                reason=message,
                 stale="; keeping the values loaded earlier" if st.data is not None else "",
             )
 
@@ -651,7 +655,7 @@ class SecretsService(service.Service):
         super().startService()
         self.pool.start()
         # Warm the cache in the background; start-up never waits on a store.
-        self.manager.refresh().addErrback(lambda f: log.failure("secrets warm-up failed", f))
+        self.manager.refresh().addErrback(lambda f: log.failure("secrets warm-up failed", failure=f))
 
     def stopService(self) -> defer.Deferred:
         """Stop accepting loads and join the pool's threads off the reactor thread.
