@@ -70,6 +70,61 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE idempotency_key IS NOT NULL;
         """,
     ),
+    (
+        "0009_sessions_approvals_quotas",
+        """
+        CREATE TABLE sessions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            token_hash TEXT NOT NULL UNIQUE,
+            csrf_hash TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            ip TEXT,
+            user_agent TEXT
+        );
+        CREATE INDEX sessions_expires ON sessions(expires_at);
+        CREATE INDEX sessions_user ON sessions(user_id);
+        CREATE TABLE approval_rules (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL,
+            condition TEXT NOT NULL CHECK (condition IN ('cost_exceeds', 'hardware_profile')),
+            value_json TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT
+        );
+        CREATE TABLE approval_requests (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id TEXT NOT NULL UNIQUE,
+            provider TEXT,
+            user_id INTEGER,
+            username TEXT,
+            rule_id INTEGER,
+            rule_name TEXT,
+            reason TEXT,
+            estimate_usd REAL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'rejected', 'expired')),
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            decided_at REAL,
+            decided_by TEXT,
+            decision_reason TEXT,
+            details_json TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX approval_requests_status ON approval_requests(status, expires_at);
+        CREATE TABLE quotas (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            quota_type TEXT NOT NULL CHECK (quota_type IN ('concurrent_jobs', 'daily_cost_usd',
+                'monthly_cost_usd')),
+            limit_value REAL NOT NULL,
+            action TEXT NOT NULL CHECK (action IN ('block', 'warn')),
+            user_id INTEGER,
+            role TEXT CHECK (role IS NULL OR role IN ('admin', 'operator', 'viewer')),
+            created_at REAL NOT NULL,
+            created_by TEXT
+        );
+        """,
+    ),
 ]
 
 
