@@ -156,3 +156,18 @@ def test_sampler_global_cap_holds_against_many_addresses():
     clock.advance(61)
     sampler.sweep(clock.seconds())
     assert len(sampler) == 0
+
+
+def test_recent_keys_gauge_is_bounded_and_swept():
+    from stdaemon.core.sliding_window import RecentKeys
+
+    clock = Clock()
+    recent = RecentKeys(horizon=60, max_keys=3)
+    for ip in ["a", "b", "c", "d"]:
+        recent.touch(ip, clock.seconds())
+        clock.advance(10)
+    assert len(recent) == 3  # "a" forgotten by the cap
+    recent.touch("b", clock.seconds())  # seen again at 40
+    clock.advance(55)  # 95: "c" (20) and "d" (30) are older than 60 s, "b" (40) is not
+    assert recent.sweep(clock.seconds()) == 2
+    assert len(recent) == 1

@@ -208,7 +208,7 @@ class RedisBackend(Service):
             if count < limit:
                 retry_at = now
             elif blocker_score is not None:
-                retry_at = blocker_score + period
+                retry_at = max(blocker_score + period, math.nextafter(now, math.inf))
             else:
                 retry_at = math.inf
             return WindowState(allowed=bool(int(allowed)), limit=limit, period=period,

@@ -33,6 +33,7 @@ __all__ = [
     "SlidingWindow",
     "SlidingWindowTable",
     "SampledCounter",
+    "RecentKeys",
 ]
 
 
@@ -111,6 +112,9 @@ def evaluate(timestamps: Sequence[float], now: float, limit: int, period: float,
     else:
         # The (count - limit + 1)-th oldest must leave before there is room.
         retry_at = timestamps[count - limit] + period
+        if retry_at <= now:
+            # float rounding: it is still in the window, so it leaves after now
+            retry_at = math.nextafter(now, math.inf)
     return WindowState(allowed=allowed, limit=limit, period=period, count=count, now=now,
                        reset_at=reset_at, retry_at=retry_at)
 
@@ -270,3 +274,39 @@ class SampledCounter:
         prune(self._global, now, self.global_period)
         for k in stale:
             del self._keys[k]
+
+
+class RecentKeys:
+    """Keys seen in the last ``horizon`` seconds (the tracked-clients gauge).
+
+    Bounded by ``max_keys`` (least recently seen forgotten first); ``sweep``
+    forgets keys not seen within the horizon.
+    """
+
+    def __init__(self, horizon: float, max_keys: int = 100_000) -> None:
+        self.horizon = horizon
+        self.max_keys = max_keys
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def touch(self, key: str, now: float) -> None:
+        if key in self._seen:
+            self._seen.move_to_end(key)
+        self._seen[key] = now
+        while len(self._seen) > self.max_keys:
+            self._seen.popitem(last=False)
+
+    def sweep(self, now: float) -> int:
+        """Forget keys not seen within the horizon; returns how many."""
+        limit = now - self.horizon
+        dropped = 0
+        # least recently seen first: stop at the first key still inside
+        while self._seen:
+            key, seen = next(iter(self._seen.items()))
+            if seen > limit:
+                break
+            del self._seen[key]
+            dropped += 1
+        return dropped
