@@ -1,0 +1,619 @@
+"""Object storage engine behind the S3 surface.
+
+Layout: each bucket is a directory (``buckets`` maps a bucket name to it; names not in the map do
+not exist). An object ``key`` is the file ``<bucket dir>/<key>`` so operators can browse job
+outputs with ordinary tools. Engine state lives in ``<bucket dir>/.stdaemon/``:
+
+* ``tmp/``        bodies being received (temp files; never visible as objects),
+* ``meta/<key>.json``  the sidecar of each object (ETag, size, content type, user metadata,
+  checksums, last-modified),
+* ``multipart/<upload id>/``  one multipart upload: ``upload.json`` and its parts
+  (``<n>.part`` + ``<n>.json``).
+
+Durability: a body is written to ``tmp/``, fsynced, renamed into place, and the directory fsynced;
+then the sidecar is written the same way. A crash before the rename leaves only a temp file
+(removed at start-up); a crash between the two renames leaves a complete object whose sidecar is
+stale, detected by its size/mtime and answered with a derived ETag.
+
+Every method here blocks (file I/O): call them from a thread (:class:`ObjectStore` does that with
+``deferToThreadPool``). The engine takes ``now`` explicitly: it never reads the clock itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field, asdict
+from typing import Any, Iterable, Mapping, Optional
+
+from stdaemon.core import s3_checksums
+from stdaemon.core.s3_keys import InvalidKey, validate_key
+
+SYSTEM_DIR = ".stdaemon"
+MIN_PART_SIZE = 5 * 1024 * 1024
+MAX_PART_NUMBER = 10000
+MAX_PART_SIZE = 5 * 1024 ** 3
+MAX_OBJECT_SIZE = 5 * 1024 ** 4
+
+
+class StorageError(Exception):
+    """An S3-level failure: ``code`` (``NoSuchKey``, ``InvalidPart``, …), HTTP ``status``."""
+
+    def __init__(self, code: str, message: str, status: int = 400, **extra: Any):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+        self.extra = extra
+
+
+def no_such_key(key: str) -> StorageError:
+    return StorageError("NoSuchKey", "The specified key does not exist.", 404, Key=key)
+
+
+def no_such_bucket(bucket: str) -> StorageError:
+    return StorageError("NoSuchBucket", "The specified bucket does not exist", 404, BucketName=bucket)
+
+
+def no_such_upload(upload_id: str) -> StorageError:
+    return StorageError(
+        "NoSuchUpload",
+        "The specified upload does not exist. The upload ID may be invalid, or the upload may have "
+        "been aborted or completed.",
+        404,
+        UploadId=upload_id,
+    )
+
+
+@dataclass
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str  # quoted, as S3 returns it
+    last_modified: float
+    content_type: str = "binary/octet-stream"
+    metadata: dict = field(default_factory=dict)
+    checksums: dict = field(default_factory=dict)  # {"crc32": base64, ...}
+    parts: int = 0
+
+
+@dataclass
+class PartInfo:
+    part_number: int
+    size: int
+    etag: str
+    last_modified: float
+    checksums: dict = field(default_factory=dict)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: str, data: Any, tmp_dir: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.json")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+class PendingWrite:
+    """A body being received into a temp file: ``write`` pieces, then ``commit``/``abort``.
+
+    Computes MD5 (the ETag), SHA-256 (for signed payloads) and any requested
+    ``x-amz-checksum-*`` algorithms while writing.
+    """
+
+    def __init__(self, tmp_dir: str, checksum_algorithms: Iterable[str] = (), max_size: Optional[int] = None):
+        os.makedirs(tmp_dir, exist_ok=True)
+        self.path = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.tmp")
+        self._fh = open(self.path, "wb")
+        self.size = 0
+        self.md5 = hashlib.md5()
+        self.sha256 = hashlib.sha256()
+        self.checksums = {name: s3_checksums.new_checksum(name) for name in checksum_algorithms}
+        self.max_size = max_size
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.size += len(data)
+        if self.max_size is not None and self.size > self.max_size:
+            raise StorageError("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size", 400)
+        self.md5.update(data)
+        self.sha256.update(data)
+        for state in self.checksums.values():
+            state.update(data)
+        self._fh.write(data)
+
+    def checksum_b64(self, algorithm: str) -> str:
+        return s3_checksums.b64(self.checksums[algorithm].digest())
+
+    def flush(self) -> None:
+        """Make the temp file durable (before it is renamed into place)."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self.closed = True
+
+    def abort(self) -> None:
+        if not self.closed:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self.closed = True
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class Bucket:
+    def __init__(self, name: str, root: str):
+        self.name = name
+        self.root = os.path.abspath(root)
+        self.system = os.path.join(self.root, SYSTEM_DIR)
+        self.tmp = os.path.join(self.system, "tmp")
+        self.meta = os.path.join(self.system, "meta")
+        self.multipart = os.path.join(self.system, "multipart")
+
+    def ensure(self) -> None:
+        for path in (self.root, self.tmp, self.meta, self.multipart):
+            os.makedirs(path, mode=0o750, exist_ok=True)
+
+    def object_path(self, key: str) -> str:
+        validate_key(key)
+        if key.endswith("/"):
+            raise InvalidKey("Object keys ending in '/' are not supported")
+        if key.split("/", 1)[0] == SYSTEM_DIR:
+            raise InvalidKey("This key prefix is reserved")
+        path = os.path.abspath(os.path.join(self.root, *key.split("/")))
+        if not path.startswith(self.root + os.sep):
+            raise InvalidKey("Object key escapes the bucket")
+        return path
+
+    def meta_path(self, key: str) -> str:
+        return os.path.join(self.meta, *key.split("/")) + ".json"
+
+
+class StorageEngine:
+    """Blocking storage operations (run them in a thread)."""
+
+    def __init__(self, buckets: Mapping[str, str], created_at: float = 0.0):
+        self.buckets = {name: Bucket(name, path) for name, path in buckets.items()}
+        self.created_at = created_at
+        self._lock = threading.Lock()
+        self._completing: set[str] = set()
+
+    # ------------------------------------------------------------------ buckets
+
+    def bucket(self, name: str) -> Bucket:
+        bucket = self.buckets.get(name)
+        if bucket is None:
+            raise no_such_bucket(name)
+        bucket.ensure()
+        return bucket
+
+    def list_buckets(self) -> list[tuple[str, float]]:
+        out = []
+        for name, bucket in sorted(self.buckets.items()):
+            try:
+                created = os.stat(bucket.root).st_mtime
+            except OSError:
+                created = self.created_at
+            out.append((name, created))
+        return out
+
+    def startup_cleanup(self) -> int:
+        """Remove temp files left by a crash (nothing is in flight at start-up)."""
+        removed = 0
+        for bucket in self.buckets.values():
+            if not os.path.isdir(bucket.tmp):
+                continue
+            for name in os.listdir(bucket.tmp):
+                try:
+                    os.unlink(os.path.join(bucket.tmp, name))
+                    removed += 1
+                except OSError:
+                    pass
+        return removed
+
+    # ------------------------------------------------------------------ objects
+
+    def begin_put(self, bucket_name: str, key: str, checksum_algorithms: Iterable[str] = (),
+                  max_size: Optional[int] = MAX_OBJECT_SIZE) -> PendingWrite:
+        bucket = self.bucket(bucket_name)
+        bucket.object_path(key)  # validate before any byte is written
+        return PendingWrite(bucket.tmp, checksum_algorithms, max_size)
+
+    def commit_put(self, bucket_name: str, key: str, pending: PendingWrite, now: float,
+                   content_type: Optional[str] = None, metadata: Optional[dict] = None,
+                   checksums: Optional[dict] = None, etag: Optional[str] = None,
+                   parts: int = 0) -> ObjectInfo:
+        bucket = self.bucket(bucket_name)
+        path = bucket.object_path(key)
+        if not pending.closed:
+            pending.flush()
+        info = ObjectInfo(
+            key=key, size=pending.size, etag=etag or f'"{pending.md5.hexdigest()}"', last_modified=now,
+            content_type=content_type or "binary/octet-stream", metadata=dict(metadata or {}),
+            checksums=dict(checksums or {}), parts=parts,
+        )
+        try:
+            self._place(bucket, path, pending.path)
+        except Exception:
+            pending.abort()
+            raise
+        meta = asdict(info)
+        meta["mtime_ns"] = os.stat(path).st_mtime_ns
+        _write_json_atomic(bucket.meta_path(key), meta, bucket.tmp)
+        return info
+
+    def _place(self, bucket: Bucket, path: str, tmp_path: str) -> None:
+        parent = os.path.dirname(path)
+        # a key may not be both an object and a "directory" of other objects
+        probe = parent
+        while probe != bucket.root and len(probe) > len(bucket.root):
+            if os.path.isfile(probe):
+                raise StorageError(
+                    "InvalidArgument", "The key conflicts with an existing object (a prefix of it is an object)", 409
+                )
+            probe = os.path.dirname(probe)
+        if os.path.isdir(path):
+            raise StorageError("InvalidArgument", "The key conflicts with existing objects under it", 409)
+        os.makedirs(parent, exist_ok=True)
+        os.replace(tmp_path, path)
+        _fsync_dir(parent)
+
+    def head(self, bucket_name: str, key: str) -> ObjectInfo:
+        bucket = self.bucket(bucket_name)
+        try:
+            path = bucket.object_path(key)
+        except InvalidKey:
+            raise no_such_key(key) from None
+        return self._info(bucket, key, path)
+
+    def _info(self, bucket: Bucket, key: str, path: str) -> ObjectInfo:
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise no_such_key(key) from None
+        if not os.path.isfile(path):
+            raise no_such_key(key)
+        meta = None
+        try:
+            with open(bucket.meta_path(key), encoding="utf-8") as fh:
+                meta = json.load(fh)
+        except (OSError, ValueError):
+            meta = None
+        if meta and meta.get("size") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns:
+            meta.pop("mtime_ns", None)
+            return ObjectInfo(**meta)
+        # a file placed by hand, or a sidecar lost to a crash: derive what we can
+        return ObjectInfo(
+            key=key, size=st.st_size, etag=f'"{st.st_size:x}-{st.st_mtime_ns:x}"', last_modified=st.st_mtime,
+        )
+
+    def open_read(self, bucket_name: str, key: str):
+        """(open binary file, ObjectInfo)."""
+        bucket = self.bucket(bucket_name)
+        try:
+            path = bucket.object_path(key)
+        except InvalidKey:
+            raise no_such_key(key) from None
+        info = self._info(bucket, key, path)
+        try:
+            fh = open(path, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise no_such_key(key) from None
+        return fh, info
+
+    def delete(self, bucket_name: str, key: str) -> None:
+        bucket = self.bucket(bucket_name)
+        try:
+            path = bucket.object_path(key)
+        except InvalidKey:
+            return
+        for target in (path, bucket.meta_path(key)):
+            try:
+                if os.path.isfile(target):
+                    os.unlink(target)
+            except FileNotFoundError:
+                pass
+        # prune empty directories up to the bucket root
+        parent = os.path.dirname(path)
+        while parent != bucket.root and parent.startswith(bucket.root + os.sep):
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
+        _fsync_dir(os.path.dirname(path) if os.path.isdir(os.path.dirname(path)) else bucket.root)
+
+    def iter_keys(self, bucket_name: str, prefix: str = "") -> list[str]:
+        """Every object key of the bucket that starts with ``prefix``, in S3 (UTF-8 byte) order."""
+        bucket = self.bucket(bucket_name)
+        start = bucket.root
+        # descend straight to the deepest directory the prefix names
+        head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        if head:
+            try:
+                candidate = bucket.object_path(head)
+            except InvalidKey:
+                return []
+            if not os.path.isdir(candidate):
+                return []
+            start = candidate
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            if dirpath == bucket.root and SYSTEM_DIR in dirnames:
+                dirnames.remove(SYSTEM_DIR)
+            rel = os.path.relpath(dirpath, bucket.root)
+            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            for name in filenames:
+                key = rel + name
+                if key.startswith(prefix):
+                    keys.append(key)
+        keys.sort(key=lambda k: k.encode("utf-8", "surrogateescape"))
+        return keys
+
+    def list_objects(self, bucket_name: str, prefix: str = "", delimiter: str = "", start_after: str = "",
+                     max_keys: int = 1000) -> dict:
+        """One page of a listing: ``{"contents": [ObjectInfo], "prefixes": [str], "truncated": bool,
+        "next_marker": str}``; ``next_marker`` is the last key or common prefix returned."""
+        bucket = self.bucket(bucket_name)
+        contents: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        truncated = False
+        last = ""
+        after = start_after.encode("utf-8", "surrogateescape")
+        count = 0
+        for key in self.iter_keys(bucket_name, prefix):
+            encoded = key.encode("utf-8", "surrogateescape")
+            if after and encoded <= after:
+                continue
+            if delimiter:
+                rest = key[len(prefix):]
+                index = rest.find(delimiter)
+                if index >= 0:
+                    common = prefix + rest[: index + len(delimiter)]
+                    if prefixes and prefixes[-1] == common:
+                        continue
+                    if after and common.encode("utf-8", "surrogateescape") <= after:
+                        continue
+                    if count >= max_keys:
+                        truncated = True
+                        break
+                    prefixes.append(common)
+                    last = common
+                    count += 1
+                    continue
+            if count >= max_keys:
+                truncated = True
+                break
+            try:
+                contents.append(self._info(bucket, key, bucket.object_path(key)))
+            except (StorageError, InvalidKey):
+                continue
+            last = key
+            count += 1
+        return {"contents": contents, "prefixes": prefixes, "truncated": truncated, "next_marker": last}
+
+    # ------------------------------------------------------------------ multipart
+
+    def _upload_dir(self, bucket: Bucket, upload_id: str) -> str:
+        if not upload_id or not all(c in "0123456789abcdef" for c in upload_id) or len(upload_id) != 32:
+            raise no_such_upload(upload_id)
+        path = os.path.join(bucket.multipart, upload_id)
+        if not os.path.isfile(os.path.join(path, "upload.json")):
+            raise no_such_upload(upload_id)
+        return path
+
+    def _upload(self, bucket: Bucket, upload_id: str, key: Optional[str] = None) -> tuple[str, dict]:
+        path = self._upload_dir(bucket, upload_id)
+        try:
+            with open(os.path.join(path, "upload.json"), encoding="utf-8") as fh:
+                upload = json.load(fh)
+        except (OSError, ValueError):
+            raise no_such_upload(upload_id) from None
+        if key is not None and upload.get("key") != key:
+            raise no_such_upload(upload_id)
+        return path, upload
+
+    def create_multipart(self, bucket_name: str, key: str, now: float, content_type: Optional[str] = None,
+                         metadata: Optional[dict] = None, checksum_algorithm: Optional[str] = None) -> str:
+        bucket = self.bucket(bucket_name)
+        bucket.object_path(key)
+        upload_id = uuid.uuid4().hex
+        path = os.path.join(bucket.multipart, upload_id)
+        os.makedirs(path)
+        _write_json_atomic(
+            os.path.join(path, "upload.json"),
+            {"key": key, "initiated": now, "content_type": content_type or "binary/octet-stream",
+             "metadata": dict(metadata or {}), "checksum_algorithm": checksum_algorithm},
+            bucket.tmp,
+        )
+        return upload_id
+
+    def upload_info(self, bucket_name: str, upload_id: str, key: Optional[str] = None) -> dict:
+        return self._upload(self.bucket(bucket_name), upload_id, key)[1]
+
+    def begin_part(self, bucket_name: str, key: str, upload_id: str, part_number: int,
+                   checksum_algorithms: Iterable[str] = ()) -> PendingWrite:
+        bucket = self.bucket(bucket_name)
+        self._upload(bucket, upload_id, key)
+        if not 1 <= part_number <= MAX_PART_NUMBER:
+            raise StorageError("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive")
+        return PendingWrite(bucket.tmp, checksum_algorithms, MAX_PART_SIZE)
+
+    def commit_part(self, bucket_name: str, key: str, upload_id: str, part_number: int, pending: PendingWrite,
+                    now: float, checksums: Optional[dict] = None) -> PartInfo:
+        bucket = self.bucket(bucket_name)
+        try:
+            path, _ = self._upload(bucket, upload_id, key)
+        except StorageError:
+            pending.abort()
+            raise
+        if not pending.closed:
+            pending.flush()
+        info = PartInfo(part_number, pending.size, f'"{pending.md5.hexdigest()}"', now, dict(checksums or {}))
+        meta = asdict(info)
+        meta["md5"] = pending.md5.hexdigest()
+        part_path = os.path.join(path, f"{part_number:05d}.part")
+        # The sidecar names the data file it describes, so a re-upload of the same part number
+        # that races an earlier one can never pair one body with the other's ETag.
+        data_name = f"{part_number:05d}.{uuid.uuid4().hex}.data"
+        meta["data"] = data_name
+        try:
+            os.replace(pending.path, os.path.join(path, data_name))
+        except FileNotFoundError:
+            raise no_such_upload(upload_id) from None
+        _fsync_dir(path)
+        old = self._read_part_meta(path, part_number)
+        _write_json_atomic(part_path + ".json", meta, bucket.tmp)
+        if old and old.get("data") and old["data"] != data_name:
+            try:
+                os.unlink(os.path.join(path, old["data"]))
+            except OSError:
+                pass
+        return info
+
+    @staticmethod
+    def _read_part_meta(path: str, part_number: int) -> Optional[dict]:
+        try:
+            with open(os.path.join(path, f"{part_number:05d}.part.json"), encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return None
+
+    def list_parts(self, bucket_name: str, key: str, upload_id: str) -> tuple[dict, list[PartInfo]]:
+        bucket = self.bucket(bucket_name)
+        path, upload = self._upload(bucket, upload_id, key)
+        parts = []
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".part.json"):
+                meta = self._read_part_meta(path, int(name[:5]))
+                if meta:
+                    parts.append(PartInfo(meta["part_number"], meta["size"], meta["etag"], meta["last_modified"],
+                                          meta.get("checksums", {})))
+        return upload, parts
+
+    def list_uploads(self, bucket_name: str) -> list[tuple[str, dict]]:
+        bucket = self.bucket(bucket_name)
+        out = []
+        for upload_id in sorted(os.listdir(bucket.multipart)):
+            try:
+                out.append((upload_id, self._upload(bucket, upload_id)[1]))
+            except StorageError:
+                continue
+        return out
+
+    def complete_multipart(self, bucket_name: str, key: str, upload_id: str, parts: list[tuple[int, str]],
+                           now: float, checksums: Optional[dict] = None) -> ObjectInfo:
+        """Assemble ``parts`` (``[(part number, etag)]`` as the client lists them) into the object."""
+        bucket = self.bucket(bucket_name)
+        path, upload = self._upload(bucket, upload_id, key)
+        with self._lock:
+            if upload_id in self._completing:
+                raise StorageError("OperationAborted", "A conflicting operation is in progress on this upload", 409)
+            self._completing.add(upload_id)
+        try:
+            if not parts:
+                raise StorageError("MalformedXML", "The XML you provided was not well-formed or did not validate "
+                                   "against our published schema.")
+            numbers = [n for n, _ in parts]
+            if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+                raise StorageError("InvalidPartOrder", "The list of parts was not in ascending order. The parts "
+                                   "list must be specified in order by part number.")
+            metas = []
+            for index, (number, etag) in enumerate(parts):
+                meta = self._read_part_meta(path, number)
+                given = etag.strip().strip('"').lower()
+                if meta is None or not given or meta["md5"] != given:
+                    raise StorageError("InvalidPart", "One or more of the specified parts could not be found. The "
+                                       "part may not have been uploaded, or the specified entity tag may not match "
+                                       "the part's entity tag.", PartNumber=number)
+                if index < len(parts) - 1 and meta["size"] < MIN_PART_SIZE:
+                    raise StorageError("EntityTooSmall", "Your proposed upload is smaller than the minimum "
+                                       "allowed object size.", PartNumber=number)
+                metas.append(meta)
+            pending = PendingWrite(bucket.tmp)
+            digest = hashlib.md5()
+            try:
+                for meta in metas:
+                    with open(os.path.join(path, meta["data"]), "rb") as src:
+                        shutil.copyfileobj(src, pending._fh, 1024 * 1024)
+                    pending.size += meta["size"]
+                    digest.update(bytes.fromhex(meta["md5"]))
+            except Exception:
+                pending.abort()
+                raise
+            etag = f'"{digest.hexdigest()}-{len(metas)}"'
+            info = self.commit_put(
+                bucket_name, key, pending, now, content_type=upload.get("content_type"),
+                metadata=upload.get("metadata"), checksums=checksums, etag=etag, parts=len(metas),
+            )
+            shutil.rmtree(path, ignore_errors=True)
+            return info
+        finally:
+            with self._lock:
+                self._completing.discard(upload_id)
+
+    def abort_multipart(self, bucket_name: str, key: str, upload_id: str) -> None:
+        bucket = self.bucket(bucket_name)
+        path, _ = self._upload(bucket, upload_id, key)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def cleanup_stale(self, now: float, max_age: float) -> int:
+        """Abort multipart uploads initiated more than ``max_age`` seconds before ``now``."""
+        removed = 0
+        for name in list(self.buckets):
+            try:
+                uploads = self.list_uploads(name)
+            except OSError:
+                continue
+            bucket = self.buckets[name]
+            for upload_id, upload in uploads:
+                if now - float(upload.get("initiated", now)) > max_age and upload_id not in self._completing:
+                    shutil.rmtree(os.path.join(bucket.multipart, upload_id), ignore_errors=True)
+                    removed += 1
+            # temp files older than max_age belong to nothing alive
+            try:
+                for tmp in os.listdir(bucket.tmp):
+                    full = os.path.join(bucket.tmp, tmp)
+                    try:
+                        if now - os.stat(full).st_mtime > max_age:
+                            os.unlink(full)
+                    except OSError:
+                        pass
+            except OSError:
+                pass
+        return removed
+
+
+def content_md5_matches(header_value: str, md5_digest: bytes) -> bool:
+    try:
+        given = base64.b64decode(header_value.strip(), validate=True)
+    except (ValueError, TypeError):
+        return False
+    return given == md5_digest

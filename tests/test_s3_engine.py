@@ -1,0 +1,164 @@
+"""Key validation and the storage engine (files, sidecars, multipart, cleanup)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from stdaemon.core.s3_keys import InvalidKey, key_under_prefix, validate_bucket, validate_key
+from stdaemon.store.objects import MIN_PART_SIZE, StorageEngine, StorageError
+
+BAD_KEYS = [
+    "", "../etc/passwd", "a/../../b", "a/./b", "/abs", "a\\b", "a\x00b", "a\nb", "%2e%2e/x", "a/%2E%2E/b",
+    "%252e%252e/x", "..", ".", "C:/x", "a//b", "x" * 1025, "\u00e9" * 513,
+]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS, ids=range(len(BAD_KEYS)))
+def test_bad_keys_are_refused(key):
+    with pytest.raises(InvalidKey):
+        validate_key(key)
+
+
+def test_good_keys_and_prefix_scope():
+    for key in ("job-1/model.safetensors", "a b/c+d/\u00e9t\u00e9.bin", "x" * 1024, "...hidden/..a", "a.b/c..d"):
+        assert validate_key(key) == key
+    assert key_under_prefix("job-1/a", "job-1/")
+    assert key_under_prefix("job-1/a", "job-1")
+    assert not key_under_prefix("job-10/a", "job-1")
+    assert not key_under_prefix("other/job-1/a", "job-1/")
+    assert validate_bucket("outputs") == "outputs"
+    for bad in ("a", "UPPER", "../x", "a..b", "x" * 64):
+        with pytest.raises(InvalidKey):
+            validate_bucket(bad)
+
+
+@pytest.fixture
+def engine(tmp_path):
+    return StorageEngine({"outputs": str(tmp_path / "outputs")})
+
+
+def _put(engine, key, data, now=100.0, **kw):
+    pending = engine.begin_put("outputs", key)
+    pending.write(data)
+    return engine.commit_put("outputs", key, pending, now, **kw)
+
+
+def test_put_get_head_delete(engine, tmp_path):
+    info = _put(engine, "job-1/dir/file.bin", b"hello", content_type="text/plain", metadata={"a": "1"})
+    assert info.etag == '"%s"' % hashlib.md5(b"hello").hexdigest()
+    assert (tmp_path / "outputs" / "job-1" / "dir" / "file.bin").read_bytes() == b"hello"
+    head = engine.head("outputs", "job-1/dir/file.bin")
+    assert (head.size, head.content_type, head.metadata) == (5, "text/plain", {"a": "1"})
+    fh, _ = engine.open_read("outputs", "job-1/dir/file.bin")
+    with fh:
+        assert fh.read() == b"hello"
+    engine.delete("outputs", "job-1/dir/file.bin")
+    with pytest.raises(StorageError) as err:
+        engine.head("outputs", "job-1/dir/file.bin")
+    assert err.value.code == "NoSuchKey"
+    assert not (tmp_path / "outputs" / "job-1").exists()
+    with pytest.raises(StorageError) as err:
+        engine.head("nope", "x")
+    assert err.value.code == "NoSuchBucket"
+
+
+def test_aborted_put_leaves_nothing(engine, tmp_path):
+    pending = engine.begin_put("outputs", "job-1/partial.bin")
+    pending.write(b"x" * 1000)
+    pending.abort()
+    assert engine.iter_keys("outputs") == []
+    assert os.listdir(tmp_path / "outputs" / ".stdaemon" / "tmp") == []
+    with pytest.raises(InvalidKey):
+        engine.begin_put("outputs", "../escape")
+    with pytest.raises(InvalidKey):
+        engine.begin_put("outputs", ".stdaemon/meta/x")
+
+
+def test_listing_with_prefix_delimiter_and_pages(engine):
+    for key in ["a/1", "a/2", "a/b/3", "b/4", "c", "a\u00e9/5"]:
+        _put(engine, key, key.encode())
+    page = engine.list_objects("outputs", prefix="a/", delimiter="/")
+    assert [o.key for o in page["contents"]] == ["a/1", "a/2"]
+    assert page["prefixes"] == ["a/b/"]
+    page = engine.list_objects("outputs", delimiter="/")
+    assert [o.key for o in page["contents"]] == ["c"]
+    assert page["prefixes"] == ["a/", "a\u00e9/", "b/"]
+    keys, after = [], ""
+    while True:
+        page = engine.list_objects("outputs", start_after=after, max_keys=2)
+        keys += [o.key for o in page["contents"]]
+        if not page["truncated"]:
+            break
+        after = page["next_marker"]
+    assert keys == ["a/1", "a/2", "a/b/3", "a\u00e9/5", "b/4", "c"]
+
+
+def test_file_and_directory_conflicts_are_refused(engine):
+    _put(engine, "x/y", b"1")
+    with pytest.raises(StorageError):
+        _put(engine, "x/y/z", b"2")
+    with pytest.raises(StorageError):
+        _put(engine, "x", b"3")
+    assert engine.iter_keys("outputs") == ["x/y"]
+
+
+def test_multipart_out_of_order_parts_and_etag(engine):
+    upload_id = engine.create_multipart("outputs", "job-1/big.bin", 10.0, content_type="application/x-test")
+    parts_data = {1: os.urandom(MIN_PART_SIZE), 2: os.urandom(MIN_PART_SIZE), 3: b"tail"}
+    etags = {}
+    for number in (3, 1, 2):
+        pending = engine.begin_part("outputs", "job-1/big.bin", upload_id, number)
+        pending.write(parts_data[number])
+        etags[number] = engine.commit_part("outputs", "job-1/big.bin", upload_id, number, pending, 11.0).etag
+    _, listed = engine.list_parts("outputs", "job-1/big.bin", upload_id)
+    assert [p.part_number for p in listed] == [1, 2, 3]
+    with pytest.raises(StorageError) as err:
+        engine.complete_multipart("outputs", "job-1/big.bin", upload_id, [(2, etags[2]), (1, etags[1])], 12.0)
+    assert err.value.code == "InvalidPartOrder"
+    with pytest.raises(StorageError) as err:
+        engine.complete_multipart("outputs", "job-1/big.bin", upload_id, [(1, etags[1]), (2, etags[1])], 12.0)
+    assert err.value.code == "InvalidPart"
+    with pytest.raises(StorageError) as err:
+        engine.complete_multipart("outputs", "job-1/big.bin", upload_id, [(1, etags[1]), (3, etags[3]),
+                                                                         (4, etags[3])], 12.0)
+    assert err.value.code in ("InvalidPart", "EntityTooSmall")
+    assert engine.iter_keys("outputs") == []  # nothing visible yet
+    info = engine.complete_multipart("outputs", "job-1/big.bin", upload_id,
+                                     [(n, etags[n]) for n in (1, 2, 3)], 12.0)
+    digest = hashlib.md5(b"".join(hashlib.md5(parts_data[n]).digest() for n in (1, 2, 3))).hexdigest()
+    assert info.etag == f'"{digest}-3"'
+    fh, head = engine.open_read("outputs", "job-1/big.bin")
+    with fh:
+        assert hashlib.sha256(fh.read()).digest() == hashlib.sha256(b"".join(parts_data[n] for n in (1, 2, 3))).digest()
+    assert head.content_type == "application/x-test" and head.etag == info.etag
+    with pytest.raises(StorageError) as err:
+        engine.list_parts("outputs", "job-1/big.bin", upload_id)
+    assert err.value.code == "NoSuchUpload"
+
+
+def test_small_non_last_part_abort_and_stale_cleanup(engine):
+    upload_id = engine.create_multipart("outputs", "k", 0.0)
+    for number in (1, 2):
+        pending = engine.begin_part("outputs", "k", upload_id, number)
+        pending.write(b"small")
+        engine.commit_part("outputs", "k", upload_id, number, pending, 1.0)
+    _, parts = engine.list_parts("outputs", "k", upload_id)
+    with pytest.raises(StorageError) as err:
+        engine.complete_multipart("outputs", "k", upload_id, [(p.part_number, p.etag) for p in parts], 2.0)
+    assert err.value.code == "EntityTooSmall"
+    engine.abort_multipart("outputs", "k", upload_id)
+    with pytest.raises(StorageError):
+        engine.begin_part("outputs", "k", upload_id, 1)
+    old = engine.create_multipart("outputs", "old", 0.0)
+    fresh = engine.create_multipart("outputs", "fresh", 900.0)
+    assert engine.cleanup_stale(now=1000.0, max_age=500.0) == 1
+    assert [u for u, _ in engine.list_uploads("outputs")] == [fresh]
+    with pytest.raises(StorageError):
+        engine.upload_info("outputs", old)
+    for bad in ("../../x", "0" * 32, "zz"):
+        with pytest.raises(StorageError) as err:
+            engine.upload_info("outputs", bad)
+        assert err.value.code == "NoSuchUpload"
