@@ -44,6 +44,9 @@ log = get_logger("stdaemon.service")
 def build_surfaces(ctx: App) -> list:
     """Every HTTP surface, composed under one root.  Add new surfaces here."""
     surfaces: list = [HealthSurface(ctx)]
+    from stdaemon.http.admin_backups import AdminBackupsSurface
+
+    surfaces.append(AdminBackupsSurface(ctx))  # /api/admin/backups*, /api/admin/database
     return surfaces
 
 
@@ -54,6 +57,12 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     from stdaemon.clients import secrets
 
     secrets.install(ctx)  # ctx.secrets: await ctx.secrets.get("REPLICATE_API_TOKEN")
+    from stdaemon.store import backup_service
+
+    backup_service.install(ctx)  # ctx.backups; "backup" timer + health when backup.enabled
+    from stdaemon.http import rate_limit
+
+    rate_limit.install(ctx, root)  # ctx.rate_limiter; first middleware; health "rate_limiter"
 
 
 async def start_capabilities(ctx: App) -> None:
@@ -145,11 +154,23 @@ class StdaemonService(MultiService):
             # Started without privilegedStartService (tests, embedding).
             self.privilegedStartService()
         super().startService()
-        if hasattr(signal, "SIGHUP") and self.reactor is _global_reactor():
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(reopen_log_files))
+        if self.reactor is _global_reactor():
+            self.reactor.callWhenRunning(self._install_signal_handlers)
         d = defer.Deferred.fromCoroutine(self._start())
         d.addErrback(self._start_failed)
         d.chainDeferred(self.started)
+
+    def _install_signal_handlers(self) -> None:
+        """After the reactor's own handlers: SIGHUP reopens log files
+        (logrotate); SIGTERM stops gracefully and the process then exits 0
+        (twistd would otherwise re-raise the signal and exit -15)."""
+
+        def on_term(number: int, frame: Any) -> None:
+            log.info("Received SIGTERM, stopping gracefully")
+            self.reactor.callFromThread(self.reactor.stop)
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(reopen_log_files))
 
     async def _start(self) -> None:
         ctx = self.ctx

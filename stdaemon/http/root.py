@@ -162,7 +162,11 @@ class Root(Resource):
             self._write(request, render_error(request, error))
             self._observe(request, match, method, started)
             return
-        request.notifyFinish().addBoth(lambda _: self._observe(request, match, method, started))
+        # The finish callback runs outside this request's context: log and
+        # count inside a copy of it so the line carries the correlation id.
+        context = contextvars.copy_context()
+        request.notifyFinish().addBoth(
+            lambda _: context.run(self._observe, request, match, method, started))
         result = match.resource.render(request)
         if result is not NOT_DONE_YET:
             self._write(request, result)
@@ -237,8 +241,13 @@ class Root(Resource):
 
 
 def _request_path(request: Any) -> str:
-    return "/" + "/".join(seg.decode("utf-8", "replace") for seg in request.postpath) \
-        if request.postpath is not None else request.path.decode("latin-1")
+    """The decoded request path, computed once (Klein later moves segments
+    from ``postpath`` to ``prepath``)."""
+    cached = getattr(request, "_stdaemon_path", None)
+    if cached is None:
+        cached = _unquote_path(request.path.decode("latin-1"))
+        request._stdaemon_path = cached
+    return cached
 
 
 def _unquote_path(path: str) -> str:
