@@ -21,6 +21,10 @@ class Metrics:
         # endpoint → [count, total latency ms]; endpoint_status → count
         self.http_requests: dict[str, list] = {}
         self.http_errors: dict[str, int] = {}
+        # Rate limiting (S11): the middleware (stdaemon/http/rate_limit.py) counts
+        # every violation here and installs the tracked-clients reader.
+        self.rate_limit_violations = 0
+        self.rate_limit_tracked_clients: Any = lambda: 0
 
     def observe_http(self, endpoint: str, status: int, latency_ms: float) -> None:
         entry = self.http_requests.get(endpoint)
