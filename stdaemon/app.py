@@ -70,7 +70,6 @@ class App:
             self.timer_failures[timer] = self.timer_failures.get(timer, 0) + 1
 
         timer = SafeTimerService(name, interval, fn, self.clock, now=now, on_error=count)
-        timer.setName(f"timer:{name}")
         timer.setServiceParent(self.services)
         return timer
 

@@ -184,7 +184,8 @@ def event_to_record(event: dict) -> dict:
         if key not in _RESERVED and not key.startswith("log_"):
             extra[key] = value
     try:
-        message = formatEvent(event)
+        context = event.get("st_context") or {}
+        message = formatEvent({**context, **event} if context else event)
     except Exception:  # a bad format string must not lose the line
         message = str(event.get("log_format"))
     failure = event.get("log_failure")
