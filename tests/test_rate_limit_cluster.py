@@ -1,0 +1,64 @@
+"""Two daemons on different ports share one real redis-server: limits are shared,
+an outage fails open with health degraded, and sharing resumes when Redis is back."""
+
+import json
+
+import pytest_twisted
+import treq
+
+from tests.redis_fixture import redis_server, wait_until  # noqa: F401 (fixture)
+from tests.rate_probe import probed  # noqa: F401 (fixture)
+
+
+async def get(daemon, path):
+    response = await treq.get(daemon.url + path)
+    await response.content()
+    return response
+
+
+async def rate_limiter_component(daemon):
+    response = await treq.get(daemon.url + "/api/cloud/health")
+    body = json.loads(await response.content())
+    return next(c for c in body["components"] if c["name"] == "rate_limiter")
+
+
+async def alternate(one, two, n, path="/api/probe/other"):
+    codes = []
+    for i in range(n):
+        codes.append((await get(one if i % 2 == 0 else two, path)).code)
+    return codes
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_instances_share_limits_through_redis(make_daemon, probed, redis_server):
+    settings = {"rate_limit": {"backend": "redis", "redis_url": redis_server.url,
+                               "exempt_loopback": False, "calls": 10, "timeout": 1.0}}
+    one = await make_daemon(settings, subdir="one")
+    two = await make_daemon(settings, subdir="two")
+    assert one.port != two.port
+    await wait_until(lambda: one.ctx.rate_limiter.backend.connected
+                     and two.ctx.rate_limiter.backend.connected)
+
+    # alternated between the instances: 429 at exactly the shared limit
+    assert await alternate(one, two, 14) == [200] * 10 + [429] * 4
+    response = await get(one, "/api/probe/other")
+    assert response.headers.getRawHeaders("X-RateLimit-Remaining") == ["0"]
+    assert (await rate_limiter_component(one))["status"] == "healthy"
+
+    # Redis goes away: requests are still served (fail-open), health is degraded
+    redis_server.stop()
+    await wait_until(lambda: not one.ctx.rate_limiter.backend.connected
+                     and not two.ctx.rate_limiter.backend.connected)
+    assert await alternate(one, two, 6) == [200] * 6
+    for daemon in (one, two):
+        component = await rate_limiter_component(daemon)
+        assert component["status"] == "degraded"
+        assert "failing open" in component["message"]
+
+    # Redis is back (empty): both reconnect by themselves and share limits again
+    redis_server.start()
+    await wait_until(lambda: one.ctx.rate_limiter.backend.connected
+                     and two.ctx.rate_limiter.backend.connected)
+    for daemon in (one, two):
+        assert (await rate_limiter_component(daemon))["status"] == "healthy"
+    assert await alternate(one, two, 12) == [200] * 10 + [429] * 2
