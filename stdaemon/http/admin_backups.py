@@ -1,0 +1,114 @@
+"""Admin endpoints for backups and the database (S13).  Admin only; audited.
+
+- ``POST /api/admin/backups`` body ``{"path"?, "compress"?}`` -> 201 ``{name, path, size_bytes, created_at}``
+- ``GET /api/admin/backups`` -> ``{"backups": [...], "backup_dir"}`` (newest first)
+- ``POST /api/admin/backups/restore`` body ``{"name"}`` or ``{"path"}`` -> the restore summary
+- ``GET /api/admin/database`` -> the ``get_database_info()`` dict (+ scheduled backup state)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from klein import Klein
+
+from stdaemon.http.errors import ApiError, invalid_field
+from stdaemon.http.surface import ADMIN, Response, Surface, json_object, route
+from stdaemon.logs import get_logger
+from stdaemon.store.backup import BackupError, RestoreRefused
+
+log = get_logger("stdaemon.http.admin_backups")
+
+_REFUSED_STATUS = {"not_found": 404, "invalid_name": 400, "invalid_path": 400}
+
+
+class AdminBackupsSurface(Surface):
+    app = Klein()
+    prefixes = ("/api/admin/backups", "/api/admin/database")
+
+    @property
+    def backups(self) -> Any:
+        svc = getattr(self.ctx, "backups", None)
+        if svc is None:
+            raise ApiError(503, "backups_unavailable", "The backup service is not running")
+        return svc
+
+    @route(app, "/api/admin/backups", methods=("POST",), access=ADMIN)
+    async def create(self, request):
+        body = json_object(request, required=False)
+        path = body.get("path")
+        compress = body.get("compress", False)
+        if not isinstance(compress, bool):
+            raise invalid_field("compress", "must be true or false")
+        if path is not None:
+            path = self._check_target(path)
+        try:
+            entry = await self.backups.create(path, compress=compress)
+        except BackupError as exc:
+            raise ApiError(500 if exc.code == "sqlite_error" else 409, exc.code, exc.detail) from None
+        except OSError as exc:
+            raise ApiError(409, "backup_failed", f"Cannot write the backup: {exc.strerror or type(exc).__name__}") from None
+        await _audit(self.ctx, request, "backup.created", entry["path"], "create",
+                     {"name": entry["name"], "size_bytes": entry["size_bytes"]})
+        return Response(entry, status=201)
+
+    @route(app, "/api/admin/backups", access=ADMIN)
+    async def list_backups(self, request):
+        return {"backups": await self.backups.list(), "backup_dir": str(self.backups.store.backup_dir)}
+
+    @route(app, "/api/admin/backups/restore", methods=("POST",), access=ADMIN)
+    async def restore(self, request):
+        body = json_object(request)
+        name, path = body.get("name"), body.get("path")
+        if (name is None) == (path is None):
+            raise ApiError(400, "invalid_request", 'Give exactly one of "name" or "path"')
+        try:
+            source = self.backups.resolve(name=name, path=path)
+            result = await self.backups.restore(source)
+        except RestoreRefused as exc:
+            raise ApiError(_REFUSED_STATUS.get(exc.code, 422), exc.code, exc.detail) from None
+        except BackupError as exc:
+            raise ApiError(500, exc.code, exc.detail) from None
+        await _audit(self.ctx, request, "backup.restored", result["restored_from"], "restore",
+                     {"safety_copy": result["safety_copy"], "job_count": result["job_count"],
+                      "schema_version": result["schema_version"]})
+        return result
+
+    @route(app, "/api/admin/database", access=ADMIN)
+    async def database(self, request):
+        return await self.backups.info()
+
+    def _check_target(self, path: Any) -> str:
+        """A custom backup path: absolute, in an existing directory, named like a
+        database, never the live database or a non-regular file."""
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise invalid_field("path", "must be a non-empty string")
+        path = os.path.expanduser(path)
+        if not os.path.isabs(path):
+            raise invalid_field("path", "must be an absolute path")
+        if not path.endswith((".db", ".db.gz", ".sqlite", ".sqlite3")):
+            raise invalid_field("path", "must end in .db, .db.gz, .sqlite or .sqlite3")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise invalid_field("path", "its directory does not exist")
+        live = os.path.realpath(self.backups.store.path)
+        if os.path.realpath(path) in (live, live + "-wal", live + "-shm"):
+            raise invalid_field("path", "must not be the live database")
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise invalid_field("path", "exists and is not a regular file")
+        return path
+
+
+async def _audit(ctx: Any, request: Any, event_type: str, target: str, action: str, details: dict) -> None:
+    """Through the one audit writer (``ctx.audit.record``, S7)."""
+    writer = getattr(ctx, "audit", None)
+    principal = getattr(request, "principal", None)
+    actor = getattr(principal, "username", None) or (
+        f"user:{principal.user_id}" if principal is not None else "system")
+    if writer is None:
+        log.warning("Audit writer not installed; {event_type} not recorded", event_type=event_type)
+        return
+    from twisted.internet import defer
+
+    await defer.maybeDeferred(writer.record, event_type, actor=actor, ip=getattr(request, "client_ip", None),
+                              target=target, action=action, details=details)
