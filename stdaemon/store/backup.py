@@ -167,8 +167,14 @@ class JobStore:
             path = state_path(config, "config", "cloud", "jobs.db")
         self.path = Path(os.path.expanduser(str(path)))
         if backup_dir is None:
-            configured = getattr(getattr(config, "backup", None), "dir", "") if config is not None else ""
-            backup_dir = os.path.expanduser(configured) if configured else self.path.parent / "backups"
+            # ``backup.dir``, else ``<state dir>/backups``; a bare path: next to it.
+            if config is not None:
+                from stdaemon.config import state_path
+
+                configured = config.backup.dir
+                backup_dir = os.path.expanduser(configured) if configured else state_path(config, "backups")
+            else:
+                backup_dir = self.path.parent / "backups"
         self.backup_dir = Path(backup_dir)
         if clock is None:
             # The guide's API is used from scripts: the reactor's clock is the

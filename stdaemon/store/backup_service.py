@@ -37,9 +37,7 @@ class BackupService(service.Service):
 
     def __init__(self, ctx: Any):
         self.ctx = ctx
-        cfg = ctx.config.backup
-        backup_dir = os.path.expanduser(cfg.dir) if cfg.dir else ctx.path("backups")
-        self.store = JobStore(ctx.database_path, backup_dir=backup_dir, config=ctx.config, clock=ctx.clock)
+        self.store = JobStore(ctx.database_path, config=ctx.config, clock=ctx.clock)
         self.pool = ThreadPool(minthreads=0, maxthreads=1, name="stdaemon-backup")
         self.lock = defer.DeferredLock()
         self.after_restore: list[Callable[[], Awaitable[Any]]] = []
