@@ -47,6 +47,14 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.admin_backups import AdminBackupsSurface
 
     surfaces.append(AdminBackupsSurface(ctx))  # /api/admin/backups*, /api/admin/database
+    from stdaemon.http.auth_api import AuthSurface
+    from stdaemon.http.users import UsersSurface
+
+    surfaces += [AuthSurface(ctx), UsersSurface(ctx)]  # /api/auth/*, /api/users*
+    from stdaemon.http.jobs import JobsSurface
+    from stdaemon.http.providers import ProvidersSurface
+
+    surfaces += [ProvidersSurface(ctx), JobsSurface(ctx)]  # /api/cloud/providers*, /api/cloud/jobs*
     return surfaces
 
 
@@ -63,10 +71,19 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     from stdaemon.http import rate_limit
 
     rate_limit.install(ctx, root)  # ctx.rate_limiter; first middleware; health "rate_limiter"
+    from stdaemon import sessions
+
+    sessions.install(ctx)  # ctx.sessions: st_session strategy + CSRF, password pool, sweep timer
+    from stdaemon.clients import providers
+    from stdaemon.http import jobs
+
+    providers.install(ctx)  # ctx.providers, ctx.http_clients, ctx.breakers; circuit_breaker:/provider: health
+    jobs.install(ctx)  # ctx.jobs (apply_prediction/apply_status for webhooks); "jobs.poll" timer
 
 
 async def start_capabilities(ctx: App) -> None:
     """Start-up work that needs the open database (runs before ``ready``)."""
+    await ctx.providers.load()  # provider settings saved through the API
 
 
 def listen_descriptions(config: Config) -> list[str]:

@@ -1,0 +1,205 @@
+"""Login, logout, registration and API keys (S12).
+
+- ``POST /api/auth/login`` (public) ``{"username"|"email", "password"}`` →
+  ``st_session`` (HttpOnly, SameSite=Strict, Secure on HTTPS) and ``st_csrf``
+  cookies; audited ``auth.login.success`` / ``auth.login.failed``.
+- ``POST /api/auth/logout`` (public: always clears the cookies; ends the
+  session when the CSRF token proves the request came from the console).
+- ``POST /api/auth/register`` (public) only when ``auth.registration_enabled``
+  or the runtime setting ``auth/registration_enabled`` (``PUT
+  /api/auth/settings``, admin) allows it; new users are viewers.
+- ``POST|GET /api/auth/api-keys``, ``DELETE /api/auth/api-keys/{id}``: own
+  keys (admin: every key, and may mint keys for another user); a key's role
+  never exceeds the caller's role nor its owner's; the key is shown once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+
+from stdaemon.http.errors import ApiError, forbidden, invalid_field, not_found
+from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, json_object, route
+from stdaemon.sessions import SESSION_COOKIE, cookie, record_audit
+from stdaemon.store import api_keys, users
+
+MAX_KEY_DAYS = 3650
+AUTH_BODY = 16 * 1024
+
+
+def _field_error(error: users.UserError) -> ApiError:
+    return invalid_field(error.field, str(error))
+
+
+async def registration_enabled(ctx: Any) -> bool:
+    setting = await ctx.db.run_read(users.get_setting, "auth", "registration_enabled")
+    if setting is not None:
+        return bool(setting)
+    return bool(ctx.config.auth.registration_enabled)
+
+
+class AuthSurface(Surface):
+    app = Klein()
+    prefixes = ("/api/auth",)
+
+    @property
+    def sessions(self) -> Any:
+        return self.ctx.sessions
+
+    # -- login / logout ----------------------------------------------------------
+
+    @route(app, "/api/auth/login", methods=["POST"], access=PUBLIC, max_body=AUTH_BODY)
+    async def login(self, request):
+        # A login form posted from another site could sign the victim into
+        # the attacker's account: the Origin rule applies here too.
+        self.sessions.check_origin(request)
+        body = json_object(request)
+        login = body.get("username") or body.get("email")
+        password = body.get("password")
+        if not isinstance(login, str) or not login or len(login) > 320:
+            raise invalid_field("username", "username or email is required")
+        if not isinstance(password, str) or not password or len(password) > users.MAX_PASSWORD:
+            raise invalid_field("password", "password is required")
+        row = await self.ctx.db.run_read(users.find_login, login)
+        ok = await self.sessions.verify_password(row["password_hash"] if row else None, password)
+        if not ok or row is None or row["disabled"]:
+            await record_audit(self.ctx, "auth.login.failed", request, actor=login[:64],
+                               target=login[:64], action="login",
+                               details={"reason": "invalid credentials"})
+            raise ApiError(401, "invalid_credentials", "Invalid username or password")
+        session = await self.ctx.db.run_write(
+            users.create_session, row["id"], self.ctx.now(), self.sessions.ttl,
+            getattr(request, "client_ip", None), request.getHeader("user-agent"))
+        self.sessions.set_cookies(request, session)
+        await record_audit(self.ctx, "auth.login.success", request, actor=row["username"],
+                           target=row["username"], action="login", details={"via": "password"})
+        return {"success": True, "user": users.user_dict(row), "expires_at": session.expires_at,
+                "csrf_token": session.csrf}
+
+    @route(app, "/api/auth/logout", methods=["POST"], access=PUBLIC, max_body=AUTH_BODY)
+    async def logout(self, request):
+        token = cookie(request, SESSION_COOKIE)
+        ended = False
+        if token:
+            info = await self.ctx.db.run_read(users.lookup_session, token, self.ctx.now())
+            if info is not None:
+                self.sessions.check_csrf(request, info.csrf_hash)
+                ended = bool(await self.ctx.db.run_write(users.delete_session, token))
+        self.sessions.clear_cookies(request)
+        return {"success": True, "session_ended": ended}
+
+    # -- registration ------------------------------------------------------------
+
+    @route(app, "/api/auth/settings", access=PUBLIC)
+    async def get_settings(self, request):
+        return {"registration_enabled": await registration_enabled(self.ctx)}
+
+    @route(app, "/api/auth/settings", methods=["PUT"], access=ADMIN, max_body=AUTH_BODY)
+    async def put_settings(self, request):
+        body = json_object(request)
+        unknown = set(body) - {"registration_enabled"}
+        if unknown:
+            raise invalid_field(sorted(unknown)[0], "unknown field")
+        if "registration_enabled" in body:
+            value = body["registration_enabled"]
+            if not isinstance(value, bool):
+                raise invalid_field("registration_enabled", "must be true or false")
+            await self.ctx.db.run_write(users.put_setting, "auth", "registration_enabled", value,
+                                        self.ctx.now())
+            await record_audit(self.ctx, "auth.settings.changed", request, target="auth",
+                               action="update", details={"registration_enabled": value})
+        return {"registration_enabled": await registration_enabled(self.ctx)}
+
+    @route(app, "/api/auth/register", methods=["POST"], access=PUBLIC, max_body=AUTH_BODY)
+    async def register(self, request):
+        self.sessions.check_origin(request)
+        if not await registration_enabled(self.ctx):
+            raise forbidden("Registration is disabled; an admin can enable it")
+        body = json_object(request)
+        try:
+            username = users.check_username(body.get("username"))
+            email = users.check_email(body.get("email"))
+            password = users.check_password(body.get("password"))
+        except users.UserError as error:
+            raise _field_error(error) from None
+        password_hash = await self.sessions.hash_password(password)
+        try:
+            user = await self.ctx.db.run_write(users.create_user, username, email, password_hash,
+                                               "viewer", self.ctx.now())
+        except users.UserError as error:
+            raise ApiError(409, "conflict", f"{error.field} {error}", field=error.field) from None
+        await record_audit(self.ctx, "user.registered", request, actor=username, target=username,
+                           action="register", details={"role": "viewer"})
+        return Response({"success": True, "user": user}, status=201)
+
+    # -- API keys ----------------------------------------------------------------
+
+    @route(app, "/api/auth/api-keys", methods=["POST"], access=OPERATOR, max_body=AUTH_BODY)
+    async def create_key(self, request):
+        principal = request.principal
+        body = json_object(request)
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise invalid_field("name", "a name of 1-100 characters is required")
+        owner_id = principal.user_id
+        if body.get("user_id") is not None:
+            if principal.role != "admin":
+                raise forbidden("Only an admin may create keys for another user")
+            if not isinstance(body["user_id"], int) or isinstance(body["user_id"], bool):
+                raise invalid_field("user_id", "must be a user id")
+            owner_id = body["user_id"]
+        owner = await self.ctx.db.run_read(users.get_user, owner_id)
+        if owner is None:
+            raise invalid_field("user_id", "no such user")
+        if owner["disabled"]:
+            raise invalid_field("user_id", "the user is disabled")
+        role = body.get("role") or (owner["role"] if owner_id != principal.user_id else principal.role)
+        try:
+            users.check_role(role)
+        except users.UserError as error:
+            raise _field_error(error) from None
+        if not users.role_at_most(role, principal.role) or not users.role_at_most(role, owner["role"]):
+            raise ApiError(403, "role_too_high",
+                           f"A key with role {role} exceeds what the caller or its owner may hold",
+                           field="role")
+        expires_days = body.get("expires_days")
+        expires_at = None
+        if expires_days is not None:
+            if isinstance(expires_days, bool) or not isinstance(expires_days, (int, float)) \
+                    or not (0 < expires_days <= MAX_KEY_DAYS):
+                raise invalid_field("expires_days", f"must be a number of days between 0 and {MAX_KEY_DAYS}")
+            expires_at = self.ctx.now() + float(expires_days) * 86400.0
+        key_id, key = await self.ctx.db.run_write(api_keys.create_key, owner_id, name.strip(), role,
+                                                  self.ctx.now(), expires_at)
+        await record_audit(self.ctx, "api_key.created", request, target=f"api_key:{key_id}",
+                           action="create", details={"name": name.strip(), "role": role,
+                                                     "owner": owner["username"],
+                                                     "expires_at": expires_at})
+        return Response({"id": key_id, "key": key, "name": name.strip(), "role": role,
+                         "prefix": key[:7], "user_id": owner_id, "expires_at": expires_at,
+                         "note": "Store this key now: it is not shown again."}, status=201)
+
+    @route(app, "/api/auth/api-keys", access=VIEWER)
+    async def list_keys(self, request):
+        principal = request.principal
+        owner = None if principal.role == "admin" else principal.user_id
+        keys = await self.ctx.db.run_read(users.list_keys, owner)
+        return {"keys": keys, "total": len(keys)}
+
+    @route(app, "/api/auth/api-keys/<key_id>", methods=["DELETE"], access=OPERATOR)
+    async def revoke_key(self, request, key_id):
+        principal = request.principal
+        try:
+            key_number = int(key_id)
+        except ValueError:
+            raise not_found(f"API key {key_id} not found") from None
+        key = await self.ctx.db.run_read(users.get_key, key_number)
+        if key is None or (principal.role != "admin" and key["user_id"] != principal.user_id):
+            raise not_found(f"API key {key_id} not found")
+        revoked = await self.ctx.db.run_write(users.revoke_key, key_number, self.ctx.now())
+        self.ctx.auth.invalidate()
+        if revoked:
+            await record_audit(self.ctx, "api_key.revoked", request, target=f"api_key:{key_number}",
+                               action="revoke", details={"name": key["name"], "owner": key["username"]})
+        return {"success": True, "id": key_number, "already_revoked": not revoked}
