@@ -526,14 +526,11 @@ class ProviderHTTPClient:
 
 
 def _default_correlation_id() -> str | None:
-    try:  # the structured logging module (S16) owns the request context
-        from stdaemon.logging_setup import current_correlation_id  # type: ignore
-    except Exception:
-        return None
-    try:
-        return current_correlation_id()
-    except Exception:
-        return None
+    # The request's correlation id flows through coroutines in a contextvar
+    # (stdaemon.logs, S16).
+    from stdaemon.logs import correlation_id_var
+
+    return correlation_id_var.get() or None
 
 
 class HTTPClientFactory:

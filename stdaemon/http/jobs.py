@@ -1,0 +1,586 @@
+"""Jobs (S4): submission to Replicate, listing, cancel, delete, logs, polling.
+
+:class:`JobService` holds the job lifecycle and is installed as ``ctx.jobs``;
+the webhook surface applies provider updates through
+:meth:`JobService.apply_prediction` / :meth:`JobService.apply_status` so every
+status change passes the same guards.  :class:`JobsSurface` is the HTTP API
+(also the paths SimpleTuner's CLI calls: it sends ``X-API-Key`` and reads
+``detail`` from error bodies).
+
+Submission never leaves a half-created job: when the provider call fails the
+job row says ``failed`` with the provider's reason and its upload credentials
+are revoked before the error is answered (502; 503 with ``Retry-After`` when
+the circuit breaker is open).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Mapping, Optional
+
+from klein import Klein
+from twisted.internet import defer
+
+from stdaemon.clients.providers import TOKEN_NAMES, audit
+from stdaemon.clients.replicate import (
+    CircuitOpenError,
+    ProviderAPIError,
+    ProviderNotConfigured,
+    ProviderUnavailable,
+)
+from stdaemon.core import costs
+from stdaemon.core import provider_settings as ps
+from stdaemon.core import status as st
+from stdaemon.core.breaker import OPEN
+from stdaemon.http.errors import ApiError, bad_request, conflict, not_found
+from stdaemon.http.surface import OPERATOR, VIEWER, Response, Surface, json_object, query_arg, query_int, route
+from stdaemon.logs import LogContext, get_logger
+from stdaemon.store import credentials as creds
+from stdaemon.store import jobs as store
+
+log = get_logger("stdaemon.jobs")
+
+MAX_SUBMIT_BODY = 8 * 1024 * 1024
+MAX_IDEMPOTENCY_KEY = 200
+POLL_BATCH = 50
+S3_REGION = "us-east-1"
+
+
+def iso(ts: Optional[float]) -> Optional[str]:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _actor(principal) -> str:
+    return principal.actor if principal is not None else "system"
+
+
+def _output_url(output: Any) -> Optional[str]:
+    """The first URL-looking string in a prediction's ``output``."""
+    if isinstance(output, str):
+        return output if output.startswith(("http://", "https://", "s3://")) else None
+    if isinstance(output, list):
+        for item in output:
+            url = _output_url(item)
+            if url:
+                return url
+    if isinstance(output, dict):
+        for key in ("url", "output_url", "uri"):
+            url = _output_url(output.get(key))
+            if url:
+                return url
+    return None
+
+
+class JobService:
+    """Job lifecycle; one per daemon (``ctx.jobs``)."""
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        self.counters = {
+            "submitted": 0,
+            "submit_failed": 0,
+            "idempotent_hits": 0,
+            "status_changes": 0,
+            "out_of_order_ignored": 0,
+            "terminal_ignored": 0,
+            "poll_runs": 0,
+            "poll_errors": 0,
+        }
+        # Extra submission checks (quotas, approval rules): async
+        # fn(principal, provider, estimate_usd, body) -> {"block": str|None,
+        # "warnings": [str], "pending_approval": bool}.
+        self.submission_checks: list = []
+
+    # -- helpers ---------------------------------------------------------------
+    def public(self, job: dict) -> dict:
+        out = dict(job)
+        for name in ("created_at", "started_at", "completed_at"):
+            out[name] = iso(job.get(name))
+        end = job.get("completed_at") or (None if job["status"] in st.TERMINAL else self.ctx.now())
+        out["duration_seconds"] = (round(end - job["started_at"], 3)
+                                   if job.get("started_at") and end else None)
+        metadata = dict(job.get("metadata") or {})
+        metadata.pop("request", None)  # a pending submission's payload is not echoed
+        out["metadata"] = metadata
+        out["hardware_profile"] = metadata.get("hardware_profile", job.get("hardware_type"))
+        out.pop("idempotency_key", None)
+        return out
+
+    def upload_progress(self, job_id: str) -> dict:
+        hook = getattr(self.ctx, "upload_progress", None)
+        if callable(hook):
+            try:
+                return hook(job_id)
+            except Exception:
+                log.failure("upload_progress hook failed for {job_id}", job_id=job_id)
+        return {"objects_completed": 0, "bytes_received": 0, "in_flight": []}
+
+    def _credentials(self):
+        return creds.install_default(self.ctx)
+
+    async def _revoke(self, job_id: str) -> None:
+        try:
+            await self._credentials().revoke(job_id)
+        except Exception:
+            log.failure("Could not revoke upload credentials of job {job_id}", job_id=job_id)
+
+    def _public_urls(self, provider: str) -> tuple[str, str]:
+        values = self.ctx.providers.values(provider)
+        server_url = (self.ctx.config.server.public_url or "").rstrip("/")
+        s3_url = (values.get("s3_public_url") or server_url).rstrip("/")
+        return server_url or s3_url, s3_url
+
+    # -- submission -------------------------------------------------------------
+    async def submit(self, provider: str, body: Mapping[str, Any], principal, ip: Optional[str]) -> Response:
+        manager = self.ctx.providers
+        values = manager.values(provider)
+
+        config = body.get("config")
+        if config is None:
+            raise ApiError(400, "invalid_field",
+                           "config: the training configuration (a JSON object) is required", field="config",
+                           success=False)
+        if not isinstance(config, dict):
+            raise ApiError(400, "invalid_field", "config: must be a JSON object", field="config",
+                           success=False)
+        dataloader = body.get("dataloader_config", [])
+        if not isinstance(dataloader, (list, dict)):
+            raise ApiError(400, "invalid_field", "dataloader_config: must be a JSON list or object",
+                           field="dataloader_config", success=False)
+        config_name = body.get("config_name", body.get("config_name_to_load"))
+        if config_name is not None and (not isinstance(config_name, str) or len(config_name) > 200):
+            raise ApiError(400, "invalid_field", "config_name: must be a string of at most 200 characters",
+                           field="config_name", success=False)
+        profile = body.get("hardware_profile") or values["hardware_profile"]
+        if profile not in costs.HARDWARE_PROFILES:
+            raise ApiError(400, "invalid_field",
+                           f"hardware_profile: must be one of {', '.join(costs.HARDWARE_PROFILES)}",
+                           field="hardware_profile", success=False)
+        webhook_url = body.get("webhook_url")
+        if webhook_url is not None:
+            try:
+                webhook_url = ps.validate_field("api_base_url", webhook_url)
+            except ps.FieldError:
+                raise ApiError(400, "invalid_field", "webhook_url: must be an http(s) URL",
+                               field="webhook_url", success=False) from None
+        key = body.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY):
+            raise ApiError(400, "invalid_field",
+                           f"idempotency_key: must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} characters",
+                           field="idempotency_key", success=False)
+        runtime = body.get("max_runtime_minutes", values["max_runtime_minutes"])
+        try:
+            runtime = ps.validate_field("max_runtime_minutes", runtime)
+        except ps.FieldError as exc:
+            raise ApiError(400, "invalid_field", f"max_runtime_minutes: {exc.reason}",
+                           field="max_runtime_minutes", success=False) from None
+
+        # Configuration the submission cannot do without: say so before creating anything.
+        version = manager.model_version(provider, profile)
+        public_url, s3_url = self._public_urls(provider)
+        problems = []
+        if not manager.token_known(provider):
+            token = await defer.maybeDeferred(manager.token, provider)
+            if not token:
+                problems.append(f"{TOKEN_NAMES[provider]} is not set (environment or a secrets store)")
+        if not version:
+            problems.append(f"no Replicate model version for hardware profile {profile!r} "
+                            f"(set providers.{provider}.model_versions)")
+        if not public_url:
+            problems.append("server.public_url (SIMPLETUNER_PUBLIC_URL) is not set: Replicate needs it "
+                            "to deliver webhooks and the trainer to upload outputs")
+        if problems:
+            raise ApiError(400, "provider_not_configured",
+                           f"Provider {provider} is not configured: " + "; ".join(problems), success=False)
+
+        user_id = principal.user_id if principal is not None else None
+        now = self.ctx.now()
+
+        # An idempotent repeat answers with the existing job before any limit applies.
+        if key:
+            existing = await self.ctx.db.run_read(self._find_idempotent, user_id, key, now)
+            if existing is not None:
+                self.counters["idempotent_hits"] += 1
+                return self._submit_response(existing, idempotent_hit=True)
+
+        prices = values["gpu_prices"]
+        estimate = costs.estimate_cost(runtime, profile, prices)
+        limit = await self.cost_limit(provider, estimate=estimate)
+        if limit.blocked:
+            raise ApiError(403, "cost_limit_exceeded", limit.warning or "Cost limit reached",
+                           success=False, cost_limit_warning=limit.warning)
+        warnings: list[str] = []
+        pending_approval = False
+        for check in self.submission_checks:
+            verdict = await check(principal, provider, estimate, body)
+            if verdict.get("block"):
+                raise ApiError(403, "quota_exceeded", verdict["block"], success=False,
+                               quota_warnings=warnings + list(verdict.get("warnings", [])))
+            warnings.extend(verdict.get("warnings", []))
+            pending_approval = pending_approval or bool(verdict.get("pending_approval"))
+
+        breaker = manager.breaker(provider)
+        if breaker.state == OPEN and not pending_approval:
+            retry = max(1, int(breaker.retry_after() + 0.999))
+            raise ApiError(503, "circuit_open",
+                           f"{provider} is temporarily unavailable after repeated failures; "
+                           f"retry in {retry} s", headers={"Retry-After": str(retry)}, success=False)
+
+        job_id = uuid.uuid4().hex
+        request_payload = {"config": config, "dataloader_config": dataloader, "webhook_url": webhook_url}
+        metadata = {
+            "hardware_profile": profile,
+            "version": version,
+            "max_runtime_minutes": runtime,
+            "estimated_cost_usd": round(estimate, 4),
+            "submitted_by": _actor(principal),
+        }
+        if pending_approval:
+            metadata["request"] = request_payload
+        row = {
+            "job_id": job_id,
+            "provider": provider,
+            "status": st.PENDING_APPROVAL if pending_approval else st.PENDING,
+            "config_name": config_name,
+            "created_at": now,
+            "cost_usd": 0.0,
+            "hardware_type": profile,
+            "user_id": user_id,
+            "metadata": metadata,
+            "idempotency_key": key,
+        }
+        job, created = await self.ctx.db.run_write(store.create_or_get, row, now)
+        if not created:
+            self.counters["idempotent_hits"] += 1
+            return self._submit_response(job, idempotent_hit=True)
+        await audit(self.ctx, "job.submitted", actor=_actor(principal), ip=ip, target=job_id,
+                    action="submit", details={"provider": provider, "hardware_profile": profile,
+                                              "config_name": config_name,
+                                              "pending_approval": pending_approval})
+        if pending_approval:
+            return self._submit_response(job, cost_warning=limit.warning, quota_warnings=warnings)
+
+        job = await self.dispatch(job, request_payload)
+        return self._submit_response(job, cost_warning=limit.warning, quota_warnings=warnings)
+
+    @staticmethod
+    def _find_idempotent(conn, user_id, key, now):
+        job = store._one(conn, "SELECT * FROM jobs WHERE idempotency_key = ? AND user_id IS ?", (key, user_id))
+        if job is not None and job["created_at"] >= now - store.IDEMPOTENCY_WINDOW:
+            return job
+        return None
+
+    def _submit_response(self, job: dict, *, idempotent_hit: bool = False, cost_warning=None,
+                         quota_warnings=()) -> dict:
+        return {
+            "success": job["status"] != st.FAILED,
+            "job_id": job["job_id"],
+            "status": job["status"],
+            "error": job.get("error_message"),
+            "idempotent_hit": idempotent_hit,
+            "cost_limit_warning": cost_warning,
+            "quota_warnings": list(quota_warnings),
+            "job": self.public(job),
+        }
+
+    async def dispatch(self, job: dict, request: Mapping[str, Any]) -> dict:
+        """Issue upload credentials and create the prediction; on failure the job
+        is marked failed (reason kept), credentials revoked, and an ApiError raised."""
+        provider = job["provider"]
+        job_id = job["job_id"]
+        manager = self.ctx.providers
+        values = manager.values(provider)
+        profile = job["metadata"].get("hardware_profile") or job["hardware_type"]
+        version = job["metadata"].get("version") or manager.model_version(provider, profile)
+        public_url, s3_url = self._public_urls(provider)
+        inputs: dict[str, Any] = {
+            "config_json": json.dumps(request.get("config") or {}),
+            "dataloader_json": json.dumps(request.get("dataloader_config") or []),
+            "job_id": job_id,
+            "webhook_url": request.get("webhook_url") or f"{public_url}/api/webhooks/{provider}",
+        }
+        with LogContext(job_id=job_id, provider=provider):
+            try:
+                if values["s3_endpoint_enabled"]:
+                    access_key, secret = await self._credentials().issue(job_id)
+                    endpoint = f"{s3_url}/api/cloud/storage"
+                    inputs.update({
+                        "s3_endpoint_url": endpoint,
+                        "s3_bucket": creds.UPLOAD_BUCKET,
+                        "s3_base_path": creds.upload_prefix(job_id),
+                        "s3_region": S3_REGION,
+                        "s3_access_key": access_key,
+                        "s3_secret_key": secret,
+                        "s3_public_base_url": f"{endpoint}/{creds.UPLOAD_BUCKET}",
+                    })
+                prediction = await manager.replicate.create_prediction(
+                    version, inputs, webhook=f"{public_url}/api/webhooks/{provider}")
+            except (ProviderAPIError, ProviderUnavailable, ProviderNotConfigured, CircuitOpenError) as exc:
+                raise await self._submission_failed(job, exc) from None
+            except Exception as exc:
+                log.failure("Submission of job {job_id} failed unexpectedly", job_id=job_id)
+                raise await self._submission_failed(job, exc) from None
+
+            status = st.from_replicate(prediction.get("status")) or st.QUEUED
+            result = await self.ctx.db.run_write(
+                store.transition, job_id, status, self.ctx.now(),
+                external_id=str(prediction.get("id") or "") or None,
+                metadata={"prediction_urls": prediction.get("urls") or {}})
+            self.counters["submitted"] += 1
+            log.info("Job {job_id} submitted to {provider} as {external_id}", job_id=job_id,
+                     provider=provider, external_id=prediction.get("id"))
+            return result.job
+
+    async def _submission_failed(self, job: dict, exc: Exception) -> ApiError:
+        job_id = job["job_id"]
+        if isinstance(exc, ProviderAPIError):
+            reason = f"Replicate rejected the job ({exc.status}): {exc.message}"
+            error = ApiError(502, "provider_error", reason)
+        elif isinstance(exc, CircuitOpenError):
+            reason = str(exc)
+            retry = max(1, int(exc.retry_after + 0.999))
+            error = ApiError(503, "circuit_open", reason, headers={"Retry-After": str(retry)})
+        elif isinstance(exc, ProviderUnavailable):
+            reason = f"Replicate could not be reached: {exc}"
+            error = ApiError(502, "provider_unavailable", reason)
+        elif isinstance(exc, ProviderNotConfigured):
+            reason = str(exc)
+            error = ApiError(400, "provider_not_configured", reason)
+        else:
+            reason = "internal error while submitting the job"
+            error = ApiError(500, "internal_error", reason)
+        result = await self.ctx.db.run_write(store.transition, job_id, st.FAILED, self.ctx.now(),
+                                             error_message=reason[:2000])
+        await self._revoke(job_id)
+        self.counters["submit_failed"] += 1
+        log.warning("Job {job_id} failed at submission: {reason}", job_id=job_id, reason=reason)
+        error.extra.update({"success": False, "job_id": job_id,
+                            "job_status": (result.job or job)["status"], "idempotent_hit": False,
+                            "cost_limit_warning": None, "quota_warnings": []})
+        return error
+
+    # -- cost limits --------------------------------------------------------------
+    async def cost_limit(self, provider: str, estimate: float = 0.0) -> costs.CostLimitCheck:
+        values = self.ctx.providers.values(provider)
+        period = values["cost_limit_period"]
+        spent = 0.0
+        if values["cost_limit_enabled"]:
+            since = costs.period_start(self.ctx.now(), period)
+            spent = await self.ctx.db.run_read(store.spent_since, provider, since)
+        return costs.check_cost_limit(spent, enabled=values["cost_limit_enabled"],
+                                      amount=values["cost_limit_amount"],
+                                      action=values["cost_limit_action"], period=period,
+                                      estimate=estimate)
+
+    # -- provider updates (poller, webhooks) ------------------------------------
+    async def apply_status(self, job_id: str, new_status: str, *, actor: str = "system",
+                           source: str = "poller", ip: Optional[str] = None, **fields) -> store.TransitionResult:
+        """Apply a status (and column updates) through the guards; count what is ignored,
+        revoke credentials on terminal status, audit real changes."""
+        result = await self.ctx.db.run_write(store.transition, job_id, new_status, self.ctx.now(), **fields)
+        if result.reason == "out_of_order":
+            self.counters["out_of_order_ignored"] += 1
+        elif result.reason == "terminal":
+            self.counters["terminal_ignored"] += 1
+        if result.accepted:
+            self.counters["status_changes"] += 1
+            if new_status in st.TERMINAL:
+                await self._revoke(job_id)
+            await audit(self.ctx, "job.status_changed", actor=actor, ip=ip, target=job_id,
+                        action=new_status, details={"from": result.previous, "to": new_status,
+                                                    "source": source})
+        return result
+
+    async def apply_prediction(self, prediction: Mapping[str, Any], *, provider: str = "replicate",
+                               source: str = "poller", actor: str = "system",
+                               ip: Optional[str] = None) -> Optional[store.TransitionResult]:
+        """Apply a Replicate prediction object (from a webhook or a poll).
+
+        Returns None when no job has that prediction id."""
+        external_id = prediction.get("id")
+        if not isinstance(external_id, str) or not external_id:
+            return None
+        job = await self.ctx.db.run_read(store.find_by_external, provider, external_id)
+        if job is None:
+            return None
+        new_status = st.from_replicate(prediction.get("status"))
+        if new_status is None:
+            return store.TransitionResult(job, False, "unknown", job["status"])
+        fields: dict[str, Any] = {}
+        metrics = prediction.get("metrics") or {}
+        predict_time = metrics.get("predict_time") if isinstance(metrics, dict) else None
+        if isinstance(predict_time, (int, float)) and predict_time >= 0:
+            prices = self.ctx.providers.values(provider)["gpu_prices"]
+            profile = job["hardware_type"] if job["hardware_type"] in costs.HARDWARE_PROFILES else costs.DEFAULT_PROFILE
+            fields["cost_usd"] = costs.job_cost(predict_time, profile, prices)
+        url = _output_url(prediction.get("output"))
+        if url:
+            fields["output_url"] = url
+        error = prediction.get("error")
+        if error and new_status == st.FAILED:
+            fields["error_message"] = str(error)[:2000]
+        return await self.apply_status(job["job_id"], new_status, actor=actor, source=source, ip=ip, **fields)
+
+    async def poll_once(self) -> int:
+        """Refresh active jobs from the provider (fallback for missed webhooks)."""
+        self.counters["poll_runs"] += 1
+        refreshed = 0
+        for provider in ps.PROVIDERS:
+            if self.ctx.providers.breaker(provider).state == OPEN:
+                continue
+            if not await self.ctx.providers.is_configured(provider):
+                continue
+            jobs = await self.ctx.db.run_read(store.active_jobs, provider, POLL_BATCH)
+            for job in jobs:
+                try:
+                    prediction = await self.ctx.providers.replicate.get_prediction(job["external_id"])
+                    await self.apply_prediction(prediction, provider=provider, source="poller")
+                    refreshed += 1
+                except CircuitOpenError:
+                    break
+                except ProviderAPIError as exc:
+                    self.counters["poll_errors"] += 1
+                    if exc.status == 404:
+                        await self.apply_status(job["job_id"], st.FAILED, source="poller",
+                                                error_message="prediction no longer exists at Replicate")
+                except Exception:
+                    self.counters["poll_errors"] += 1
+                    log.failure("Polling job {job_id} failed", job_id=job["job_id"])
+        return refreshed
+
+    # -- cancel / delete / logs -----------------------------------------------
+    async def cancel(self, job_id: str, principal, ip: Optional[str]) -> dict:
+        job = await self.ctx.db.run_read(store.get_job, job_id)
+        if job is None:
+            raise not_found(f"Job {job_id} not found")
+        if job["status"] in st.TERMINAL:
+            raise conflict(f"Job {job_id} is already {job['status']}", code="job_terminal")
+        if job["external_id"]:
+            try:
+                await self.ctx.providers.replicate.cancel_prediction(job["external_id"])
+            except ProviderAPIError as exc:
+                raise ApiError(502, "provider_error",
+                               f"Replicate refused to cancel ({exc.status}): {exc.message}") from None
+            except ProviderUnavailable as exc:
+                raise ApiError(502, "provider_unavailable", f"Replicate could not be reached: {exc}") from None
+            except CircuitOpenError as exc:
+                retry = max(1, int(exc.retry_after + 0.999))
+                raise ApiError(503, "circuit_open", str(exc), headers={"Retry-After": str(retry)}) from None
+            except ProviderNotConfigured as exc:
+                raise ApiError(400, "provider_not_configured", str(exc)) from None
+        result = await self.apply_status(job_id, st.CANCELLED, actor=_actor(principal), source="api", ip=ip)
+        if not result.accepted:
+            latest = result.job or job
+            if latest["status"] != st.CANCELLED:
+                raise conflict(f"Job {job_id} is already {latest['status']}", code="job_terminal")
+        await audit(self.ctx, "job.cancelled", actor=_actor(principal), ip=ip, target=job_id,
+                    action="cancel", details={"provider": job["provider"], "external_id": job["external_id"]})
+        return {"success": True, "job_id": job_id, "status": st.CANCELLED}
+
+    async def delete(self, job_id: str, principal, ip: Optional[str]) -> dict:
+        job = await self.ctx.db.run_read(store.get_job, job_id)
+        if job is None:
+            raise not_found(f"Job {job_id} not found")
+        if job["status"] not in st.TERMINAL:
+            raise conflict(f"Job {job_id} is {job['status']}; only completed, failed or cancelled "
+                           "jobs can be deleted (cancel it first)", code="job_active")
+        await self.ctx.db.run_write(store.delete_job, job_id)
+        await audit(self.ctx, "job.deleted", actor=_actor(principal), ip=ip, target=job_id,
+                    action="delete", details={"status": job["status"]})
+        return {"success": True, "job_id": job_id}
+
+    async def logs(self, job_id: str) -> dict:
+        job = await self.ctx.db.run_read(store.get_job, job_id)
+        if job is None:
+            raise not_found(f"Job {job_id} not found")
+        if not job["external_id"]:
+            return {"job_id": job_id, "logs": "", "status": job["status"]}
+        try:
+            text = await self.ctx.providers.replicate.get_logs(job["external_id"])
+        except ProviderAPIError as exc:
+            raise ApiError(502, "provider_error", f"Replicate error ({exc.status}): {exc.message}") from None
+        except ProviderUnavailable as exc:
+            raise ApiError(502, "provider_unavailable", f"Replicate could not be reached: {exc}") from None
+        except CircuitOpenError as exc:
+            retry = max(1, int(exc.retry_after + 0.999))
+            raise ApiError(503, "circuit_open", str(exc), headers={"Retry-After": str(retry)}) from None
+        except ProviderNotConfigured as exc:
+            raise ApiError(400, "provider_not_configured", str(exc)) from None
+        return {"job_id": job_id, "logs": text, "status": job["status"]}
+
+
+def _provider_arg(request, default: Optional[str] = "replicate") -> Optional[str]:
+    provider = query_arg(request, "provider", default)
+    if provider is not None and provider not in ps.PROVIDERS:
+        raise not_found(f"Unknown provider {provider!r} (known: {', '.join(ps.PROVIDERS)})")
+    return provider
+
+
+class JobsSurface(Surface):
+    app = Klein()
+    prefixes = ("/api/cloud/jobs",)
+
+    @property
+    def jobs(self) -> JobService:
+        return self.ctx.jobs
+
+    @route(app, "/api/cloud/jobs/submit", methods=("POST",), access=OPERATOR, max_body=MAX_SUBMIT_BODY)
+    async def submit(self, request):
+        return await self._submit(request)
+
+    @route(app, "/api/cloud/jobs", methods=("POST",), access=OPERATOR, max_body=MAX_SUBMIT_BODY)
+    async def submit_alias(self, request):
+        return await self._submit(request)
+
+    async def _submit(self, request):
+        provider = _provider_arg(request)
+        body = json_object(request)
+        return await self.jobs.submit(provider, body, request.principal, getattr(request, "client_ip", None))
+
+    @route(app, "/api/cloud/jobs", access=VIEWER)
+    async def list_jobs(self, request):
+        status = query_arg(request, "status") or None
+        if status is not None and status not in st.STATUSES:
+            raise bad_request(f"status must be one of {', '.join(st.STATUSES)}", code="invalid_query")
+        provider = _provider_arg(request, None) or None
+        limit = query_int(request, "limit", 50, minimum=1, maximum=500)
+        offset = query_int(request, "offset", 0, minimum=0)
+        if (query_arg(request, "sync_active") or "").lower() in ("1", "true", "yes"):
+            await self.jobs.poll_once()
+        rows, total = await self.ctx.db.run_read(store.list_jobs, status=status, provider=provider,
+                                                 limit=limit, offset=offset)
+        return {"jobs": [self.jobs.public(r) for r in rows], "total": total, "limit": limit,
+                "offset": offset}
+
+    @route(app, "/api/cloud/jobs/<job_id>", access=VIEWER)
+    async def get_job(self, request, job_id):
+        job = await self.ctx.db.run_read(store.get_job, job_id)
+        if job is None:
+            raise not_found(f"Job {job_id} not found")
+        public = self.jobs.public(job)
+        public["upload_progress"] = self.jobs.upload_progress(job_id)
+        return {"job": public, "upload_progress": public["upload_progress"]}
+
+    @route(app, "/api/cloud/jobs/<job_id>/cancel", methods=("POST",), access=OPERATOR)
+    async def cancel(self, request, job_id):
+        return await self.jobs.cancel(job_id, request.principal, getattr(request, "client_ip", None))
+
+    @route(app, "/api/cloud/jobs/<job_id>", methods=("DELETE",), access=OPERATOR)
+    async def delete(self, request, job_id):
+        return await self.jobs.delete(job_id, request.principal, getattr(request, "client_ip", None))
+
+    @route(app, "/api/cloud/jobs/<job_id>/logs", access=VIEWER)
+    async def logs(self, request, job_id):
+        return await self.jobs.logs(job_id)
+
+
+def install(ctx: Any) -> JobService:
+    """``ctx.jobs`` and the poller timer (``jobs.poll_interval``)."""
+    service = JobService(ctx)
+    ctx.jobs = service
+    ctx.add_timer("jobs.poll", ctx.config.jobs.poll_interval, service.poll_once)
+    return service

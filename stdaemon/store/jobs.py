@@ -1,0 +1,172 @@
+"""The ``jobs`` table (S4): pure SQL helpers taking ``conn`` first.
+
+Run them with ``ctx.db.run_write`` / ``ctx.db.run_read``; the writer runs
+each call inside ``BEGIN IMMEDIATE … COMMIT`` on the single writer thread, so
+:func:`create_or_get` is atomic: concurrent submissions with one idempotency
+key create exactly one job.
+
+Status changes go through :func:`transition`, which applies the guards of
+:mod:`stdaemon.core.status` (a terminal job never changes; out-of-order
+updates are ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+from stdaemon.core import status as st
+
+IDEMPOTENCY_WINDOW = 24 * 3600.0
+
+COLUMNS = ("job_id", "provider", "status", "config_name", "created_at", "started_at",
+           "completed_at", "cost_usd", "hardware_type", "error_message", "output_url", "user_id",
+           "metadata", "external_id", "idempotency_key")
+_UPDATABLE = frozenset(COLUMNS) - {"job_id", "created_at"}
+
+
+def row_to_dict(row: sqlite3.Row | None) -> Optional[dict]:
+    if row is None:
+        return None
+    job = {name: row[name] for name in COLUMNS}
+    try:
+        job["metadata"] = json.loads(job["metadata"] or "{}")
+    except ValueError:
+        job["metadata"] = {}
+    return job
+
+
+def _one(conn, sql: str, args: Iterable[Any]) -> Optional[dict]:
+    conn.row_factory = sqlite3.Row
+    return row_to_dict(conn.execute(sql, tuple(args)).fetchone())
+
+
+def get_job(conn, job_id: str) -> Optional[dict]:
+    return _one(conn, "SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+
+
+def find_by_external(conn, provider: str, external_id: str) -> Optional[dict]:
+    return _one(conn, "SELECT * FROM jobs WHERE provider = ? AND external_id = ?", (provider, external_id))
+
+
+def insert_job(conn, job: dict) -> dict:
+    values = dict(job)
+    values["metadata"] = json.dumps(values.get("metadata") or {})
+    names = [c for c in COLUMNS if c in values]
+    conn.execute(f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})",
+                 tuple(values[c] for c in names))
+    return get_job(conn, job["job_id"])
+
+
+def create_or_get(conn, job: dict, now: float, window: float = IDEMPOTENCY_WINDOW) -> tuple[dict, bool]:
+    """Insert ``job`` unless the same user used its idempotency key in the last ``window`` s.
+
+    Returns ``(job, created)``.  An older job holding the key gives it up (its
+    ``idempotency_key`` is cleared) so the unique index allows the new one.
+    """
+    key = job.get("idempotency_key")
+    user_id = job.get("user_id")
+    if key:
+        existing = _one(conn, "SELECT * FROM jobs WHERE idempotency_key = ? AND user_id IS ?",
+                        (key, user_id))
+        if existing is not None:
+            if existing["created_at"] >= now - window:
+                return existing, False
+            conn.execute("UPDATE jobs SET idempotency_key = NULL WHERE job_id = ?", (existing["job_id"],))
+    return insert_job(conn, job), True
+
+
+def update_job(conn, job_id: str, **fields: Any) -> Optional[dict]:
+    """Update columns of a job (no status guard: use :func:`transition` for status)."""
+    unknown = set(fields) - _UPDATABLE
+    if unknown:
+        raise ValueError(f"not job columns: {sorted(unknown)}")
+    if "metadata" in fields:
+        fields["metadata"] = json.dumps(fields["metadata"] or {})
+    if fields:
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        conn.execute(f"UPDATE jobs SET {assignments} WHERE job_id = ?", (*fields.values(), job_id))
+    return get_job(conn, job_id)
+
+
+@dataclass
+class TransitionResult:
+    job: Optional[dict]
+    accepted: bool
+    reason: str            # see stdaemon.core.status.Transition; "missing" if no such job
+    previous: Optional[str] = None
+
+
+def transition(conn, job_id: str, new_status: str, now: float, **fields: Any) -> TransitionResult:
+    """Move a job to ``new_status`` if the guards allow it, with extra column updates.
+
+    Extra ``fields`` (cost, output URL, error, external id…) are applied with an
+    accepted change, and also when the status is unchanged and the job is not
+    terminal (a repeated ``processing`` carrying new metrics).  Nothing changes
+    on a terminal job or an out-of-order update.
+    """
+    job = get_job(conn, job_id)
+    if job is None:
+        return TransitionResult(None, False, "missing")
+    decision = st.check_transition(job["status"], new_status)
+    if decision.accepted:
+        fields["status"] = new_status
+        if new_status in (st.RUNNING,) and job["started_at"] is None:
+            fields.setdefault("started_at", now)
+        if new_status in st.TERMINAL:
+            fields.setdefault("completed_at", now)
+            if job["started_at"] is None and new_status == st.COMPLETED:
+                fields.setdefault("started_at", now)
+    elif not (decision.reason == "unchanged" and job["status"] not in st.TERMINAL):
+        return TransitionResult(job, False, decision.reason, job["status"])
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if "metadata" in fields:
+        merged = dict(job["metadata"])
+        merged.update(fields["metadata"])
+        fields["metadata"] = merged
+    updated = update_job(conn, job_id, **fields) if fields else job
+    return TransitionResult(updated, decision.accepted, decision.reason, job["status"])
+
+
+def list_jobs(conn, *, status: Optional[str] = None, provider: Optional[str] = None,
+              user_id: Optional[int] = None, limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
+    """A page of jobs (newest first) and the real total matching the filters."""
+    where, args = [], []
+    if status:
+        where.append("status = ?")
+        args.append(status)
+    if provider:
+        where.append("provider = ?")
+        args.append(provider)
+    if user_id is not None:
+        where.append("user_id = ?")
+        args.append(user_id)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    conn.row_factory = sqlite3.Row
+    total = conn.execute(f"SELECT count(*) FROM jobs{clause}", args).fetchone()[0]
+    rows = conn.execute(f"SELECT * FROM jobs{clause} ORDER BY created_at DESC, job_id DESC LIMIT ? OFFSET ?",
+                        (*args, limit, offset)).fetchall()
+    return [row_to_dict(r) for r in rows], total
+
+
+def active_jobs(conn, provider: str, limit: int = 100) -> list[dict]:
+    """Jobs the poller should refresh: submitted to the provider and not finished."""
+    conn.row_factory = sqlite3.Row
+    marks = ", ".join("?" for _ in st.ACTIVE)
+    rows = conn.execute(
+        f"SELECT * FROM jobs WHERE provider = ? AND external_id IS NOT NULL AND status IN ({marks}) "
+        "ORDER BY created_at LIMIT ?", (provider, *sorted(st.ACTIVE), limit)).fetchall()
+    return [row_to_dict(r) for r in rows]
+
+
+def spent_since(conn, provider: str, since: float) -> float:
+    """Cost of the provider's jobs created since ``since`` (USD)."""
+    row = conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM jobs WHERE provider = ? AND created_at >= ?",
+                       (provider, since)).fetchone()
+    return float(row[0])
+
+
+def delete_job(conn, job_id: str) -> bool:
+    return conn.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,)).rowcount > 0
