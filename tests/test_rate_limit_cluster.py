@@ -62,3 +62,27 @@ async def test_two_instances_share_limits_through_redis(make_daemon, probed, red
     for daemon in (one, two):
         assert (await rate_limiter_component(daemon))["status"] == "healthy"
     assert await alternate(one, two, 12) == [200] * 10 + [429] * 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_closed_refuses_while_redis_is_unreachable(make_daemon, probed):
+    from tests.services import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    closed = await make_daemon({"rate_limit": {"backend": "redis", "redis_url": url,
+                                               "exempt_loopback": False, "fail_open": False}},
+                               subdir="closed")
+    opened = await make_daemon({"rate_limit": {"backend": "redis", "redis_url": url,
+                                               "exempt_loopback": False}}, subdir="open")
+    response = await treq.post(closed.url + "/api/auth/login")
+    body = json.loads(await response.content())
+    assert response.code == 503
+    assert body["error"] == "rate_limiter_unavailable"
+    assert response.headers.getRawHeaders("Retry-After") == ["5"]
+    assert (await rate_limiter_component(closed))["status"] == "unhealthy"
+    assert (await get(closed, "/api/cloud/health/live")).code == 200  # health is never limited
+    response = await treq.post(opened.url + "/api/auth/login")
+    await response.content()
+    assert response.code == 200
+    assert response.headers.getRawHeaders("X-RateLimit-Limit") is None
+    assert (await rate_limiter_component(opened))["status"] == "degraded"
