@@ -224,3 +224,22 @@ def test_prune_by_count_and_days(store, clock):
     removed = store.prune(keep_days=7, keep_count=2)
     assert sorted(removed) == sorted(made[:3])
     assert store.list_backups() == [made[4], made[3]]
+
+
+def test_registered_append_only_tables_survive_a_restore(store, db, monkeypatch):
+    from stdaemon.store import backup as backup_module
+
+    monkeypatch.setattr(backup_module, "PRESERVED_TABLES", set())
+    backup_module.preserve_across_restore("history_test")
+    conn = make_db(db)
+    conn.execute("CREATE TABLE history_test (id INTEGER PRIMARY KEY, what TEXT NOT NULL)")
+    conn.execute("INSERT INTO history_test (what) VALUES ('before backup')")
+    saved = store.backup()
+    conn.execute("INSERT INTO history_test (what) VALUES ('after backup')")
+    add_jobs(conn, 5, 3)
+    store.restore(saved)
+    assert len(job_ids(db)) == 5  # jobs come back as in the backup
+    rows = [r[0] for r in conn.execute("SELECT what FROM history_test ORDER BY id")]
+    assert rows == ["before backup", "after backup"]  # history is not rolled back
+    assert store.last_restore["preserved_tables"] == ["history_test"]
+    conn.close()

@@ -26,7 +26,8 @@ How it stays trustworthy:
   completely or not at all, and every connection (the daemon's, other
   processes') sees the restored data at once.  Older backups are migrated
   forward.  Any failure before that transaction leaves the current database
-  untouched.
+  untouched.  Append-only tables registered with ``preserve_across_restore``
+  (the audit log) keep their live rows: a restore cannot erase history.
 
 Everything here blocks: in the daemon it runs in the backup service's own
 thread (validation, copies) and on the database's writer thread (the swap,
@@ -53,6 +54,17 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 REQUIRED_JOB_COLUMNS = {"job_id", "provider", "status", "created_at"}
 BUSY_TIMEOUT_MS = 10000
 _COPY_CHUNK = 1024 * 1024
+
+
+# Append-only tables that a restore must not roll back (the audit log and its
+# anchors): their live rows are carried into the restored database.  The
+# owning module registers them with ``preserve_across_restore``.
+PRESERVED_TABLES: set[str] = set()
+
+
+def preserve_across_restore(*tables: str) -> None:
+    """Keep ``tables``' live rows across a restore (same columns required)."""
+    PRESERVED_TABLES.update(tables)
 
 
 class BackupError(Exception):
@@ -397,6 +409,7 @@ class JobStore:
             if keep_safety_copy:
                 safety = self.backup(prefix=SAFETY_PREFIX, source=live)
                 result["safety_copy"] = str(safety)
+            result["preserved_tables"] = self._carry_over(staging)
             stage = _connect(staging, readonly=True)
             try:
                 stage.backup(live, pages=-1)
@@ -413,6 +426,38 @@ class JobStore:
         finally:
             live.close()
         return result
+
+    def _carry_over(self, staging: Path) -> list[str]:
+        """Copy the append-only tables registered with :func:`preserve_across_restore`
+        from the live database into the staging copy, so the swap keeps them.
+
+        Only when the table exists in both with the same columns; otherwise the
+        backup's version stays (the safety copy has the live one)."""
+        if not PRESERVED_TABLES or not self.path.exists():
+            return []
+        kept = []
+        stage = _connect(staging)
+        try:
+            stage.execute("ATTACH DATABASE ? AS cur", (str(self.path),))
+            for table in sorted(PRESERVED_TABLES):
+                quoted = '"' + table.replace('"', '""') + '"'
+                mine = [tuple(r[1:3]) for r in stage.execute(f"PRAGMA main.table_info({quoted})")]
+                live = [tuple(r[1:3]) for r in stage.execute(f"PRAGMA cur.table_info({quoted})")]
+                if not mine or mine != live:
+                    continue
+                stage.execute("BEGIN IMMEDIATE")
+                try:
+                    stage.execute(f"DELETE FROM main.{quoted}")
+                    stage.execute(f"INSERT INTO main.{quoted} SELECT * FROM cur.{quoted}")
+                except BaseException:
+                    stage.execute("ROLLBACK")
+                    raise
+                stage.execute("COMMIT")
+                kept.append(table)
+            stage.execute("DETACH DATABASE cur")
+        finally:
+            stage.close()
+        return kept
 
     def restore(self, path: str | os.PathLike) -> bool:
         """Restore ``path`` over the live database; ``True`` on success.

@@ -131,6 +131,7 @@ class BackupService(service.Service):
             "job_count": box.get("job_count", facts.get("job_count")),
             "schema_version": box.get("schema_version", facts.get("schema_version")),
             "backup_schema_version": facts.get("schema_version"),
+            "preserved_tables": box.get("preserved_tables", []),
         }
 
     # -- the timer -------------------------------------------------------------
