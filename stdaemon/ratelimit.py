@@ -297,6 +297,8 @@ class RateLimiting(Service):
 
     def stopService(self) -> Any:
         super().stopService()
+        if _installed is self:
+            install(None)
         return self.backend.stopService()
 
     def _bounded(self, d: defer.Deferred) -> defer.Deferred:

@@ -252,3 +252,16 @@ async def test_health_reports_the_rate_limiter(make_daemon, probed):
     component = next(c for c in json.loads(body)["components"] if c["name"] == "rate_limiter")
     assert component["status"] == "healthy" and component["message"].startswith("memory")
     assert daemon.ctx.rate_limiter.backend_name == "memory"
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_login_route_is_limited_before_authentication(make_daemon):
+    daemon = await make_daemon(limited())
+    codes = []
+    for _ in range(7):
+        response = await treq.post(daemon.url + "/api/auth/login",
+                                   json={"username": "nobody", "password": "wrong"})
+        await response.content()
+        codes.append(response.code)
+    assert codes[5:] == [429, 429]
+    assert all(code != 429 and code < 500 for code in codes[:5])

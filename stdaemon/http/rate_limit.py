@@ -127,14 +127,9 @@ class RateLimitMiddleware:
             return
         details = {"endpoint": endpoint, "method": method, "user_agent": user_agent,
                    "rule": rule, "suppressed": suppressed}
-        try:
-            d = defer.ensureDeferred(audit.record(
-                "rate_limited", actor="anonymous", ip=ip, target=endpoint, action=method,
-                details=details))
-        except Exception:
-            log.failure("Could not audit a rate limit violation")
-            return
         # The 429 does not wait for the audit write; a failed write is logged.
+        d = defer.maybeDeferred(audit.record, "rate_limited", actor="system", ip=ip,
+                                target=endpoint, action=method, details=details)
         d.addErrback(lambda f: log.failure("Could not audit a rate limit violation", failure=f))
 
 
