@@ -198,3 +198,43 @@ def deferLater(seconds):
     from twisted.internet import task
 
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_listener_from_certificate_settings(make_daemon, tmp_path):
+    """server.ssl_cert/ssl_key (SIMPLETUNER_SSL_CERT/KEY) turn tcp listeners into TLS."""
+    import ssl
+    import urllib.request
+
+    import trustme
+    from twisted.internet.threads import deferToThread
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    for blob in cert.cert_chain_pems[1:]:
+        with open(cert_path, "ab") as fh:
+            fh.write(blob.bytes())
+    cert.private_key_pem.write_to_path(str(key_path))
+    running = await make_daemon(env={"SIMPLETUNER_SSL_CERT": str(cert_path),
+                                     "SIMPLETUNER_SSL_KEY": str(key_path)})
+    assert running.url.startswith("https://")
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+
+    def fetch():
+        with urllib.request.urlopen(running.url + "/api/cloud/health/live", context=context,
+                                    timeout=10) as response:
+            return response.status, json.loads(response.read())
+
+    assert await deferToThread(fetch) == (200, {"status": "ok"})
+
+    def plain():
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{running.port}/health", timeout=5).read()
+        except Exception:
+            return "refused"
+        return "served"
+
+    assert await deferToThread(plain) == "refused"
