@@ -47,6 +47,9 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.admin_backups import AdminBackupsSurface
 
     surfaces.append(AdminBackupsSurface(ctx))  # /api/admin/backups*, /api/admin/database
+    from stdaemon.http.admin_secrets import AdminSecretsSurface
+
+    surfaces.append(AdminSecretsSurface(ctx))  # /api/admin/secrets (states, never values)
     from stdaemon.http.auth_api import AuthSurface
     from stdaemon.http.users import UsersSurface
 
@@ -55,6 +58,9 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.providers import ProvidersSurface
 
     surfaces += [ProvidersSurface(ctx), JobsSurface(ctx)]  # /api/cloud/providers*, /api/cloud/jobs*
+    from stdaemon.http.storage import StorageSurface
+
+    surfaces.append(StorageSurface(ctx))  # /api/cloud/storage (S3); ctx.upload_credentials, ctx.upload_progress
     return surfaces
 
 

@@ -416,7 +416,11 @@ async def test_daemon_uses_token_only_in_vault_and_reports_health(make_daemon, b
     monkeypatch.delenv(REPLICATE_TOKEN, raising=False)
     monkeypatch.setenv("VAULT_TOKEN", bao.root_token)
     bao.put_v2("daemon-app", {REPLICATE_TOKEN: "r8_daemon_vault"})
-    d = await make_daemon(settings={"secrets": {"vault_addr": bao.url, "vault_path": "daemon-app"}})
+    clock = task.Clock()
+    d = await make_daemon(
+        settings={"secrets": {"vault_addr": bao.url, "vault_path": "daemon-app", "cache_ttl": 60}},
+        clock=clock,
+    )
     assert await d.ctx.secrets.get(REPLICATE_TOKEN) == "r8_daemon_vault"
     response = await treq.get(d.url + "/api/cloud/health")
     body = await response.json()
@@ -424,3 +428,19 @@ async def test_daemon_uses_token_only_in_vault_and_reports_health(make_daemon, b
     assert component["status"] == "healthy", component
     assert component["message"] == "API token configured"
     assert "r8_daemon_vault" not in json.dumps(body)
+
+    response = await treq.get(d.url + "/api/admin/secrets")
+    assert response.code == 401
+    response = await treq.get(d.url + "/api/admin/secrets", headers=d.admin_headers)
+    report = await response.json()
+    assert response.code == 200
+    assert report["token_present"] is True and report["token_source"] == "vault"
+    assert next(s for s in report["stores"] if s["name"] == "vault")["reachable"] is True
+    assert "r8_daemon_vault" not in json.dumps(report)
+
+    # Rotation in Vault reaches the daemon after the TTL, without a restart.
+    bao.put_v2("daemon-app", {REPLICATE_TOKEN: "r8_daemon_rotated"})
+    clock.advance(30)
+    assert await d.ctx.secrets.get(REPLICATE_TOKEN) == "r8_daemon_vault"
+    clock.advance(31)
+    assert await d.ctx.secrets.get(REPLICATE_TOKEN) == "r8_daemon_rotated"

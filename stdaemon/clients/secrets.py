@@ -507,9 +507,19 @@ class SecretsManager:
             "status": status,
             "message": message,
             "token_present": token_present,
+            "token_source": self.source(REPLICATE_TOKEN),
             "ttl_seconds": self.ttl,
             "stores": stores,
         }
+
+    def source(self, name: str) -> str | None:
+        """Which store currently provides ``name`` (``env``/``file``/``aws``/``vault``), from cache."""
+        if self._environ.get(name):
+            return "env"
+        for st in self._states:
+            if st.data and st.data.get(name):
+                return st.store.name
+        return None
 
     def known(self, name: str) -> bool:
         """Whether ``name`` is currently resolvable from env or cached data (no I/O)."""
