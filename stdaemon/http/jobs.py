@@ -94,6 +94,7 @@ class JobService:
         # fn(principal, provider, estimate_usd, body) -> {"block": str|None,
         # "warnings": [str], "pending_approval": bool}.
         self.submission_checks: list = []
+        self.timer = None  # the "jobs.poll" SafeTimerService (set by install)
 
     # -- helpers ---------------------------------------------------------------
     def public(self, job: dict) -> dict:
@@ -582,5 +583,5 @@ def install(ctx: Any) -> JobService:
     """``ctx.jobs`` and the poller timer (``jobs.poll_interval``)."""
     service = JobService(ctx)
     ctx.jobs = service
-    ctx.add_timer("jobs.poll", ctx.config.jobs.poll_interval, service.poll_once)
+    service.timer = ctx.add_timer("jobs.poll", ctx.config.jobs.poll_interval, service.poll_once)
     return service
