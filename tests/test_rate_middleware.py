@@ -265,3 +265,17 @@ async def test_real_login_route_is_limited_before_authentication(make_daemon):
         codes.append(response.code)
     assert codes[5:] == [429, 429]
     assert all(code != 429 and code < 500 for code in codes[:5])
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_clients_count_per_64(make_daemon, probed):
+    settings = limited()
+    settings["server"] = {"trusted_proxies": ["127.0.0.1/32"]}
+    daemon = await make_daemon(settings)
+    codes = []
+    for i in range(7):  # rotating addresses inside one /64 does not help
+        xff = {"X-Forwarded-For": f"2001:db8:7:7::{i + 1:x}"}
+        codes.append((await call(daemon, "POST", "/api/auth/login", xff))[0].code)
+    assert codes == [200] * 5 + [429] * 2
+    other = {"X-Forwarded-For": "2001:db8:7:8::1"}
+    assert (await call(daemon, "POST", "/api/auth/login", other))[0].code == 200

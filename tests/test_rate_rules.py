@@ -144,3 +144,14 @@ def test_every_default_rule_has_a_distinct_bucket_name():
     names = [r.name for r in DEFAULT_RULES]
     assert len(names) == len(set(names))
     assert RULES.bucket(RULES.match("POST", "/api/auth/login"), "203.0.113.9") == "login:203.0.113.9"
+
+
+def test_client_key_groups_ipv6_by_64():
+    from stdaemon.core.rate_rules import client_key
+
+    assert client_key("203.0.113.9") == "203.0.113.9"
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:ffff::9") == \
+        "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("::ffff:198.51.100.4") == "198.51.100.4"
+    assert client_key("unknown") == "unknown"

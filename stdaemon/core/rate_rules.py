@@ -21,6 +21,7 @@ Each rule has its own bucket per client: the bucket key is
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -37,6 +38,7 @@ __all__ = [
     "parse_rules",
     "build_rule_set",
     "RuleError",
+    "client_key",
 ]
 
 DEFAULT_CALLS = 100
@@ -160,6 +162,24 @@ class RuleSet:
 
     def bucket(self, rule: RateRule, client: str) -> str:
         return f"{rule.name}:{client}"
+
+
+def client_key(ip: str, ipv6_prefix: int = 64) -> str:
+    """The rate-limit identity of a client address.
+
+    IPv4 addresses count one by one; an IPv6 client counts as its /64 (one
+    host or site usually holds a whole /64, so per-address limits would be
+    trivially dodged).  Anything unparseable is used as it is.
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+    return str(address)
 
 
 def _as_int(path: str, value: Any, low: int, high: int) -> int:

@@ -10,7 +10,8 @@ Per request:
    guide's table, then ``rate_limit.calls`` per ``rate_limit.period``); the
    bucket is the rule's name and the client IP derived by the root with the
    one S6 function (``stdaemon.core.client_ip``), so a spoofed
-   ``X-Forwarded-For`` from an untrusted peer changes nothing;
+   ``X-Forwarded-For`` from an untrusted peer changes nothing; an IPv6 client
+   counts as its /64 (``client_key``);
 3. the decision comes from the configured backend (``ctx.rate_limiter``, a
    :class:`stdaemon.ratelimit.RateLimiting`), so several instances sharing
    Redis share limits;
@@ -42,7 +43,13 @@ from twisted.internet import defer
 
 from stdaemon.config import ConfigError
 from stdaemon.core.client_ip import is_loopback
-from stdaemon.core.rate_rules import RuleError, RuleSet, normalize_path, rule_set_from_config
+from stdaemon.core.rate_rules import (
+    RuleError,
+    RuleSet,
+    client_key,
+    normalize_path,
+    rule_set_from_config,
+)
 from stdaemon.core.sliding_window import RecentKeys, SampledCounter
 from stdaemon.http.errors import ApiError
 from stdaemon.logs import get_logger
@@ -87,8 +94,9 @@ class RateLimitMiddleware:
         if self.exempt_loopback and is_loopback(ip):
             return None
         now = self.ctx.clock.seconds()
-        self.clients.touch(ip, now)
-        outcome = await self.limiting.hit(f"http.{rule.name}:{ip}", rule.calls, rule.period)
+        client = client_key(ip)
+        self.clients.touch(client, now)
+        outcome = await self.limiting.hit(f"http.{rule.name}:{client}", rule.calls, rule.period)
         state = outcome.state
         if state is None:
             if outcome.allowed:
