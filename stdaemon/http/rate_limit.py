@@ -114,16 +114,16 @@ class RateLimitMiddleware:
                 request.setHeader(name, value)
             return None
         headers["Retry-After"] = str(state.retry_after_seconds)
-        self._violation(request, ip, method, path, rule.name, now)
+        self._violation(request, ip, client, method, path, rule.name, now)
         raise ApiError(429, "rate_limited", RATE_LIMITED_DETAIL, headers=headers)
 
-    def _violation(self, request: Any, ip: str, method: str, path: str, rule: str,
+    def _violation(self, request: Any, ip: str, client: str, method: str, path: str, rule: str,
                    now: float) -> None:
         self.violations += 1
         metrics = self.ctx.metrics
         if hasattr(metrics, "rate_limit_violations"):
             metrics.rate_limit_violations += 1
-        record, suppressed = self.sampler.record(ip, now)
+        record, suppressed = self.sampler.record(client, now)
         if not record:
             return
         user_agent = (request.getHeader("user-agent") or "")[:_MAX_UA]
