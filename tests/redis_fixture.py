@@ -14,7 +14,6 @@ import subprocess
 import time
 
 import pytest
-import pytest_twisted
 from twisted.internet import defer, task
 
 from tests.services import free_port, require_binary
@@ -108,4 +107,4 @@ async def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
         await task.deferLater(reactor, interval, lambda: None)
 
 
-__all__ = ["RedisServer", "redis_server", "wait_until", "pytest_twisted"]
+__all__ = ["RedisServer", "redis_server", "wait_until"]
