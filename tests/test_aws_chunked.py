@@ -140,3 +140,17 @@ def test_checksum_algorithms_match_reference_check_values():
         assert state.digest().hex() == hex_digest
     assert s3_checksums.algorithm_from_header("X-Amz-Checksum-CRC32C") == "crc32c"
     assert s3_checksums.algorithm_from_header("x-amz-checksum-md5") is None
+
+
+def test_record_mode_checks_the_chain_once_the_key_is_known():
+    decoder = AwsChunkedDecoder(record_signatures=True, decoded_length=66560)
+    assert _decode(decoder, AWS_EXAMPLE, 5000) == b"a" * 66560
+    assert len(decoder.recorded) == 3
+    decoder.verify_recorded(_signer())
+    other = sigv4.ChunkSigner(sigv4.signing_key("wrong", "20130524", "us-east-1", "s3"), "20130524T000000Z",
+                              "20130524/us-east-1/s3/aws4_request", SEED)
+    with pytest.raises(ChunkedError) as err:
+        decoder.verify_recorded(other)
+    assert err.value.code == "SignatureDoesNotMatch"
+    with pytest.raises(ChunkedError):
+        _decode(AwsChunkedDecoder(record_signatures=True), b"3\r\nabc\r\n0\r\n\r\n", 4)

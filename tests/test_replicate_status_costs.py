@@ -77,3 +77,37 @@ def test_cost_limit_warn_and_block():
     by_estimate = costs.check_cost_limit(90, enabled=True, amount=100, action="block",
                                          period="monthly", estimate=20)
     assert by_estimate.blocked and "estimated" in by_estimate.warning
+
+
+def test_provider_file_values_from_ini_strings_are_normalised():
+    from stdaemon.core import provider_settings as ps
+
+    values, errors = ps.normalise_file_values({
+        "ssl_verify": "false", "http_timeout": "45", "webhook_allowed_ips": "10.0.0.0/8, 1.2.3.4",
+        "model_versions": "default=ver1, h100-x2=ver2", "gpu_prices": "h100=0.002",
+        "cost_limit_amount": "0", "proxy_url": "", "bogus": "x", "cost_limit_period": "hourly"})
+    assert values["ssl_verify"] is False and values["http_timeout"] == 45.0
+    assert values["webhook_allowed_ips"] == ["10.0.0.0/8", "1.2.3.4/32"]
+    assert values["model_versions"] == {"default": "ver1", "h100-x2": "ver2"}
+    assert values["gpu_prices"] == {"h100": 0.002}
+    assert values["proxy_url"] == ""
+    assert sorted(e.field for e in errors) == ["bogus", "cost_limit_period"]
+
+
+def test_effective_layering_default_file_env_api():
+    from stdaemon.core import provider_settings as ps
+
+    eff = ps.effective({"http_timeout": 10.0, "hardware_profile": "l40s"},
+                       {"SIMPLETUNER_HTTP_TIMEOUT": "20", "HTTPS_PROXY": "http://p:1"},
+                       {"hardware_profile": "h100-x4"})
+    assert eff["http_timeout"] == (20.0, "env")
+    assert eff["hardware_profile"] == ("h100-x4", "api")
+    assert eff["proxy_url"] == ("http://p:1", "env")
+    assert eff["ssl_verify"] == (True, "default")
+    table = {}
+    ps.register_config_validators(table)
+    assert table["http_timeout"]("providers.replicate.http_timeout", "7") == 7.0
+    from stdaemon.config.loader import ConfigError
+    with pytest.raises(ConfigError) as caught:
+        table["http_timeout"]("providers.replicate.http_timeout", "-1")
+    assert caught.value.path == "providers.replicate.http_timeout"

@@ -71,6 +71,15 @@ class ProviderManager(Service):
     def __init__(self, ctx: Any):
         self.ctx = ctx
         self._api: dict[str, dict[str, Any]] = {p: {} for p in ps.PROVIDERS}
+        # File values validated once (INI gives strings; bad values are
+        # reported and ignored rather than breaking every provider call).
+        self._file: dict[str, dict[str, Any]] = {}
+        for provider in ps.PROVIDERS:
+            values, errors = ps.normalise_file_values(ctx.config.providers.get(provider, {}) or {})
+            for error in errors:
+                log.error("Ignoring providers.{provider}.{field}: {reason}", provider=provider,
+                          field=error.field, reason=error.reason)
+            self._file[provider] = values
         self.breakers = BreakerRegistry(ctx.clock, on_change=self._breaker_changed)
         self.http = HTTPClientFactory(ctx.reactor, self.outbound)
         self.replicate = ReplicateClient(
@@ -100,7 +109,7 @@ class ProviderManager(Service):
 
     # -- settings -------------------------------------------------------------
     def file_values(self, provider: str) -> Mapping[str, Any]:
-        return self.ctx.config.providers.get(provider, {}) or {}
+        return self._file.get(provider, {})
 
     def effective(self, provider: str) -> dict[str, tuple[Any, str]]:
         result = ps.effective(self.file_values(provider), self.ctx.config.environ, self._api[provider])

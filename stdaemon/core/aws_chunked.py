@@ -49,6 +49,9 @@ class AwsChunkedDecoder:
     :param signed_trailer: the trailers carry ``x-amz-trailer-signature`` (signed trailer variant).
     :param decoded_length: ``x-amz-decoded-content-length`` when sent; checked at the end.
     :param max_decoded: largest payload accepted (``EntityTooLarge`` beyond it).
+    :param record_signatures: the signing key is not known yet (the body arrives before the
+        credential is looked up): require and record each chunk's signature and hash, and check
+        the chain later with :meth:`verify_recorded`.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class AwsChunkedDecoder:
         signed_trailer: bool = False,
         decoded_length: int | None = None,
         max_decoded: int | None = None,
+        record_signatures: bool = False,
     ) -> None:
         self._signer = signer
         self._previous = signer.seed_signature if signer else ""
@@ -66,6 +70,9 @@ class AwsChunkedDecoder:
         self._signed_trailer = signed_trailer
         self._decoded_length = decoded_length
         self._max_decoded = max_decoded
+        self._record = record_signatures and signer is None
+        self.recorded: list[tuple[str, str]] = []
+        self._trailer_record: tuple[str, str] | None = None
         self._state = _SIZE
         self._buffer = bytearray()
         self._remaining = 0
@@ -172,10 +179,11 @@ class AwsChunkedDecoder:
             name, _, value = extension.partition(b"=")
             if name.strip() == b"chunk-signature":
                 signature = value.strip().decode("ascii", "replace")
-        if self._signer is not None and not signature:
+        signed = self._signer is not None or self._record
+        if signed and not signature:
             raise ChunkedError("SignatureDoesNotMatch", "aws-chunked chunk has no chunk-signature")
         self._chunk_signature = signature
-        self._chunk_hash = hashlib.sha256() if self._signer is not None else None
+        self._chunk_hash = hashlib.sha256() if signed else None
         if size == 0:
             self._verify_chunk()
             self._state = _TRAILER
@@ -186,6 +194,11 @@ class AwsChunkedDecoder:
         self._state = _DATA
 
     def _verify_chunk(self) -> None:
+        if self._record:
+            digest = self._chunk_hash.hexdigest() if self._chunk_hash is not None else EMPTY_SHA256
+            self.recorded.append((self._chunk_signature, digest))
+            self._chunk_hash = None
+            return
         if self._signer is None:
             return
         digest = self._chunk_hash.hexdigest() if self._chunk_hash is not None else EMPTY_SHA256
@@ -223,15 +236,32 @@ class AwsChunkedDecoder:
         self._state = _DONE
 
     def _verify_trailer_signature(self) -> None:
-        if self._signer is None:
-            return
         given = self.trailers.get("x-amz-trailer-signature", "")
         canonical = "".join(
             f"{name}:{value}\n" for name, value in self.trailers.items() if name != "x-amz-trailer-signature"
         )
+        if self._record:
+            self._trailer_record = (given, hashlib.sha256(canonical.encode()).hexdigest())
+            return
+        if self._signer is None:
+            return
         expected = self._signer.trailer_signature(self._previous, hashlib.sha256(canonical.encode()).hexdigest())
         if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
             raise ChunkedError("SignatureDoesNotMatch", "aws-chunked trailer signature does not match")
+
+    def verify_recorded(self, signer: ChunkSigner) -> None:
+        """Check the recorded chunk-signature chain (record mode) once the signing key is known."""
+        previous = signer.seed_signature
+        for given, digest in self.recorded:
+            expected = signer.chunk_signature(previous, digest)
+            if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
+                raise ChunkedError("SignatureDoesNotMatch", "aws-chunked chunk signature does not match")
+            previous = expected
+        if self._signed_trailer:
+            given, digest = self._trailer_record or ("", EMPTY_SHA256)
+            expected = signer.trailer_signature(previous, digest)
+            if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
+                raise ChunkedError("SignatureDoesNotMatch", "aws-chunked trailer signature does not match")
 
     def checksum_b64(self, name: str) -> str | None:
         """The computed base64 value of a declared checksum trailer (after :meth:`finish`)."""

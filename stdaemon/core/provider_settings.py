@@ -153,9 +153,27 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
     return check
 
 
+def _pairs(value: str) -> dict[str, str]:
+    """``"a=1, b=2"`` (the INI form of a mapping) → ``{"a": "1", "b": "2"}``."""
+    out = {}
+    for item in value.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, val = item.partition("=")
+        if not sep:
+            key, sep, val = item.partition(":")
+        if not sep or not key.strip():
+            raise ValueError(f"{item!r} is not a name=value pair")
+        out[key.strip()] = val.strip()
+    return out
+
+
 def _versions(value: Any) -> dict[str, str]:
     if value is None:
         return {}
+    if isinstance(value, str):
+        value = _pairs(value)
     if not isinstance(value, Mapping):
         raise ValueError("must be a mapping of hardware profile to Replicate model version")
     out = {}
@@ -172,6 +190,8 @@ def _versions(value: Any) -> dict[str, str]:
 def _prices(value: Any) -> dict[str, float]:
     if value is None:
         return {}
+    if isinstance(value, str):
+        value = _pairs(value)
     if not isinstance(value, Mapping):
         raise ValueError("must be a mapping of GPU type or hardware profile to USD per GPU-second")
     known = set(costs.HARDWARE_PROFILES) | set(costs.DEFAULT_GPU_PRICES)
@@ -258,6 +278,27 @@ def validate_update(body: Mapping[str, Any]) -> dict[str, Any]:
             and breaker["breaker_success_threshold"] > breaker["breaker_half_open_max_calls"]):
         raise FieldError("breaker_success_threshold", "must not exceed breaker_half_open_max_calls")
     return out
+
+
+def register_config_validators(table: dict) -> None:
+    """Fill the config loader's ``PROVIDER_VALIDATORS`` so ``providers.<name>.<field>``
+    in YAML/INI files is validated (and normalised) at load time with the key path."""
+    for name in FIELDS:
+        table[name] = config_validator(name)
+
+
+def normalise_file_values(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[FieldError]]:
+    """Validated file values (INI strings become typed values) and the errors found."""
+    out: dict[str, Any] = {}
+    errors: list[FieldError] = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        try:
+            out[name] = validate_field(name, value)
+        except FieldError as exc:
+            errors.append(exc)
+    return out, errors
 
 
 def config_validator(name: str) -> Callable[[str, Any], Any]:

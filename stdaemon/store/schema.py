@@ -125,6 +125,23 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0020_upload_credentials",
+        """
+        CREATE TABLE upload_credentials (
+            access_key_id TEXT PRIMARY KEY,
+            job_id TEXT NOT NULL,
+            bucket TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            secret_enc BLOB NOT NULL,
+            secret_hash TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            revoked_at REAL
+        );
+        CREATE INDEX upload_credentials_job ON upload_credentials (job_id);
+        """,
+    ),
 ]
 
 

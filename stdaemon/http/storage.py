@@ -1,0 +1,1013 @@
+"""The S3-compatible storage surface (S8), path-style under ``/api/cloud/storage``.
+
+Request flow for an upload (PutObject / UploadPart):
+
+1. while the headers are complete (``body_policy``), the surface installs an :class:`UploadSink`
+   as ``request.content``; Twisted then feeds it the body as it arrives (HTTP ``chunked``
+   framing already removed). The sink queues the bytes and a worker thread decodes
+   ``aws-chunked`` (when used), hashes (MD5 for the ETag, SHA-256, requested CRCs) and writes a
+   temp file. The transport is paused while too much is queued, so memory stays flat.
+2. when the body is complete the handler authenticates (SigV4 header/presigned, SigV2, operator
+   API key, ``X-Upload-Token``/``X-SimpleTuner-Secret``), checks the key is in the caller's scope,
+   waits for the sink, verifies signatures/hashes/checksums, and only then renames the temp file
+   into place (:mod:`stdaemon.store.objects`). Any failure deletes the temp file: nothing partial
+   is ever visible.
+
+Errors are S3 XML documents with S3 codes and statuses.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional
+from urllib.parse import unquote_to_bytes
+
+from klein import Klein
+from twisted.application.service import Service
+from twisted.internet import defer, threads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.web.http_headers import Headers
+from twisted.web.server import NOT_DONE_YET
+
+from stdaemon.core import s3_checksums, s3_xml, sigv4
+from stdaemon.core.aws_chunked import AwsChunkedDecoder, ChunkedError
+from stdaemon.core.s3_keys import InvalidKey, key_under_prefix, validate_key
+from stdaemon.http.request import BodyPolicy
+from stdaemon.http.surface import PUBLIC, Response, Surface, route
+from stdaemon.logs import get_logger
+from stdaemon.store import credentials as credentials_store
+from stdaemon.store.objects import MAX_PART_SIZE, StorageEngine, StorageError
+
+log = get_logger("stdaemon.http.storage")
+
+PREFIX = "/api/cloud/storage"
+GIB = 1024 ** 3
+#: PutObject's single-request limit (S3: 5 GiB); larger objects use multipart.
+MAX_PUT_BYTES = 5 * GIB
+#: Slack for aws-chunked framing on top of the decoded limit.
+CHUNK_OVERHEAD = 64 * 1024 * 1024
+SMALL_BODY = 1024 * 1024
+HIGH_WATER = 4 * 1024 * 1024
+LOW_WATER = 1024 * 1024
+BATCH_BYTES = 1024 * 1024
+READ_CHUNK = 256 * 1024
+
+
+class S3Error(Exception):
+    def __init__(self, code: str, message: str, status: Optional[int] = None, **extra: Any):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status or s3_xml.status_for(code)
+        self.extra = extra
+
+
+def _from(exc: Exception) -> S3Error:
+    if isinstance(exc, S3Error):
+        return exc
+    if isinstance(exc, StorageError):
+        return S3Error(exc.code, exc.message, exc.status if exc.status != 400 else None, **exc.extra)
+    if isinstance(exc, (ChunkedError, sigv4.SignatureError, InvalidKey)):
+        return S3Error(exc.code, exc.message)
+    raise exc
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class UploadProgress:
+    """Per-job upload progress (``ctx.upload_progress``) for ``GET /api/cloud/jobs/{id}``.
+
+    ``snapshot(job_id)`` → ``{objects_completed, bytes_received, in_flight: [{key, bytes_received,
+    started_at}]}``. Also keeps totals for metrics (``uploads_total``, ``upload_bytes_total``).
+    """
+
+    def __init__(self, clock: Any):
+        self.clock = clock
+        self._jobs: dict[str, dict] = {}
+        self._next = 0
+        self.uploads_total = 0
+        self.upload_bytes_total = 0
+        self.upload_failures_total = 0
+
+    def _job(self, job_id: str) -> dict:
+        job = self._jobs.get(job_id)
+        if job is None:
+            job = self._jobs[job_id] = {"objects_completed": 0, "bytes_received": 0, "in_flight": {}}
+        return job
+
+    def start(self, job_id: str, key: str) -> int:
+        self._next += 1
+        self._job(job_id)["in_flight"][self._next] = {"key": key, "bytes_received": 0,
+                                                      "started_at": self.clock.seconds()}
+        return self._next
+
+    def add(self, job_id: str, token: int, count: int) -> None:
+        entry = self._job(job_id)["in_flight"].get(token)
+        if entry is not None:
+            entry["bytes_received"] += count
+
+    def finish(self, job_id: str, token: int, stored_bytes: int = 0, object_completed: bool = False,
+               failed: bool = False) -> None:
+        job = self._job(job_id)
+        job["in_flight"].pop(token, None)
+        if failed:
+            self.upload_failures_total += 1
+            return
+        job["bytes_received"] += stored_bytes
+        self.upload_bytes_total += stored_bytes
+        if object_completed:
+            job["objects_completed"] += 1
+            self.uploads_total += 1
+
+    def complete_object(self, job_id: str) -> None:
+        self._job(job_id)["objects_completed"] += 1
+        self.uploads_total += 1
+
+    def __call__(self, job_id: str) -> dict:
+        return self.snapshot(job_id)
+
+    def snapshot(self, job_id: str) -> dict:
+        job = self._jobs.get(job_id) or {"objects_completed": 0, "bytes_received": 0, "in_flight": {}}
+        return {
+            "objects_completed": job["objects_completed"],
+            "bytes_received": job["bytes_received"] + sum(e["bytes_received"] for e in job["in_flight"].values()),
+            "in_flight": [dict(e) for e in job["in_flight"].values()],
+        }
+
+
+# --------------------------------------------------------------------------- body sink
+
+
+@dataclass
+class Target:
+    bucket: str
+    key: str
+    upload_id: Optional[str] = None
+    part_number: Optional[int] = None
+
+
+class UploadSink:
+    """``request.content`` for uploads: decodes and writes the body off the reactor thread."""
+
+    def __init__(self, surface: "StorageSurface", request: Any, length: Optional[int], target: Target,
+                 error: Optional[S3Error] = None):
+        self.surface = surface
+        self.request = request
+        self.target = target
+        self.error: Optional[Exception] = error
+        self.pending = None
+        self.closed = False
+        self._queue: deque = deque()
+        self._queued = 0
+        self._busy = False
+        self._paused = False
+        self._eof = False
+        self._waiters: list[defer.Deferred] = []
+        self._finalised = False
+        self.received = 0
+        headers = request.requestHeaders
+        payload = (headers.getRawHeaders(b"x-amz-content-sha256") or [b""])[0].decode("latin-1")
+        encoding = b",".join(headers.getRawHeaders(b"content-encoding") or []).decode("latin-1").lower()
+        self.streaming = payload in sigv4.STREAMING_PAYLOADS or "aws-chunked" in encoding
+        self.max_size = MAX_PART_SIZE if target.upload_id else surface.max_put_bytes
+        self.decoder: Optional[AwsChunkedDecoder] = None
+        self.checksum_algorithms: list[str] = []
+        for name, _ in _header_items(headers):
+            algorithm = s3_checksums.algorithm_from_header(name)
+            if algorithm and algorithm not in self.checksum_algorithms:
+                self.checksum_algorithms.append(algorithm)
+        if self.streaming and self.error is None:
+            trailer = b",".join(headers.getRawHeaders(b"x-amz-trailer") or []).decode("latin-1")
+            decoded = (headers.getRawHeaders(b"x-amz-decoded-content-length") or [b""])[0]
+            try:
+                self.decoder = AwsChunkedDecoder(
+                    trailer_names=[t for t in trailer.split(",") if t.strip()],
+                    signed_trailer=payload == sigv4.STREAMING_SIGNED_TRAILER,
+                    decoded_length=int(decoded) if decoded.strip() else None,
+                    max_decoded=self.max_size,
+                    record_signatures=payload in (sigv4.STREAMING_SIGNED, sigv4.STREAMING_SIGNED_TRAILER),
+                )
+            except (ChunkedError, ValueError) as exc:
+                self.error = S3Error("InvalidRequest", getattr(exc, "message", "invalid aws-chunked headers"))
+        elif length is not None and length > self.max_size and self.error is None:
+            self.error = S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size")
+        self.job_id = surface.job_for(target)
+        self.progress_token = surface.progress.start(self.job_id, target.key) if self.job_id else None
+
+    # file-like surface Twisted expects ------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.closed or not data:
+            return
+        self.received += len(data)
+        if self.progress_token is not None:
+            self.surface.progress.add(self.job_id, self.progress_token, len(data))
+        if self.error is not None:
+            return  # refused already: drain and drop
+        self._queue.append(data)
+        self._queued += len(data)
+        if self._queued > HIGH_WATER and not self._paused:
+            transport = getattr(getattr(self.request, "channel", None), "transport", None)
+            if transport is not None:
+                transport.pauseProducing()
+                self._paused = True
+        self._kick()
+
+    def seek(self, *args: Any) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, *args: Any) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        """Twisted closes ``content`` when the request ends or the connection is lost."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self._finalised:
+            self._finalised = True
+            self._queue.clear()
+            self._queued = 0
+            self._after_idle(self._abort_in_thread)
+            if self.progress_token is not None:
+                self.surface.progress.finish(self.job_id, self.progress_token, failed=True)
+                self.progress_token = None
+
+    # worker -------------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._busy or not self._queue:
+            if not self._busy and not self._queue:
+                self._wake()
+            return
+        batch = []
+        size = 0
+        while self._queue and size < BATCH_BYTES:
+            piece = self._queue.popleft()
+            batch.append(piece)
+            size += len(piece)
+        self._busy = True
+        d = deferToThreadPool(self.surface.reactor, self.surface.pool, self._process, batch)
+        d.addBoth(self._processed, size)
+
+    def _processed(self, result: Any, size: int) -> None:
+        self._busy = False
+        self._queued -= size
+        if isinstance(result, Failure) and self.error is None:
+            log.failure("Upload worker failed", failure=result)
+            self.error = S3Error("InternalError", "We encountered an internal error. Please try again.")
+        if self._paused and self._queued < LOW_WATER:
+            self._paused = False
+            transport = getattr(getattr(self.request, "channel", None), "transport", None)
+            if transport is not None:
+                transport.resumeProducing()
+        self._kick()
+
+    def _process(self, batch: list) -> None:
+        """In a worker thread: decode, hash and write one batch."""
+        if self.error is not None or self.closed:
+            return
+        try:
+            if self.pending is None:
+                self.pending = self.surface.begin_write(self.target, self.checksum_algorithms, self.max_size)
+            for data in batch:
+                pieces = self.decoder.feed(data) if self.decoder is not None else (data,)
+                for piece in pieces:
+                    self.pending.write(piece)
+        except (ChunkedError, StorageError, InvalidKey, S3Error) as exc:
+            self.error = _from(exc)
+        except Exception as exc:  # disk full, permissions, …
+            log.failure("Upload write failed")
+            self.error = S3Error("InternalError", "We encountered an internal error. Please try again.")
+            self._exc = exc
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _after_idle(self, fn: Any) -> None:
+        d = defer.Deferred()
+        if not self._busy and not self._queue:
+            d.callback(None)
+        else:
+            self._waiters.append(d)
+        d.addCallback(lambda _: deferToThreadPool(self.surface.reactor, self.surface.pool, fn))
+        d.addErrback(lambda f: log.failure("Upload clean-up failed", failure=f))
+
+    def _abort_in_thread(self) -> None:
+        if self.pending is not None:
+            self.pending.abort()
+
+    async def finished(self) -> None:
+        """Wait for every byte to be written and the stream to end; raise ``S3Error`` if it failed."""
+        d = defer.Deferred()
+        if not self._busy and not self._queue:
+            d.callback(None)
+        else:
+            self._waiters.append(d)
+        await d
+        await deferToThreadPool(self.surface.reactor, self.surface.pool, self._end_in_thread)
+        if self.error is not None:
+            raise _from(self.error)
+
+    def _end_in_thread(self) -> None:
+        if self.error is not None:
+            return
+        try:
+            if self.pending is None:
+                self.pending = self.surface.begin_write(self.target, self.checksum_algorithms, self.max_size)
+            if self.decoder is not None:
+                self.decoder.finish()
+            self.pending.flush()
+        except (ChunkedError, StorageError, InvalidKey, S3Error) as exc:
+            self.error = _from(exc)
+
+    async def discard(self) -> None:
+        """Delete what was written (refused request)."""
+        if self._finalised:
+            return
+        self._finalised = True
+        d = defer.Deferred()
+        if not self._busy and not self._queue:
+            d.callback(None)
+        else:
+            self._waiters.append(d)
+        await d
+        await deferToThreadPool(self.surface.reactor, self.surface.pool, self._abort_in_thread)
+        if self.progress_token is not None:
+            self.surface.progress.finish(self.job_id, self.progress_token, failed=True)
+            self.progress_token = None
+
+    def committed(self, stored: int, object_completed: bool) -> None:
+        self._finalised = True
+        if self.progress_token is not None:
+            self.surface.progress.finish(self.job_id, self.progress_token, stored, object_completed)
+            self.progress_token = None
+
+
+def _header_items(headers: Any):
+    for name, values in headers.getAllRawHeaders():
+        for value in values:
+            yield name.decode("latin-1").lower(), value.decode("latin-1")
+
+
+class _S3Headers(Headers):
+    """Response headers that send ``x-amz-*`` names in lower case, as S3 does: clients keep the
+    case of user-metadata names (``x-amz-meta-step`` → ``{"step": …}``), and Twisted would
+    otherwise write ``X-Amz-Meta-Step``."""
+
+    def getAllRawHeaders(self):
+        for name, values in super().getAllRawHeaders():
+            if name[:6].lower() == b"x-amz-":
+                name = name.lower()
+            yield name, values
+
+
+class _PoolService(Service):
+    def __init__(self, pool: ThreadPool):
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return threads.deferToThread(self.pool.stop)
+
+
+@dataclass
+class Caller:
+    kind: str  # "job" | "operator"
+    credential: Any = None
+    claim: Optional[sigv4.AuthClaim] = None
+    signer: Optional[sigv4.ChunkSigner] = None
+    can_write: bool = False
+
+    def allowed(self, bucket: str, key: str) -> bool:
+        if self.kind == "operator":
+            return True
+        return bucket == self.credential.bucket and key_under_prefix(key, self.credential.prefix)
+
+
+def _xml_error(request: Any, err: S3Error, resource: str = "") -> Response:
+    body = s3_xml.error(err.code, err.message, getattr(request, "correlation_id", ""), resource, **err.extra)
+    return Response(body=body, status=err.status, headers={"x-amz-request-id": getattr(request, "correlation_id", "")},
+                    content_type="application/xml")
+
+
+# --------------------------------------------------------------------------- the surface
+
+
+class StorageSurface(Surface):
+    app = Klein()
+    prefixes = (PREFIX,)
+
+    def __init__(self, ctx: Any, buckets: Optional[dict] = None, max_put_bytes: int = MAX_PUT_BYTES,
+                 multipart_max_age: float = 7 * 86400.0, cleanup_interval: float = 3600.0):
+        super().__init__(ctx)
+        self.reactor = ctx.reactor
+        buckets = buckets or {credentials_store.UPLOAD_BUCKET: ctx.outputs_dir()}
+        self.engine = StorageEngine(buckets, created_at=ctx.clock.seconds())
+        self.max_put_bytes = max_put_bytes
+        self.multipart_max_age = multipart_max_age
+        self.pool = ThreadPool(minthreads=0, maxthreads=16, name="s3-io")
+        pool_service = _PoolService(self.pool)
+        pool_service.setName("s3-io-pool")
+        pool_service.setServiceParent(ctx.services)
+        self.progress = UploadProgress(ctx.clock)
+        ctx.upload_progress = self.progress
+        if getattr(ctx, "upload_credentials", None) is None or not isinstance(
+                ctx.upload_credentials, credentials_store.UploadCredentials):
+            credentials_store.install(ctx)
+        self._cleaned_at_start = False
+        ctx.add_timer("s3-multipart-cleanup", cleanup_interval, self.cleanup, now=True)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @property
+    def credentials(self) -> credentials_store.UploadCredentials:
+        return self.ctx.upload_credentials
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
+        return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
+
+    async def cleanup(self) -> None:
+        if not self._cleaned_at_start:
+            self._cleaned_at_start = True
+            await self.run(self.engine.startup_cleanup)
+        removed = await self.run(self.engine.cleanup_stale, self.ctx.clock.seconds(), self.multipart_max_age)
+        if removed:
+            log.info("Removed {count} stale multipart uploads", count=removed)
+
+    def job_for(self, target: Target) -> Optional[str]:
+        if target.bucket == credentials_store.UPLOAD_BUCKET and "/" in target.key:
+            return target.key.split("/", 1)[0]
+        return None
+
+    def begin_write(self, target: Target, algorithms: list, max_size: int):
+        """In a worker thread: open the temp file for an upload."""
+        if target.upload_id:
+            return self.engine.begin_part(target.bucket, target.key, target.upload_id, target.part_number or 0,
+                                          algorithms)
+        return self.engine.begin_put(target.bucket, target.key, algorithms, max_size)
+
+    @staticmethod
+    def split(raw_uri: bytes) -> tuple[str, str, str, str]:
+        """(raw path, raw query, bucket, key) from the request URI; the key is percent-decoded."""
+        raw = raw_uri.decode("latin-1")
+        raw_path, _, raw_query = raw.partition("?")
+        rest = raw_path[len(PREFIX):] if raw_path.startswith(PREFIX) else raw_path
+        rest = rest.lstrip("/")
+        bucket, _, key = rest.partition("/")
+        try:
+            bucket = unquote_to_bytes(bucket).decode("utf-8")
+            key = unquote_to_bytes(key).decode("utf-8")
+        except UnicodeDecodeError:
+            raise S3Error("InvalidURI", "Couldn't parse the specified URI.", 400) from None
+        return raw_path, raw_query, bucket, key
+
+    def body_policy(self, method: bytes, raw_path: bytes, headers: Any, match: Any) -> BodyPolicy:
+        def too_large(limit: int) -> tuple[bytes, bytes]:
+            return b"application/xml", s3_xml.error("EntityTooLarge",
+                                                    "Your proposed upload exceeds the maximum allowed size")
+
+        if method.upper() != b"PUT":
+            return BodyPolicy(max_bytes=SMALL_BODY, too_large=too_large)
+        try:
+            _, raw_query, bucket, key = self.split(raw_path)
+        except S3Error:
+            return BodyPolicy(max_bytes=SMALL_BODY, too_large=too_large)
+        if not key:
+            return BodyPolicy(max_bytes=SMALL_BODY, too_large=too_large)
+        query = dict(sigv4.parse_query(raw_query))
+        upload_id = query.get(b"uploadId")
+        target = Target(bucket, key)
+        error = None
+        if upload_id is not None:
+            target.upload_id = upload_id.decode("latin-1")
+            try:
+                target.part_number = int(query.get(b"partNumber", b"0"))
+            except ValueError:
+                error = S3Error("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive")
+        try:
+            validate_key(key)
+        except InvalidKey as exc:
+            error = S3Error(exc.code, exc.message)
+        if headers.getRawHeaders(b"x-amz-copy-source"):
+            error = S3Error("NotImplemented", "Copying objects is not supported by this endpoint", 400)
+        limit = (MAX_PART_SIZE if upload_id is not None else self.max_put_bytes) + CHUNK_OVERHEAD
+
+        def sink(request: Any, length: Optional[int]) -> UploadSink:
+            return UploadSink(self, request, length, target, error)
+
+        return BodyPolicy(max_bytes=limit, sink_factory=sink, too_large=too_large)
+
+    # -- authentication ------------------------------------------------------------------------
+
+    async def authenticate(self, request: Any, raw_path: str, raw_query: str) -> Caller:
+        principal = getattr(request, "principal", None)
+        if principal is not None:
+            if principal.role not in ("admin", "operator"):
+                raise S3Error("AccessDenied", "Access Denied")
+            return Caller("operator", can_write=principal.role == "admin")
+        headers = sigv4.headers_from_pairs(_header_items(request.requestHeaders))
+        claim = sigv4.parse_request_auth(request.method.decode("latin-1"), raw_path, raw_query, headers)
+        if claim is not None:
+            cred = await self.credentials.lookup(claim.access_key)
+            if cred is None:
+                self._denied(request, "unknown access key")
+                raise S3Error("InvalidAccessKeyId",
+                              "The AWS Access Key Id you provided does not exist in our records.",
+                              AWSAccessKeyId=claim.access_key)
+            now = self.ctx.clock.seconds()
+            if not cred.active(now) or not await self.credentials.check_job_active(cred):
+                self._denied(request, "revoked or expired credentials")
+                raise S3Error("InvalidAccessKeyId",
+                              "The AWS Access Key Id you provided does not exist in our records.",
+                              AWSAccessKeyId=claim.access_key)
+            try:
+                signer = sigv4.verify_claim(claim, cred.secret, now)
+            except sigv4.SignatureError:
+                self._denied(request, "bad signature")
+                raise
+            return Caller("job", credential=cred, claim=claim, signer=signer, can_write=True)
+        token = request.getHeader("x-upload-token") or request.getHeader("x-simpletuner-secret")
+        if token:
+            cred = await self.credentials.lookup_token(token.strip())
+            if cred is None or not cred.active(self.ctx.clock.seconds()) \
+                    or not await self.credentials.check_job_active(cred):
+                self._denied(request, "bad upload token")
+                raise S3Error("AccessDenied", "Access Denied")
+            return Caller("job", credential=cred, can_write=True)
+        raise S3Error("AccessDenied", "Access Denied")
+
+    def _denied(self, request: Any, reason: str) -> None:
+        audit = getattr(self.ctx, "audit", None)
+        record = getattr(audit, "record_soon", None) or getattr(audit, "record", None)
+        log.info("S3 request refused: {reason}", reason=reason, ip=getattr(request, "client_ip", ""))
+        if record is None:
+            return
+        try:
+            result = record("upload.denied", actor="anonymous", ip=getattr(request, "client_ip", ""),
+                            target=request.path.decode("latin-1", "replace")[:200], action="s3",
+                            details={"reason": reason})
+            if isinstance(result, defer.Deferred):
+                result.addErrback(lambda f: None)
+            elif hasattr(result, "__await__"):
+                defer.ensureDeferred(result).addErrback(lambda f: None)
+        except Exception:
+            log.failure("audit of a refused upload failed")
+
+    # -- routes --------------------------------------------------------------------------------
+
+    @route(app, PREFIX, methods=("GET", "HEAD"), access=PUBLIC)
+    async def list_buckets(self, request: Any) -> Any:
+        return await self._dispatch(request, self._list_buckets)
+
+    @route(app, PREFIX + "/", methods=("GET", "HEAD"), access=PUBLIC)
+    async def list_buckets_slash(self, request: Any) -> Any:
+        return await self._dispatch(request, self._list_buckets)
+
+    @route(app, PREFIX + "/<bucket>", methods=("GET", "HEAD"), access=PUBLIC)
+    async def bucket(self, request: Any, bucket: str) -> Any:
+        return await self._dispatch(request, self._bucket)
+
+    @route(app, PREFIX + "/<bucket>/", methods=("GET", "HEAD"), access=PUBLIC)
+    async def bucket_slash(self, request: Any, bucket: str) -> Any:
+        return await self._dispatch(request, self._bucket)
+
+    @route(app, PREFIX + "/<bucket>/<path:key>", methods=("GET", "HEAD", "PUT", "POST", "DELETE"), access=PUBLIC)
+    async def object(self, request: Any, bucket: str, key: str) -> Any:
+        return await self._dispatch(request, self._object)
+
+    async def _dispatch(self, request: Any, handler: Any) -> Any:
+        if not isinstance(request.responseHeaders, _S3Headers):
+            request.responseHeaders = _S3Headers(dict(request.responseHeaders.getAllRawHeaders()))
+        request.setHeader("x-amz-request-id", getattr(request, "correlation_id", ""))
+        resource = ""
+        try:
+            raw_path, raw_query, bucket, key = self.split(request.uri)
+            resource = f"/{bucket}/{key}" if key else (f"/{bucket}" if bucket else "/")
+            return await handler(request, raw_path, raw_query, bucket, key)
+        except Exception as exc:
+            content = getattr(request, "content", None)
+            if isinstance(content, UploadSink):
+                await content.discard()
+            try:
+                err = _from(exc)
+            except Exception:
+                log.failure("S3 request failed")
+                err = S3Error("InternalError", "We encountered an internal error. Please try again.")
+            if request.method == b"HEAD":
+                request.setResponseCode(err.status)
+                request.setHeader("x-amz-error-code", err.code)
+                return Response(body=b"", status=err.status)
+            return _xml_error(request, err, resource)
+
+    async def _list_buckets(self, request, raw_path, raw_query, bucket, key) -> Any:
+        caller = await self.authenticate(request, raw_path, raw_query)
+        buckets = self.engine.list_buckets()
+        if caller.kind == "job":
+            buckets = [b for b in buckets if b[0] == caller.credential.bucket]
+        return Response(body=s3_xml.list_buckets(buckets), content_type="application/xml")
+
+    async def _bucket(self, request, raw_path, raw_query, bucket, key) -> Any:
+        caller = await self.authenticate(request, raw_path, raw_query)
+        if bucket not in self.engine.buckets:
+            raise S3Error("NoSuchBucket", "The specified bucket does not exist", BucketName=bucket)
+        query = {n.decode("utf-8", "replace"): v.decode("utf-8", "replace") for n, v in sigv4.parse_query(raw_query)}
+        if request.method == b"HEAD":
+            if caller.kind == "job" and caller.credential.bucket != bucket:
+                raise S3Error("AccessDenied", "Access Denied")
+            return Response(body=b"", headers={"x-amz-bucket-region": "us-east-1"})
+        if "uploads" in query:
+            if caller.kind != "operator":
+                raise S3Error("AccessDenied", "Access Denied")
+            uploads = await self.run(self.engine.list_uploads, bucket)
+            return Response(body=s3_xml.list_uploads(bucket, uploads), content_type="application/xml")
+        if "location" in query:
+            return Response(body=s3_xml.HEADER + b'<LocationConstraint xmlns="%s"/>' % s3_xml.NS.encode(),
+                            content_type="application/xml")
+        prefix = query.get("prefix", "")
+        scope = None
+        if caller.kind == "job":
+            scope = caller.credential.prefix
+            # a job lists inside its prefix; "job-1" (no slash) is allowed and filtered to "job-1/"
+            if caller.credential.bucket != bucket or not (prefix.startswith(scope) or scope.startswith(prefix)
+                                                          and len(prefix) >= len(scope) - 1 and prefix):
+                raise S3Error("AccessDenied", "Access Denied")
+        delimiter = query.get("delimiter", "")
+        encoding = query.get("encoding-type", "")
+        if encoding and encoding != "url":
+            raise S3Error("InvalidArgument", "Invalid Encoding Method specified in Request")
+        try:
+            max_keys = int(query.get("max-keys", "1000"))
+        except ValueError:
+            raise S3Error("InvalidArgument", "Provided max-keys not an integer or within integer range") from None
+        if max_keys < 0:
+            raise S3Error("InvalidArgument", "max-keys must be non-negative")
+        max_keys = min(max_keys, 1000)
+        url = encoding == "url"
+        if query.get("list-type") == "2":
+            token = query.get("continuation-token")
+            start_after = query.get("start-after", "")
+            after = start_after
+            if token:
+                try:
+                    after = base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8")
+                except (ValueError, UnicodeDecodeError):
+                    raise S3Error("InvalidArgument", "The continuation token provided is incorrect") from None
+            page = await self.run(self.engine.list_objects, bucket, prefix, delimiter, after, max_keys)
+            _scope_page(page, scope)
+            next_token = None
+            if page["truncated"]:
+                next_token = base64.urlsafe_b64encode(page["next_marker"].encode("utf-8")).decode("ascii")
+            body = s3_xml.list_objects_v2(bucket, page, prefix, delimiter, max_keys, url, token, next_token,
+                                          start_after, fetch_owner=query.get("fetch-owner") == "true")
+        else:
+            marker = query.get("marker", "")
+            page = await self.run(self.engine.list_objects, bucket, prefix, delimiter, marker, max_keys)
+            _scope_page(page, scope)
+            body = s3_xml.list_objects_v1(bucket, page, prefix, delimiter, max_keys, url, marker)
+        return Response(body=body, content_type="application/xml")
+
+    async def _object(self, request, raw_path, raw_query, bucket, key) -> Any:
+        method = request.method.decode("latin-1").upper()
+        caller = await self.authenticate(request, raw_path, raw_query)
+        if bucket not in self.engine.buckets:
+            raise S3Error("NoSuchBucket", "The specified bucket does not exist", BucketName=bucket)
+        if not caller.allowed(bucket, key):
+            self._denied(request, "key outside the credential's prefix")
+            raise S3Error("AccessDenied", "Access Denied")
+        if method in ("PUT", "POST", "DELETE") and not caller.can_write:
+            raise S3Error("AccessDenied", "Access Denied")
+        query = {n.decode("utf-8", "replace"): v.decode("utf-8", "replace") for n, v in sigv4.parse_query(raw_query)}
+        try:
+            validate_key(key)
+        except InvalidKey as exc:
+            if method in ("GET", "HEAD"):
+                raise S3Error("NoSuchKey", "The specified key does not exist.", Key=key) from None
+            raise
+        if method == "PUT":
+            return await self._put(request, caller, bucket, key, query)
+        if method == "POST":
+            if "uploads" in query:
+                return await self._create_multipart(request, bucket, key)
+            if "uploadId" in query:
+                return await self._complete_multipart(request, caller, bucket, key, query["uploadId"])
+            raise S3Error("InvalidRequest", "This POST request is not supported")
+        if method == "DELETE":
+            if "uploadId" in query:
+                await self.run(self.engine.abort_multipart, bucket, key, query["uploadId"])
+            else:
+                await self.run(self.engine.delete, bucket, key)
+            return Response(body=b"", status=204)
+        if "uploadId" in query:
+            return await self._list_parts(request, bucket, key, query)
+        return await self._get(request, bucket, key)
+
+    # -- uploads -------------------------------------------------------------------------------
+
+    def _metadata(self, request: Any) -> dict:
+        meta = {}
+        for name, value in _header_items(request.requestHeaders):
+            if name.startswith("x-amz-meta-"):
+                meta[name[len("x-amz-meta-"):]] = value
+        return meta
+
+    async def _put(self, request: Any, caller: Caller, bucket: str, key: str, query: dict) -> Any:
+        sink = request.content
+        if not isinstance(sink, UploadSink):
+            raise S3Error("InvalidRequest", "The request body could not be read")
+        await sink.finished()
+        pending = sink.pending
+        headers = request.requestHeaders
+        claim = caller.claim
+        # signatures and hashes over the payload
+        if sink.decoder is not None and sink.decoder.recorded is not None and claim is not None \
+                and claim.payload_hash in (sigv4.STREAMING_SIGNED, sigv4.STREAMING_SIGNED_TRAILER):
+            if caller.signer is None:
+                raise S3Error("AccessDenied", "Streaming signed payloads need a SigV4 Authorization header")
+            sink.decoder.verify_recorded(caller.signer)
+        elif sink.decoder is not None and (claim is None or claim.payload_hash not in sigv4.STREAMING_PAYLOADS):
+            # aws-chunked without a streaming payload hash: only the unsigned trailer form is acceptable
+            if claim is not None and claim.payload_hash != sigv4.UNSIGNED_PAYLOAD:
+                raise S3Error("XAmzContentSHA256Mismatch",
+                              "The provided 'x-amz-content-sha256' header does not match what was computed.")
+        if claim is not None and len(claim.payload_hash) == 64 and sink.decoder is None:
+            if not hmac.compare_digest(claim.payload_hash.lower(), pending.sha256.hexdigest()):
+                raise S3Error("XAmzContentSHA256Mismatch",
+                              "The provided 'x-amz-content-sha256' header does not match what was computed.")
+        md5_header = request.getHeader("content-md5")
+        if md5_header is not None:
+            try:
+                given = base64.b64decode(md5_header.strip(), validate=True)
+            except ValueError:
+                raise S3Error("InvalidDigest", "The Content-MD5 you specified was invalid.") from None
+            if len(given) != 16:
+                raise S3Error("InvalidDigest", "The Content-MD5 you specified was invalid.")
+            if not hmac.compare_digest(given, pending.md5.digest()):
+                raise S3Error("BadDigest", "The Content-MD5 you specified did not match what we received.")
+        checksums = {}
+        for algorithm in sink.checksum_algorithms:
+            given = (headers.getRawHeaders(f"x-amz-checksum-{algorithm}") or [""])[0].strip()
+            computed = pending.checksum_b64(algorithm)
+            if not hmac.compare_digest(given.encode(), computed.encode()):
+                raise S3Error("BadDigest",
+                              f"The {algorithm.upper()} you specified did not match the calculated checksum.")
+            checksums[algorithm] = computed
+        if sink.decoder is not None:
+            for name, value in sink.decoder.trailers.items():
+                algorithm = s3_checksums.algorithm_from_header(name)
+                if algorithm:
+                    checksums[algorithm] = value
+        now = self.ctx.clock.seconds()
+        response_headers = {}
+        for algorithm, value in checksums.items():
+            response_headers[f"x-amz-checksum-{algorithm}"] = value
+        if sink.target.upload_id:
+            part = await self.run(self.engine.commit_part, bucket, key, sink.target.upload_id,
+                                  sink.target.part_number, pending, now, checksums)
+            sink.committed(part.size, object_completed=False)
+            response_headers["ETag"] = part.etag
+        else:
+            content_type = request.getHeader("content-type")
+            info = await self.run(self.engine.commit_put, bucket, key, pending, now, content_type,
+                                  self._metadata(request), checksums)
+            sink.committed(info.size, object_completed=True)
+            response_headers["ETag"] = info.etag
+        return Response(body=b"", headers=response_headers)
+
+    def _read_small_body(self, request: Any) -> bytes:
+        content = request.content
+        content.seek(0)
+        return content.read(SMALL_BODY + 1)
+
+    async def _create_multipart(self, request: Any, bucket: str, key: str) -> Any:
+        algorithm = request.getHeader("x-amz-checksum-algorithm")
+        upload_id = await self.run(self.engine.create_multipart, bucket, key, self.ctx.clock.seconds(),
+                                   request.getHeader("content-type"), self._metadata(request),
+                                   algorithm.lower() if algorithm else None)
+        headers = {}
+        if algorithm:
+            headers["x-amz-checksum-algorithm"] = algorithm
+        return Response(body=s3_xml.initiate_multipart(bucket, key, upload_id), headers=headers,
+                        content_type="application/xml")
+
+    async def _complete_multipart(self, request: Any, caller: Caller, bucket: str, key: str, upload_id: str) -> Any:
+        body = self._read_small_body(request)
+        claim = caller.claim
+        if claim is not None and len(claim.payload_hash) == 64:
+            if not hmac.compare_digest(claim.payload_hash.lower(), hashlib.sha256(body).hexdigest()):
+                raise S3Error("XAmzContentSHA256Mismatch",
+                              "The provided 'x-amz-content-sha256' header does not match what was computed.")
+        try:
+            parts = s3_xml.parse_complete_multipart(body)
+        except s3_xml.MalformedXML:
+            raise S3Error("MalformedXML", "The XML you provided was not well-formed or did not validate "
+                          "against our published schema.") from None
+        info = await self.run(self.engine.complete_multipart, bucket, key, upload_id,
+                              [(n, etag) for n, etag, _ in parts], self.ctx.clock.seconds())
+        job_id = self.job_for(Target(bucket, key))
+        if job_id:
+            self.progress.complete_object(job_id)
+        location = f"{PREFIX}/{bucket}/{key}"
+        return Response(body=s3_xml.complete_multipart(location, bucket, key, info.etag),
+                        content_type="application/xml")
+
+    async def _list_parts(self, request: Any, bucket: str, key: str, query: dict) -> Any:
+        upload, parts = await self.run(self.engine.list_parts, bucket, key, query["uploadId"])
+        try:
+            marker = int(query.get("part-number-marker", "0") or 0)
+            max_parts = min(int(query.get("max-parts", "1000") or 1000), 1000)
+        except ValueError:
+            raise S3Error("InvalidArgument", "part-number-marker and max-parts must be integers") from None
+        remaining = [p for p in parts if p.part_number > marker]
+        page = remaining[:max_parts]
+        truncated = len(remaining) > max_parts
+        next_marker = page[-1].part_number if page else marker
+        return Response(body=s3_xml.list_parts(bucket, key, query["uploadId"], page, max_parts, marker, truncated,
+                                               next_marker), content_type="application/xml")
+
+    # -- downloads -----------------------------------------------------------------------------
+
+    async def _get(self, request: Any, bucket: str, key: str) -> Any:
+        fh, info = await self.run(self.engine.open_read, bucket, key)
+        try:
+            return await self._send(request, fh, info)
+        finally:
+            await self.run(fh.close)
+
+    async def _send(self, request: Any, fh: Any, info: Any) -> Any:
+        headers = {
+            "ETag": info.etag,
+            "Last-Modified": s3_xml.http_date(info.last_modified),
+            "Accept-Ranges": "bytes",
+            "Content-Type": info.content_type or "binary/octet-stream",
+        }
+        for name, value in info.metadata.items():
+            headers[f"x-amz-meta-{name}"] = value
+        if info.parts:
+            headers["x-amz-mp-parts-count"] = str(info.parts)
+        status = self._conditional(request, info)
+        if status is not None:
+            if status == 304:
+                for name, value in headers.items():
+                    request.setHeader(name, value)
+                request.setResponseCode(304)
+                return Response(body=b"", status=304, headers={"ETag": info.etag})
+            raise S3Error("PreconditionFailed", "At least one of the pre-conditions you specified did not hold",
+                          Condition="If-Match")
+        start, end = 0, info.size - 1
+        range_header = request.getHeader("range")
+        code = 200
+        if range_header and info.size >= 0:
+            parsed = _parse_range(range_header, info.size)
+            if parsed == "invalid":
+                request.setHeader("Content-Range", f"bytes */{info.size}")
+                raise S3Error("InvalidRange", "The requested range is not satisfiable", RangeRequested=range_header,
+                              ActualObjectSize=info.size)
+            if parsed is not None:
+                start, end = parsed
+                code = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{info.size}"
+        length = max(0, end - start + 1)
+        request.setResponseCode(code)
+        for name, value in headers.items():
+            request.setHeader(name, value)
+        request.setHeader("Content-Length", str(length))
+        if request.method == b"HEAD" or length == 0:
+            if not request.finished:
+                request.finish()
+            return NOT_DONE_YET
+        await self._stream(request, fh, start, length)
+        return NOT_DONE_YET
+
+    def _conditional(self, request: Any, info: Any) -> Optional[int]:
+        etag = info.etag.strip('"')
+        if_match = request.getHeader("if-match")
+        if if_match is not None:
+            tags = [t.strip().strip('"') for t in if_match.split(",")]
+            if "*" not in tags and etag not in tags:
+                return 412
+        if_none = request.getHeader("if-none-match")
+        if if_none is not None:
+            tags = [t.strip().strip('"') for t in if_none.split(",")]
+            if "*" in tags or etag in tags:
+                return 304
+        if_unmodified = request.getHeader("if-unmodified-since")
+        if if_unmodified is not None and if_match is None:
+            when = sigv4.parse_http_date(if_unmodified)
+            if when is not None and int(info.last_modified) > when:
+                return 412
+        if_modified = request.getHeader("if-modified-since")
+        if if_modified is not None and if_none is None:
+            when = sigv4.parse_http_date(if_modified)
+            if when is not None and int(info.last_modified) <= when:
+                return 304
+        return None
+
+    async def _stream(self, request: Any, fh: Any, start: int, length: int) -> None:
+        producer = _Producer()
+        request.registerProducer(producer, True)
+        finished = request.notifyFinish()
+        gone = []
+        finished.addErrback(lambda f: gone.append(True))
+
+        def read(offset: int, size: int) -> bytes:
+            fh.seek(offset)
+            return fh.read(size)
+
+        offset, remaining = start, length
+        try:
+            while remaining > 0 and not gone:
+                data = await self.run(read, offset, min(READ_CHUNK, remaining))
+                if not data:
+                    break
+                if gone:
+                    break
+                request.write(data)
+                offset += len(data)
+                remaining -= len(data)
+                await producer.wait()
+        finally:
+            if not gone:
+                request.unregisterProducer()
+                if remaining > 0:
+                    # the file shrank under us: cut the connection rather than send a short body
+                    request.channel.transport.loseConnection() if request.channel else None
+                elif not request.finished:
+                    request.finish()
+
+
+class _Producer:
+    """Push-producer shim: the transport pauses/resumes us; ``wait`` blocks while paused."""
+
+    def __init__(self) -> None:
+        self._paused: Optional[defer.Deferred] = None
+
+    def pauseProducing(self) -> None:
+        if self._paused is None:
+            self._paused = defer.Deferred()
+
+    def resumeProducing(self) -> None:
+        d, self._paused = self._paused, None
+        if d is not None:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    async def wait(self) -> None:
+        if self._paused is not None:
+            await self._paused
+
+
+def _scope_page(page: dict, scope: Optional[str]) -> None:
+    """Drop entries outside a job's prefix (a listing of ``job-1`` must not show ``job-10/``)."""
+    if scope is None:
+        return
+    page["contents"] = [o for o in page["contents"] if o.key.startswith(scope)]
+    page["prefixes"] = [p for p in page["prefixes"] if p.startswith(scope) or scope.startswith(p)]
+
+
+def _parse_range(value: str, size: int):
+    """``(start, end)`` inclusive, ``None`` to ignore the header, or ``"invalid"`` (416)."""
+    value = value.strip()
+    if not value.startswith("bytes="):
+        return None
+    spec = value[len("bytes="):]
+    if "," in spec:
+        return None  # several ranges: S3 answers the whole object
+    first, sep, last = spec.partition("-")
+    if not sep:
+        return None
+    try:
+        if first.strip() == "":
+            suffix = int(last)
+            if suffix <= 0:
+                return "invalid"
+            if size == 0:
+                return "invalid"
+            return max(0, size - suffix), size - 1
+        start = int(first)
+        end = int(last) if last.strip() else size - 1
+    except ValueError:
+        return None
+    if start < 0 or end < start:
+        return None
+    if start >= size:
+        return "invalid"
+    return start, min(end, size - 1)

@@ -1,0 +1,157 @@
+"""boto3 (default configuration, new checksum behaviour on) against the daemon over HTTP and HTTPS."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+
+import boto3
+import pytest
+import pytest_twisted
+import trustme
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
+from twisted.internet.threads import deferToThread
+
+MIB = 1024 * 1024
+
+
+def _client(daemon, access_key, secret, verify=None):
+    return boto3.client(
+        "s3", endpoint_url=daemon.url + "/api/cloud/storage", aws_access_key_id=access_key,
+        aws_secret_access_key=secret, region_name="us-east-1", verify=verify,
+    )
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(MIB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    base = tmp_path_factory.mktemp("tls")
+    cert_path, key_path, ca_path = base / "cert.pem", base / "key.pem", base / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    for extra in cert.cert_chain_pems[1:]:
+        with open(cert_path, "ab") as fh:
+            fh.write(extra.bytes())
+    cert.private_key_pem.write_to_path(str(key_path))
+    ca.cert_pem.write_to_path(str(ca_path))
+    return {"cert": str(cert_path), "key": str(key_path), "ca": str(ca_path)}
+
+
+async def _start(make_daemon, tls, scheme):
+    settings = None
+    if scheme == "https":
+        settings = {"server": {"ssl_cert": tls["cert"], "ssl_key": tls["key"]}}
+    daemon = await make_daemon(settings=settings)
+    access_key, secret = await daemon.ctx.upload_credentials.issue("job-1")
+    client = _client(daemon, access_key, secret, verify=tls["ca"] if scheme == "https" else None)
+    return daemon, client, access_key, secret
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest_twisted.ensureDeferred
+async def test_boto3_put_get_head_list_delete_round_trip(make_daemon, tls, tmp_path, scheme):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, scheme)
+    data = os.urandom(300_000)
+    put = await deferToThread(client.put_object, Bucket="outputs", Key="job-1/dir/a b+c.bin", Body=data,
+                              ContentType="application/x-test", Metadata={"step": "100"})
+    assert put["ETag"] == '"%s"' % hashlib.md5(data).hexdigest()
+    on_disk = os.path.join(daemon.ctx.outputs_dir(), "job-1", "dir", "a b+c.bin")
+    with open(on_disk, "rb") as fh:
+        assert _sha(fh.read()) == _sha(data)
+
+    got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/dir/a b+c.bin")
+    body = await deferToThread(got["Body"].read)
+    assert _sha(body) == _sha(data)
+    assert got["ContentType"] == "application/x-test" and got["Metadata"] == {"step": "100"}
+
+    ranged = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/dir/a b+c.bin",
+                                 Range="bytes=1000-1999")
+    assert await deferToThread(ranged["Body"].read) == data[1000:2000]
+    assert ranged["ContentRange"] == f"bytes 1000-1999/{len(data)}"
+
+    head = await deferToThread(client.head_object, Bucket="outputs", Key="job-1/dir/a b+c.bin")
+    assert head["ContentLength"] == len(data) and head["ETag"] == put["ETag"]
+
+    for index in range(5):
+        await deferToThread(client.put_object, Bucket="outputs", Key=f"job-1/many/{index:02d}.txt",
+                            Body=str(index).encode())
+    paginator = client.get_paginator("list_objects_v2")
+
+    def list_all(**kw):
+        keys, prefixes = [], []
+        for page in paginator.paginate(Bucket="outputs", PaginationConfig={"PageSize": 2}, **kw):
+            keys += [o["Key"] for o in page.get("Contents", [])]
+            prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        return keys, prefixes
+
+    keys, _ = await deferToThread(list_all, Prefix="job-1/")
+    assert keys == ["job-1/dir/a b+c.bin"] + [f"job-1/many/{i:02d}.txt" for i in range(5)]
+    _, prefixes = await deferToThread(list_all, Prefix="job-1/", Delimiter="/")
+    assert prefixes == ["job-1/dir/", "job-1/many/"]
+
+    await deferToThread(client.delete_object, Bucket="outputs", Key="job-1/many/00.txt")
+    with pytest.raises(ClientError) as err:
+        await deferToThread(client.head_object, Bucket="outputs", Key="job-1/many/00.txt")
+    assert err.value.response["Error"]["Code"] in ("404", "NoSuchKey")
+    with pytest.raises(ClientError) as err:
+        await deferToThread(client.get_object, Bucket="outputs", Key="job-1/many/00.txt")
+    assert err.value.response["Error"]["Code"] == "NoSuchKey"
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest_twisted.ensureDeferred
+async def test_boto3_multipart_upload_file_and_download_file(make_daemon, tls, tmp_path, scheme):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, scheme)
+    source = tmp_path / "big.bin"
+    with open(source, "wb") as fh:
+        for _ in range(41):
+            fh.write(os.urandom(MIB))
+    await deferToThread(client.upload_file, str(source), "outputs", "job-1/checkpoints/big.bin")
+    head = await deferToThread(client.head_object, Bucket="outputs", Key="job-1/checkpoints/big.bin")
+    assert head["ContentLength"] == 41 * MIB
+    assert head["ETag"].endswith('-6"')  # 8 MiB parts: a multipart ETag
+    target = tmp_path / "back.bin"
+    await deferToThread(client.download_file, "outputs", "job-1/checkpoints/big.bin", str(target))
+    assert _file_sha(target) == _file_sha(source)
+    assert daemon.ctx.upload_progress("job-1")["objects_completed"] == 1
+    assert daemon.ctx.upload_progress("job-1")["bytes_received"] >= 41 * MIB
+
+
+@pytest_twisted.ensureDeferred
+async def test_presigned_urls_fetched_with_a_plain_http_client(make_daemon, tls):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, "http")
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/p.txt", Body=b"presigned body")
+    url = client.generate_presigned_url("get_object", Params={"Bucket": "outputs", "Key": "job-1/p.txt"},
+                                        ExpiresIn=300)
+
+    def fetch(u):
+        with urllib.request.urlopen(u) as resp:
+            return resp.read()
+
+    assert await deferToThread(fetch, url) == b"presigned body"
+    v4 = _client(daemon, access_key, secret)
+    v4 = boto3.client("s3", endpoint_url=daemon.url + "/api/cloud/storage", aws_access_key_id=access_key,
+                      aws_secret_access_key=secret, region_name="us-east-1",
+                      config=BotoConfig(signature_version="s3v4"))
+    url4 = v4.generate_presigned_url("get_object", Params={"Bucket": "outputs", "Key": "job-1/p.txt"},
+                                     ExpiresIn=300)
+    assert "X-Amz-Signature" in url4
+    assert await deferToThread(fetch, url4) == b"presigned body"
+    tampered = url4.replace("p.txt", "q.txt")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        await deferToThread(fetch, tampered)
+    assert err.value.code == 403
