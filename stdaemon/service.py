@@ -58,6 +58,9 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.providers import ProvidersSurface
 
     surfaces += [ProvidersSurface(ctx), JobsSurface(ctx)]  # /api/cloud/providers*, /api/cloud/jobs*
+    from stdaemon.http.storage import StorageSurface
+
+    surfaces.append(StorageSurface(ctx))  # /api/cloud/storage (S3); ctx.upload_credentials, ctx.upload_progress
     return surfaces
 
 
