@@ -265,3 +265,38 @@ def test_make_rate_limiting_picks_the_configured_backend(tmp_path, clock):
                                              fail_open=False), clock)
     assert isinstance(lim.backend, RedisBackend) and not lim.fail_open
     assert lim.backend.settings["db"] == 2
+
+
+CHILD = """
+import sys
+from stdaemon.ratelimit import SQLiteBackend
+backend = SQLiteBackend(sys.argv[1], clock=None, reactor=object())
+now = float(sys.argv[2])
+# the key limiter "x" of the parent uses for "k"
+print(''.join('1' if backend._decide('limiter.x:k', 10, 60, now, True).allowed else '0'
+              for _ in range(int(sys.argv[3]))))
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_window_is_shared_with_another_process(tmp_path, clock):
+    import sys
+
+    from twisted.internet import reactor
+    from twisted.internet.utils import getProcessOutput
+
+    clock.advance(1000)
+    path = str(tmp_path / "shared.db")
+    limiting = RateLimiting(SQLiteBackend(path, clock, reactor), clock, timeout=30)
+    limiting.startService()
+    try:
+        limiter = limiting.get_rate_limiter(10, 60, "x")
+        assert [await limiter.check("k") for _ in range(4)] == [True] * 4
+        # another process takes from the same window
+        out = await getProcessOutput(
+            sys.executable, ["-c", CHILD, path, "1000.5", "9"],
+            env={"PYTHONPATH": os.getcwd()}, reactor=reactor)
+        assert out.decode().strip() == "1" * 6 + "0" * 3
+        assert not await limiter.check("k")
+    finally:
+        await limiting.stopService()
