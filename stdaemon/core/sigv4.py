@@ -409,8 +409,12 @@ def parse_request_auth(
 # --------------------------------------------------------------------------- verification
 
 
-def v2_string_to_sign(claim: AuthClaim, date_or_expires: str) -> str:
-    """The Signature V2 string to sign (header form uses Date, query form uses Expires)."""
+def v2_string_to_sign(claim: AuthClaim, date_or_expires: str, resource_path: str | None = None) -> str:
+    """The Signature V2 string to sign (header form uses Date, query form uses Expires).
+
+    ``resource_path`` overrides the path of the canonical resource: botocore signs
+    ``/<bucket>/<key>`` without the endpoint's own path prefix.
+    """
     query = parse_query(claim.raw_query)
     query_values = {n.decode("utf-8", "replace"): v.decode("utf-8", "replace") for n, v in query}
     query_form = claim.kind == "v2-query"
@@ -433,7 +437,7 @@ def v2_string_to_sign(claim: AuthClaim, date_or_expires: str) -> str:
         date_or_expires = ""
     lines = [claim.method, standard("content-md5"), standard("content-type"), date_or_expires]
     lines.extend(f"{name}:{','.join(amz[name])}" for name in sorted(amz))
-    resource = claim.raw_path or "/"
+    resource = resource_path if resource_path is not None else (claim.raw_path or "/")
     subresources = []
     for item in claim.raw_query.split("&") if claim.raw_query else []:
         name, sep, value = item.partition("=")
@@ -455,7 +459,8 @@ def _compare(expected: str, given: str) -> bool:
     return hmac.compare_digest(expected.encode("utf-8", "replace"), given.encode("utf-8", "replace"))
 
 
-def verify_claim(claim: AuthClaim, secret: str, now: float, max_skew: float = MAX_SKEW_SECONDS) -> ChunkSigner | None:
+def verify_claim(claim: AuthClaim, secret: str, now: float, max_skew: float = MAX_SKEW_SECONDS,
+                 path_prefix: str = "") -> ChunkSigner | None:
     """Check ``claim`` with the key's ``secret`` at time ``now``.
 
     Returns the :class:`ChunkSigner` for a signed streaming body (``None`` otherwise). Raises
@@ -498,7 +503,7 @@ def verify_claim(claim: AuthClaim, secret: str, now: float, max_skew: float = MA
     if claim.kind == "v2-query":
         if now > claim.expires:
             raise SignatureError("AccessDenied", "Request has expired")
-        text = v2_string_to_sign(claim, str(claim.expires))
+        date_text = str(claim.expires)
     elif claim.kind == "v2-header":
         date_text = _first(claim.headers, "x-amz-date") or _first(claim.headers, "date") or ""
         signed_at = parse_http_date(date_text)
@@ -508,10 +513,19 @@ def verify_claim(claim: AuthClaim, secret: str, now: float, max_skew: float = MA
             raise SignatureError(
                 "RequestTimeTooSkewed", "The difference between the request time and the current time is too large."
             )
-        text = v2_string_to_sign(claim, _first(claim.headers, "date") or "")
+        date_text = _first(claim.headers, "date") or ""
     else:  # pragma: no cover - parse_request_auth never builds another kind
         raise SignatureError("AccessDenied", "unsupported authentication")
-    if not _compare(_v2_signature(secret, text), claim.signature):
+    # The canonical resource is the path as signed: with an endpoint under a path prefix,
+    # botocore signs "/<bucket>/<key>" (the prefix stripped); other clients sign the full path.
+    candidates = [None]
+    if path_prefix and claim.raw_path.startswith(path_prefix + "/"):
+        candidates.insert(0, claim.raw_path[len(path_prefix):])
+    matched = False
+    for resource in candidates:
+        if _compare(_v2_signature(secret, v2_string_to_sign(claim, date_text, resource)), claim.signature):
+            matched = True
+    if not matched:
         raise SignatureError(
             "SignatureDoesNotMatch",
             "The request signature we calculated does not match the signature you provided. "

@@ -538,7 +538,7 @@ class StorageSurface(Surface):
                               "The AWS Access Key Id you provided does not exist in our records.",
                               AWSAccessKeyId=claim.access_key)
             try:
-                signer = sigv4.verify_claim(claim, cred.secret, now)
+                signer = sigv4.verify_claim(claim, cred.secret, now, path_prefix=PREFIX)
             except sigv4.SignatureError:
                 self._denied(request, "bad signature")
                 raise
