@@ -33,14 +33,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=os.environ.get("STDAEMON_CONFIG"),
                         help="the daemon's config file (YAML or INI)")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    # The same two options are accepted after the command too (``list-backups --json``).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("backup", help="take an online backup now")
+    b = sub.add_parser("backup", parents=[common], help="take an online backup now")
     b.add_argument("--path", help="write here instead of <backup dir>/jobs_backup_YYYYMMDD_HHMMSS.db")
     b.add_argument("--compress", action="store_true", help="gzip the backup")
-    r = sub.add_parser("restore", help="restore a backup over the live database")
+    r = sub.add_parser("restore", parents=[common], help="restore a backup over the live database")
     r.add_argument("source", help="a backup path, or a file name in the backup directory")
-    sub.add_parser("list-backups", help="backups, newest first")
-    sub.add_parser("db-info", help="database facts: size, jobs, WAL, schema version")
+    sub.add_parser("list-backups", parents=[common], help="backups, newest first")
+    sub.add_parser("db-info", parents=[common], help="database facts: size, jobs, WAL, schema version")
     return parser
 
 

@@ -65,6 +65,9 @@ async def test_cli_backup_list_info_and_restore_next_to_the_running_daemon(daemo
     code, out, err = await run_cli(daemon, "--json", "list-backups")
     assert code == 0, err
     assert [b["name"] for b in json.loads(out)["backups"]] == [entry["name"]]
+    code, out2, err = await run_cli(daemon, "list-backups", "--json")  # either order
+    assert code == 0, err
+    assert json.loads(out2) == json.loads(out)
 
     code, out, err = await run_cli(daemon, "list-backups")
     assert code == 0 and entry["name"] in out
