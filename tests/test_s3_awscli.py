@@ -1,0 +1,95 @@
+"""The AWS CLI (``aws s3 cp/ls/sync --endpoint-url``) against the daemon over HTTP and HTTPS."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+import pytest
+import pytest_twisted
+from twisted.internet.utils import getProcessOutputAndValue
+
+from tests.services import require_binary
+from tests.test_s3_boto3 import tls  # noqa: F401  (fixture)
+
+MIB = 1024 * 1024
+
+
+def _aws_binary() -> str:
+    candidate = os.path.join(os.path.dirname(sys.executable), "aws")
+    if os.path.exists(candidate):
+        return candidate
+    return require_binary("aws")
+
+
+def _sha_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(MIB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def _aws(args, env):
+    out, err, code = await getProcessOutputAndValue(_aws_binary(), args, env=env)
+    return out.decode(), err.decode(), code
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest_twisted.ensureDeferred
+async def test_aws_cli_cp_ls_sync_round_trip(make_daemon, tls, tmp_path, scheme):  # noqa: F811
+    settings = {"server": {"ssl_cert": tls["cert"], "ssl_key": tls["key"]}} if scheme == "https" else None
+    daemon = await make_daemon(settings=settings)
+    access_key, secret = await daemon.ctx.upload_credentials.issue("job-7")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        "HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(home / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    if scheme == "https":
+        env["AWS_CA_BUNDLE"] = tls["ca"]
+    endpoint = ["--endpoint-url", daemon.url + "/api/cloud/storage"]
+
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as fh:
+        for _ in range(20):
+            fh.write(os.urandom(MIB))
+    out, err, code = await _aws(["s3", "cp", str(big), "s3://outputs/job-7/big.bin", *endpoint], env)
+    assert code == 0, err
+
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_bytes(b"alpha")
+    (tree / "sub" / "b.bin").write_bytes(os.urandom(70_000))
+    (tree / "sub" / "space name.txt").write_bytes(b"spaces")
+    out, err, code = await _aws(["s3", "sync", str(tree), "s3://outputs/job-7/tree/", *endpoint], env)
+    assert code == 0, err
+
+    out, err, code = await _aws(["s3", "ls", "--recursive", "s3://outputs/job-7/", *endpoint], env)
+    assert code == 0, err
+    listed = sorted(line.split(None, 3)[3] for line in out.splitlines() if line.strip())
+    assert listed == ["job-7/big.bin", "job-7/tree/a.txt", "job-7/tree/sub/b.bin", "job-7/tree/sub/space name.txt"]
+    out, err, code = await _aws(["s3", "ls", "s3://outputs/job-7/", *endpoint], env)
+    assert code == 0 and "PRE tree/" in out, err
+
+    back = tmp_path / "back.bin"
+    out, err, code = await _aws(["s3", "cp", "s3://outputs/job-7/big.bin", str(back), *endpoint], env)
+    assert code == 0, err
+    assert _sha_file(back) == _sha_file(big)
+    copy = tmp_path / "copy"
+    out, err, code = await _aws(["s3", "sync", "s3://outputs/job-7/tree/", str(copy), *endpoint], env)
+    assert code == 0, err
+    for rel in ("a.txt", "sub/b.bin", "sub/space name.txt"):
+        assert _sha_file(copy / rel) == _sha_file(tree / rel)
+    # a second sync has nothing to do
+    out, err, code = await _aws(["s3", "sync", str(tree), "s3://outputs/job-7/tree/", *endpoint], env)
+    assert code == 0 and "upload:" not in out
+
+    # outside the job's prefix: refused, nothing written
+    out, err, code = await _aws(["s3", "cp", str(tree / "a.txt"), "s3://outputs/job-8/a.txt", *endpoint], env)
+    assert code != 0 and "AccessDenied" in err
+    assert not os.path.exists(os.path.join(daemon.ctx.outputs_dir(), "job-8"))
