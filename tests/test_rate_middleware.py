@@ -279,3 +279,23 @@ async def test_ipv6_clients_count_per_64(make_daemon, probed):
     assert codes == [200] * 5 + [429] * 2
     other = {"X-Forwarded-For": "2001:db8:7:8::1"}
     assert (await call(daemon, "POST", "/api/auth/login", other))[0].code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_audited_text_is_bounded_and_printable(make_daemon, probed):
+    clock = Clock()
+    clock.advance(T0)
+    daemon = await make_daemon(limited(calls=1), clock=clock)
+    audit = daemon.ctx.audit = FakeAudit()
+    agent = "\x1b[31mevil" + "x" * 5000
+    for _ in range(2):
+        await call(daemon, "GET", "/api/probe/other", {"User-Agent": agent})
+    assert audit.entries[-1]["details"]["user_agent"] == "?[31mevil" + "x" * 247
+    clock.advance(61)  # past the per-client sampling interval
+    codes = [(await call(daemon, "GET", "/api/cloud/storage/a%0Ab%1B"))[0].code
+             for _ in range(51)]
+    # the storage rule (50), newline or not; whichever surface answers the first 50
+    assert 429 not in codes[:50] and codes[50] == 429
+    assert len(audit.entries) == 2
+    assert audit.entries[-1]["details"]["endpoint"] == "/api/cloud/storage/a?b?"
+    assert audit.entries[-1]["target"] == "/api/cloud/storage/a?b?"

@@ -71,6 +71,11 @@ def test_normalisation_defeats_rule_dodging(raw):
     assert RULES.match("POST", normalize_path(raw)).name == "login"
 
 
+def test_decoded_newlines_do_not_fall_through_to_a_looser_rule():
+    assert RULES.match("PUT", normalize_path("/api/cloud/storage/a%0Ab")).name == "storage"
+    assert RULES.match("GET", normalize_path("/api/quotas/%0A")).name == "quotas"
+
+
 def test_dot_segments_cannot_escape_root():
     assert normalize_path("/../../etc/passwd") == "/etc/passwd"
     assert normalize_path("") == "/"

@@ -73,7 +73,9 @@ class RateRule:
     regex: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "regex", re.compile(self.pattern))
+        # DOTALL: a decoded newline in a path must not make ``.*`` stop short
+        # and let the request fall through to a looser rule.
+        object.__setattr__(self, "regex", re.compile(self.pattern, re.DOTALL))
 
     def matches(self, method: str, path: str) -> bool:
         if self.methods is not None and method not in self.methods:

@@ -64,6 +64,11 @@ _MAX_UA = 256
 _MAX_ENDPOINT = 512
 
 
+def _printable(text: str, limit: int) -> str:
+    """Client-supplied text for logs and the audit log: bounded, no control characters."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 class RateLimitMiddleware:
     def __init__(self, ctx: Any, limiting: RateLimiting, rules: RuleSet,
                  exempt_loopback: bool = True, sampler: Optional[SampledCounter] = None):
@@ -126,8 +131,8 @@ class RateLimitMiddleware:
         record, suppressed = self.sampler.record(client, now)
         if not record:
             return
-        user_agent = (request.getHeader("user-agent") or "")[:_MAX_UA]
-        endpoint = path[:_MAX_ENDPOINT]
+        user_agent = _printable(request.getHeader("user-agent") or "", _MAX_UA)
+        endpoint = _printable(path, _MAX_ENDPOINT)
         log.warning("Rate limit exceeded by {ip}: {method} {endpoint} (rule {rule})",
                     ip=ip, method=method, endpoint=endpoint, rule=rule, suppressed=suppressed)
         audit = getattr(self.ctx, "audit", None)
