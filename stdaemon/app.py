@@ -46,6 +46,9 @@ class App:
         self.http_clients: Any = None
         self.rate_limiter: Any = None
         self.timer_failures: dict[str, int] = {}
+        # Called when the daemon starts draining (after it stops listening):
+        # end long-lived responses such as SSE streams.
+        self.drain_hooks: list[Callable[[], None]] = []
 
     @property
     def state_dir(self) -> str:

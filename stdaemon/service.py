@@ -54,6 +54,11 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.users import UsersSurface
 
     surfaces += [AuthSurface(ctx), UsersSurface(ctx)]  # /api/auth/*, /api/users*
+    from stdaemon.http.approvals import ApprovalsSurface
+    from stdaemon.http.events import EventsSurface
+    from stdaemon.http.quotas import QuotasSurface
+
+    surfaces += [ApprovalsSurface(ctx), QuotasSurface(ctx), EventsSurface(ctx)]  # /api/approvals*, /api/quotas*, /api/events/stream
     from stdaemon.http.jobs import JobsSurface
     from stdaemon.http.providers import ProvidersSurface
 
@@ -85,11 +90,16 @@ def wire_capabilities(ctx: App, root: Root) -> None:
 
     providers.install(ctx)  # ctx.providers, ctx.http_clients, ctx.breakers; circuit_breaker:/provider: health
     jobs.install(ctx)  # ctx.jobs (apply_prediction/apply_status for webhooks); "jobs.poll" timer
+    from stdaemon import approvals, events
+
+    events.install(ctx)  # ctx.events: publish(job_dict) → SSE streams; closed by ctx.drain_hooks
+    approvals.install(ctx)  # ctx.approvals (evaluate/hold/set_handlers), ctx.quotas (check); "approval-expiry" timer; a ctx.jobs submission check
 
 
 async def start_capabilities(ctx: App) -> None:
     """Start-up work that needs the open database (runs before ``ready``)."""
     await ctx.providers.load()  # provider settings saved through the API
+    await ctx.approvals.load()  # approval request counts for metrics
 
 
 def listen_descriptions(config: Config) -> list[str]:
@@ -223,6 +233,8 @@ class StdaemonService(MultiService):
         log.info("Stopping: no new connections, finishing {n} in-flight request(s)", n=self.inflight)
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
+        for hook in list(ctx.drain_hooks):  # end long-lived responses (SSE) so requests drain
+            hook()
         if self.inflight:
             idle: defer.Deferred = defer.Deferred()
             self._idle.append(idle)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 from twisted.application.service import Service
@@ -68,8 +69,10 @@ async def record_audit(ctx: Any, event_type: str, request: Any = None, *,
         actor = principal.actor if principal is not None else "anonymous"
     ip = getattr(request, "client_ip", None) if request is not None else None
     try:
-        await audit.record(event_type, actor=actor or "system", ip=ip, target=target,
-                           action=action, details=details or {})
+        result = audit.record(event_type, actor=actor or "system", ip=ip, target=target,
+                              action=action, details=details or {})
+        if inspect.isawaitable(result):
+            await result
     except Exception:
         log.failure("Could not write audit entry {event_type}", event_type=event_type)
 

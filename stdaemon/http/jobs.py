@@ -90,11 +90,13 @@ class JobService:
             "poll_runs": 0,
             "poll_errors": 0,
         }
-        # Extra submission checks (quotas, approval rules): async
-        # fn(principal, provider, estimate_usd, body) -> {"block": str|None,
-        # "warnings": [str], "pending_approval": bool}.
-        self.submission_checks: list = []
         self.timer = None  # the "jobs.poll" SafeTimerService (set by install)
+        # Submission checks (quotas, approval rules) registered by other
+        # capabilities: async fn(principal, provider, estimate_usd, body) ->
+        # {"block": str|None, "warnings": [str], "pending_approval": bool}.
+        # A job held for approval is created as ``pending_approval`` with its
+        # payload in ``metadata["request"]``; approval calls :meth:`dispatch`.
+        self.submission_checks: list = []
 
     # -- helpers ---------------------------------------------------------------
     def public(self, job: dict) -> dict:
@@ -110,6 +112,19 @@ class JobService:
         out["hardware_profile"] = metadata.get("hardware_profile", job.get("hardware_type"))
         out.pop("idempotency_key", None)
         return out
+
+    def publish(self, job: Optional[dict], previous: Optional[str] = None) -> None:
+        """Live event for SSE clients (``ctx.events``, stdaemon/events.py); never fails the caller."""
+        events = getattr(self.ctx, "events", None)
+        if events is None or job is None:
+            return
+        try:
+            data = dict(job)
+            if previous is not None:
+                data["previous_status"] = previous
+            events.publish(data)
+        except Exception:
+            log.failure("Publishing job {job_id} failed", job_id=job.get("job_id"))
 
     def upload_progress(self, job_id: str) -> dict:
         hook = getattr(self.ctx, "upload_progress", None)
@@ -217,7 +232,7 @@ class JobService:
         warnings: list[str] = []
         pending_approval = False
         for check in self.submission_checks:
-            verdict = await check(principal, provider, estimate, body)
+            verdict = await check(principal, provider, estimate, dict(body))
             if verdict.get("block"):
                 raise ApiError(403, "quota_exceeded", verdict["block"], success=False,
                                quota_warnings=warnings + list(verdict.get("warnings", [])))
@@ -262,7 +277,11 @@ class JobService:
                     action="submit", details={"provider": provider, "hardware_profile": profile,
                                               "config_name": config_name,
                                               "pending_approval": pending_approval})
+        self.publish(job, None)
         if pending_approval:
+            approvals = getattr(self.ctx, "approvals", None)
+            if approvals is not None and hasattr(approvals, "hold_job"):
+                await approvals.hold_job(job, principal)  # the approval request (stdaemon/approvals.py)
             return self._submit_response(job, cost_warning=limit.warning, quota_warnings=warnings)
 
         job = await self.dispatch(job, request_payload)
@@ -330,8 +349,9 @@ class JobService:
             result = await self.ctx.db.run_write(
                 store.transition, job_id, status, self.ctx.now(),
                 external_id=str(prediction.get("id") or "") or None,
-                metadata={"prediction_urls": prediction.get("urls") or {}})
+                metadata={"prediction_urls": prediction.get("urls") or {}, "request": None})
             self.counters["submitted"] += 1
+            self.publish(result.job, job["status"])
             log.info("Job {job_id} submitted to {provider} as {external_id}", job_id=job_id,
                      provider=provider, external_id=prediction.get("id"))
             return result.job
@@ -357,6 +377,7 @@ class JobService:
         result = await self.ctx.db.run_write(store.transition, job_id, st.FAILED, self.ctx.now(),
                                              error_message=reason[:2000])
         await self._revoke(job_id)
+        self.publish(result.job, job["status"])
         self.counters["submit_failed"] += 1
         log.warning("Job {job_id} failed at submission: {reason}", job_id=job_id, reason=reason)
         error.extra.update({"success": False, "job_id": job_id,
@@ -389,6 +410,7 @@ class JobService:
             self.counters["terminal_ignored"] += 1
         if result.accepted:
             self.counters["status_changes"] += 1
+            self.publish(result.job, result.previous)
             if new_status in st.TERMINAL:
                 await self._revoke(job_id)
             await audit(self.ctx, "job.status_changed", actor=actor, ip=ip, target=job_id,

@@ -1,0 +1,66 @@
+"""Per-user, per-role and global quotas (S4).
+
+``GET /api/quotas`` (operator), ``POST /api/quotas`` ``{"quota_type":
+"concurrent_jobs"|"daily_cost_usd"|"monthly_cost_usd", "limit", "action":
+"block"|"warn", "user_id"? | "role"?}`` and ``DELETE /api/quotas/{id}``
+(admin).  ``GET /api/quotas/me`` shows the caller's usage against the quotas
+that apply to them.  Enforcement: ``ctx.quotas.check`` at submission.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from klein import Klein
+
+from stdaemon.core import approvals as rules_core
+from stdaemon.http.errors import invalid_field, not_found
+from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Response, Surface, json_object, route
+from stdaemon.sessions import record_audit
+from stdaemon.store import approvals as store
+
+BODY = 16 * 1024
+
+
+class QuotasSurface(Surface):
+    app = Klein()
+    prefixes = ("/api/quotas",)
+
+    @route(app, "/api/quotas", access=OPERATOR)
+    async def list_quotas(self, request):
+        rows = await self.ctx.db.run_read(store.list_quotas)
+        return {"quotas": rows, "total": len(rows)}
+
+    @route(app, "/api/quotas/me", access=VIEWER)
+    async def my_quotas(self, request):
+        principal = request.principal
+        quotas = await self.ctx.db.run_read(store.quotas)
+        applicable = [asdict(q) for q in quotas if q.applies_to(principal.user_id, principal.role)]
+        usage = await self.ctx.quotas.usage(principal.user_id)
+        return {"quotas": applicable, "usage": asdict(usage)}
+
+    @route(app, "/api/quotas", methods=["POST"], access=ADMIN, max_body=BODY)
+    async def add_quota(self, request):
+        try:
+            quota = rules_core.validate_quota(json_object(request))
+        except rules_core.FieldError as error:
+            raise invalid_field(error.field, str(error)) from None
+        try:
+            row = await self.ctx.db.run_write(store.add_quota, quota, self.ctx.now(),
+                                              request.principal.actor)
+        except LookupError:
+            raise invalid_field("user_id", "no such user") from None
+        await record_audit(self.ctx, "quota.created", request, target=f"quota:{row['id']}",
+                           action="create", details=quota)
+        return Response(row, status=201)
+
+    @route(app, "/api/quotas/<quota_id>", methods=["DELETE"], access=ADMIN)
+    async def delete_quota(self, request, quota_id):
+        try:
+            number = int(quota_id)
+        except ValueError:
+            raise not_found(f"Quota {quota_id} not found") from None
+        if not await self.ctx.db.run_write(store.delete_quota, number):
+            raise not_found(f"Quota {quota_id} not found")
+        await record_audit(self.ctx, "quota.deleted", request, target=f"quota:{number}", action="delete")
+        return {"success": True, "id": number}
