@@ -19,7 +19,7 @@ class RecordingAudit:
     def __init__(self):
         self.events = []
 
-    def record(self, event_type, **fields):
+    async def record(self, event_type, **fields):
         self.events.append({"event_type": event_type, **fields})
 
     def of(self, event_type):

@@ -323,3 +323,24 @@ async def test_poller_on_the_injected_clock_refreshes_active_jobs(make_daemon, t
         assert (await job_row(environment, job_id))["status"] == "completed"
     finally:
         await environment.fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_approval_rule_holds_the_job_until_approved(env):
+    response, rule = await env.call("POST", "/api/approvals/rules",
+                                    {"name": "big gpus", "condition": "hardware_profile", "value": "h100-x8"})
+    assert response.code in (200, 201), rule
+    response, body = await env.submit(hardware_profile="h100-x8")
+    assert response.code == 200 and body["status"] == "pending_approval"
+    assert env.fake.state.requests_to("POST", "/v1/predictions") == []
+    _, pending = await env.call("GET", "/api/approvals?status=pending")
+    items = pending.get("requests") or pending.get("approvals") or pending.get("items") or []
+    request_id = [r for r in items if r["job_id"] == body["job_id"]][0]["id"]
+    response, _ = await env.call("POST", f"/api/approvals/{request_id}/approve", {"reason": "ok"})
+    assert response.code == 200
+    row = await job_row(env, body["job_id"])
+    assert row["status"] == "queued" and row["external_id"]
+    sent = env.fake.state.requests_to("POST", "/v1/predictions")[-1]
+    assert sent.body["version"] == "ver-default"
+    assert json.loads(sent.body["input"]["config_json"])["model_family"] == "flux"
+    assert "request" not in row["metadata"], list(row["metadata"])

@@ -61,8 +61,12 @@ async def audit(ctx: Any, event_type: str, *, actor: str, ip: str | None, target
         log.warning("Audit writer not installed; {event_type} on {target} not recorded",
                     event_type=event_type, target=target)
         return
-    await defer.maybeDeferred(writer.record, event_type, actor=actor, ip=ip, target=target,
-                              action=action, details=dict(details))
+    try:
+        await defer.maybeDeferred(writer.record, event_type, actor=actor, ip=ip, target=target,
+                                  action=action, details=dict(details))
+    except Exception:  # the change is committed; a lost audit line is logged, not a 500
+        log.failure("Could not write audit entry {event_type} for {target}",
+                    event_type=event_type, target=target)
 
 
 class ProviderManager(Service):

@@ -125,7 +125,7 @@ def transition(conn, job_id: str, new_status: str, now: float, **fields: Any) ->
     if "metadata" in fields:
         merged = dict(job["metadata"])
         merged.update(fields["metadata"])
-        fields["metadata"] = merged
+        fields["metadata"] = {k: v for k, v in merged.items() if v is not None}  # None removes a key
     updated = update_job(conn, job_id, **fields) if fields else job
     return TransitionResult(updated, decision.accepted, decision.reason, job["status"])
 
