@@ -76,6 +76,9 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     from stdaemon.clients import secrets
 
     secrets.install(ctx)  # ctx.secrets: await ctx.secrets.get("REPLICATE_API_TOKEN")
+    from stdaemon.store import audit
+
+    audit.install(ctx)  # ctx.audit: record/record_soon/sampled/append; audit-* timers (S7)
     from stdaemon.store import backup_service
 
     backup_service.install(ctx)  # ctx.backups; "backup" timer + health when backup.enabled
@@ -98,6 +101,7 @@ def wire_capabilities(ctx: App, root: Root) -> None:
 
 async def start_capabilities(ctx: App) -> None:
     """Start-up work that needs the open database (runs before ``ready``)."""
+    await ctx.audit.start()  # audit HMAC key (secrets or 0600 key file) and counters
     await ctx.providers.load()  # provider settings saved through the API
     await ctx.approvals.load()  # approval request counts for metrics
 

@@ -142,6 +142,48 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX upload_credentials_job ON upload_credentials (job_id);
         """,
     ),
+    (
+        "0030_audit",
+        """
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            timestamp REAL NOT NULL,
+            event_type TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            ip TEXT,
+            target TEXT,
+            action TEXT,
+            details TEXT NOT NULL DEFAULT 'null',
+            previous_hash TEXT NOT NULL,
+            entry_hash TEXT NOT NULL
+        );
+        CREATE INDEX audit_log_timestamp ON audit_log (timestamp);
+        CREATE INDEX audit_log_event_type ON audit_log (event_type, id);
+        CREATE INDEX audit_log_actor ON audit_log (actor, id);
+        CREATE TABLE audit_anchor (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            last_id INTEGER NOT NULL,
+            last_hash TEXT NOT NULL,
+            pruned_total INTEGER NOT NULL,
+            updated_at REAL NOT NULL,
+            anchor_hash TEXT NOT NULL
+        );
+        """,
+    ),
+    (
+        "0031_webhook_deliveries",
+        """
+        CREATE TABLE webhook_deliveries (
+            provider TEXT NOT NULL,
+            webhook_id TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            job_id TEXT,
+            outcome TEXT NOT NULL,
+            PRIMARY KEY (provider, webhook_id)
+        );
+        CREATE INDEX webhook_deliveries_received ON webhook_deliveries (received_at);
+        """,
+    ),
 ]
 
 
