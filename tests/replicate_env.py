@@ -26,6 +26,23 @@ class RecordingAudit:
         return [e for e in self.events if e["event_type"] == event_type]
 
 
+def audit_events(env, event_type):
+    """Audit entries of ``event_type``, from the real audit table when the
+    writer is installed, else from the recording stand-in."""
+    if env.audit is not None:
+        return env.audit.of(event_type)
+    from stdaemon.store.database import connect
+
+    conn = connect(env.ctx.database_path)
+    try:
+        rows = conn.execute("SELECT event_type, actor, ip, target, action, details FROM audit_log "
+                            "WHERE event_type = ? ORDER BY id", (event_type,)).fetchall()
+    finally:
+        conn.close()
+    return [{"event_type": r[0], "actor": r[1], "ip": r[2], "target": r[3], "action": r[4],
+             "details": json.loads(r[5])} for r in rows]
+
+
 class ReplicateEnv:
     def __init__(self, daemon, fake, bundle, audit):
         self.daemon = daemon

@@ -10,7 +10,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from stdaemon.store import jobs as store
-from tests.replicate_env import PUBLIC_URL, start_env
+from tests.replicate_env import PUBLIC_URL, audit_events, start_env
 from tests.tinyproxy_fixture import tinyproxy  # noqa: F401 (fixture)
 
 
@@ -260,6 +260,8 @@ async def test_cancel_delete_and_logs(env):
 
     response, body = await env.call("POST", f"/api/cloud/jobs/{job_id}/cancel")
     assert response.code == 409 and "detail" in body
+    assert [e["target"] for e in audit_events(env, "job.submitted")] == [job_id]
+    assert [e["target"] for e in audit_events(env, "job.cancelled")] == [job_id]
 
     response, body = await env.call("DELETE", f"/api/cloud/jobs/{job_id}")
     assert response.code == 200 and body["success"] is True

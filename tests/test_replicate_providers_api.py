@@ -7,7 +7,7 @@ import pytest_twisted
 import trustme
 
 from stdaemon.store.database import connect
-from tests.replicate_env import start_env
+from tests.replicate_env import audit_events, start_env
 
 
 @pytest_twisted.async_yield_fixture
@@ -118,13 +118,14 @@ async def test_update_persists_applies_and_is_audited_with_secrets_redacted(env,
     assert env.ctx.providers.effective("replicate") == before
 
     # Audited through the audit writer, old and new values, secrets redacted.
-    events = [e for e in getattr(env.ctx.audit, "events", []) if e["event_type"] == "provider.configured"]
-    if env.audit is not None:
-        assert len(events) == 1
-        details = events[0]["details"]
-        assert details["old"]["http_timeout"] == 5 and details["new"]["http_timeout"] == 60.0
-        assert "hunter2" not in str(details)
-        assert events[0]["target"] == "replicate" and events[0]["actor"]
+    events = audit_events(env, "provider.configured")
+    assert len(events) == 1
+    details = events[0]["details"]
+    assert details["old"]["http_timeout"] == 5 and details["new"]["http_timeout"] == 60.0
+    assert details["new"]["proxy_url"] == "http://corp:***@proxy.corp:3128"
+    assert "hunter2" not in str(details)
+    assert events[0]["target"] == "replicate" and events[0]["actor"]
+    assert events[0]["ip"] == "127.0.0.1"
 
     # Partial update: other fields are untouched; null resets to the lower layer.
     response, body = await env.call("PUT", "/api/cloud/providers/replicate/config", {"http_timeout": None})
@@ -143,3 +144,21 @@ async def test_environment_source(make_daemon, tmp_path):
         assert body["sources"]["http_timeout"] == "env"
     finally:
         await environment.fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_components_for_breaker_and_provider(env):
+    _, health = await env.call("GET", "/api/cloud/health")
+    names = {c["name"]: c for c in health["components"]}
+    assert names["circuit_breaker:replicate"]["status"] == "healthy"
+    assert "provider:replicate" not in names  # only on request: it calls Replicate
+    _, health = await env.call("GET", "/api/cloud/health?include_providers=true")
+    names = {c["name"]: c for c in health["components"]}
+    assert names["provider:replicate"]["status"] == "healthy"
+    assert "stdaemon-tests" in names["provider:replicate"]["message"]
+    assert env.fake.state.requests_to("GET", "/v1/account")
+    env.fake.state.token = "r8_rotated_elsewhere"  # our token is no longer accepted
+    _, health = await env.call("GET", "/api/cloud/health?include_providers=true")
+    names = {c["name"]: c for c in health["components"]}
+    assert names["provider:replicate"]["status"] == "degraded"
+    assert "401" in names["provider:replicate"]["message"]

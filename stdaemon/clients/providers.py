@@ -251,7 +251,7 @@ class ProviderManager(Service):
                          f"half-opens in {snap['retry_after']:.0f} s", 0.0)
 
     async def provider_health(self, provider: str):
-        from stdaemon.health import DEGRADED, HEALTHY, UNHEALTHY, Component
+        from stdaemon.health import DEGRADED, HEALTHY, Component
 
         name = f"provider:{provider}"
         started = self.ctx.clock.seconds()
@@ -262,8 +262,8 @@ class ProviderManager(Service):
         except CircuitOpenError as exc:
             return Component(name, DEGRADED, str(exc))
         except ProviderAPIError as exc:
-            return Component(name, UNHEALTHY if exc.status in (401, 403) else DEGRADED,
-                             f"Replicate answered {exc.status}: {exc.message}")
+            # Degraded, not unhealthy: webhooks, storage and the API still work.
+            return Component(name, DEGRADED, f"Replicate answered {exc.status}: {exc.message}")
         except ProviderUnavailable as exc:
             return Component(name, DEGRADED, str(exc))
         latency = round((self.ctx.clock.seconds() - started) * 1000, 3)
