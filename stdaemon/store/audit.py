@@ -65,9 +65,15 @@ from typing import Any, Iterable, Mapping, Optional
 from twisted.application.service import Service
 from twisted.internet import defer, threads
 
+from stdaemon.config import state_path
 from stdaemon.logs import get_logger
+from stdaemon.store import backup as _backup
+from stdaemon.store.database import connect
 
 log = get_logger("stdaemon.audit")
+
+# A restore must not roll back the audit history (see backup.py).
+_backup.preserve_across_restore("audit_log", "audit_anchor")
 
 GENESIS = "0" * 64
 DAY = 86400.0
@@ -453,6 +459,7 @@ class AuditLog(Service):
         configured = getattr(cfg, "key_file", "") or ""
         self.key_path = key_path or (os.path.expanduser(configured) if configured
                                      else ctx.path("config", "cloud", "audit.key"))
+        # ``AUDIT_HMAC_KEY`` may also come from the environment (through secrets).
         self.key_source: Optional[str] = None
         self._key: Optional[bytes] = None
         self._ready: defer.Deferred = defer.Deferred()
@@ -483,6 +490,9 @@ class AuditLog(Service):
             self.key_source = "file"
         self._key = key
         await self.refresh_counts()
+        backups = getattr(self.ctx, "backups", None)
+        if backups is not None and hasattr(backups, "after_restore"):
+            backups.after_restore.append(self.refresh_counts)
         if not self._ready.called:
             self._ready.callback(None)
 
@@ -674,6 +684,37 @@ def request_actor(request: Any) -> str:
     if principal is None:
         return "anonymous"
     return str(getattr(principal, "username", None) or getattr(principal, "user_id", "anonymous"))
+
+
+def key_file_path(config: Any) -> str:
+    configured = getattr(getattr(config, "audit", None), "key_file", "") or ""
+    return os.path.expanduser(configured) if configured else state_path(config, "config", "cloud",
+                                                                         "audit.key")
+
+
+def append_from_tool(config: Any, db_path: str, event_type: str, actor: Any = "system",
+                     ip: Any = None, target: Any = None, action: Any = None, details: Any = None,
+                     *, now: float, key: Optional[bytes] = None) -> int:
+    """Blocking: append one entry from a command-line tool (``stdaemon-admin``).
+
+    The key is ``key`` (a tool that resolved ``AUDIT_HMAC_KEY`` from the
+    secrets stores passes it), else ``AUDIT_HMAC_KEY`` from the config's
+    environment snapshot, else the key file.  ``now`` is the caller's clock."""
+    if key is None:
+        value = (getattr(config, "environ", None) or {}).get("AUDIT_HMAC_KEY")
+        key = value.encode("utf-8") if value else load_or_create_key_file(key_file_path(config))
+    conn = connect(db_path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = append_entry(conn, key, now, event_type, actor, ip, target, action, details)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return row["id"]
+    finally:
+        conn.close()
 
 
 def install(ctx: Any) -> AuditLog:
