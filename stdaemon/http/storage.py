@@ -1006,8 +1006,10 @@ def _parse_range(value: str, size: int):
         end = int(last) if last.strip() else size - 1
     except ValueError:
         return None
-    if start < 0 or end < start:
+    if start < 0:
         return None
     if start >= size:
         return "invalid"
+    if end < start:
+        return None
     return start, min(end, size - 1)
