@@ -315,16 +315,25 @@ async def test_vault_addr_from_environment_snapshot_and_kv1_fallback(state_dir, 
 async def test_vault_approle_login(state_dir, pool, bao):
     bao.put_v2("approle-app", {REPLICATE_TOKEN: "r8_approle"})
     role_id, secret_id = bao.approle("secret", "approle-app")
+    clock = task.Clock()
     m = make(
         state_dir,
         pool,
-        task.Clock(),
+        clock,
         environ={"VAULT_ROLE_ID": role_id, "VAULT_SECRET_ID": secret_id},
         vault_addr=bao.url,
         vault_path="approle-app",
     )
     assert await m.get(REPLICATE_TOKEN) == "r8_approle"
     assert store(m, "vault")["auth"] == "approle"
+
+    # The AppRole token is revoked (or expires): the next refresh logs in again.
+    vault_store = m._states[2].store
+    bao.client().auth.token.revoke(vault_store._client.token)
+    bao.put_v2("approle-app", {REPLICATE_TOKEN: "r8_approle_rotated"})
+    clock.advance(TTL + 1)
+    assert await m.get(REPLICATE_TOKEN) == "r8_approle_rotated"
+    assert store(m, "vault")["state"] == OK
 
 
 @pytest_twisted.ensureDeferred
