@@ -324,7 +324,6 @@ class VaultStore:
 
     def load(self) -> dict[str, str]:
         import hvac.exceptions as hx
-        import requests
 
         with self._lock:
             try:
@@ -344,7 +343,7 @@ class VaultStore:
             except (hx.VaultDown, hx.InternalServerError, hx.BadGateway) as exc:
                 self._client = None
                 raise SecretStoreError(DOWN, f"Vault unavailable: {type(exc).__name__}")
-            except requests.exceptions.RequestException as exc:
+            except OSError as exc:  # hvac's HTTP errors (requests' RequestException is an OSError)
                 self._client = None
                 raise SecretStoreError(DOWN, f"Vault unreachable: {type(exc).__name__}")
             except hx.VaultError as exc:
