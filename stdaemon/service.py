@@ -103,6 +103,7 @@ async def start_capabilities(ctx: App) -> None:
     """Start-up work that needs the open database (runs before ``ready``)."""
     await ctx.audit.start()  # audit HMAC key (secrets or 0600 key file) and counters
     await ctx.providers.load()  # provider settings saved through the API
+    await ctx.jobs.load()  # running job totals for metrics (ctx.jobs.metrics())
     await ctx.approvals.load()  # approval request counts for metrics
 
 

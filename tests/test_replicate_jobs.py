@@ -263,8 +263,10 @@ async def test_cancel_delete_and_logs(env):
     assert [e["target"] for e in audit_events(env, "job.submitted")] == [job_id]
     assert [e["target"] for e in audit_events(env, "job.cancelled")] == [job_id]
 
+    assert env.ctx.jobs.metrics()["by_status"]["cancelled"] == 1
     response, body = await env.call("DELETE", f"/api/cloud/jobs/{job_id}")
     assert response.code == 200 and body["success"] is True
+    assert env.ctx.jobs.metrics()["jobs_total"] == 0
     response, body = await env.call("GET", f"/api/cloud/jobs/{job_id}")
     assert response.code == 404 and body["error"] == "not_found"
 
@@ -318,6 +320,13 @@ async def test_poller_on_the_injected_clock_refreshes_active_jobs(make_daemon, t
         assert row["status"] == "completed"
         assert row["cost_usd"] == round(1000 * 0.001525 * 2, 6)
         assert row["output_url"] == "https://replicate.delivery/out/model.safetensors"
+        # Running totals for metrics follow every change and match a fresh count.
+        figures = environment.ctx.jobs.metrics()
+        assert figures["by_status"]["completed"] == 1 and figures["active"] == 0
+        assert figures["cost_usd_total"] == row["cost_usd"]
+        await environment.ctx.jobs.load()
+        assert environment.ctx.jobs.metrics()["by_status"] == figures["by_status"]
+        assert environment.ctx.jobs.metrics()["cost_usd_total"] == figures["cost_usd_total"]
         # A late, out-of-order update from the provider does not reopen it.
         result = await environment.ctx.jobs.apply_prediction(
             {"id": row["external_id"], "status": "processing"}, source="webhook")

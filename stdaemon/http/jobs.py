@@ -91,6 +91,8 @@ class JobService:
             "poll_errors": 0,
         }
         self.timer = None  # the "jobs.poll" SafeTimerService (set by install)
+        self.stats = {"by_status": {status: 0 for status in st.STATUSES}, "cost_usd_total": 0.0,
+                      "durations": 0, "duration_seconds_total": 0.0}
         # Submission checks (quotas, approval rules) registered by other
         # capabilities: async fn(principal, provider, estimate_usd, body) ->
         # {"block": str|None, "warnings": [str], "pending_approval": bool}.
@@ -112,6 +114,41 @@ class JobService:
         out["hardware_profile"] = metadata.get("hardware_profile", job.get("hardware_type"))
         out.pop("idempotency_key", None)
         return out
+
+    # -- incrementally kept figures for metrics (no table scan per scrape) ------
+    async def load(self) -> None:
+        """Start-up: one pass over the jobs table for the running totals."""
+        self.stats = await self.ctx.db.run_read(store.stats)
+
+    def _track(self, before: Optional[dict], after: Optional[dict]) -> None:
+        for job, sign in ((before, -1), (after, 1)):
+            if job is None:
+                continue
+            by_status = self.stats["by_status"]
+            by_status[job["status"]] = by_status.get(job["status"], 0) + sign
+            self.stats["cost_usd_total"] += sign * float(job.get("cost_usd") or 0.0)
+            if job.get("completed_at") is not None and job.get("started_at") is not None:
+                self.stats["durations"] += sign
+                self.stats["duration_seconds_total"] += sign * (job["completed_at"] - job["started_at"])
+
+    def metrics(self) -> dict:
+        """Figures for the ``jobs`` metrics family (S10), kept current in memory."""
+        by_status = dict(self.stats["by_status"])
+        durations = self.stats["durations"]
+        return {
+            "jobs_total": sum(by_status.values()),
+            "by_status": by_status,
+            "active": sum(by_status.get(s, 0) for s in st.ACTIVE),
+            "cost_usd_total": round(self.stats["cost_usd_total"], 6),
+            "job_duration_seconds_avg": (self.stats["duration_seconds_total"] / durations) if durations else 0.0,
+            "counters": dict(self.counters),
+        }
+
+    async def _transition(self, job_id: str, new_status: str, **fields) -> store.TransitionResult:
+        result = await self.ctx.db.run_write(store.transition, job_id, new_status, self.ctx.now(), **fields)
+        if result.before is not None and result.job is not result.before:
+            self._track(result.before, result.job)
+        return result
 
     def publish(self, job: Optional[dict], previous: Optional[str] = None) -> None:
         """Live event for SSE clients (``ctx.events``, stdaemon/events.py); never fails the caller."""
@@ -270,6 +307,8 @@ class JobService:
             "idempotency_key": key,
         }
         job, created = await self.ctx.db.run_write(store.create_or_get, row, now)
+        if created:
+            self._track(None, job)
         if not created:
             self.counters["idempotent_hits"] += 1
             return self._submit_response(job, idempotent_hit=True)
@@ -346,8 +385,8 @@ class JobService:
                 raise await self._submission_failed(job, exc) from None
 
             status = st.from_replicate(prediction.get("status")) or st.QUEUED
-            result = await self.ctx.db.run_write(
-                store.transition, job_id, status, self.ctx.now(),
+            result = await self._transition(
+                job_id, status,
                 external_id=str(prediction.get("id") or "") or None,
                 metadata={"prediction_urls": prediction.get("urls") or {}, "request": None})
             self.counters["submitted"] += 1
@@ -374,8 +413,7 @@ class JobService:
         else:
             reason = "internal error while submitting the job"
             error = ApiError(500, "internal_error", reason)
-        result = await self.ctx.db.run_write(store.transition, job_id, st.FAILED, self.ctx.now(),
-                                             error_message=reason[:2000])
+        result = await self._transition(job_id, st.FAILED, error_message=reason[:2000])
         await self._revoke(job_id)
         self.publish(result.job, job["status"])
         self.counters["submit_failed"] += 1
@@ -403,7 +441,7 @@ class JobService:
                            source: str = "poller", ip: Optional[str] = None, **fields) -> store.TransitionResult:
         """Apply a status (and column updates) through the guards; count what is ignored,
         revoke credentials on terminal status, audit real changes."""
-        result = await self.ctx.db.run_write(store.transition, job_id, new_status, self.ctx.now(), **fields)
+        result = await self._transition(job_id, new_status, **fields)
         if result.reason == "out_of_order":
             self.counters["out_of_order_ignored"] += 1
         elif result.reason == "terminal":
@@ -511,7 +549,8 @@ class JobService:
         if job["status"] not in st.TERMINAL:
             raise conflict(f"Job {job_id} is {job['status']}; only completed, failed or cancelled "
                            "jobs can be deleted (cancel it first)", code="job_active")
-        await self.ctx.db.run_write(store.delete_job, job_id)
+        if await self.ctx.db.run_write(store.delete_job, job_id):
+            self._track(job, None)
         await audit(self.ctx, "job.deleted", actor=_actor(principal), ip=ip, target=job_id,
                     action="delete", details={"status": job["status"]})
         return {"success": True, "job_id": job_id}

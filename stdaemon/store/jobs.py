@@ -97,6 +97,7 @@ class TransitionResult:
     accepted: bool
     reason: str            # see stdaemon.core.status.Transition; "missing" if no such job
     previous: Optional[str] = None
+    before: Optional[dict] = None   # the row before the change
 
 
 def transition(conn, job_id: str, new_status: str, now: float, **fields: Any) -> TransitionResult:
@@ -120,14 +121,14 @@ def transition(conn, job_id: str, new_status: str, now: float, **fields: Any) ->
             if job["started_at"] is None and new_status == st.COMPLETED:
                 fields.setdefault("started_at", now)
     elif not (decision.reason == "unchanged" and job["status"] not in st.TERMINAL):
-        return TransitionResult(job, False, decision.reason, job["status"])
+        return TransitionResult(job, False, decision.reason, job["status"], job)
     fields = {k: v for k, v in fields.items() if v is not None}
     if "metadata" in fields:
         merged = dict(job["metadata"])
         merged.update(fields["metadata"])
         fields["metadata"] = {k: v for k, v in merged.items() if v is not None}  # None removes a key
     updated = update_job(conn, job_id, **fields) if fields else job
-    return TransitionResult(updated, decision.accepted, decision.reason, job["status"])
+    return TransitionResult(updated, decision.accepted, decision.reason, job["status"], job)
 
 
 def list_jobs(conn, *, status: Optional[str] = None, provider: Optional[str] = None,
@@ -170,3 +171,17 @@ def spent_since(conn, provider: str, since: float) -> float:
 
 def delete_job(conn, job_id: str) -> bool:
     return conn.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,)).rowcount > 0
+
+
+def stats(conn) -> dict:
+    """Counts and sums the jobs metrics start from (one pass at start-up)."""
+    by_status = {status: 0 for status in st.STATUSES}
+    cost = 0.0
+    for status, count, total in conn.execute(
+            "SELECT status, count(*), COALESCE(SUM(cost_usd), 0) FROM jobs GROUP BY status"):
+        by_status[status] = count
+        cost += total
+    row = conn.execute("SELECT count(*), COALESCE(SUM(completed_at - started_at), 0) FROM jobs "
+                       "WHERE completed_at IS NOT NULL AND started_at IS NOT NULL").fetchone()
+    return {"by_status": by_status, "cost_usd_total": cost, "durations": row[0],
+            "duration_seconds_total": float(row[1])}
