@@ -5,7 +5,8 @@ objects with ``id, version, input, status (starting|processing|succeeded|
 failed|canceled), created_at, started_at, completed_at, error, logs, output,
 metrics.predict_time, urls.get, urls.cancel``; create answers 201, cancel
 answers the prediction, unknown ids answer 404 with a problem-details body
-``{"title", "detail", "status"}``; ``GET /v1/account`` answers the account.
+``{"title", "detail", "status"}``; ``GET /v1/account`` answers the account; ``GET /v1/webhooks/default/secret``
+answers ``{"key": "whsec_…"}``.
 
 Failure modes for tests: ``mode = "ok" | "fail" (500) | "throttle" (429 with
 Retry-After) | "stall" (accepts the request, never answers)``.
@@ -43,6 +44,8 @@ class FakeReplicateState:
     requests: list = field(default_factory=list)
     stalled: list = field(default_factory=list)
     base_url: str = ""
+    # Signing secret answered by GET /v1/webhooks/default/secret.
+    webhook_secret: str = "whsec_c3RkYWVtb24tdGVzdHMtd2ViaG9vay1zZWNyZXQ="
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def add_prediction(self, version: str, input_: dict, webhook=None, events=None) -> dict:
@@ -137,6 +140,8 @@ class _Root(Resource):
         if parts == ["v1", "account"] and method == "GET":
             return json.dumps({"type": "organization", "username": "stdaemon-tests",
                                "name": "stdaemon tests", "github_url": None}).encode()
+        if parts == ["v1", "webhooks", "default", "secret"] and method == "GET":
+            return json.dumps({"key": state.webhook_secret}).encode()
         if parts == ["v1", "predictions"] and method == "POST":
             if not isinstance(body, dict) or not body.get("version") or not isinstance(body.get("input"), dict):
                 request.setResponseCode(422)

@@ -72,12 +72,12 @@ class ReplicateEnv:
             data = text
         return response, data
 
-    async def submit(self, **fields):
+    async def submit(self, headers=None, **fields):
         body = {"config": {"model_family": "flux", "max_train_steps": 10},
                 "dataloader_config": [{"id": "ds", "type": "local"}],
                 "config_name": "test-config"}
         body.update(fields)
-        return await self.call("POST", "/api/cloud/jobs/submit?provider=replicate", body)
+        return await self.call("POST", "/api/cloud/jobs/submit?provider=replicate", body, headers=headers)
 
 
 async def start_env(make_daemon, tmp_path, provider_settings=None, env=None, clock=None,

@@ -68,6 +68,7 @@ async def test_create_get_logs_cancel(env):
 async def test_account_and_provider_errors_carry_replicate_detail(env):
     fake, client, _ = env
     assert (await client.account())["username"] == "stdaemon-tests"
+    assert (await client.webhook_secret()).startswith("whsec_")
     with pytest.raises(ProviderAPIError) as caught:
         await client.create_prediction("forbidden-version", {})
     assert caught.value.status == 403

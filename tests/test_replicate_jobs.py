@@ -39,7 +39,8 @@ async def credentials_live(env, access_key):
 
 @pytest_twisted.ensureDeferred
 async def test_submit_creates_prediction_with_upload_target(env):
-    response, body = await env.submit(hardware_profile="h100-x2")
+    response, body = await env.submit(hardware_profile="h100-x2",
+                                      headers={"X-Correlation-ID": "submit-corr-0001"})
     assert response.code == 200, body
     assert body["success"] is True and body["status"] == "queued"
     assert body["idempotent_hit"] is False and body["error"] is None
@@ -49,7 +50,7 @@ async def test_submit_creates_prediction_with_upload_target(env):
     sent = env.fake.state.requests_to("POST", "/v1/predictions")[-1]
     assert sent.headers["authorization"] == f"Bearer {env.fake.state.token}"
     assert sent.headers["user-agent"].startswith("stdaemon/")
-    assert sent.headers.get("x-correlation-id")
+    assert sent.headers["x-correlation-id"] == "submit-corr-0001"  # carried to the provider call
     assert sent.body["version"] == "ver-h100x2"
     assert sent.body["webhook"] == f"{PUBLIC_URL}/api/webhooks/replicate"
     assert set(sent.body["webhook_events_filter"]) >= {"start", "completed"}
