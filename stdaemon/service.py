@@ -59,6 +59,9 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.quotas import QuotasSurface
 
     surfaces += [ApprovalsSurface(ctx), QuotasSurface(ctx), EventsSurface(ctx)]  # /api/approvals*, /api/quotas*, /api/events/stream
+    from stdaemon.http.console import ConsoleSurface
+
+    surfaces.append(ConsoleSurface(ctx))  # web console: /, /console/, /static/<name> (S15)
     from stdaemon.http.jobs import JobsSurface
     from stdaemon.http.providers import ProvidersSurface
 
