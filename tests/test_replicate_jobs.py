@@ -356,3 +356,28 @@ async def test_approval_rule_holds_the_job_until_approved(env):
     assert sent.body["version"] == "ver-default"
     assert json.loads(sent.body["input"]["config_json"])["model_family"] == "flux"
     assert "request" not in row["metadata"], list(row["metadata"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_breaker_thresholds_from_settings_and_real_cool_down(env):
+    from twisted.internet import reactor, task
+
+    response, _ = await env.call("PUT", "/api/cloud/providers/replicate",
+                                 {"breaker_failure_threshold": 2, "breaker_recovery_timeout": 0.3})
+    assert response.code == 200
+    env.fake.state.mode = "fail"
+    for _ in range(2):
+        response, _ = await env.submit()
+        assert response.code == 502
+    response, body = await env.submit()
+    assert response.code == 503 and response.headers.getRawHeaders("Retry-After") == ["1"]
+    await task.deferLater(reactor, 0.4)
+    assert env.ctx.breakers.get("replicate").state == "half_open"
+    env.fake.state.mode = "ok"
+    for _ in range(2):
+        response, body = await env.submit()
+        assert response.code == 200, body
+    assert env.ctx.breakers.get("replicate").state == "closed"
+    response, body = await env.call("PUT", "/api/cloud/providers/replicate",
+                                    {"breaker_success_threshold": 3, "breaker_half_open_max_calls": 2})
+    assert response.code == 400 and body["field"] == "breaker_success_threshold"
