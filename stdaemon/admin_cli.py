@@ -56,18 +56,30 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
 
 
 def _audit(config: Any, store: Any, event_type: str, target: str, action: str, details: dict) -> None:
-    """Record through the audit module's tool entry point when it has one."""
+    """Append through the audit module's tool entry point, with the daemon's key.
+
+    The key is ``AUDIT_HMAC_KEY`` from the same secrets chain as the daemon
+    (else the audit module's key file).  When a secrets store cannot answer,
+    no entry is written (a guessed key would break the chain): say so."""
     try:
-        from stdaemon.store import audit as audit_module  # owned by the audit capability
+        from stdaemon.store import audit as audit_module
     except ImportError:
         return
     append = getattr(audit_module, "append_from_tool", None)
     if append is None:
         return
+    from stdaemon.clients.secrets import resolve_blocking
+
+    value, problems = resolve_blocking(config, "AUDIT_HMAC_KEY")
+    if value is None and problems:
+        print("stdaemon-admin: warning: audit entry not written: a secrets store holding "
+              f"AUDIT_HMAC_KEY may be down ({'; '.join(problems)})", file=sys.stderr)
+        return
     actor = f"cli:{os.environ.get('USER') or os.getuid()}"
     try:
         append(config, str(store.path), event_type, actor=actor, ip=None, target=target,
-               action=action, details=details)
+               action=action, details=details, now=store.clock.seconds(),
+               key=value.encode("utf-8") if value else None)
     except Exception as exc:  # the operation is done; say so and report the audit problem
         print(f"stdaemon-admin: warning: could not write the audit entry ({type(exc).__name__}: {exc})",
               file=sys.stderr)

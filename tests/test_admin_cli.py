@@ -53,6 +53,7 @@ async def test_cli_backup_list_info_and_restore_next_to_the_running_daemon(daemo
 
     code, out, err = await run_cli(daemon, "--json", "backup")
     assert code == 0, err
+    assert "warning" not in err, err
     entry = json.loads(out)
     assert entry["name"].startswith("jobs_backup_") and os.path.isfile(entry["path"])
     assert os.path.dirname(entry["path"]) == str(ctx.backups.store.backup_dir)  # same dir as the daemon
@@ -81,6 +82,15 @@ async def test_cli_backup_list_info_and_restore_next_to_the_running_daemon(daemo
     assert await ctx.db.run_read(_job_ids) == [f"job-{i:04d}" for i in range(6)]
     await ctx.db.run_write(_insert, [50])  # and the daemon keeps writing
     assert len(await ctx.db.run_read(_job_ids)) == 7
+
+    # Both operations are in the daemon's audit log, written with the daemon's key.
+    created = (await ctx.audit.query(event_type="backup.created"))["entries"]
+    restored = (await ctx.audit.query(event_type="backup.restored"))["entries"]
+    assert [e["target"] for e in created] == [entry["path"]]
+    assert len(restored) == 1 and restored[0]["actor"].startswith("cli:")
+    assert restored[0]["details"]["via"] == "cli"
+    verdict = await ctx.audit.verify()
+    assert verdict["valid"] is True, verdict
 
 
 @pytest_twisted.ensureDeferred

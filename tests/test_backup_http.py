@@ -205,3 +205,28 @@ async def test_scheduled_backups_survive_failures_and_show_in_health(make_daemon
     names = sorted(os.listdir(blocker))
     assert len(names) == 2 and all(n.endswith(".db.gz") for n in names)
     assert (await d.ctx.backups.health()).status == "healthy"
+
+
+@pytest_twisted.ensureDeferred
+async def test_backup_and_restore_are_in_the_real_audit_log_and_restore_keeps_history(daemon):
+    ctx = daemon.ctx
+    h = daemon.admin_headers
+    await ctx.db.run_write(_insert, range(3))
+    entry = await _json(await treq.post(daemon.url + "/api/admin/backups", headers=h))
+    await ctx.audit.record("test.after_backup", actor="tester", target="x", action="probe")
+    await ctx.db.run_write(_insert, range(3, 6))
+    response = await treq.post(daemon.url + "/api/admin/backups/restore", headers=h, json={"name": entry["name"]})
+    body = await _json(response)
+    assert response.code == 200, body
+    assert "audit_log" in body["preserved_tables"]
+    assert await ctx.db.run_read(_job_ids) == [f"job-{i:04d}" for i in range(3)]
+
+    created = (await ctx.audit.query(event_type="backup.created"))["entries"]
+    restored = (await ctx.audit.query(event_type="backup.restored"))["entries"]
+    probe = (await ctx.audit.query(event_type="test.after_backup"))["entries"]
+    assert len(created) == 1 and created[0]["target"] == entry["path"]
+    assert len(restored) == 1 and restored[0]["details"]["job_count"] == 3
+    assert created[0]["actor"] and restored[0]["actor"]
+    assert len(probe) == 1  # written after the backup, still there after the restore
+    verdict = await ctx.audit.verify()
+    assert verdict["valid"] is True, verdict

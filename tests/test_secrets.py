@@ -379,6 +379,28 @@ async def test_vault_stopped_keeps_value_and_store_down_falls_through(state_dir,
         server.close()
 
 
+def test_blocking_resolution_for_tools(state_dir):
+    from stdaemon.clients.secrets import resolve_blocking
+
+    server = BaoServer().start()
+    try:
+        server.put_v2("tool", {"AUDIT_HMAC_KEY": "k-from-vault"})
+        config = Config(
+            server=ServerConfig(state_dir=str(state_dir)),
+            secrets=SecretsConfig(vault_addr=server.url, vault_path="tool"),
+        )
+        env = vault_env(server)
+        assert resolve_blocking(config, "AUDIT_HMAC_KEY", env) == ("k-from-vault", [])
+        assert resolve_blocking(config, "NOT_THERE", env) == (None, [])
+        assert resolve_blocking(config, "AUDIT_HMAC_KEY", dict(env, AUDIT_HMAC_KEY="k-env")) == ("k-env", [])
+        server.stop()
+        value, problems = resolve_blocking(config, "AUDIT_HMAC_KEY", env)
+        assert value is None and problems and problems[0].startswith("vault:")
+        assert "k-from-vault" not in " ".join(problems)
+    finally:
+        server.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_resolution_order_file_then_aws_then_vault(state_dir, pool, moto, bao):
     write_secrets(state_dir / "secrets.json", {"A": "file"})

@@ -387,6 +387,31 @@ def _opt(section: Any, name: str, default: Any) -> Any:
     return default if value in (None, "") else value
 
 
+def build_stores(config: Any, environ: Mapping[str, str]) -> list:
+    """The stores in resolution order after the environment: file, AWS, Vault."""
+    cfg = _section(config, "secrets")
+    cfg_env = _section(config, "environ") or {}
+    server = _section(config, "server")
+
+    def env(name: str) -> str:
+        return cfg_env.get(name) or environ.get(name, "") or ""
+
+    region = _opt(cfg, "aws_region", "") or env("AWS_DEFAULT_REGION") or env("AWS_REGION")
+    endpoint = env("AWS_ENDPOINT_URL_SECRETS_MANAGER") or env("AWS_ENDPOINT_URL")
+    vault_addr = _opt(cfg, "vault_addr", "") or env("VAULT_ADDR")
+    return [
+        FileStore(_opt(cfg, "file", ""), _opt(server, "state_dir", "~/.simpletuner")),
+        AwsStore(_opt(cfg, "aws_secret_name", ""), region, endpoint, environ),
+        VaultStore(
+            vault_addr,
+            _opt(cfg, "vault_mount", "secret"),
+            _opt(cfg, "vault_path", "simpletuner"),
+            environ,
+            namespace=env("VAULT_NAMESPACE"),
+        ),
+    ]
+
+
 class SecretsManager:
     """Resolve secrets by name; ``get`` returns a Deferred firing with ``str`` or ``None``."""
 
@@ -408,31 +433,11 @@ class SecretsManager:
         self._pool = threadpool
         self._reactor = reactor
         self._environ = os.environ if environ is None else environ
-        cfg = _section(config, "secrets")
-        cfg_env = _section(config, "environ") or {}
-        server = _section(config, "server")
-        self.ttl = float(_opt(cfg, "cache_ttl", DEFAULT_TTL))
+        self.ttl = float(_opt(_section(config, "secrets"), "cache_ttl", DEFAULT_TTL))
         self.retry_interval = float(
             retry_interval if retry_interval is not None else min(self.ttl, DEFAULT_RETRY_INTERVAL)
         )
-
-        def env(name: str) -> str:
-            return cfg_env.get(name) or self._environ.get(name, "") or ""
-
-        region = _opt(cfg, "aws_region", "") or env("AWS_DEFAULT_REGION") or env("AWS_REGION")
-        endpoint = env("AWS_ENDPOINT_URL_SECRETS_MANAGER") or env("AWS_ENDPOINT_URL")
-        vault_addr = _opt(cfg, "vault_addr", "") or env("VAULT_ADDR")
-        stores = [
-            FileStore(_opt(cfg, "file", ""), _opt(server, "state_dir", "~/.simpletuner")),
-            AwsStore(_opt(cfg, "aws_secret_name", ""), region, endpoint, self._environ),
-            VaultStore(
-                vault_addr,
-                _opt(cfg, "vault_mount", "secret"),
-                _opt(cfg, "vault_path", "simpletuner"),
-                self._environ,
-                namespace=env("VAULT_NAMESPACE"),
-            ),
-        ]
+        stores = build_stores(config, self._environ)
         self._states = [_StoreState(s) for s in stores]
         for st in self._states:
             if not st.store.configured:
@@ -681,11 +686,42 @@ class SecretsService(service.Service):
 __all__ = [
     "REPLICATE_TOKEN",
     "install",
+    "resolve_blocking",
     "SecretStoreError",
     "SecretsManager",
     "SecretsService",
 ]
 
+
+
+def resolve_blocking(config: Any, name: str, environ: Mapping[str, str] | None = None) -> tuple[str | None, list[str]]:
+    """Blocking, uncached resolution of one secret for command-line tools.
+
+    Same order and stores as the daemon.  Returns ``(value, problems)``;
+    ``problems`` names stores that could not answer (no values), so a tool
+    can refuse to guess when the answer may sit in a store that is down."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(name)
+    if value:
+        return value, []
+    problems = []
+    for store in build_stores(config, environ):
+        if not store.configured:
+            continue
+        try:
+            data = store.load()
+        except StoreAbsent:
+            continue
+        except SecretStoreError as exc:
+            if exc.state != NOT_FOUND:
+                problems.append(f"{store.name}: {exc}")
+            continue
+        except Exception as exc:  # a client library bug: report, do not guess
+            problems.append(f"{store.name}: {_describe(exc)}")
+            continue
+        if data.get(name):
+            return data[name], problems
+    return None, problems
 
 
 def install(ctx: Any) -> SecretsService:

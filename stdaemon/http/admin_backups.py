@@ -101,10 +101,10 @@ class AdminBackupsSurface(Surface):
 
 async def _audit(ctx: Any, request: Any, event_type: str, target: str, action: str, details: dict) -> None:
     """Through the one audit writer (``ctx.audit.record``, S7)."""
+    from stdaemon.store.audit import request_actor
+
     writer = getattr(ctx, "audit", None)
-    principal = getattr(request, "principal", None)
-    actor = getattr(principal, "username", None) or (
-        f"user:{principal.user_id}" if principal is not None else "system")
+    actor = request_actor(request)
     if writer is None:
         log.warning("Audit writer not installed; {event_type} not recorded", event_type=event_type)
         return

@@ -433,6 +433,10 @@ class JobStore:
 
         Only when the table exists in both with the same columns; otherwise the
         backup's version stays (the safety copy has the live one)."""
+        try:  # a tool may not have imported the audit module, which registers its tables
+            import stdaemon.store.audit  # noqa: F401
+        except ImportError:
+            pass
         if not PRESERVED_TABLES or not self.path.exists():
             return []
         kept = []
@@ -449,6 +453,7 @@ class JobStore:
                 try:
                     stage.execute(f"DELETE FROM main.{quoted}")
                     stage.execute(f"INSERT INTO main.{quoted} SELECT * FROM cur.{quoted}")
+                    self._carry_sequence(stage, table)
                 except BaseException:
                     stage.execute("ROLLBACK")
                     raise
@@ -458,6 +463,18 @@ class JobStore:
         finally:
             stage.close()
         return kept
+
+    @staticmethod
+    def _carry_sequence(stage: sqlite3.Connection, table: str) -> None:
+        """Keep an AUTOINCREMENT table's high-water mark too (it tells truncation apart)."""
+        has = "SELECT 1 FROM {0}.sqlite_master WHERE type = 'table' AND name = 'sqlite_sequence'"
+        if not (stage.execute(has.format("main")).fetchone() and stage.execute(has.format("cur")).fetchone()):
+            return
+        row = stage.execute("SELECT seq FROM cur.sqlite_sequence WHERE name = ?", (table,)).fetchone()
+        if row is None:
+            return
+        stage.execute("DELETE FROM main.sqlite_sequence WHERE name = ?", (table,))
+        stage.execute("INSERT INTO main.sqlite_sequence (name, seq) VALUES (?, ?)", (table, row[0]))
 
     def restore(self, path: str | os.PathLike) -> bool:
         """Restore ``path`` over the live database; ``True`` on success.
