@@ -1,0 +1,135 @@
+"""S3 upload throughput and daemon memory during a large upload (S17).
+
+Usage: ``python bench/s3_upload.py [--size-mib 1024] [--put-mib 256]``
+
+Runs the daemon in this process (temp state dir, loopback port) and drives it from a child
+process with boto3's default configuration (``upload_file``: multipart, 10 concurrent 8 MiB
+parts), so the resident memory sampled here is the daemon's alone. Figures, each as a ratio
+against a peer measured in the same run:
+
+* multipart throughput vs raw disk (writing the same bytes to a file, fsynced) — the upper bound
+  for a daemon that must write and fsync every byte (and assemble the parts once more);
+* single PutObject throughput vs the same raw disk figure;
+* RSS growth during the upload vs the 64 MiB limit of issue 5.
+
+Nothing is asserted; the numbers are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import yaml  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
+from twisted.internet.utils import getProcessOutputAndValue  # noqa: E402
+
+from stdaemon.config import load_config  # noqa: E402
+from stdaemon.service import StdaemonService  # noqa: E402
+
+MIB = 1024 * 1024
+RSS_LIMIT_MIB = 64
+
+CLIENT = r"""
+import sys, time, boto3
+endpoint, key, secret, path, name, mode = sys.argv[1:7]
+client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                      region_name="us-east-1")
+started = time.monotonic()
+if mode == "multipart":
+    client.upload_file(path, "outputs", name)
+else:
+    with open(path, "rb") as fh:
+        client.put_object(Bucket="outputs", Key=name, Body=fh)
+print(time.monotonic() - started)
+"""
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def make_file(path: str, size_mib: int) -> None:
+    block = os.urandom(MIB)
+    with open(path, "wb") as fh:
+        for index in range(size_mib):
+            fh.write(block[index % 7:] + block[:index % 7])
+
+
+def raw_disk_seconds(source: str, target: str) -> float:
+    started = time.monotonic()
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        for block in iter(lambda: src.read(MIB), b""):
+            dst.write(block)
+        dst.flush()
+        os.fsync(dst.fileno())
+    elapsed = time.monotonic() - started
+    os.unlink(target)
+    return elapsed
+
+
+async def run(reactor, args) -> None:
+    base = tempfile.mkdtemp(prefix="stdaemon-bench-s3-")
+    config_path = os.path.join(base, "bench.yaml")
+    with open(config_path, "w") as fh:
+        yaml.safe_dump({"server": {"listen": ["tcp:0:interface=127.0.0.1"]},
+                        "rate_limit": {"enabled": False}}, fh)
+    config = load_config(config_path, environ={"SIMPLETUNER_STATE_DIR": os.path.join(base, "state")}).config
+    service = StdaemonService(config, reactor)
+    service.startService()
+    await service.started
+    port = service.ports[0].getHost().port
+    endpoint = f"http://127.0.0.1:{port}/api/cloud/storage"
+    key, secret = await service.ctx.upload_credentials.issue("bench")
+    source = os.path.join(base, "source.bin")
+    put_source = os.path.join(base, "put.bin")
+    make_file(source, args.size_mib)
+    make_file(put_source, args.put_mib)
+    raw = raw_disk_seconds(source, os.path.join(base, "raw.bin"))
+    raw_put = raw_disk_seconds(put_source, os.path.join(base, "raw-put.bin"))
+
+    async def upload(path, name, mode):
+        samples = [rss_mib()]
+        sampler = task.LoopingCall(lambda: samples.append(rss_mib()))
+        sampler.start(0.1)
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-c", CLIENT, endpoint, key, secret, path, name, mode], env=os.environ)
+        sampler.stop()
+        if code != 0:
+            raise SystemExit(f"client failed: {err.decode()[-2000:]}")
+        return float(out.decode().strip().splitlines()[-1]), samples[0], max(samples)
+
+    multipart_s, rss_before, rss_peak = await upload(source, "bench/big.bin", "multipart")
+    put_s, _, put_peak = await upload(put_source, "bench/put.bin", "put")
+    growth = rss_peak - rss_before
+    print(f"multipart upload {args.size_mib} MiB: {args.size_mib / multipart_s:8.1f} MiB/s  "
+          f"raw disk {args.size_mib / raw:8.1f} MiB/s  ratio {raw / multipart_s:5.3f}")
+    print(f"single PutObject {args.put_mib} MiB:  {args.put_mib / put_s:8.1f} MiB/s  "
+          f"raw disk {args.put_mib / raw_put:8.1f} MiB/s  ratio {raw_put / put_s:5.3f}")
+    print(f"daemon RSS: before {rss_before:.1f} MiB, peak {max(rss_peak, put_peak):.1f} MiB, growth during the "
+          f"multipart upload {growth:.1f} MiB = {growth / RSS_LIMIT_MIB:.2f} x the {RSS_LIMIT_MIB} MiB limit")
+    await service.stopService()
+    for name in os.listdir(base):
+        if name.endswith(".bin"):
+            os.unlink(os.path.join(base, name))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--put-mib", type=int, default=256)
+    args = parser.parse_args()
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor, args)))
+
+
+if __name__ == "__main__":
+    main()
