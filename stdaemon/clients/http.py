@@ -36,7 +36,7 @@ from urllib.parse import unquote, urlsplit
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet import defer, ssl
+from twisted.internet import defer, ssl, threads
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import (
     ConnectError,
@@ -453,7 +453,8 @@ class ProviderHTTPClient:
     """One provider's outbound client, built for one set of settings."""
 
     def __init__(self, reactor, provider: str, settings: OutboundSettings,
-                 correlation_id: Callable[[], str | None], user_agent: str):
+                 correlation_id: Callable[[], str | None], user_agent: str,
+                 ca_certificates: list | None = None):
         self.provider = provider
         self.settings = settings
         self._reactor = reactor
@@ -465,7 +466,9 @@ class ProviderHTTPClient:
 
         trust_root = None
         if settings.ssl_verify and settings.ssl_ca_bundle:
-            trust_root = ssl.trustRootFromCertificates(load_ca_bundle(settings.ssl_ca_bundle))
+            if ca_certificates is None:
+                ca_certificates = load_ca_bundle(settings.ssl_ca_bundle)
+            trust_root = ssl.trustRootFromCertificates(ca_certificates)
         if not settings.ssl_verify:
             log.warn("TLS certificate verification is DISABLED for provider {provider} "
                      "(ssl_verify=false); connections can be intercepted", provider=provider)
@@ -564,15 +567,36 @@ class HTTPClientFactory:
     def client_for(self, provider: str) -> ProviderHTTPClient:
         """The client for ``provider`` built from its settings as they are now.
 
-        Raises :class:`CABundleError` when the configured bundle is unusable
-        and ``ValueError`` for an unusable proxy URL.
+        Reads a changed CA bundle on the calling thread (a small file);
+        :meth:`request` reads it on a worker thread instead.  Raises
+        :class:`CABundleError` when the configured bundle is unusable and
+        ``ValueError`` for an unusable proxy URL.
         """
         settings = self.settings(provider)
         current = self._clients.get(provider)
         if current is not None and current.settings == settings:
             return current
-        client = ProviderHTTPClient(self._reactor, provider, settings,
-                                    self._correlation_id, self.user_agent)
+        return self._install(provider, settings, None)
+
+    async def client(self, provider: str) -> ProviderHTTPClient:
+        """Like :meth:`client_for`, with the CA bundle read off the reactor thread."""
+        settings = self.settings(provider)
+        current = self._clients.get(provider)
+        if current is not None and current.settings == settings:
+            return current
+        certificates = None
+        if settings.ssl_verify and settings.ssl_ca_bundle:
+            certificates = await threads.deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), load_ca_bundle, settings.ssl_ca_bundle)
+            current = self._clients.get(provider)
+            if current is not None and current.settings == settings:
+                return current  # built by a concurrent call meanwhile
+        return self._install(provider, settings, certificates)
+
+    def _install(self, provider: str, settings: OutboundSettings, certificates) -> ProviderHTTPClient:
+        client = ProviderHTTPClient(self._reactor, provider, settings, self._correlation_id,
+                                    self.user_agent, certificates)
+        current = self._clients.get(provider)
         self._clients[provider] = client
         if current is not None:
             current.close()
@@ -580,7 +604,7 @@ class HTTPClientFactory:
 
     async def request(self, provider: str, method: str, url: str, **kwargs) -> OutboundResponse:
         try:
-            client = self.client_for(provider)
+            client = await self.client(provider)
         except CABundleError as exc:
             raise OutboundTLSError(str(exc)) from None
         except ValueError as exc:
