@@ -186,3 +186,23 @@ def test_connection_errors_on_get_back_off_then_give_up():
     assert isinstance(failure.value, ProviderUnavailable)
     result.addErrback(lambda _f: None)
     assert breaker.consecutive_failures == 3
+
+
+def test_tls_and_proxy_auth_errors_do_not_trip_the_breaker():
+    from twisted.internet import defer
+
+    from stdaemon.clients.http import OutboundProxyError, OutboundTLSError
+
+    clock = Clock()
+    stub = StubHTTP([OutboundTLSError("certificate verify failed")] * 5
+                    + [OutboundProxyError("proxy refused CONNECT: 407", 407)] * 5)
+    breaker = CircuitBreaker("replicate", clock)
+    client = ReplicateClient(stub, breaker, clock, token=lambda: "t",
+                             api_base_url=lambda: "https://api.example")
+    kinds = []
+    for _ in range(10):
+        result = defer.ensureDeferred(client.create_prediction("v", {}))
+        kinds.append(result.result.value.kind)
+        result.addErrback(lambda _f: None)
+    assert kinds == ["tls"] * 5 + ["proxy"] * 5
+    assert breaker.state == CLOSED and breaker.consecutive_failures == 0

@@ -190,6 +190,10 @@ class OutboundTLSError(OutboundError):
 class OutboundProxyError(OutboundError):
     kind = "proxy"
 
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status  # the proxy's answer to CONNECT, when it gave one
+
 
 class CABundleError(ValueError):
     """The configured CA bundle is missing, unreadable or holds no PEM certificate."""
@@ -323,7 +327,7 @@ def describe_failure(failure: Failure, host: str, settings: OutboundSettings) ->
                 f"TLS certificate of {host} does not match the host name "
                 f"(hostname verification failed: {reason})")
         if isinstance(reason, ProxyConnectError):
-            return OutboundProxyError(reason.message)
+            return OutboundProxyError(reason.message, reason.status)
         if isinstance(reason, (defer.TimeoutError, defer.CancelledError, ConnectTimeoutError,
                                ConnectingCancelledError)):
             return OutboundTimeoutError(

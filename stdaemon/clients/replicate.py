@@ -188,11 +188,13 @@ class ReplicateClient:
             try:
                 response = await self._http.request(self.provider, method, url, json=json, headers=headers)
             except OutboundError as exc:
-                if exc.kind in _BREAKER_KINDS:
+                # A proxy asking for credentials is a configuration problem, not an outage.
+                counts = exc.kind in _BREAKER_KINDS and getattr(exc, "status", None) != 407
+                if counts:
                     self.breaker.record_failure(exc.kind)
                 else:
                     self.breaker.record_neutral()
-                delay = next_delay(method, attempt, self._retry, connection_error=exc.kind in _BREAKER_KINDS,
+                delay = next_delay(method, attempt, self._retry, connection_error=counts,
                                    rand=self._rand)
                 if delay is None:
                     raise ProviderUnavailable(str(exc), exc.kind) from None
