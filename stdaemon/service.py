@@ -69,6 +69,9 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.storage import StorageSurface
 
     surfaces.append(StorageSurface(ctx))  # /api/cloud/storage (S3); ctx.upload_credentials, ctx.upload_progress
+    from stdaemon.http.metrics import MetricsSurface
+
+    surfaces.append(MetricsSurface(ctx))  # /api/cloud/metrics/prometheus, /api/cloud/metrics/config*
     return surfaces
 
 
@@ -76,6 +79,9 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     """Attach capabilities that are not surfaces (middlewares, auth strategies,
     health components, timers) to the context and root.  Runs before the
     database is open; anything needing the database goes in ``start_capabilities``."""
+    from stdaemon import metrics
+
+    metrics.install(ctx)  # ctx.metrics settings from config; uptime/db-latency sources (hooks: docs/ARCHITECTURE.md)
     from stdaemon.clients import secrets
 
     secrets.install(ctx)  # ctx.secrets: await ctx.secrets.get("REPLICATE_API_TOKEN")
@@ -108,6 +114,9 @@ async def start_capabilities(ctx: App) -> None:
     await ctx.providers.load()  # provider settings saved through the API
     await ctx.jobs.load()  # running job totals for metrics (ctx.jobs.metrics())
     await ctx.approvals.load()  # approval request counts for metrics
+    from stdaemon import metrics
+
+    await metrics.start(ctx)  # metrics settings; job figures (one aggregate query) unless ctx.jobs provides them
 
 
 def listen_descriptions(config: Config) -> list[str]:

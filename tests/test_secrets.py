@@ -224,6 +224,25 @@ async def test_aws_region_from_config_and_missing_secret(state_dir, pool, moto):
 
 
 @pytest_twisted.ensureDeferred
+async def test_aws_secret_deleted_is_not_served_any_more(state_dir, pool, moto):
+    moto.put_json("stdaemon/deleted", {REPLICATE_TOKEN: "r8_revoked"})
+    clock = task.Clock()
+    m = make(
+        state_dir,
+        pool,
+        clock,
+        environ=dict(MotoServer.credentials),
+        snapshot=aws_snapshot(moto),
+        aws_secret_name="stdaemon/deleted",
+    )
+    assert await m.get(REPLICATE_TOKEN) == "r8_revoked"
+    moto.client().delete_secret(SecretId="stdaemon/deleted", ForceDeleteWithoutRecovery=True)
+    clock.advance(TTL + 1)
+    assert await m.get(REPLICATE_TOKEN) is None  # an answer, not an outage: dropped
+    assert store(m, "aws")["state"] == NOT_FOUND
+
+
+@pytest_twisted.ensureDeferred
 async def test_aws_secret_that_is_not_json_is_an_error_without_leaking(state_dir, pool, moto, logged):
     moto.client().create_secret(Name="stdaemon/plain", SecretString="r8_plain_secret_value")
     m = make(

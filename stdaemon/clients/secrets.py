@@ -633,6 +633,10 @@ class SecretsManager:
         st.failures += 1
         changed = (state, message) != (st.state, st.message)
         st.state, st.message = state, message
+        if state == NOT_FOUND:
+            # The store answered that the secret is gone (deleted, revoked):
+            # that is authoritative, unlike an outage -- stop serving old values.
+            st.data = None
         if changed:
             level = log.critical if state == REFUSED else log.warning
             level(
