@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -381,3 +382,30 @@ async def test_breaker_thresholds_from_settings_and_real_cool_down(env):
     response, body = await env.call("PUT", "/api/cloud/providers/replicate",
                                     {"breaker_success_threshold": 3, "breaker_half_open_max_calls": 2})
     assert response.code == 400 and body["field"] == "breaker_success_threshold"
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_with_the_issued_credentials_shows_in_upload_progress(env):
+    from twisted.internet import threads
+
+    boto3 = pytest.importorskip("boto3")
+    from botocore.config import Config as BotoConfig
+
+    _, body = await env.submit()
+    job_id = body["job_id"]
+    inputs = env.fake.state.requests_to("POST", "/v1/predictions")[-1].body["input"]
+    endpoint = env.url("/api/cloud/storage")  # the trainer would use s3_endpoint_url (public URL)
+
+    def upload():
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=inputs["s3_region"],
+                              aws_access_key_id=inputs["s3_access_key"],
+                              aws_secret_access_key=inputs["s3_secret_key"],
+                              config=BotoConfig(s3={"addressing_style": "path"}))
+        client.put_object(Bucket=inputs["s3_bucket"], Key=inputs["s3_base_path"] + "model.safetensors",
+                          Body=b"x" * 4096)
+
+    await threads.deferToThread(upload)
+    response, job = await env.call("GET", f"/api/cloud/jobs/{job_id}")
+    assert response.code == 200
+    assert job["upload_progress"]["objects_completed"] == 1
+    assert job["upload_progress"]["bytes_received"] == 4096

@@ -164,12 +164,14 @@ class JobService:
             log.failure("Publishing job {job_id} failed", job_id=job.get("job_id"))
 
     def upload_progress(self, job_id: str) -> dict:
+        """S8 progress from the storage capability (``ctx.upload_progress.snapshot``)."""
         hook = getattr(self.ctx, "upload_progress", None)
-        if callable(hook):
+        snapshot = getattr(hook, "snapshot", hook)
+        if callable(snapshot):
             try:
-                return hook(job_id)
+                return snapshot(job_id)
             except Exception:
-                log.failure("upload_progress hook failed for {job_id}", job_id=job_id)
+                log.failure("upload_progress failed for {job_id}", job_id=job_id)
         return {"objects_completed": 0, "bytes_received": 0, "in_flight": []}
 
     def _credentials(self):
