@@ -321,6 +321,8 @@ async def test_poller_on_the_injected_clock_refreshes_active_jobs(make_daemon, t
         row = await job_row(environment, job_id)
         assert row["status"] == "completed"
         assert row["cost_usd"] == round(1000 * 0.001525 * 2, 6)
+        access_key = environment.fake.state.requests_to("POST", "/v1/predictions")[-1].body["input"]["s3_access_key"]
+        assert not await credentials_live(environment, access_key)  # revoked at the terminal status
         assert row["output_url"] == "https://replicate.delivery/out/model.safetensors"
         # Running totals for metrics follow every change and match a fresh count.
         figures = environment.ctx.jobs.metrics()
