@@ -162,3 +162,24 @@ async def test_health_components_for_breaker_and_provider(env):
     names = {c["name"]: c for c in health["components"]}
     assert names["provider:replicate"]["status"] == "degraded"
     assert "401" in names["provider:replicate"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_saved_settings_survive_a_restart(make_daemon, tmp_path):
+    first = await start_env(make_daemon, tmp_path)
+    try:
+        response, _ = await first.call("PUT", "/api/cloud/providers/replicate",
+                                       {"http_timeout": 61, "webhook_allowed_ips": ["10.1.0.0/16"]})
+        assert response.code == 200
+        await first.daemon.service.stopService()
+        second = await make_daemon(settings={"server": {"public_url": "https://daemon.example.test"},
+                                             "providers": {"replicate": {"http_timeout": 5}}})
+        import treq
+
+        response = await treq.get(second.url + "/api/cloud/providers/replicate",
+                                  headers={"X-API-Key": second.admin_key})
+        body = await response.json()
+        assert body["config"]["http_timeout"] == 61 and body["sources"]["http_timeout"] == "api"
+        assert body["config"]["webhook_allowed_ips"] == ["10.1.0.0/16"]
+    finally:
+        await first.fake.stop()
