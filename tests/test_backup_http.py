@@ -117,6 +117,9 @@ async def test_restore_brings_back_exactly_the_backup_while_serving(daemon):
             r = await treq.get(daemon.url + "/api/admin/database", headers=h)
             codes.append(r.code)
             await r.content()
+            r = await treq.get(daemon.url + "/api/cloud/jobs?limit=50", headers=h)
+            codes.append(r.code)
+            await r.content()
 
     runners = [defer.ensureDeferred(traffic()) for _ in range(3)]
     await _wait_for(lambda: len(codes) >= 6)
