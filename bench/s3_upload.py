@@ -10,6 +10,7 @@ against a peer measured in the same run:
 * multipart throughput vs raw disk (writing the same bytes to a file, fsynced) — the upper bound
   for a daemon that must write and fsync every byte (and assemble the parts once more);
 * single PutObject throughput vs the same raw disk figure;
+* both vs moto's S3 server (``moto_server``, same client, same files) when it is installed;
 * RSS growth during the upload vs the 64 MiB limit of issue 5.
 
 Nothing is asserted; the numbers are printed.
@@ -19,6 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import socket
+import subprocess
+import urllib.request
 import sys
 import tempfile
 import time
@@ -40,6 +45,8 @@ import sys, time, boto3
 endpoint, key, secret, path, name, mode = sys.argv[1:7]
 client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
                       region_name="us-east-1")
+if len(sys.argv) > 7:
+    client.create_bucket(Bucket="outputs")
 started = time.monotonic()
 if mode == "multipart":
     client.upload_file(path, "outputs", name)
@@ -77,6 +84,26 @@ def raw_disk_seconds(source: str, target: str) -> float:
     return elapsed
 
 
+def start_moto():
+    binary = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+    if not os.path.exists(binary):
+        return None, None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+            return proc, url
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    return None, None
+
+
 async def run(reactor, args) -> None:
     base = tempfile.mkdtemp(prefix="stdaemon-bench-s3-")
     config_path = os.path.join(base, "bench.yaml")
@@ -108,9 +135,30 @@ async def run(reactor, args) -> None:
             raise SystemExit(f"client failed: {err.decode()[-2000:]}")
         return float(out.decode().strip().splitlines()[-1]), samples[0], max(samples)
 
+    moto_proc, moto_url = start_moto()
+    moto = {}
+    if moto_proc is not None:
+        try:
+            for label, path, name, mode in (("multipart", source, "m/big.bin", "multipart"),
+                                            ("put", put_source, "m/put.bin", "put")):
+                out, err, code = await getProcessOutputAndValue(
+                    sys.executable, ["-c", CLIENT, moto_url, "testing", "testing", path, name, mode,
+                                     "create" if label == "multipart" else ""], env=os.environ)
+                if code == 0:
+                    moto[label] = float(out.decode().strip().splitlines()[-1])
+        finally:
+            moto_proc.kill()
+            moto_proc.wait()
+
     multipart_s, rss_before, rss_peak = await upload(source, "bench/big.bin", "multipart")
     put_s, _, put_peak = await upload(put_source, "bench/put.bin", "put")
     growth = rss_peak - rss_before
+    for label, size, ours in (("multipart", args.size_mib, multipart_s), ("put", args.put_mib, put_s)):
+        if label in moto:
+            print(f"{label:9s} vs moto_server: stdaemon {size / ours:8.1f} MiB/s  moto {size / moto[label]:8.1f} "
+                  f"MiB/s  ratio {moto[label] / ours:5.3f}")
+        else:
+            print(f"{label:9s} vs moto_server: moto_server not available")
     print(f"multipart upload {args.size_mib} MiB: {args.size_mib / multipart_s:8.1f} MiB/s  "
           f"raw disk {args.size_mib / raw:8.1f} MiB/s  ratio {raw / multipart_s:5.3f}")
     print(f"single PutObject {args.put_mib} MiB:  {args.put_mib / put_s:8.1f} MiB/s  "

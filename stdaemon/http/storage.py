@@ -176,6 +176,8 @@ class UploadSink:
         payload = (headers.getRawHeaders(b"x-amz-content-sha256") or [b""])[0].decode("latin-1")
         encoding = b",".join(headers.getRawHeaders(b"content-encoding") or []).decode("latin-1").lower()
         self.streaming = payload in sigv4.STREAMING_PAYLOADS or "aws-chunked" in encoding
+        # the body's SHA-256 is needed only when the client signed it (64 hex digits)
+        self.signed_payload = len(payload) == 64 and not self.streaming
         self.max_size = MAX_PART_SIZE if target.upload_id else surface.max_put_bytes
         self.decoder: Optional[AwsChunkedDecoder] = None
         self.checksum_algorithms: list[str] = []
@@ -279,7 +281,8 @@ class UploadSink:
             return
         try:
             if self.pending is None:
-                self.pending = self.surface.begin_write(self.target, self.checksum_algorithms, self.max_size)
+                self.pending = self.surface.begin_write(self.target, self.checksum_algorithms, self.max_size,
+                                                       self.signed_payload)
             for data in batch:
                 pieces = self.decoder.feed(data) if self.decoder is not None else (data,)
                 for piece in pieces:
@@ -326,7 +329,8 @@ class UploadSink:
             return
         try:
             if self.pending is None:
-                self.pending = self.surface.begin_write(self.target, self.checksum_algorithms, self.max_size)
+                self.pending = self.surface.begin_write(self.target, self.checksum_algorithms, self.max_size,
+                                                       self.signed_payload)
             if self.decoder is not None:
                 self.decoder.finish()
             self.pending.flush()
@@ -456,12 +460,12 @@ class StorageSurface(Surface):
             return target.key.split("/", 1)[0]
         return None
 
-    def begin_write(self, target: Target, algorithms: list, max_size: int):
+    def begin_write(self, target: Target, algorithms: list, max_size: int, sha256: bool = True):
         """In a worker thread: open the temp file for an upload."""
         if target.upload_id:
             return self.engine.begin_part(target.bucket, target.key, target.upload_id, target.part_number or 0,
-                                          algorithms)
-        return self.engine.begin_put(target.bucket, target.key, algorithms, max_size)
+                                          algorithms, sha256)
+        return self.engine.begin_put(target.bucket, target.key, algorithms, max_size, sha256)
 
     @staticmethod
     def split(raw_uri: bytes) -> tuple[str, str, str, str]:
@@ -747,7 +751,7 @@ class StorageSurface(Surface):
                 raise S3Error("XAmzContentSHA256Mismatch",
                               "The provided 'x-amz-content-sha256' header does not match what was computed.")
         if claim is not None and len(claim.payload_hash) == 64 and sink.decoder is None:
-            if not hmac.compare_digest(claim.payload_hash.lower(), pending.sha256.hexdigest()):
+            if pending.sha256 is None or not hmac.compare_digest(claim.payload_hash.lower(), pending.sha256.hexdigest()):
                 raise S3Error("XAmzContentSHA256Mismatch",
                               "The provided 'x-amz-content-sha256' header does not match what was computed.")
         md5_header = request.getHeader("content-md5")

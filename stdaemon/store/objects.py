@@ -122,13 +122,14 @@ class PendingWrite:
     ``x-amz-checksum-*`` algorithms while writing.
     """
 
-    def __init__(self, tmp_dir: str, checksum_algorithms: Iterable[str] = (), max_size: Optional[int] = None):
+    def __init__(self, tmp_dir: str, checksum_algorithms: Iterable[str] = (), max_size: Optional[int] = None,
+                 sha256: bool = True):
         os.makedirs(tmp_dir, exist_ok=True)
         self.path = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.tmp")
         self._fh = open(self.path, "wb")
         self.size = 0
         self.md5 = hashlib.md5()
-        self.sha256 = hashlib.sha256()
+        self.sha256 = hashlib.sha256() if sha256 else None  # only when the payload hash is signed
         self.checksums = {name: s3_checksums.new_checksum(name) for name in checksum_algorithms}
         self.max_size = max_size
         self.closed = False
@@ -140,7 +141,8 @@ class PendingWrite:
         if self.max_size is not None and self.size > self.max_size:
             raise StorageError("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size", 400)
         self.md5.update(data)
-        self.sha256.update(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
         for state in self.checksums.values():
             state.update(data)
         self._fh.write(data)
@@ -241,10 +243,10 @@ class StorageEngine:
     # ------------------------------------------------------------------ objects
 
     def begin_put(self, bucket_name: str, key: str, checksum_algorithms: Iterable[str] = (),
-                  max_size: Optional[int] = MAX_OBJECT_SIZE) -> PendingWrite:
+                  max_size: Optional[int] = MAX_OBJECT_SIZE, sha256: bool = True) -> PendingWrite:
         bucket = self.bucket(bucket_name)
         bucket.object_path(key)  # validate before any byte is written
-        return PendingWrite(bucket.tmp, checksum_algorithms, max_size)
+        return PendingWrite(bucket.tmp, checksum_algorithms, max_size, sha256)
 
     def commit_put(self, bucket_name: str, key: str, pending: PendingWrite, now: float,
                    content_type: Optional[str] = None, metadata: Optional[dict] = None,
@@ -459,12 +461,12 @@ class StorageEngine:
         return self._upload(self.bucket(bucket_name), upload_id, key)[1]
 
     def begin_part(self, bucket_name: str, key: str, upload_id: str, part_number: int,
-                   checksum_algorithms: Iterable[str] = ()) -> PendingWrite:
+                   checksum_algorithms: Iterable[str] = (), sha256: bool = True) -> PendingWrite:
         bucket = self.bucket(bucket_name)
         self._upload(bucket, upload_id, key)
         if not 1 <= part_number <= MAX_PART_NUMBER:
             raise StorageError("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive")
-        return PendingWrite(bucket.tmp, checksum_algorithms, MAX_PART_SIZE)
+        return PendingWrite(bucket.tmp, checksum_algorithms, MAX_PART_SIZE, sha256)
 
     def commit_part(self, bucket_name: str, key: str, upload_id: str, part_number: int, pending: PendingWrite,
                     now: float, checksums: Optional[dict] = None) -> PartInfo:
@@ -557,12 +559,12 @@ class StorageEngine:
                     raise StorageError("EntityTooSmall", "Your proposed upload is smaller than the minimum "
                                        "allowed object size.", PartNumber=number)
                 metas.append(meta)
-            pending = PendingWrite(bucket.tmp)
+            pending = PendingWrite(bucket.tmp, sha256=False)
             digest = hashlib.md5()
             try:
                 for meta in metas:
                     with open(os.path.join(path, meta["data"]), "rb") as src:
-                        shutil.copyfileobj(src, pending._fh, 1024 * 1024)
+                        _copy_file(src, pending._fh, meta["size"])
                     pending.size += meta["size"]
                     digest.update(bytes.fromhex(meta["md5"]))
             except Exception:
@@ -609,6 +611,29 @@ class StorageEngine:
             except OSError:
                 pass
         return removed
+
+
+def _copy_file(src, dst, size: int) -> None:
+    """Append ``src`` to ``dst`` in the kernel when it can (``copy_file_range``), else by blocks."""
+    dst.flush()
+    copy_range = getattr(os, "copy_file_range", None)
+    if copy_range is not None:
+        try:
+            remaining = size
+            while remaining > 0:
+                copied = copy_range(src.fileno(), dst.fileno(), min(remaining, 1 << 30))
+                if copied == 0:
+                    break
+                remaining -= copied
+            if remaining == 0:
+                dst.seek(0, os.SEEK_END)
+                return
+            src.seek(size - remaining)
+        except OSError:
+            src.seek(0)
+            dst.seek(0)
+            dst.truncate()
+    shutil.copyfileobj(src, dst, 1024 * 1024)
 
 
 def content_md5_matches(header_value: str, md5_digest: bytes) -> bool:
