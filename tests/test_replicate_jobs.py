@@ -94,6 +94,8 @@ async def test_cli_paths_and_error_bodies(env):
     assert response.code == 400 and "detail" in body
     response, body = await env.call("GET", "/api/cloud/jobs?status=exploded")
     assert response.code == 400
+    response, body = await env.call("GET", "/api/cloud/jobs?provider=runpod")
+    assert response.code == 400 and "provider" in body["detail"]
     assert env.fake.state.requests_to("POST", "/v1/predictions") == []
 
 

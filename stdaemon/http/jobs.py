@@ -610,7 +610,9 @@ class JobsSurface(Surface):
         status = query_arg(request, "status") or None
         if status is not None and status not in st.STATUSES:
             raise bad_request(f"status must be one of {', '.join(st.STATUSES)}", code="invalid_query")
-        provider = _provider_arg(request, None) or None
+        provider = query_arg(request, "provider") or None
+        if provider is not None and provider not in ps.PROVIDERS:
+            raise bad_request(f"provider must be one of {', '.join(ps.PROVIDERS)}", code="invalid_query")
         limit = query_int(request, "limit", 50, minimum=1, maximum=500)
         offset = query_int(request, "offset", 0, minimum=0)
         if (query_arg(request, "sync_active") or "").lower() in ("1", "true", "yes"):
