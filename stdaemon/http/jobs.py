@@ -144,10 +144,15 @@ class JobService:
             "counters": dict(self.counters),
         }
 
+    def observe(self, result: store.TransitionResult) -> None:
+        """Account for a ``store.jobs.transition`` committed elsewhere (e.g. the
+        webhook surface's own transaction) so the running totals stay exact."""
+        if result is not None and result.before is not None and result.job is not result.before:
+            self._track(result.before, result.job)
+
     async def _transition(self, job_id: str, new_status: str, **fields) -> store.TransitionResult:
         result = await self.ctx.db.run_write(store.transition, job_id, new_status, self.ctx.now(), **fields)
-        if result.before is not None and result.job is not result.before:
-            self._track(result.before, result.job)
+        self.observe(result)
         return result
 
     def publish(self, job: Optional[dict], previous: Optional[str] = None) -> None:
