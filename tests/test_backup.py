@@ -124,6 +124,7 @@ def test_default_name_list_and_info(store, db, clock):
     clock.advance(60)
     second = store.backup(compress=True)
     assert second.name.endswith(".db.gz")
+    assert (os.stat(second).st_mode & 0o777) == 0o600
     os.utime(first, (1, 1))  # make the order unambiguous
     assert store.list_backups() == [second, first]
     info = store.get_database_info()
@@ -243,3 +244,14 @@ def test_registered_append_only_tables_survive_a_restore(store, db, monkeypatch)
     assert rows == ["before backup", "after backup"]  # history is not rolled back
     assert store.last_restore["preserved_tables"] == ["history_test"]
     conn.close()
+
+
+def test_default_locations(db, tmp_path, monkeypatch):
+    # A bare path keeps its backups next to it; no path means the daemon's own database.
+    assert JobStore(db).backup_dir == db.parent / "backups"
+    monkeypatch.setenv("SIMPLETUNER_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("SIMPLETUNER_BACKUP_DIR", raising=False)
+    store = JobStore()
+    assert store.path == db
+    assert store.backup_dir == tmp_path / "state" / "backups"
+    assert store.get_database_info()["job_count"] == 5

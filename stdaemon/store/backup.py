@@ -168,14 +168,12 @@ class JobStore:
         config: Any = None,
         clock: Any = None,
     ):
-        if path is None or (backup_dir is None and config is None):
-            if config is None:
-                from stdaemon.config import load_config
-
-                config = load_config(None).config
         if path is None:
-            from stdaemon.config import state_path
+            # The daemon's database: same config file/env resolution as the daemon.
+            from stdaemon.config import load_config, state_path
 
+            if config is None:
+                config = load_config(None).config
             path = state_path(config, "config", "cloud", "jobs.db")
         self.path = Path(os.path.expanduser(str(path)))
         if backup_dir is None:
@@ -229,9 +227,11 @@ class JobStore:
             if compress:
                 zipped = target.with_name(f".{target.name}.partial-{os.getpid()}")
                 try:
-                    with open(partial, "rb") as src, gzip.open(zipped, "wb", compresslevel=6) as dst:
+                    fd = os.open(zipped, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with open(partial, "rb") as src, os.fdopen(fd, "wb") as raw, gzip.GzipFile(
+                        filename=db_target.name, mode="wb", fileobj=raw, compresslevel=6
+                    ) as dst:
                         shutil.copyfileobj(src, dst, _COPY_CHUNK)
-                    os.chmod(zipped, 0o600)
                     _fsync_path(zipped)
                     os.replace(zipped, target)
                 finally:
