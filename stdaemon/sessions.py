@@ -58,9 +58,12 @@ def request_is_https(request: Any, public_url: str = "") -> bool:
 
 async def record_audit(ctx: Any, event_type: str, request: Any = None, *,
                        actor: Optional[str] = None, target: Optional[str] = None,
-                       action: Optional[str] = None, details: Optional[dict] = None) -> None:
+                       action: Optional[str] = None, details: Optional[dict] = None,
+                       sampled: bool = False) -> None:
     """Write one audit entry when the audit writer is installed; a failed
-    write is logged and never fails the request that caused it."""
+    write is logged and never fails the request that caused it.  ``sampled``
+    is for events anyone can trigger at will (failed logins): the writer
+    bounds them per IP and window."""
     audit = getattr(ctx, "audit", None)
     if audit is None:
         return
@@ -69,8 +72,9 @@ async def record_audit(ctx: Any, event_type: str, request: Any = None, *,
         actor = principal.actor if principal is not None else "anonymous"
     ip = getattr(request, "client_ip", None) if request is not None else None
     try:
-        result = audit.record(event_type, actor=actor or "system", ip=ip, target=target,
-                              action=action, details=details or {})
+        write = audit.sampled if sampled and hasattr(audit, "sampled") else audit.record
+        result = write(event_type, actor=actor or "system", ip=ip, target=target,
+                       action=action, details=details or {})
         if inspect.isawaitable(result):
             await result
     except Exception:

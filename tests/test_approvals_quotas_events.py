@@ -113,6 +113,12 @@ async def test_cost_rule_holds_submission_until_approved(env):
     assert request["job_id"] == body["job_id"] and request["rule_name"] == "expensive"
     assert request["estimate_usd"] == pytest.approx(120 * 60 * 0.001525)
     assert env.ctx.approvals.metrics()["pending"] == 1
+    response, _ = await env.call("PUT", "/api/cloud/metrics/config",
+                                 {"prometheus_enabled": True, "prometheus_categories": ["approvals"]})
+    assert response.code == 200
+    response = await treq.get(env.url("/api/cloud/metrics/prometheus"))
+    scrape = (await response.content()).decode()
+    assert "simpletuner_approval_requests_pending 1.0" in scrape, scrape
     # The submitter (an operator) may approve; a viewer may not.
     viewer = await create_user(env.daemon, "vera", "viewer")
     viewer_key = await user_key(env.daemon, viewer["id"], "viewer")

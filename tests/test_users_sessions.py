@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import pytest_twisted
 from twisted.internet import task
@@ -289,3 +291,23 @@ async def test_user_management_rules(daemon):
     assert response.code == 401
     response, _ = await call(daemon, "DELETE", f"/api/users/{op['id']}", key=daemon.admin_key)
     assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_events_reach_the_real_audit_log(daemon):
+    assert daemon.ctx.audit is not None
+    await create_user(daemon, "audited", "operator")
+    await login(daemon, "audited", "wrong password!", expect=401)
+    session = await login(daemon, "audited", "correct horse battery")
+    response, created = await call(daemon, "POST", "/api/auth/api-keys", {"name": "audit me"},
+                                   session=session)
+    assert response.code == 201
+    response, _ = await call(daemon, "DELETE", f"/api/auth/api-keys/{created['id']}", session=session)
+    assert response.code == 200
+    for event_type in ("auth.login.failed", "auth.login.success", "api_key.created", "api_key.revoked"):
+        response, page = await call(daemon, "GET", f"/api/audit?event_type={event_type}",
+                                    key=daemon.admin_key)
+        assert response.code == 200 and page["total"] >= 1, (event_type, page)
+        entry = page["entries"][0]
+        assert entry["ip"] == "127.0.0.1"
+        assert "correct horse" not in json.dumps(entry) and created["key"] not in json.dumps(entry)

@@ -66,7 +66,7 @@ class AuthSurface(Surface):
         if not ok or row is None or row["disabled"]:
             await record_audit(self.ctx, "auth.login.failed", request, actor=login[:64],
                                target=login[:64], action="login",
-                               details={"reason": "invalid credentials"})
+                               details={"reason": "invalid credentials"}, sampled=True)
             raise ApiError(401, "invalid_credentials", "Invalid username or password")
         session = await self.ctx.db.run_write(
             users.create_session, row["id"], self.ctx.now(), self.sessions.ttl,
