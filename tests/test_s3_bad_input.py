@@ -173,6 +173,17 @@ async def test_wrong_secret_unknown_key_and_outside_prefix(s3):
         result = await deferToThread(raw_request, daemon.port, "PUT", path, headers, body)
         assert (result[0], error_code(result[2])) == (status, code), result
     assert await _no_temp_files(daemon)
+    if daemon.ctx.audit is not None and hasattr(daemon.ctx.audit, "query"):
+        entries = []
+        for _ in range(50):  # audit writes are fire-and-forget: wait for them, bounded
+            entries = (await daemon.ctx.audit.query(event_type="upload.denied"))["entries"]
+            if len(entries) >= 4:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        reasons = {e["details"]["reason"] for e in entries}
+        assert {"signature: SignatureDoesNotMatch", "unknown access key",
+                "key outside the credential's prefix", "bad upload token"} <= reasons
+        assert secret not in repr(entries)
 
 
 @pytest_twisted.ensureDeferred
@@ -252,9 +263,13 @@ async def test_client_hanging_up_mid_body_leaves_nothing(s3):
     data = os.urandom(3 * 1024 * 1024)
     headers = sign(daemon.url + PATH, "PUT", access_key, secret, hashlib.sha256(data).hexdigest())
     await deferToThread(raw_request, daemon.port, "PUT", PATH, headers, data, False, False, 1024 * 1024)
+    for _ in range(100):  # the daemon notices the hang-up asynchronously: wait for it, bounded
+        if not daemon.ctx.upload_progress("job-1")["in_flight"]:
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    assert daemon.ctx.upload_progress("job-1")["in_flight"] == []
     assert await _no_temp_files(daemon)
     assert not _visible(daemon)
-    assert daemon.ctx.upload_progress("job-1")["in_flight"] == []
 
 
 @pytest_twisted.ensureDeferred

@@ -531,20 +531,20 @@ class StorageSurface(Surface):
         if claim is not None:
             cred = await self.credentials.lookup(claim.access_key)
             if cred is None:
-                self._denied(request, "unknown access key")
+                self._denied(request, "unknown access key", claim.access_key)
                 raise S3Error("InvalidAccessKeyId",
                               "The AWS Access Key Id you provided does not exist in our records.",
                               AWSAccessKeyId=claim.access_key)
             now = self.ctx.clock.seconds()
             if not cred.active(now) or not await self.credentials.check_job_active(cred):
-                self._denied(request, "revoked or expired credentials")
+                self._denied(request, "revoked or expired credentials", claim.access_key)
                 raise S3Error("InvalidAccessKeyId",
                               "The AWS Access Key Id you provided does not exist in our records.",
                               AWSAccessKeyId=claim.access_key)
             try:
                 signer = sigv4.verify_claim(claim, cred.secret, now, path_prefix=PREFIX)
-            except sigv4.SignatureError:
-                self._denied(request, "bad signature")
+            except sigv4.SignatureError as exc:
+                self._denied(request, f"signature: {exc.code}", claim.access_key)
                 raise
             return Caller("job", credential=cred, claim=claim, signer=signer, can_write=True)
         token = request.getHeader("x-upload-token") or request.getHeader("x-simpletuner-secret")
@@ -557,20 +557,26 @@ class StorageSurface(Surface):
             return Caller("job", credential=cred, can_write=True)
         raise S3Error("AccessDenied", "Access Denied")
 
-    def _denied(self, request: Any, reason: str) -> None:
+    def _denied(self, request: Any, reason: str, access_key: str = "") -> None:
+        """Audit a refused upload (``upload.denied``), sampled so a flood stays bounded."""
+        ip = getattr(request, "client_ip", "") or None
+        log.info("S3 request refused: {reason}", reason=reason, ip=ip)
         audit = getattr(self.ctx, "audit", None)
-        record = getattr(audit, "record_soon", None) or getattr(audit, "record", None)
-        log.info("S3 request refused: {reason}", reason=reason, ip=getattr(request, "client_ip", ""))
-        if record is None:
+        if audit is None:
             return
+        fields = dict(actor="anonymous", ip=ip, target=request.path.decode("latin-1", "replace")[:200],
+                      action=request.method.decode("latin-1"),
+                      details={"reason": reason, "access_key_id": access_key[:64]})
         try:
-            result = record("upload.denied", actor="anonymous", ip=getattr(request, "client_ip", ""),
-                            target=request.path.decode("latin-1", "replace")[:200], action="s3",
-                            details={"reason": reason})
+            sampled = getattr(audit, "sampled", None)
+            if sampled is not None:
+                result = sampled("upload.denied", **fields)
+            else:
+                result = audit.record("upload.denied", **fields)
+            if hasattr(result, "__await__") and not isinstance(result, defer.Deferred):
+                result = defer.ensureDeferred(result)
             if isinstance(result, defer.Deferred):
-                result.addErrback(lambda f: None)
-            elif hasattr(result, "__await__"):
-                defer.ensureDeferred(result).addErrback(lambda f: None)
+                result.addErrback(lambda f: log.failure("audit of a refused upload failed", failure=f))
         except Exception:
             log.failure("audit of a refused upload failed")
 
