@@ -92,7 +92,7 @@ class JobService:
         }
         self.timer = None  # the "jobs.poll" SafeTimerService (set by install)
         self.stats = {"by_status": {status: 0 for status in st.STATUSES}, "cost_usd_total": 0.0,
-                      "durations": 0, "duration_seconds_total": 0.0}
+                      "created_total": 0, "durations": 0, "duration_seconds_total": 0.0}
         # Submission checks (quotas, approval rules) registered by other
         # capabilities: async fn(principal, provider, estimate_usd, body) ->
         # {"block": str|None, "warnings": [str], "pending_approval": bool}.
@@ -121,22 +121,32 @@ class JobService:
         self.stats = await self.ctx.db.run_read(store.stats)
 
     def _track(self, before: Optional[dict], after: Optional[dict]) -> None:
-        for job, sign in ((before, -1), (after, 1)):
-            if job is None:
-                continue
-            by_status = self.stats["by_status"]
-            by_status[job["status"]] = by_status.get(job["status"], 0) + sign
-            self.stats["cost_usd_total"] += sign * float(job.get("cost_usd") or 0.0)
-            if job.get("completed_at") is not None and job.get("started_at") is not None:
-                self.stats["durations"] += sign
-                self.stats["duration_seconds_total"] += sign * (job["completed_at"] - job["started_at"])
+        """Apply one committed row change to the totals.  ``jobs_total`` and
+        ``cost_usd_total`` are Prometheus counters: a deleted job leaves the
+        status gauge and the duration average but never lowers them."""
+        stats = self.stats
+        by_status = stats["by_status"]
+        if before is None and after is not None:
+            stats["created_total"] += 1
+        if before is not None:
+            by_status[before["status"]] = by_status.get(before["status"], 0) - 1
+            if before.get("completed_at") is not None and before.get("started_at") is not None:
+                stats["durations"] -= 1
+                stats["duration_seconds_total"] -= before["completed_at"] - before["started_at"]
+        if after is not None:
+            by_status[after["status"]] = by_status.get(after["status"], 0) + 1
+            if after.get("completed_at") is not None and after.get("started_at") is not None:
+                stats["durations"] += 1
+                stats["duration_seconds_total"] += after["completed_at"] - after["started_at"]
+            delta = float(after.get("cost_usd") or 0.0) - float((before or {}).get("cost_usd") or 0.0)
+            stats["cost_usd_total"] += max(0.0, delta)
 
     def metrics(self) -> dict:
         """Figures for the ``jobs`` metrics family (S10), kept current in memory."""
         by_status = dict(self.stats["by_status"])
         durations = self.stats["durations"]
         return {
-            "jobs_total": sum(by_status.values()),
+            "jobs_total": self.stats["created_total"],
             "by_status": by_status,
             "active": sum(by_status.get(s, 0) for s in st.ACTIVE),
             "cost_usd_total": round(self.stats["cost_usd_total"], 6),
@@ -557,7 +567,7 @@ class JobService:
             raise conflict(f"Job {job_id} is {job['status']}; only completed, failed or cancelled "
                            "jobs can be deleted (cancel it first)", code="job_active")
         if await self.ctx.db.run_write(store.delete_job, job_id):
-            self._track(job, None)
+            self._track(job, None)  # leaves the status gauge; counters keep it
         await audit(self.ctx, "job.deleted", actor=_actor(principal), ip=ip, target=job_id,
                     action="delete", details={"status": job["status"]})
         return {"success": True, "job_id": job_id}

@@ -183,5 +183,5 @@ def stats(conn) -> dict:
         cost += total
     row = conn.execute("SELECT count(*), COALESCE(SUM(completed_at - started_at), 0) FROM jobs "
                        "WHERE completed_at IS NOT NULL AND started_at IS NOT NULL").fetchone()
-    return {"by_status": by_status, "cost_usd_total": cost, "durations": row[0],
-            "duration_seconds_total": float(row[1])}
+    return {"by_status": by_status, "cost_usd_total": cost, "created_total": sum(by_status.values()),
+            "durations": row[0], "duration_seconds_total": float(row[1])}
