@@ -326,3 +326,18 @@ async def test_event_stream_heartbeats_on_the_clock(make_daemon):
     assert await until(lambda: "heartbeat" in reader.comments)
     daemon.ctx.events.close_all()
     await done
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_the_daemon_ends_open_streams(make_daemon):
+    # A stop must not wait for SSE clients: with an hour of shutdown grace,
+    # the stop still completes because draining closes the streams.
+    daemon = await make_daemon(settings={"server": {"shutdown_timeout": 3600}})
+    response, reader, done = await open_stream(daemon, daemon.admin_key)
+    assert response.code == 200
+    assert await until(lambda: "connected" in reader.comments)
+    stopping = daemon.service.stopService()
+    stopping.addTimeout(60, reactor)
+    await stopping
+    await done
+    assert daemon.ctx.events.streams == set()
