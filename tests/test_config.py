@@ -109,6 +109,13 @@ def test_environment_overrides_file_and_cli_overrides_both(tmp_path):
     ("server: {ssl_cert: /x.pem}", "server.ssl_key"),
     ("jobs: {poll_interval: 0}", "jobs.poll_interval"),
     ("server: [1, 2]", "server"),
+    ("providers: {replicate: {http_timeout: 0}}", "providers.replicate.http_timeout"),
+    ("providers: {replicate: {webhook_allowed_ips: ['10.0.0.0/33']}}",
+     "providers.replicate.webhook_allowed_ips"),
+    ("providers: {replicate: {proxy_url: 'proxy:8080'}}", "providers.replicate.proxy_url"),
+    ("providers: {replicate: {ssl_ca_bundle: /nonexistent/ca.pem}}", "providers.replicate.ssl_ca_bundle"),
+    ("rate_limit: {rules: [{pattern: 'x', calls: 10000000, period: 1}]}",
+     "rate_limit.rules[0].calls"),
 ])
 def test_errors_name_the_key_path(tmp_path, text, path):
     config_path = write(tmp_path, "bad.yaml", text)

@@ -287,6 +287,14 @@ def _check_rules(path: str, value: tuple) -> tuple:
             methods = tuple(m.upper() for m in _as_str_tuple(f"{rpath}.methods", methods))
         checked.append(MappingProxyType(
             {"pattern": pattern, "calls": calls, "period": period, "methods": methods}))
+    # The rate limiter's own parser has the remaining limits (bounds on calls
+    # and period, method names): run it now so --check-config sees them too.
+    from stdaemon.core.rate_rules import RuleError, parse_rules
+
+    try:
+        parse_rules([dict(rule) for rule in checked], path)
+    except RuleError as e:
+        raise ConfigError(e.path, e.reason) from None
     return tuple(checked)
 
 
@@ -316,10 +324,16 @@ VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "audit.retention_days": _check_non_negative,
 }
 
-# Validators for ``providers.<name>.<field>`` may be registered by the
-# provider settings module: ``PROVIDER_VALIDATORS[field](path, value)``
-# returning the normalised value or raising ConfigError.
+# Validators for ``providers.<name>.<field>``, from the provider settings
+# module: ``PROVIDER_VALIDATORS[field](path, value)`` returns the normalised
+# value or raises ConfigError naming the key path.
 PROVIDER_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {}
+
+
+def _register_provider_validators() -> None:
+    from stdaemon.core.provider_settings import register_config_validators
+
+    register_config_validators(PROVIDER_VALIDATORS)
 
 
 # -- reading files ----------------------------------------------------------
@@ -375,6 +389,8 @@ def load_config(
     ``{"server.listen": [...]}``); they win over everything.
     """
     environ = dict(os.environ if environ is None else environ)
+    if not PROVIDER_VALIDATORS:
+        _register_provider_validators()
     warnings: list[str] = []
     raw_file = read_file(path) if path else {}
 
@@ -449,6 +465,15 @@ def load_config(
                 continue
             checked[key] = validator(keypath, value) if validator else value
             sources[keypath] = "file"
+        if checked.get("ssl_ca_bundle"):
+            # A CA bundle that cannot be used would only fail at the first
+            # provider call: refuse it at start-up instead.
+            from stdaemon.clients.http import CABundleError, load_ca_bundle
+
+            try:
+                load_ca_bundle(os.path.expanduser(checked["ssl_ca_bundle"]))
+            except CABundleError as e:
+                raise ConfigError(f"providers.{name}.ssl_ca_bundle", str(e)) from None
         providers[name] = MappingProxyType(checked)
 
     snapshot = {k: environ[k] for k in ENV_SNAPSHOT if k in environ}
