@@ -242,6 +242,15 @@ async def test_api_keys_own_scope_role_ceiling_and_revocation(daemon):
     assert response.code == 200
     response, _ = await call(daemon, "GET", "/api/users/me", key=key)
     assert response.code == 401
+    # The collection form: DELETE /api/auth/api-keys?id=N.
+    response, second = await call(daemon, "POST", "/api/auth/api-keys", {"name": "second"},
+                                  session=session)
+    response, _ = await call(daemon, "DELETE", f"/api/auth/api-keys?id={second['id']}", session=session)
+    assert response.code == 200
+    response, _ = await call(daemon, "GET", "/api/users/me", key=second["key"])
+    assert response.code == 401
+    response, body = await call(daemon, "DELETE", "/api/auth/api-keys", session=session)
+    assert response.code == 400 and body["field"] == "id"
     response, _ = await call(daemon, "GET", "/api/users/me", key=other_key)
     assert response.code == 200
     assert {"api_key.created", "api_key.revoked"} <= set(audit.types())

@@ -20,7 +20,8 @@ from typing import Any
 from klein import Klein
 
 from stdaemon.http.errors import ApiError, forbidden, invalid_field, not_found
-from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, json_object, route
+from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, json_object, query_arg, \
+    route
 from stdaemon.sessions import SESSION_COOKIE, cookie, record_audit
 from stdaemon.store import api_keys, users
 
@@ -187,8 +188,21 @@ class AuthSurface(Surface):
         keys = await self.ctx.db.run_read(users.list_keys, owner)
         return {"keys": keys, "total": len(keys)}
 
+    @route(app, "/api/auth/api-keys", methods=["DELETE"], access=OPERATOR, max_body=AUTH_BODY)
+    async def revoke_key_by_query(self, request):
+        """``DELETE /api/auth/api-keys?id=N`` (or body ``{"id": N}``)."""
+        key_id = query_arg(request, "id")
+        if key_id is None:
+            key_id = json_object(request, required=False).get("id")
+        if key_id is None or isinstance(key_id, bool):
+            raise invalid_field("id", "the id of the key to revoke is required")
+        return await self._revoke(request, str(key_id))
+
     @route(app, "/api/auth/api-keys/<key_id>", methods=["DELETE"], access=OPERATOR)
     async def revoke_key(self, request, key_id):
+        return await self._revoke(request, key_id)
+
+    async def _revoke(self, request, key_id: str):
         principal = request.principal
         try:
             key_number = int(key_id)
