@@ -172,6 +172,16 @@ class ApprovalService:
 
     async def approve(self, request_id: int, principal: Any, reason: Optional[str] = None,
                       http_request: Any = None) -> dict:
+        current = await self.ctx.db.run_read(store.get_request, request_id)
+        if current is not None and current["status"] == "pending":
+            job = await self.ctx.db.run_read(store.job_row, current["job_id"])
+            if job is None or job["status"] != "pending_approval":
+                # Cancelled (or deleted) while waiting: nothing left to approve.
+                status = job["status"] if job else "deleted"
+                await self._decide(request_id, "rejected", "system",
+                                   f"the job is no longer awaiting approval ({status})")
+                raise ApiError(409, "job_not_pending",
+                               f"Job {current['job_id']} is {status}; it can no longer be approved")
         decided = await self._decide(request_id, "approved", principal.actor, reason)
         await record_audit(self.ctx, "approval.approved", http_request, actor=principal.actor,
                            target=f"job:{decided['job_id']}", action="approve",

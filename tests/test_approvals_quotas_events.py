@@ -158,6 +158,18 @@ async def test_hardware_rule_and_rejection_cancels(env):
     assert response.code == 200 and decided["approval"]["status"] == "rejected"
     job = await env.ctx.db.run_read(jobs_store.get_job, body["job_id"])
     assert job["status"] == "cancelled" and "too big" in job["error_message"]
+    # A held job cancelled while waiting cannot be approved afterwards.
+    response, held = await env.call("POST", "/api/cloud/jobs/submit?provider=replicate",
+                                    {"config": {"a": 2}, "hardware_profile": "h100-x8"}, key=key)
+    assert held["status"] == "pending_approval"
+    response, _ = await env.call("POST", f"/api/cloud/jobs/{held['job_id']}/cancel", {}, key=key)
+    assert response.code == 200
+    response, listed = await env.call("GET", "/api/approvals?status=pending", key=key)
+    stale = next(a for a in listed["approvals"] if a["job_id"] == held["job_id"])
+    predictions = len(env.fake.state.requests_to("POST", "/v1/predictions"))
+    response, error = await env.call("POST", f"/api/approvals/{stale['id']}/approve", {}, key=key)
+    assert response.code == 409 and error["error"] == "job_not_pending"
+    assert len(env.fake.state.requests_to("POST", "/v1/predictions")) == predictions
     # Bad input.
     response, error = await env.call("POST", "/api/approvals/9999/approve", {})
     assert response.code == 404
