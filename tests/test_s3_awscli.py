@@ -89,6 +89,12 @@ async def test_aws_cli_cp_ls_sync_round_trip(make_daemon, tls, tmp_path, scheme)
     out, err, code = await _aws(["s3", "sync", str(tree), "s3://outputs/job-7/tree/", *endpoint], env)
     assert code == 0 and "upload:" not in out
 
+    # rm --recursive (DeleteObjects) inside the prefix
+    out, err, code = await _aws(["s3", "rm", "--recursive", "s3://outputs/job-7/tree/", *endpoint], env)
+    assert code == 0, err
+    out, err, code = await _aws(["s3", "ls", "--recursive", "s3://outputs/job-7/", *endpoint], env)
+    assert code == 0 and [line.split()[-1] for line in out.splitlines()] == ["job-7/big.bin"]
+
     # outside the job's prefix: refused, nothing written
     out, err, code = await _aws(["s3", "cp", str(tree / "a.txt"), "s3://outputs/job-8/a.txt", *endpoint], env)
     assert code != 0 and "AccessDenied" in err

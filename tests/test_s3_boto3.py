@@ -271,3 +271,25 @@ async def test_presigned_put_and_signed_streaming_chunks(make_daemon, tls):
     assert status == 403 and b"SignatureDoesNotMatch" in answer
     got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/signed-chunks.bin")
     assert await deferToThread(got["Body"].read) == data  # the refused upload replaced nothing
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_objects_and_response_overrides(make_daemon, tls):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, "http")
+    for name in ("a", "b", "c"):
+        await deferToThread(client.put_object, Bucket="outputs", Key=f"job-1/del/{name}", Body=b"x")
+    answer = await deferToThread(client.delete_objects, Bucket="outputs", Delete={"Objects": [
+        {"Key": "job-1/del/a"}, {"Key": "job-1/del/b"}, {"Key": "job-2/other"}]})
+    assert sorted(d["Key"] for d in answer["Deleted"]) == ["job-1/del/a", "job-1/del/b"]
+    assert [(e["Key"], e["Code"]) for e in answer["Errors"]] == [("job-2/other", "AccessDenied")]
+    listed = await deferToThread(client.list_objects_v2, Bucket="outputs", Prefix="job-1/del/")
+    assert [o["Key"] for o in listed["Contents"]] == ["job-1/del/c"]
+    url = client.generate_presigned_url("get_object", Params={
+        "Bucket": "outputs", "Key": "job-1/del/c", "ResponseContentDisposition": 'attachment; filename="c.bin"',
+        "ResponseContentType": "application/octet-stream"}, ExpiresIn=60)
+
+    def fetch(u):
+        with urllib.request.urlopen(u) as resp:
+            return resp.headers["Content-Disposition"], resp.headers["Content-Type"], resp.read()
+
+    assert await deferToThread(fetch, url) == ('attachment; filename="c.bin"', "application/octet-stream", b"x")

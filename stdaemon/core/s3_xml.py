@@ -218,3 +218,33 @@ def parse_complete_multipart(data: bytes) -> list[tuple[int, str, dict]]:
         checksums = {k: v for k, v in fields.items() if k.startswith("Checksum")}
         parts.append((number, etag, checksums))
     return parts
+
+
+def parse_delete(data: bytes) -> tuple[list[str], bool]:
+    """``(keys, quiet)`` of a DeleteObjects request body."""
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise MalformedXML("DTDs are not accepted")
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError:
+        raise MalformedXML("not well-formed") from None
+    if _local(root.tag) != "Delete":
+        raise MalformedXML("unexpected root element")
+    keys, quiet = [], False
+    for child in root:
+        name = _local(child.tag)
+        if name == "Quiet":
+            quiet = (child.text or "").strip().lower() == "true"
+        elif name == "Object":
+            key = next((c.text or "" for c in child if _local(c.tag) == "Key"), None)
+            if key is None:
+                raise MalformedXML("each Object needs a Key")
+            keys.append(key)
+    return keys, quiet
+
+
+def delete_result(deleted: Iterable[str], errors: Iterable[tuple[str, str, str]]) -> bytes:
+    body = "".join(f"<Deleted>{_el('Key', key)}</Deleted>" for key in deleted)
+    body += "".join(f"<Error>{_el('Key', key)}{_el('Code', code)}{_el('Message', message)}</Error>"
+                    for key, code, message in errors)
+    return _doc("DeleteResult", body)

@@ -52,11 +52,21 @@ GIB = 1024 ** 3
 MAX_PUT_BYTES = 5 * GIB
 #: Slack for aws-chunked framing on top of the decoded limit.
 CHUNK_OVERHEAD = 64 * 1024 * 1024
-SMALL_BODY = 1024 * 1024
+#: XML request bodies (CompleteMultipartUpload of 10 000 parts, DeleteObjects of 1 000 keys).
+SMALL_BODY = 4 * 1024 * 1024
 HIGH_WATER = 4 * 1024 * 1024
 LOW_WATER = 1024 * 1024
 BATCH_BYTES = 1024 * 1024
 READ_CHUNK = 256 * 1024
+#: GetObject query parameters that override response headers (presigned downloads use them).
+RESPONSE_OVERRIDES = {
+    "response-content-type": "Content-Type",
+    "response-content-disposition": "Content-Disposition",
+    "response-content-encoding": "Content-Encoding",
+    "response-content-language": "Content-Language",
+    "response-cache-control": "Cache-Control",
+    "response-expires": "Expires",
+}
 
 
 class S3Error(Exception):
@@ -590,11 +600,11 @@ class StorageSurface(Surface):
     async def list_buckets_slash(self, request: Any) -> Any:
         return await self._dispatch(request, self._list_buckets)
 
-    @route(app, PREFIX + "/<bucket>", methods=("GET", "HEAD"), access=PUBLIC)
+    @route(app, PREFIX + "/<bucket>", methods=("GET", "HEAD", "POST"), access=PUBLIC)
     async def bucket(self, request: Any, bucket: str) -> Any:
         return await self._dispatch(request, self._bucket)
 
-    @route(app, PREFIX + "/<bucket>/", methods=("GET", "HEAD"), access=PUBLIC)
+    @route(app, PREFIX + "/<bucket>/", methods=("GET", "HEAD", "POST"), access=PUBLIC)
     async def bucket_slash(self, request: Any, bucket: str) -> Any:
         return await self._dispatch(request, self._bucket)
 
@@ -626,9 +636,55 @@ class StorageSurface(Surface):
                 return Response(body=b"", status=err.status)
             return _xml_error(request, err, resource)
 
+    async def _delete_objects(self, request: Any, caller: Caller, bucket: str) -> Any:
+        body = self._read_small_body(request)
+        self._check_small_body(request, caller, body)
+        try:
+            keys, quiet = s3_xml.parse_delete(body)
+        except s3_xml.MalformedXML:
+            raise S3Error("MalformedXML", "The XML you provided was not well-formed or did not validate "
+                          "against our published schema.") from None
+        if len(keys) > 1000:
+            raise S3Error("MalformedXML", "A DeleteObjects request may name at most 1000 keys")
+        deleted, errors = [], []
+        for key in keys:
+            if not caller.can_write or not caller.allowed(bucket, key):
+                errors.append((key, "AccessDenied", "Access Denied"))
+                continue
+            try:
+                validate_key(key)
+            except InvalidKey:
+                deleted.append(key)  # nothing can exist under an invalid key
+                continue
+            await self.run(self.engine.delete, bucket, key)
+            deleted.append(key)
+        return Response(body=s3_xml.delete_result([] if quiet else deleted, errors), content_type="application/xml")
+
+    def _check_small_body(self, request: Any, caller: Caller, body: bytes) -> None:
+        """Payload hash, Content-MD5 and x-amz-checksum-* of a small XML body."""
+        claim = caller.claim
+        if claim is not None and len(claim.payload_hash) == 64:
+            if not hmac.compare_digest(claim.payload_hash.lower(), hashlib.sha256(body).hexdigest()):
+                raise S3Error("XAmzContentSHA256Mismatch",
+                              "The provided 'x-amz-content-sha256' header does not match what was computed.")
+        md5_header = request.getHeader("content-md5")
+        if md5_header is not None:
+            try:
+                given = base64.b64decode(md5_header.strip(), validate=True)
+            except ValueError:
+                raise S3Error("InvalidDigest", "The Content-MD5 you specified was invalid.") from None
+            if not hmac.compare_digest(given, hashlib.md5(body).digest()):
+                raise S3Error("BadDigest", "The Content-MD5 you specified did not match what we received.")
+        for name, value in _header_items(request.requestHeaders):
+            algorithm = s3_checksums.algorithm_from_header(name)
+            if algorithm and not hmac.compare_digest(value.strip().encode(),
+                                                     s3_checksums.checksum_b64(algorithm, body).encode()):
+                raise S3Error("BadDigest",
+                              f"The {algorithm.upper()} you specified did not match the calculated checksum.")
+
     async def _list_buckets(self, request, raw_path, raw_query, bucket, key) -> Any:
         caller = await self.authenticate(request, raw_path, raw_query)
-        buckets = self.engine.list_buckets()
+        buckets = await self.run(self.engine.list_buckets)
         if caller.kind == "job":
             buckets = [b for b in buckets if b[0] == caller.credential.bucket]
         return Response(body=s3_xml.list_buckets(buckets), content_type="application/xml")
@@ -638,6 +694,10 @@ class StorageSurface(Surface):
         if bucket not in self.engine.buckets:
             raise S3Error("NoSuchBucket", "The specified bucket does not exist", BucketName=bucket)
         query = {n.decode("utf-8", "replace"): v.decode("utf-8", "replace") for n, v in sigv4.parse_query(raw_query)}
+        if request.method == b"POST":
+            if "delete" not in query:
+                raise S3Error("InvalidRequest", "This POST request is not supported")
+            return await self._delete_objects(request, caller, bucket)
         if request.method == b"HEAD":
             if caller.kind == "job" and caller.credential.bucket != bucket:
                 raise S3Error("AccessDenied", "Access Denied")
@@ -726,7 +786,7 @@ class StorageSurface(Surface):
             return Response(body=b"", status=204)
         if "uploadId" in query:
             return await self._list_parts(request, bucket, key, query)
-        return await self._get(request, bucket, key)
+        return await self._get(request, bucket, key, query)
 
     # -- uploads -------------------------------------------------------------------------------
 
@@ -818,11 +878,7 @@ class StorageSurface(Surface):
 
     async def _complete_multipart(self, request: Any, caller: Caller, bucket: str, key: str, upload_id: str) -> Any:
         body = self._read_small_body(request)
-        claim = caller.claim
-        if claim is not None and len(claim.payload_hash) == 64:
-            if not hmac.compare_digest(claim.payload_hash.lower(), hashlib.sha256(body).hexdigest()):
-                raise S3Error("XAmzContentSHA256Mismatch",
-                              "The provided 'x-amz-content-sha256' header does not match what was computed.")
+        self._check_small_body(request, caller, body)
         try:
             parts = s3_xml.parse_complete_multipart(body)
         except s3_xml.MalformedXML:
@@ -853,20 +909,26 @@ class StorageSurface(Surface):
 
     # -- downloads -----------------------------------------------------------------------------
 
-    async def _get(self, request: Any, bucket: str, key: str) -> Any:
+    async def _get(self, request: Any, bucket: str, key: str, query: Optional[dict] = None) -> Any:
         fh, info = await self.run(self.engine.open_read, bucket, key)
         try:
-            return await self._send(request, fh, info)
+            return await self._send(request, fh, info, query or {})
         finally:
             await self.run(fh.close)
 
-    async def _send(self, request: Any, fh: Any, info: Any) -> Any:
+    async def _send(self, request: Any, fh: Any, info: Any, query: dict) -> Any:
         headers = {
             "ETag": info.etag,
             "Last-Modified": s3_xml.http_date(info.last_modified),
             "Accept-Ranges": "bytes",
             "Content-Type": info.content_type or "binary/octet-stream",
         }
+        for param, header in RESPONSE_OVERRIDES.items():
+            if param in query:
+                value = query[param]
+                if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+                    raise S3Error("InvalidArgument", f"{param} contains control characters")
+                headers[header] = value
         for name, value in info.metadata.items():
             headers[f"x-amz-meta-{name}"] = value
         if info.parts:

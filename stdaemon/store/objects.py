@@ -283,8 +283,15 @@ class StorageEngine:
             probe = os.path.dirname(probe)
         if os.path.isdir(path):
             raise StorageError("InvalidArgument", "The key conflicts with existing objects under it", 409)
-        os.makedirs(parent, exist_ok=True)
-        os.replace(tmp_path, path)
+        for attempt in range(3):
+            os.makedirs(parent, exist_ok=True)
+            try:
+                os.replace(tmp_path, path)
+                break
+            except FileNotFoundError:
+                # a concurrent delete pruned the (then empty) parent directory: make it again
+                if attempt == 2 or not os.path.exists(tmp_path):
+                    raise
         _fsync_dir(parent)
 
     def head(self, bucket_name: str, key: str) -> ObjectInfo:
