@@ -79,7 +79,7 @@ DAY = 86400.0
 MINUTE = 60.0
 # How often the per-provider period spend is re-read from the database
 # (between reads it follows the cost deltas the job hooks report).
-SPEND_REFRESH_INTERVAL = 300.0
+SPEND_REFRESH_INTERVAL = 60.0
 
 APPROVAL_STATUSES = ("pending", "approved", "rejected", "expired", "cancelled")
 
@@ -339,13 +339,31 @@ class Metrics:
 
     # -- hooks: jobs ------------------------------------------------------------------
 
-    def register_jobs_source(self, fn: Optional[Callable[[], Mapping[str, Any]]]) -> None:
+    def register_jobs_source(self, fn: Optional[Callable[[], Mapping[str, Any]]],
+                             track: Optional[Callable[[Optional[Mapping], Optional[Mapping]], None]] = None) -> None:
         """Let another owner of job figures feed the ``jobs`` category
-        (``fn() -> dict`` shaped like :meth:`jobs_figures`); ``None`` unsets."""
+        (``fn() -> dict`` shaped like :meth:`jobs_figures`); ``None`` unsets.
+        With ``track(before, after)`` the job hooks below forward every change
+        to that owner, so callers always use ``ctx.metrics.job_*`` and the
+        figures stay in one place."""
         self._jobs_source = fn
+        self._jobs_track = track if fn is not None else None
+
+    _jobs_track: Optional[Callable[[Optional[Mapping], Optional[Mapping]], None]] = None
+
+    def _forward(self, before: Optional[Mapping], after: Optional[Mapping]) -> bool:
+        if self._jobs_track is None:
+            return False
+        self._jobs_track(before, after)
+        return True
 
     def job_created(self, status: str, cost_usd: float = 0.0, *, provider: Optional[str] = None,
                     created_at: Optional[float] = None) -> None:
+        if self._jobs_track is not None:
+            self._forward(None, {"status": status, "cost_usd": cost_usd or 0.0, "provider": provider,
+                                 "created_at": created_at, "started_at": None, "completed_at": None})
+            self._add_spend(cost_usd or 0.0, provider, created_at)
+            return
         self.jobs_total += 1
         self.jobs_by_status[status] = self.jobs_by_status.get(status, 0) + 1
         self._add_cost(cost_usd or 0.0, provider, created_at)
@@ -356,6 +374,14 @@ class Metrics:
         """A committed change of one job: status ``old → new`` (equal when only
         columns changed), cost change in USD, and its run time when it just
         finished (terminal with both timestamps)."""
+        if self._jobs_track is not None:
+            blank = {"cost_usd": 0.0, "started_at": None, "completed_at": None}
+            self._forward(dict(blank, status=old) if old is not None else None,
+                          dict(blank, status=new, cost_usd=cost_delta or 0.0,
+                               started_at=0.0 if duration is not None else None,
+                               completed_at=duration) if new is not None else None)
+            self._add_spend(cost_delta or 0.0, provider, created_at)
+            return
         if old != new:
             if old is not None:
                 self.jobs_by_status[old] = max(0, self.jobs_by_status.get(old, 0) - 1)
@@ -374,6 +400,13 @@ class Metrics:
         try:
             if after is None:
                 return
+            if self._jobs_track is not None:
+                if before is not None and dict(before) == dict(after):
+                    return
+                self._forward(before, after)
+                delta = float(after.get("cost_usd") or 0.0) - float((before or {}).get("cost_usd") or 0.0)
+                self._add_spend(delta, after.get("provider"), after.get("created_at"))
+                return
             if before is None:
                 self.job_created(after["status"], float(after.get("cost_usd") or 0.0),
                                  provider=after.get("provider"), created_at=after.get("created_at"))
@@ -390,6 +423,10 @@ class Metrics:
                     job: Optional[Mapping[str, Any]] = None) -> None:
         """A job row was deleted: it leaves ``jobs_by_status`` and the duration
         average; ``jobs_total`` and ``cost_usd_total`` are counters and keep it."""
+        if self._jobs_track is not None:
+            self._forward(job if job is not None else {"status": status, "cost_usd": 0.0, "started_at": None,
+                                                       "completed_at": None}, None)
+            return
         if job is not None:
             duration = _job_duration(job)
         self.jobs_by_status[status] = max(0, self.jobs_by_status.get(status, 0) - 1)
@@ -399,7 +436,10 @@ class Metrics:
 
     def _add_cost(self, delta: float, provider: Optional[str], created_at: Optional[float]) -> None:
         self.cost_usd_total += delta
-        if provider is not None:
+        self._add_spend(delta, provider, created_at)
+
+    def _add_spend(self, delta: float, provider: Optional[str], created_at: Optional[float]) -> None:
+        if provider is not None and delta:
             self.spend.add(provider, delta, created_at)
 
     def load_job_aggregates(self, aggregates: Mapping[str, tuple]) -> None:
@@ -696,8 +736,10 @@ async def start(ctx: Any) -> None:
     metrics: Metrics = ctx.metrics
     jobs = getattr(ctx, "jobs", None)
     if metrics._jobs_source is None and callable(getattr(jobs, "metrics", None)):
-        # The jobs service keeps the job figures itself (loaded by ctx.jobs.load()).
-        metrics.register_jobs_source(jobs.metrics)
+        # The jobs service keeps the job figures itself (loaded by ctx.jobs.load());
+        # ctx.metrics.job_* hooks forward changes made elsewhere (webhooks) to it.
+        track = getattr(jobs, "track", None) or getattr(jobs, "_track", None)
+        metrics.register_jobs_source(jobs.metrics, track=track if callable(track) else None)
     await reload(ctx)
     if metrics._approvals_source is None and callable(getattr(getattr(ctx, "approvals", None), "metrics", None)):
         metrics.register_approvals_source(ctx.approvals.metrics)

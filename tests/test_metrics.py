@@ -59,6 +59,11 @@ def sample_names(text: str) -> set:
     return {name for name, _labels in samples(text)}
 
 
+def family_names(text: str) -> set:
+    """Names in the ``# TYPE`` lines (families are listed even without samples)."""
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
 def promtool_problems(body: bytes) -> list[str]:
     promtool = require_binary("promtool")
     result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=30)
@@ -94,8 +99,8 @@ def test_every_guide_family_in_its_category_with_real_values():
     metrics = populated()
     text = metrics.render(CATEGORIES)[0].decode()
     for category, names in FAMILIES.items():
-        only = sample_names(metrics.render([category])[0].decode())
-        assert only == names, category
+        only = metrics.render([category])[0].decode()
+        assert sample_names(only) == names == family_names(only), category
     assert value(text, "simpletuner_uptime_seconds") == 3600.5
     assert value(text, "simpletuner_jobs_total") == 4
     assert value(text, "simpletuner_jobs_by_status", status="pending") == 2
@@ -358,3 +363,24 @@ def test_registries_are_per_object():
 
     assert b"simpletuner_" not in generate_latest(REGISTRY)
     assert b"simpletuner_rate_limit_violations_total 1.0" in generate_latest(one.registry)
+
+
+def test_job_hooks_forward_to_a_registered_owner():
+    """When the jobs service owns the figures, every ``ctx.metrics.job_*`` call
+    (webhooks, approvals) reaches it, so there is one set of job figures."""
+    seen = []
+    metrics = Metrics(Clock())
+    metrics.register_jobs_source(lambda: {"jobs_total": len(seen), "by_status": {}, "active": 0,
+                                          "cost_usd_total": 0.0, "job_duration_seconds_avg": 0.0},
+                                 track=lambda before, after: seen.append((before, after)))
+    row = {"job_id": "j", "status": "running", "cost_usd": 1.0, "provider": "replicate"}
+    done = dict(row, status="completed", cost_usd=2.0)
+    metrics.job_changed(row, done)
+    metrics.job_changed(done, dict(done))  # nothing changed: not forwarded
+    metrics.job_deleted("completed", job=done)
+    metrics.job_created("pending")
+    assert seen[0] == (row, done)
+    assert seen[1] == (done, None)
+    assert seen[2][0] is None and seen[2][1]["status"] == "pending"
+    assert len(seen) == 3
+    assert metrics.jobs_total == 0  # the internal figures stay unused
