@@ -320,3 +320,42 @@ async def test_auth_events_reach_the_real_audit_log(daemon):
         entry = page["entries"][0]
         assert entry["ip"] == "127.0.0.1"
         assert "correct horse" not in json.dumps(entry) and created["key"] not in json.dumps(entry)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cookies_are_secure_over_https(make_daemon, tmp_path):
+    import ssl
+    import urllib.request
+
+    import trustme
+    from twisted.internet.threads import deferToThread
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    with open(cert_path, "wb") as handle:
+        for blob in cert.cert_chain_pems:
+            handle.write(blob.bytes())
+    cert.private_key_pem.write_to_path(str(key_path))
+    daemon = await make_daemon(settings={"server": {"ssl_cert": str(cert_path), "ssl_key": str(key_path)}})
+    assert daemon.url.startswith("https://")
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+
+    def post(path, body, headers):
+        request = urllib.request.Request(daemon.url + path, data=json.dumps(body).encode(),
+                                         headers=dict(headers, **{"Content-Type": "application/json"}),
+                                         method="POST")
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            return response.status, response.headers.get_all("Set-Cookie") or []
+
+    status, _ = await deferToThread(post, "/api/users", {"username": "tls", "password": "long enough pw",
+                                                         "role": "viewer"},
+                                    {"X-API-Key": daemon.admin_key})
+    assert status == 201
+    status, cookies = await deferToThread(post, "/api/auth/login",
+                                          {"username": "tls", "password": "long enough pw"},
+                                          {"Origin": daemon.url})
+    assert status == 200 and len(cookies) == 2
+    assert all("; Secure" in c and "samesite=strict" in c.lower() for c in cookies)
+    assert any(c.startswith("st_session=") and "HttpOnly" in c for c in cookies)
