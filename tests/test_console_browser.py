@@ -149,6 +149,19 @@ def viewer_console(page):
     return True
 
 
+def wait_for_live_updates(page):
+    page.get_by_role("link", name="Jobs").click()
+    expect(page.locator("#jobs-live")).to_have_text("Live updates on.")
+
+
+def job_row_text(page, job_id):
+    row = page.locator(f"tr[data-job-id='{job_id}']")
+    expect(row).to_be_visible()
+    expect(row.locator("td.status")).to_have_text("running")
+    screenshot(page, "jobs-live.png")
+    return row.inner_text()
+
+
 def close_page(page):
     messages = list(page.console_messages)
     page.context.close()
@@ -247,3 +260,21 @@ async def test_console_at_390px_and_a_viewer_cannot_change_settings(daemon, brow
     before = await provider_config(daemon)
     assert before["proxy_url"] == ""
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_jobs_list_updates_live_from_the_event_stream(daemon, browser):
+    from stdaemon.store import jobs as jobs_store
+
+    await create_user(daemon, "erin", "operator", PASSWORD)
+    page = await browser.run(open_and_login_with_keyboard, browser, daemon.url, "erin")
+    await browser.run(wait_for_live_updates, page)
+    now = daemon.ctx.now()
+    job, _ = await daemon.ctx.db.run_write(jobs_store.create_or_get, {
+        "job_id": "livejob0001", "provider": "replicate", "status": "running", "config_name": "flux-lora",
+        "created_at": now, "cost_usd": 1.25, "hardware_type": "h100", "user_id": None,
+        "metadata": {"hardware_profile": "h100"}}, now)
+    daemon.ctx.events.publish(job)  # no reload, no click: the stream brings it in
+    text = await browser.run(job_row_text, page, "livejob0001")
+    assert "flux-lora" in text and "1.2500" in text and "h100" in text
+    await browser.run(close_page, page)
