@@ -127,7 +127,7 @@ class _NoAudit:
 
 @pytest_twisted.ensureDeferred
 async def test_templates_switch_categories(make_daemon):
-    daemon = await make_daemon({"metrics": {"prometheus_enabled": True}})
+    daemon = await make_daemon()  # disabled: a template turns the export on
     expected = {
         "minimal": ["jobs"],
         "standard": ["jobs", "http", "health"],
@@ -138,6 +138,7 @@ async def test_templates_switch_categories(make_daemon):
         response, body = await call(daemon, "POST", f"{CONFIG}/templates/{name}", key=daemon.admin_key)
         assert response.code == 200, body
         assert body["template"] == name and body["prometheus_categories"] == categories
+        assert body["prometheus_enabled"] is True
         response, text = await scrape(daemon)
         assert family_names(text.decode()) == set().union(*(FAMILIES[c] for c in categories)), name
     response, body = await call(daemon, "POST", f"{CONFIG}/templates/everything", key=daemon.admin_key)

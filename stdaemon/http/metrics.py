@@ -11,7 +11,7 @@
   Saved in the ``settings`` table (namespace ``metrics``) over the config
   values, audited as ``metrics.configured``.
 * ``POST /api/cloud/metrics/config/templates/{minimal|standard|security|full}``
-  — set the categories of a template (admin).
+  — export the categories of a template (sets them and enables the export; admin).
 * ``GET /api/cloud/metrics/config/preview?categories=jobs&categories=health``
   — what a scrape would return with those categories; changes nothing.
 """
@@ -121,7 +121,9 @@ class MetricsSurface(Surface):
         categories = m.TEMPLATES.get(name)
         if categories is None:
             raise not_found(f"Unknown metrics template {name!r} (known: {', '.join(m.TEMPLATES)})")
-        body = await self._save(request, {"prometheus_categories": list(categories)},
+        # A template is the operator's choice of what to export: it also turns
+        # the export on (as the guide's one-line "apply a template" implies).
+        body = await self._save(request, {"prometheus_enabled": True, "prometheus_categories": list(categories)},
                                 action="template", template=name)
         body["template"] = name
         return body
