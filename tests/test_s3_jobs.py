@@ -148,3 +148,15 @@ async def test_stale_multipart_uploads_are_removed_by_the_timer(make_daemon):
         await deferLater(reactor, 0.02, lambda: None)
     assert await surface.run(engine.list_uploads, "outputs") == []
     assert await surface.run(engine.iter_keys, "outputs") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_objects_land_under_the_configured_s3_output_path(make_daemon, tmp_path):
+    target = tmp_path / "elsewhere"
+    daemon = await make_daemon(settings={"providers": {"replicate": {"s3_output_path": str(target)}}})
+    access_key, secret = await daemon.ctx.upload_credentials.issue("job-5")
+    client = boto3.client("s3", endpoint_url=daemon.url + "/api/cloud/storage", aws_access_key_id=access_key,
+                          aws_secret_access_key=secret, region_name="us-east-1")
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-5/out.txt", Body=b"here")
+    assert (target / "job-5" / "out.txt").read_bytes() == b"here"
+    assert not os.path.exists(os.path.join(daemon.ctx.outputs_dir(), "job-5"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -42,7 +43,7 @@ from stdaemon.http.request import BodyPolicy
 from stdaemon.http.surface import PUBLIC, Response, Surface, route
 from stdaemon.logs import get_logger
 from stdaemon.store import credentials as credentials_store
-from stdaemon.store.objects import MAX_PART_SIZE, StorageEngine, StorageError
+from stdaemon.store.objects import MAX_PART_SIZE, Bucket, StorageEngine, StorageError
 
 log = get_logger("stdaemon.http.storage")
 
@@ -432,6 +433,7 @@ class StorageSurface(Surface):
                  multipart_max_age: float = 7 * 86400.0, cleanup_interval: float = 3600.0):
         super().__init__(ctx)
         self.reactor = ctx.reactor
+        self._fixed_buckets = buckets is not None
         buckets = buckets or {credentials_store.UPLOAD_BUCKET: ctx.outputs_dir()}
         self.engine = StorageEngine(buckets, created_at=ctx.clock.seconds())
         self.max_put_bytes = max_put_bytes
@@ -458,12 +460,34 @@ class StorageSurface(Surface):
         return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
 
     async def cleanup(self) -> None:
+        self.refresh_buckets()
         if not self._cleaned_at_start:
             self._cleaned_at_start = True
             await self.run(self.engine.startup_cleanup)
         removed = await self.run(self.engine.cleanup_stale, self.ctx.clock.seconds(), self.multipart_max_age)
         if removed:
             log.info("Removed {count} stale multipart uploads", count=removed)
+
+    def outputs_root(self) -> str:
+        """Directory of the ``outputs`` bucket: provider setting ``s3_output_path`` when it was set
+        (file, env or API), else ``<state>/outputs``."""
+        providers = getattr(self.ctx, "providers", None)
+        try:
+            value, source = providers.effective("replicate")["s3_output_path"]
+        except Exception:  # providers not wired (tests) or unknown provider
+            return self.ctx.outputs_dir()
+        if source == "default" or not value:
+            return self.ctx.outputs_dir()
+        return os.path.abspath(os.path.expanduser(str(value)))
+
+    def refresh_buckets(self) -> None:
+        """Follow a changed ``s3_output_path`` (new uploads land in the new directory)."""
+        if self._fixed_buckets:
+            return
+        root = self.outputs_root()
+        current = self.engine.buckets.get(credentials_store.UPLOAD_BUCKET)
+        if current is None or current.root != root:
+            self.engine.buckets[credentials_store.UPLOAD_BUCKET] = Bucket(credentials_store.UPLOAD_BUCKET, root)
 
     def job_for(self, target: Target) -> Optional[str]:
         if target.bucket == credentials_store.UPLOAD_BUCKET and "/" in target.key:
@@ -499,6 +523,7 @@ class StorageSurface(Surface):
 
         if method.upper() != b"PUT":
             return BodyPolicy(max_bytes=SMALL_BODY, too_large=too_large)
+        self.refresh_buckets()
         try:
             _, raw_query, bucket, key = self.split(raw_path)
         except S3Error:
@@ -616,6 +641,8 @@ class StorageSurface(Surface):
         if not isinstance(request.responseHeaders, _S3Headers):
             request.responseHeaders = _S3Headers(dict(request.responseHeaders.getAllRawHeaders()))
         request.setHeader("x-amz-request-id", getattr(request, "correlation_id", ""))
+        if not isinstance(getattr(request, "content", None), UploadSink):
+            self.refresh_buckets()
         resource = ""
         try:
             raw_path, raw_query, bucket, key = self.split(request.uri)
