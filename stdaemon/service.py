@@ -69,6 +69,10 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.storage import StorageSurface
 
     surfaces.append(StorageSurface(ctx))  # /api/cloud/storage (S3); ctx.upload_credentials, ctx.upload_progress
+    from stdaemon.http.audit import AuditSurface
+    from stdaemon.http.webhooks import WebhooksSurface
+
+    surfaces += [AuditSurface(ctx), WebhooksSurface(ctx)]  # /api/audit*, /api/webhooks/<provider>; ctx.webhooks
     from stdaemon.http.metrics import MetricsSurface
 
     surfaces.append(MetricsSurface(ctx))  # /api/cloud/metrics/prometheus, /api/cloud/metrics/config*
@@ -106,6 +110,8 @@ def wire_capabilities(ctx: App, root: Root) -> None:
 
     events.install(ctx)  # ctx.events: publish(job_dict) → SSE streams; closed by ctx.drain_hooks
     approvals.install(ctx)  # ctx.approvals (evaluate/hold/set_handlers), ctx.quotas (check); "approval-expiry" timer; a ctx.jobs submission check
+    # State cached from the database is reloaded after a restore swaps it.
+    ctx.backups.after_restore.extend([ctx.providers.load, ctx.jobs.load])
 
 
 async def start_capabilities(ctx: App) -> None:

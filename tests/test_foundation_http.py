@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import pytest_twisted
@@ -131,7 +132,8 @@ async def test_every_non_public_route_needs_a_key(daemon):
     for template, methods, endpoint, info in routes:
         if info.access == Access.PUBLIC:
             continue
-        path = template.replace("<path:", "<").split("<")[0] + "x" if "<" in template else template
+        path = re.sub(r"<(?:(\w+):)?\w+>",
+                      lambda m: {"int": "1", "path": "x/y"}.get(m.group(1) or "", "x"), template)
         for method in methods:
             for headers in ({}, {"X-Forwarded-For": "127.0.0.1"}, {"X-API-Key": "st_wrong"},
                             {"Authorization": "Bearer st_wrong"}):

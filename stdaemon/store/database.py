@@ -91,21 +91,35 @@ class Database:
             self._generation += 1
 
     def reopen(self, swap: Callable[[], None] | None = None) -> Deferred:
-        """Close all connections, run ``swap()`` on the writer thread while no
-        connection is open, and let the next call open the (new) file.
+        """Run ``swap()`` on the writer thread (serialised with every write)
+        with the writer's connection closed, then make every thread open a
+        fresh connection on its next call.
 
-        The writer thread is the only place that could hold the write lock, so
-        running the swap there serialises it with every write."""
+        Reader threads close their own stale connection when they notice the
+        new generation, so a read that is running during the swap finishes on
+        the connection it started with instead of failing."""
 
         def on_writer() -> None:
+            local = self._local
+            if getattr(local, "conn", None) is not None:
+                self._forget(local.conn)
+                local.conn = None
             with self._lock:
                 self._generation += 1
-            self._close_all()
             if swap is not None:
                 swap()
             schema.migrate(self._connection())
 
         return deferToThreadPool(self._reactor, self._writer, on_writer)
+
+    def _forget(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
 
     def _close_all(self) -> None:
         with self._lock:
@@ -121,6 +135,9 @@ class Database:
     def _connection(self) -> sqlite3.Connection:
         local = self._local
         if getattr(local, "generation", None) != self._generation or local.conn is None:
+            stale = getattr(local, "conn", None)
+            if stale is not None:
+                self._forget(stale)
             local.conn = connect(self.path)
             local.generation = self._generation
             with self._lock:
