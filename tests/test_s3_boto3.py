@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
+import urllib.error
 import urllib.request
 
 import boto3
@@ -131,22 +133,23 @@ async def test_boto3_multipart_upload_file_and_download_file(make_daemon, tls, t
     assert daemon.ctx.upload_progress("job-1")["bytes_received"] >= 41 * MIB
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest_twisted.ensureDeferred
-async def test_presigned_urls_fetched_with_a_plain_http_client(make_daemon, tls):
-    daemon, client, access_key, secret = await _start(make_daemon, tls, "http")
+async def test_presigned_urls_fetched_with_a_plain_http_client(make_daemon, tls, scheme):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, scheme)
     await deferToThread(client.put_object, Bucket="outputs", Key="job-1/p.txt", Body=b"presigned body")
     url = client.generate_presigned_url("get_object", Params={"Bucket": "outputs", "Key": "job-1/p.txt"},
                                         ExpiresIn=300)
+    context = ssl.create_default_context(cafile=tls["ca"]) if scheme == "https" else None
 
     def fetch(u):
-        with urllib.request.urlopen(u) as resp:
+        with urllib.request.urlopen(u, context=context) as resp:
             return resp.read()
 
     assert await deferToThread(fetch, url) == b"presigned body"
-    v4 = _client(daemon, access_key, secret)
     v4 = boto3.client("s3", endpoint_url=daemon.url + "/api/cloud/storage", aws_access_key_id=access_key,
                       aws_secret_access_key=secret, region_name="us-east-1",
-                      config=BotoConfig(signature_version="s3v4"))
+                      config=BotoConfig(signature_version="s3v4"), verify=tls["ca"] if scheme == "https" else None)
     url4 = v4.generate_presigned_url("get_object", Params={"Bucket": "outputs", "Key": "job-1/p.txt"},
                                      ExpiresIn=300)
     assert "X-Amz-Signature" in url4
