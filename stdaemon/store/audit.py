@@ -583,9 +583,10 @@ class AuditLog(Service):
         for row in rows:
             self._counted(row["timestamp"])
 
-    async def flush_sampler(self) -> int:
-        """Timer body: write aggregates of windows that closed; returns how many."""
-        closed = self.sampler.flush(self.clock.seconds())
+    async def flush_sampler(self, force: bool = False) -> int:
+        """Timer body: write aggregates of windows that closed (every open
+        window with ``force``); returns how many."""
+        closed = self.sampler.flush(self.clock.seconds(), force=force)
         if closed:
             await self._flush_aggregates(closed)
         return len(closed)

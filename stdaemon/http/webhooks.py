@@ -1,0 +1,420 @@
+"""Provider webhooks (S6): ``POST /api/webhooks/{provider}``.
+
+Order of checks for every delivery (body capped at 1 MiB by the root, 413):
+
+1. unknown provider → 404;
+2. allowlist: the provider's effective ``webhook_allowed_ips`` (unset or
+   ``[]`` = everyone) against ``request.client_ip`` (derived once by the root
+   from the peer and, behind ``server.trusted_proxies`` only, the forwarding
+   headers) → 403 ``ip_not_allowed``;
+3. signature (when ``webhook_require_signature``, the default): Standard
+   Webhooks (``stdaemon/core/webhook_signature.py``), secret
+   ``<PROVIDER>_WEBHOOK_SECRET`` from ``ctx.secrets`` or, for Replicate,
+   fetched once from ``GET /v1/webhooks/default/secret`` and cached (fetched
+   again, at most once a minute, when a signature does not match: the secret
+   may have been rotated) → 401 ``invalid_signature`` with the reason; 503
+   when no secret can be obtained (the provider retries);
+4. body not JSON / not an object → 400; neither payload shape → 400;
+5. one write transaction: replay check on ``webhook-id`` (table
+   ``webhook_deliveries``), guarded transition (``store.jobs.transition``),
+   cost/output URL/error, revocation of the job's upload credentials on a
+   terminal status, the delivery row and the ``job.status_changed`` audit
+   entry -- then, and only then, 200;
+6. a job we do not know → 202 ``{"status": "ignored"}`` (not recorded, so a
+   retry after the submission committed still applies; the poller catches
+   up either way); a replayed ``webhook-id`` → 200 ``duplicate``, nothing
+   reapplied.
+
+Rejections (2, 3) are audited as ``webhook_rejected`` through
+``ctx.audit.sampled`` (bounded under a flood) with ip, provider and reason.
+Delivery rows older than 7 days are swept hourly (a replay that old fails
+the ±300 s timestamp check anyway).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sqlite3
+from typing import Any, Mapping, Optional
+
+from klein import Klein
+from twisted.internet import defer
+
+from stdaemon.core import costs
+from stdaemon.core import status as st
+from stdaemon.core import webhook_signature as ws
+from stdaemon.core.client_ip import in_networks, parse_ip
+from stdaemon.http.errors import ApiError, bad_request, not_found
+from stdaemon.http.surface import PUBLIC, Response, Surface, route
+from stdaemon.logs import get_logger
+from stdaemon.store import jobs as job_store
+
+log = get_logger("stdaemon.webhooks")
+
+MAX_WEBHOOK_BODY = 1024 * 1024
+DELIVERY_RETENTION = 7 * 86400.0
+SECRET_REFETCH_INTERVAL = 60.0
+KNOWN_PROVIDERS = ("replicate",)
+
+# Fallbacks used when the provider settings capability is not installed.
+DEFAULT_SETTINGS = {"webhook_allowed_ips": [], "webhook_require_signature": True, "gpu_prices": {}}
+
+
+def secret_name(provider: str) -> str:
+    return f"{provider.upper()}_WEBHOOK_SECRET"
+
+
+def _known_providers() -> tuple[str, ...]:
+    try:
+        from stdaemon.core.provider_settings import PROVIDERS
+
+        return tuple(PROVIDERS)
+    except ImportError:  # pragma: no cover - the providers module is part of the tree
+        return KNOWN_PROVIDERS
+
+
+def allowed(client_ip: str, allowlist: Any) -> bool:
+    """Is ``client_ip`` inside the allowlist (empty/unset = everyone)?"""
+    if not allowlist:
+        return True
+    networks = []
+    for item in allowlist:
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            continue  # validated on save; an unreadable entry admits nobody
+    return in_networks(parse_ip(client_ip), networks)
+
+
+def _output_url(value: Any) -> Optional[str]:
+    if isinstance(value, str):
+        return value if value.startswith(("http://", "https://", "s3://")) and len(value) <= 4096 else None
+    if isinstance(value, list):
+        for item in value:
+            url = _output_url(item)
+            if url:
+                return url
+    if isinstance(value, dict):
+        for key in ("url", "output_url", "uri"):
+            url = _output_url(value.get(key))
+            if url:
+                return url
+    return None
+
+
+def classify(payload: Mapping[str, Any]) -> Optional[str]:
+    """``"prediction"`` (Replicate), ``"trainer"`` (SimpleTuner event) or None."""
+    if isinstance(payload.get("job_id"), str) and ("type" in payload or "data" in payload):
+        return "trainer"
+    if isinstance(payload.get("id"), str) and "status" in payload:
+        return "prediction"
+    return None
+
+
+def plan_update(kind: str, payload: Mapping[str, Any], job: Mapping[str, Any],
+                prices: Mapping[str, float]) -> tuple[Optional[str], dict]:
+    """(new job status or None when unknown, column updates) for one payload (pure)."""
+    fields: dict[str, Any] = {}
+    if kind == "prediction":
+        new_status = st.from_replicate(payload.get("status"))
+        metrics = payload.get("metrics")
+        predict_time = metrics.get("predict_time") if isinstance(metrics, dict) else None
+        if isinstance(predict_time, (int, float)) and not isinstance(predict_time, bool) \
+                and 0 <= predict_time < 10**9:
+            profile = job.get("hardware_type")
+            if profile not in costs.HARDWARE_PROFILES:
+                profile = costs.DEFAULT_PROFILE
+            fields["cost_usd"] = costs.job_cost(float(predict_time), profile, prices)
+        url = _output_url(payload.get("output"))
+        error = payload.get("error")
+    else:
+        data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+        new_status = st.from_trainer(data.get("status") if "status" in data else payload.get("status"))
+        url = _output_url(data.get("output_url") or data.get("output"))
+        error = data.get("error") or (data.get("message") if new_status == st.FAILED else None)
+    if url:
+        fields["output_url"] = url
+    if error and new_status == st.FAILED:
+        fields["error_message"] = str(error)[:2000]
+    return new_status, fields
+
+
+def _settings_from_table(conn: sqlite3.Connection, provider: str) -> dict:
+    """Read saved provider settings straight from the ``settings`` table
+    (used only when ``ctx.providers`` is not installed)."""
+    out = dict(DEFAULT_SETTINGS)
+    for key, value in conn.execute(
+            "SELECT key, value_json FROM settings WHERE namespace = ?", (f"provider:{provider}",)):
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            continue
+    return out
+
+
+class WebhooksSurface(Surface):
+    app = Klein()
+    prefixes = ("/api/webhooks",)
+    max_body = MAX_WEBHOOK_BODY
+
+    def __init__(self, ctx: Any):
+        super().__init__(ctx)
+        self._fetched: dict[str, str] = {}
+        self._fetched_at: dict[str, float] = {}
+        self._fetching: dict[str, defer.Deferred] = {}
+        self.counters = {"received": 0, "applied": 0, "duplicates": 0, "unknown_job": 0,
+                         "ignored": 0, "rejected_ip": 0, "rejected_signature": 0, "invalid": 0}
+        ctx.webhooks = self
+        ctx.add_timer("webhook-deliveries-sweep", 3600.0, self.sweep)
+
+    # -- settings and secrets -----------------------------------------------------------
+
+    async def settings(self, provider: str) -> dict:
+        providers = getattr(self.ctx, "providers", None)
+        if providers is not None and hasattr(providers, "values"):
+            values = dict(DEFAULT_SETTINGS)
+            values.update(providers.values(provider))
+            return values
+        return await self.ctx.db.run_read(_settings_from_table, provider)
+
+    async def secret(self, provider: str, refetch: bool = False) -> tuple[Optional[str], str]:
+        """``(secret, source)``; source is ``secrets``, ``provider`` or ``none``."""
+        secrets = getattr(self.ctx, "secrets", None)
+        if secrets is not None:
+            value = await defer.maybeDeferred(secrets.get, secret_name(provider))
+            if value:
+                return value, "secrets"
+        if provider != "replicate":
+            return None, "none"
+        now = self.ctx.now()
+        if provider in self._fetched and not (
+                refetch and now - self._fetched_at.get(provider, 0.0) >= SECRET_REFETCH_INTERVAL):
+            return self._fetched[provider], "provider"
+        if provider not in self._fetched and \
+                now - self._fetched_at.get(provider, float("-inf")) < SECRET_REFETCH_INTERVAL:
+            return None, "none"  # a fetch failed moments ago: do not hammer the provider
+        if provider in self._fetching:  # join the fetch under way
+            waiter: defer.Deferred = defer.Deferred()
+            self._fetching[provider].append(waiter)
+            await waiter
+            return self._fetched.get(provider), "provider" if provider in self._fetched else "none"
+        client = getattr(getattr(self.ctx, "providers", None), "replicate", None)
+        if client is None:
+            return self._fetched.get(provider), "none"
+        self._fetching[provider] = []
+        try:
+            value = await client.webhook_secret()
+        except Exception as exc:
+            log.warning("Could not fetch the Replicate webhook secret: {error}",
+                        error=type(exc).__name__)
+            value = None
+        finally:
+            waiting = self._fetching.pop(provider, [])
+        self._fetched_at[provider] = now
+        if value:
+            self._fetched[provider] = value
+        for waiter in waiting:
+            waiter.callback(None)
+        return self._fetched.get(provider), "provider" if provider in self._fetched else "none"
+
+    # -- rejections ----------------------------------------------------------------------
+
+    async def _reject(self, request: Any, provider: str, status: int, code: str, reason: str,
+                      detail: str) -> None:
+        ip = getattr(request, "client_ip", None)
+        audit = getattr(self.ctx, "audit", None)
+        if audit is not None:
+            try:
+                await audit.sampled("webhook_rejected", actor="anonymous", ip=ip,
+                                    target=f"provider:{provider}", action="reject",
+                                    details={"provider": provider, "reason": reason, "status": status})
+            except Exception:
+                log.failure("Could not audit a rejected webhook")
+        log.info("Webhook for {provider} from {ip} rejected: {reason}", provider=provider, ip=ip,
+                 reason=reason)
+        raise ApiError(status, code, detail, reason=reason)
+
+    # -- the endpoint ---------------------------------------------------------------------
+
+    @route(app, "/api/webhooks/<provider>", methods=("POST",), access=PUBLIC,
+           max_body=MAX_WEBHOOK_BODY)
+    async def receive(self, request: Any, provider: str) -> Any:
+        if provider not in _known_providers():
+            raise not_found(f"No webhook endpoint for provider {provider[:64]!r}")
+        self.counters["received"] += 1
+        settings = await self.settings(provider)
+        client_ip = getattr(request, "client_ip", None) or ""
+        if not allowed(client_ip, settings.get("webhook_allowed_ips")):
+            self.counters["rejected_ip"] += 1
+            await self._reject(request, provider, 403, "forbidden", "ip_not_allowed",
+                               "This address may not deliver webhooks")
+        request.content.seek(0)
+        body = request.content.read()
+        headers = self._signature_headers(request)
+        webhook_id = headers.get("webhook-id") or None
+        if settings.get("webhook_require_signature", True):
+            verification = await self._verify(provider, headers, body)
+            if verification is None:
+                raise ApiError(503, "webhook_secret_unavailable",
+                               "The webhook secret is not available yet; retry later",
+                               headers={"Retry-After": "30"})
+            if not verification.valid:
+                self.counters["rejected_signature"] += 1
+                await self._reject(request, provider, 401, "invalid_signature", verification.reason,
+                                   f"Webhook signature refused: {verification.reason}")
+            webhook_id = verification.webhook_id
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            self.counters["invalid"] += 1
+            raise bad_request("The body is not valid JSON", code="invalid_json") from None
+        if not isinstance(payload, dict):
+            self.counters["invalid"] += 1
+            raise bad_request("The JSON body must be an object", code="invalid_json")
+        kind = classify(payload)
+        if kind is None:
+            self.counters["invalid"] += 1
+            raise bad_request("Neither a Replicate prediction (id, status) nor a SimpleTuner "
+                              "trainer event (job_id, type, data)", code="invalid_payload")
+        if webhook_id is not None and len(webhook_id) > ws.MAX_ID:
+            webhook_id = webhook_id[:ws.MAX_ID]
+        prices = settings.get("gpu_prices") or {}
+        outcome = await self.ctx.db.run_write(self._apply, provider, kind, payload, webhook_id,
+                                              client_ip, prices, self.ctx.now())
+        return self._respond(provider, outcome)
+
+    def _signature_headers(self, request: Any) -> dict[str, str]:
+        out = {}
+        for name in ("webhook-id", "webhook-timestamp", "webhook-signature"):
+            values = request.requestHeaders.getRawHeaders(name.encode("ascii")) or []
+            if values:
+                out[name] = " ".join(v.decode("latin-1") for v in values)
+        return out
+
+    async def _verify(self, provider: str, headers: Mapping[str, str],
+                      body: bytes) -> Optional[ws.Verification]:
+        secret, source = await self.secret(provider)
+        if not secret:
+            # Header problems are the sender's fault whatever our secret state.
+            probe = ws.verify("whsec_AAAA", headers, body, self.ctx.now())
+            if probe.reason in (ws.REASON_MISSING_HEADERS, ws.REASON_MALFORMED_ID,
+                                ws.REASON_MALFORMED_TIMESTAMP, ws.REASON_STALE,
+                                ws.REASON_MALFORMED_SIGNATURE, ws.REASON_NO_V1):
+                return probe
+            log.warning("No webhook secret for {provider} ({name} unset and none fetched)",
+                        provider=provider, name=secret_name(provider))
+            return None
+        verification = ws.verify(secret, headers, body, self.ctx.now())
+        if not verification.valid and source == "provider" and \
+                verification.reason in (ws.REASON_MISMATCH, ws.REASON_BAD_SECRET):
+            fresh, _ = await self.secret(provider, refetch=True)
+            if fresh and fresh != secret:
+                verification = ws.verify(fresh, headers, body, self.ctx.now())
+        return verification
+
+    # -- the transaction (writer thread) ----------------------------------------------------
+
+    def _apply(self, conn: sqlite3.Connection, provider: str, kind: str, payload: Mapping[str, Any],
+               webhook_id: Optional[str], client_ip: str, prices: Mapping[str, float],
+               now: float) -> dict:
+        if webhook_id is not None:
+            seen = conn.execute(
+                "SELECT outcome, job_id FROM webhook_deliveries WHERE provider = ? AND webhook_id = ?",
+                (provider, webhook_id)).fetchone()
+            if seen is not None:
+                return {"status": "duplicate", "job_id": seen[1], "previous_outcome": seen[0]}
+        if kind == "prediction":
+            job = job_store.find_by_external(conn, provider, payload["id"])
+        else:
+            job = job_store.get_job(conn, payload["job_id"])
+            if job is None:
+                job = job_store.find_by_external(conn, provider, payload["job_id"])
+        if job is None:
+            return {"status": "ignored", "reason": "unknown_job"}
+        job_id = job["job_id"]
+        new_status, fields = plan_update(kind, payload, job, prices)
+        if new_status is None:
+            result = None
+            outcome = "unknown_status"
+        else:
+            result = job_store.transition(conn, job_id, new_status, now, **fields)
+            outcome = result.reason
+        if webhook_id is not None:
+            conn.execute(
+                "INSERT INTO webhook_deliveries (provider, webhook_id, received_at, job_id, outcome) "
+                "VALUES (?, ?, ?, ?, ?)", (provider, webhook_id, now, job_id, outcome))
+        revoked = 0
+        if result is not None and result.accepted:
+            if new_status in st.TERMINAL:
+                revoked = self._revoke_in(conn, job_id, now)
+            audit = getattr(self.ctx, "audit", None)
+            if audit is not None:
+                audit.append(conn, "job.status_changed", actor=f"webhook:{provider}", ip=client_ip,
+                             target=job_id, action=new_status,
+                             details={"from": result.previous, "to": new_status, "source": "webhook",
+                                      "webhook_id": webhook_id, "kind": kind,
+                                      "cost_usd": (result.job or {}).get("cost_usd")})
+        current = (result.job if result is not None and result.job else job)
+        return {"status": "applied" if result is not None and result.accepted else "ignored",
+                "reason": outcome, "job_id": job_id, "job_status": current["status"],
+                "previous": result.previous if result is not None else job["status"],
+                "job": current, "before": result.before if result is not None else None,
+                "terminal": bool(result and result.accepted and new_status in st.TERMINAL),
+                "changed": bool(result and (result.accepted or (result.reason == "unchanged" and fields))),
+                "revoked": revoked}
+
+    @staticmethod
+    def _revoke_in(conn: sqlite3.Connection, job_id: str, now: float) -> int:
+        """Revoke the job's upload credentials in this transaction
+        (``stdaemon/store/credentials.py``)."""
+        from stdaemon.store import credentials
+
+        return credentials.revoke(conn, job_id, now)
+
+    def _respond(self, provider: str, outcome: dict) -> Any:
+        status = outcome["status"]
+        if status == "duplicate":
+            self.counters["duplicates"] += 1
+            return {"status": "duplicate", "job_id": outcome.get("job_id")}
+        if outcome.get("reason") == "unknown_job":
+            self.counters["unknown_job"] += 1
+            log.info("Webhook for {provider} names no known job; ignored", provider=provider)
+            return Response({"status": "ignored", "reason": "unknown_job"}, status=202)
+        jobs = getattr(self.ctx, "jobs", None)
+        reason = outcome.get("reason")
+        if jobs is not None and hasattr(jobs, "counters"):
+            if reason == "out_of_order":
+                jobs.counters["out_of_order_ignored"] = jobs.counters.get("out_of_order_ignored", 0) + 1
+            elif reason == "terminal":
+                jobs.counters["terminal_ignored"] = jobs.counters.get("terminal_ignored", 0) + 1
+            elif status == "applied":
+                jobs.counters["status_changes"] = jobs.counters.get("status_changes", 0) + 1
+        if status == "applied":
+            self.counters["applied"] += 1
+        else:
+            self.counters["ignored"] += 1
+        if outcome.get("changed"):  # job figures for metrics (S10), after the commit
+            self.ctx.metrics.job_changed(outcome.get("before"), outcome.get("job"))
+        if outcome.get("changed") and jobs is not None and hasattr(jobs, "publish"):
+            jobs.publish(outcome.get("job"), outcome.get("previous"))
+        if outcome.get("terminal"):
+            creds = getattr(self.ctx, "upload_credentials", None)
+            if creds is not None and hasattr(creds, "revoke_job"):
+                # Already revoked in the transaction; this drops cached copies.
+                d = defer.ensureDeferred(creds.revoke_job(outcome["job_id"]))
+                d.addErrback(lambda f: log.failure("Could not drop cached upload credentials",
+                                                   failure=f))
+        return {"status": status, "reason": reason, "job_id": outcome["job_id"],
+                "job_status": outcome["job_status"]}
+
+    # -- housekeeping -----------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        horizon = self.ctx.now() - DELIVERY_RETENTION
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM webhook_deliveries WHERE received_at < ?",
+                                (horizon,)).rowcount
+
+        return await self.ctx.db.run_write(work)
