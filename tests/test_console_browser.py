@@ -162,6 +162,16 @@ def job_row_text(page, job_id):
     return row.inner_text()
 
 
+def operator_sees_read_only_settings(page):
+    open_advanced_configuration(page)
+    expect(page.locator("#provider-saved")).to_have_text(re.compile("Read only"))
+    expect(page.get_by_label("Proxy URL")).to_be_disabled()
+    expect(page.get_by_role("switch", name="SSL Verification")).to_be_disabled()
+    page.get_by_role("link", name="Admin").click()
+    page.get_by_text("This section needs the admin role.").wait_for()
+    return True
+
+
 def close_page(page):
     messages = list(page.console_messages)
     page.context.close()
@@ -246,7 +256,7 @@ async def test_console_enables_metrics_with_a_template_and_the_scrape_works(daem
 
 
 @pytest_twisted.ensureDeferred
-async def test_console_at_390px_and_a_viewer_cannot_change_settings(daemon, browser):
+async def test_console_at_390px_and_only_admins_can_change_settings(daemon, browser):
     await create_user(daemon, "dora", "admin", PASSWORD)
     await create_user(daemon, "viv", "viewer", PASSWORD)
     page = await browser.run(open_and_login_with_keyboard, browser, daemon.url, "dora", 390, 844)
@@ -259,6 +269,11 @@ async def test_console_at_390px_and_a_viewer_cannot_change_settings(daemon, brow
     await browser.run(close_page, page)
     before = await provider_config(daemon)
     assert before["proxy_url"] == ""
+
+    await create_user(daemon, "otis", "operator", PASSWORD)
+    page = await browser.run(open_and_login_with_keyboard, browser, daemon.url, "otis")
+    assert await browser.run(operator_sees_read_only_settings, page)
+    await browser.run(close_page, page)
 
 
 
