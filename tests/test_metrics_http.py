@@ -319,3 +319,64 @@ async def test_scrape_of_a_busy_daemon_matches_what_happened(busy, make_daemon, 
     assert value(text, "simpletuner_jobs_by_status", status="failed") == 6
     assert abs(value(text, "simpletuner_cost_usd_total") - expected_cost) < 1e-6
     assert abs(value(text, "simpletuner_job_duration_seconds_avg") - avg_duration) < 1e-6
+
+
+@pytest_twisted.ensureDeferred
+async def test_deletion_keeps_counters_and_restore_reloads_the_figures(make_daemon, tmp_path):
+    from pathlib import Path
+
+    env = await start_env(make_daemon, tmp_path, settings={
+        "metrics": {"prometheus_enabled": True, "prometheus_categories": ["jobs"]}})
+    try:
+        first = [(await env.submit(hardware_profile="h100"))[1]["job_id"] for _ in range(2)]
+        row = await env.ctx.db.run_read(jobs_store.get_job, first[0])
+        env.fake.state.set_status(row["external_id"], "succeeded", predict_time=60.0)
+        await env.ctx.jobs.poll_once()
+        backup = await env.ctx.backups.create()
+        await env.submit(hardware_profile="h100")
+        response, body = await env.call("DELETE", f"/api/cloud/jobs/{first[0]}")
+        assert response.code == 200, body
+        text = (await scrape(env.daemon))[1].decode()
+        assert value(text, "simpletuner_jobs_total") == 3  # a counter: deletion does not lower it
+        assert value(text, "simpletuner_cost_usd_total") == costs.job_cost(60.0, "h100")
+        assert value(text, "simpletuner_jobs_by_status", status="completed") == 0
+        assert value(text, "simpletuner_jobs_by_status", status="queued") == 2
+        assert value(text, "simpletuner_job_duration_seconds_avg") == 0
+
+        await env.ctx.backups.restore(Path(backup["path"]))
+        text = (await scrape(env.daemon))[1].decode()
+        assert value(text, "simpletuner_jobs_total") == 2  # recounted from the restored database
+        assert value(text, "simpletuner_jobs_by_status", status="completed") == 1
+        assert value(text, "simpletuner_jobs_by_status", status="queued") == 1
+        assert value(text, "simpletuner_cost_usd_total") == costs.job_cost(60.0, "h100")
+    finally:
+        await env.fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cost_limit_percent_follows_costs(make_daemon, tmp_path):
+    env = await start_env(make_daemon, tmp_path, provider_settings={
+        "cost_limit_enabled": True, "cost_limit_amount": 10.0, "cost_limit_period": "monthly"},
+        settings={"metrics": {"prometheus_enabled": True, "prometheus_categories": ["provider"]}})
+    try:
+        text = (await scrape(env.daemon))[1].decode()
+        assert value(text, "simpletuner_cost_limit_percent_used", provider="replicate") == 0
+        assert "simpletuner_credit_balance_usd{" not in text  # Replicate reports no balance
+        job_id = (await env.submit(hardware_profile="h100"))[1]["job_id"]
+        row = await env.ctx.db.run_read(jobs_store.get_job, job_id)
+        prediction = env.fake.state.set_status(row["external_id"], "succeeded", predict_time=1000.0)
+        data, headers = signed(env.fake.state.webhook_secret, prediction)
+        response = await treq.post(env.url("/api/webhooks/replicate"), data=data, headers=headers)
+        assert response.code in (200, 202)
+        expected = round(costs.job_cost(1000.0, "h100") / 10.0 * 100.0, 4)
+        text = (await scrape(env.daemon))[1].decode()
+        assert value(text, "simpletuner_cost_limit_percent_used", provider="replicate") == expected
+        await env.ctx.metrics.spend.refresh(env.ctx.db)  # the periodic re-read agrees
+        text = (await scrape(env.daemon))[1].decode()
+        assert value(text, "simpletuner_cost_limit_percent_used", provider="replicate") == expected
+        response, body = await env.call("PUT", "/api/cloud/providers/replicate", {"cost_limit_enabled": False})
+        assert response.code == 200, body
+        text = (await scrape(env.daemon))[1].decode()
+        assert "simpletuner_cost_limit_percent_used{" not in text
+    finally:
+        await env.fake.stop()
