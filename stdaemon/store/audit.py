@@ -726,4 +726,15 @@ def install(ctx: Any) -> AuditLog:
     ctx.add_timer("audit-sampler", MINUTE, audit.flush_sampler)
     ctx.add_timer("audit-counts", 3600.0, audit.refresh_counts)
     ctx.add_timer("audit-retention", 3600.0, audit.prune)
+
+    async def check() -> Any:
+        from stdaemon.health import HEALTHY, UNHEALTHY, Component
+
+        if audit._key is None:
+            return Component("audit", UNHEALTHY, "the audit key is not loaded")
+        return Component("audit", HEALTHY,
+                         f"{audit.total} entries; key from {audit.key_source}; "
+                         f"{audit.write_failures} failed background writes")
+
+    ctx.health.register("audit", check)
     return audit
