@@ -16,6 +16,8 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 from twisted.internet.threads import deferToThread
 
+from stdaemon.core import s3_checksums
+
 MIB = 1024 * 1024
 
 
@@ -296,3 +298,13 @@ async def test_delete_objects_and_response_overrides(make_daemon, tls):
             return resp.headers["Content-Disposition"], resp.headers["Content-Type"], resp.read()
 
     assert await deferToThread(fetch, url) == ('attachment; filename="c.bin"', "application/octet-stream", b"x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_object_checksum_is_returned_and_validated_by_botocore(make_daemon, tls):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, "http")
+    data = os.urandom(10_000)
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/ck.bin", Body=data)
+    got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/ck.bin", ChecksumMode="ENABLED")
+    assert got["ChecksumCRC32"] == s3_checksums.checksum_b64("crc32", data)
+    assert await deferToThread(got["Body"].read) == data

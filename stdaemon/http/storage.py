@@ -982,6 +982,13 @@ class StorageSurface(Surface):
                 start, end = parsed
                 code = 206
                 headers["Content-Range"] = f"bytes {start}-{end}/{info.size}"
+        mode = (request.getHeader("x-amz-checksum-mode") or "").upper()
+        if code == 200 and mode == "ENABLED" and not info.parts:
+            # full-object checksums of single uploads: clients validate what they read
+            for algorithm, value in info.checksums.items():
+                headers[f"x-amz-checksum-{algorithm}"] = value
+            if info.checksums:
+                headers["x-amz-checksum-type"] = "FULL_OBJECT"
         length = max(0, end - start + 1)
         request.setResponseCode(code)
         for name, value in headers.items():
