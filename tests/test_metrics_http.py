@@ -19,8 +19,7 @@ from stdaemon.core import costs
 from stdaemon.store import jobs as jobs_store
 from tests.authhelpers import call, create_user, user_key
 from tests.replicate_env import audit_events, start_env
-from tests.test_metrics import (FAMILIES, GUIDE_NAME_LINTS, OPENMETRICS, family_names, promtool_problems, sample_names,
-                                value)
+from tests.test_metrics import FAMILIES, GUIDE_NAME_LINTS, OPENMETRICS, family_names, promtool_problems, value
 
 SCRAPE = "/api/cloud/metrics/prometheus"
 CONFIG = "/api/cloud/metrics/config"
