@@ -172,6 +172,13 @@ def operator_sees_read_only_settings(page):
     return True
 
 
+def progress_text(page, job_id):
+    cell = page.locator(f"tr[data-job-id='{job_id}'] td.progress-cell")
+    # No event is sent for bytes: the console polls progress of active jobs.
+    expect(cell).to_have_text(re.compile(r"1 object\(s\), .*1 uploading"), timeout=20000)
+    return cell.inner_text()
+
+
 def close_page(page):
     messages = list(page.console_messages)
     page.context.close()
@@ -292,4 +299,13 @@ async def test_jobs_list_updates_live_from_the_event_stream(daemon, browser):
     daemon.ctx.events.publish(job)  # no reload, no click: the stream brings it in
     text = await browser.run(job_row_text, page, "livejob0001")
     assert "flux-lora" in text and "1.2500" in text and "h100" in text
+    # Upload progress from the storage capability's real tracker.
+    progress = daemon.ctx.upload_progress
+    done = progress.start("livejob0001", "outputs/model-1.safetensors")
+    progress.add("livejob0001", done, 2 * 1024 * 1024)
+    progress.finish("livejob0001", done, stored_bytes=2 * 1024 * 1024, object_completed=True)
+    uploading = progress.start("livejob0001", "outputs/model-2.safetensors")
+    progress.add("livejob0001", uploading, 512 * 1024)
+    shown = await browser.run(progress_text, page, "livejob0001")
+    assert "2.5 MiB" in shown  # stored plus in flight
     await browser.run(close_page, page)

@@ -27,7 +27,7 @@
   };
 
   var state = { me: null, provider: null, providerConfig: {}, events: null, refreshTimer: null,
-    metrics: null };
+    metrics: null, activeJobs: [] };
 
   function $(id) { return document.getElementById(id); }
 
@@ -293,16 +293,28 @@
         if (!TERMINAL[job.status]) { active.push([job.job_id, progressCell]); }
         body.appendChild(row);
       });
-      active.slice(0, 10).forEach(function (item) {
-        api("GET", "/api/cloud/jobs/" + encodeURIComponent(item[0])).then(function (detailResult) {
-          if (detailResult.ok && detailResult.data) {
-            item[1].textContent = progressText(detailResult.data.upload_progress);
-          }
-        });
-      });
+      state.activeJobs = active.slice(0, 10);
+      refreshProgress();
     });
     loadApprovals();
   }
+
+  // Upload progress changes without a status change: poll it for the active
+  // jobs on screen (at most 10) while the Jobs view is open.
+  function refreshProgress() {
+    (state.activeJobs || []).forEach(function (item) {
+      api("GET", "/api/cloud/jobs/" + encodeURIComponent(item[0])).then(function (detailResult) {
+        if (detailResult.ok && detailResult.data) {
+          var job = detailResult.data.job || {};
+          item[1].textContent = progressText(detailResult.data.upload_progress || job.upload_progress);
+        }
+      });
+    });
+  }
+
+  setInterval(function () {
+    if (state.me && !$("view-jobs").hidden && !document.hidden) { refreshProgress(); }
+  }, 5000);
 
   function cancelJob(jobId) {
     api("POST", "/api/cloud/jobs/" + encodeURIComponent(jobId) + "/cancel", {}).then(function (result) {
