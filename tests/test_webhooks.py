@@ -186,6 +186,18 @@ async def test_trainer_events_and_failures(make_daemon, tmp_path):
     assert (await get_job(daemon, "job-p"))["error_message"] == "boom"
 
 
+@pytest_twisted.ensureDeferred
+async def test_unsigned_deliveries_when_signatures_are_not_required(make_daemon, tmp_path):
+    daemon = await start_daemon(make_daemon, tmp_path, secret=None,
+                                settings={"providers": {"replicate": {"webhook_require_signature": False}}})
+    await add_job(daemon)
+    code, body = await post(daemon, prediction("processing"), {"webhook-id": "msg_u1"})
+    assert code == 200 and body["status"] == "applied", body
+    code, body = await post(daemon, prediction("processing"), {"webhook-id": "msg_u1"})
+    assert code == 200 and body["status"] == "duplicate"
+    assert (await get_job(daemon))["status"] == "running"
+
+
 # -- client IP and the allowlist ----------------------------------------------------------------
 
 
@@ -337,6 +349,8 @@ async def test_audit_api_lists_and_verify_names_an_edited_entry(make_daemon, tmp
     assert response.code == 200
     assert page["total"] == 6 and len(page["entries"]) == 3
     assert [e["target"] for e in page["entries"]] == ["job-11", "job-9", "job-7"]
+    assert page["entries"][0]["details"] == {"i": 11}
+    assert page["entries"][0]["time"].endswith("+00:00")
     response = await treq.get(daemon.url + "/api/audit?event_type=job.submitted&actor=user1&limit=3&offset=3",
                               headers=headers)
     assert [e["target"] for e in (await response.json())["entries"]] == ["job-5", "job-3", "job-1"]

@@ -1,7 +1,8 @@
 """The audit log over HTTP (S7): list with filters and paging, verify the chain.
 
 ``GET /api/audit?event_type=&actor=&since=&until=&limit=&offset=`` answers
-``{"entries": [...newest first...], "total": n, "limit", "offset"}`` where
+``{"entries": [...newest first...], "total": n, "limit", "offset"}`` (each entry
+has every stored column, ``details`` decoded, plus ``time`` in ISO 8601) where
 ``total`` is the real number of matching entries.  ``since``/``until`` are
 POSIX seconds or ISO 8601 times (UTC when no offset is given).
 
@@ -71,8 +72,11 @@ class AuditSurface(Surface):
         for name, value in (("event_type", event_type), ("actor", actor)):
             if value is not None and len(value) > 512:
                 raise bad_request(f"{name} is too long", code="invalid_query")
-        return await self._log().query(event_type=event_type, actor=actor, since=since,
+        page = await self._log().query(event_type=event_type, actor=actor, since=since,
                                        until=until, limit=limit, offset=offset)
+        for entry in page["entries"]:
+            entry["time"] = datetime.fromtimestamp(entry["timestamp"], tz=timezone.utc).isoformat()
+        return page
 
     @route(app, "/api/audit/verify", access=OPERATOR)
     async def verify(self, request: Any) -> dict:

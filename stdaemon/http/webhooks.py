@@ -243,6 +243,11 @@ class WebhooksSurface(Surface):
         if provider not in _known_providers():
             raise not_found(f"No webhook endpoint for provider {provider[:64]!r}")
         self.counters["received"] += 1
+        if getattr(self.ctx.health, "phase", "ready") == "starting":
+            # Settings, secrets and the audit key are still loading; the
+            # provider retries non-2xx deliveries.
+            raise ApiError(503, "not_ready", "stdaemon is starting; retry shortly",
+                           headers={"Retry-After": "5"})
         settings = await self.settings(provider)
         client_ip = getattr(request, "client_ip", None) or ""
         if not allowed(client_ip, settings.get("webhook_allowed_ips")):
