@@ -201,6 +201,7 @@ def delete_user(conn: sqlite3.Connection, user_id: int, now: float) -> bool:
         raise UserError("id", "the last enabled admin cannot be deleted")
     conn.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
     conn.execute("DELETE FROM api_keys WHERE user_id = ?", (user_id,))
+    conn.execute("DELETE FROM quotas WHERE user_id = ?", (user_id,))
     conn.execute("DELETE FROM users WHERE id = ?", (user_id,))
     return True
 
