@@ -384,3 +384,18 @@ def test_job_hooks_forward_to_a_registered_owner():
     assert seen[2][0] is None and seen[2][1]["status"] == "pending"
     assert len(seen) == 3
     assert metrics.jobs_total == 0  # the internal figures stay unused
+
+
+def test_prometheus_scrapers_accept_headers():
+    metrics = populated()
+    modern = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+              "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+    body, content_type = metrics.render(["jobs"], accept=modern)
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith(b"# EOF\n")
+    assert [f.name for f in parse_openmetrics(body.decode())][0] == "simpletuner_jobs"
+    for accept in ("text/plain;version=0.0.4", "*/*", "", "application/json",
+                   "application/openmetrics-text;version=0.0.1"):
+        body, content_type = metrics.render(["jobs"], accept=accept)
+        assert content_type == "text/plain; version=0.0.4; charset=utf-8", accept
+        assert value(body.decode(), "simpletuner_jobs_total") == 4
