@@ -350,3 +350,27 @@ async def test_append_inside_a_caller_transaction_rolls_back_with_it(tmp_path):
         assert (await log.verify())["valid"] is True
     finally:
         log.db.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_restart_with_the_same_key_file_keeps_the_chain(tmp_path):
+    log = await _audit_log(tmp_path)
+    try:
+        first = await log.record("job.submitted")
+    finally:
+        log.db.stop()
+    again = await _audit_log(tmp_path)
+    try:
+        assert again.total == 1
+        second = await again.record("job.cancelled")
+        assert second == first + 1
+        assert (await again.verify())["valid"] is True
+    finally:
+        again.db.stop()
+    # A different key (from secrets) no longer verifies the old entries.
+    other = await _audit_log(tmp_path, secrets=_Secrets({"AUDIT_HMAC_KEY": "z" * 40}))
+    try:
+        result = await other.verify()
+        assert result["valid"] is False and result["first_broken_id"] == first
+    finally:
+        other.db.stop()

@@ -192,6 +192,11 @@ def append_entry(conn: sqlite3.Connection, key: bytes, now: float, event_type: s
     return row
 
 
+def _newest_entry(conn: sqlite3.Connection) -> Optional[dict]:
+    row = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
+    return dict(row) if row is not None else None
+
+
 def row_to_dict(row: Mapping[str, Any]) -> dict:
     """The API shape of one entry (details decoded)."""
     out = {name: row[name] for name in COLUMNS}
@@ -490,6 +495,11 @@ class AuditLog(Service):
             self.key_source = "file"
         self._key = key
         await self.refresh_counts()
+        newest = await self.db.run_read(_newest_entry)
+        if newest is not None and not hmac.compare_digest(entry_hash(key, newest), newest["entry_hash"]):
+            log.error("The newest audit entry ({id}) does not verify with the audit key from {source}: "
+                      "the key changed or the entry was altered; GET /api/audit/verify for details",
+                      id=newest["id"], source=self.key_source)
         backups = getattr(self.ctx, "backups", None)
         if backups is not None and hasattr(backups, "after_restore"):
             backups.after_restore.append(self.refresh_counts)
