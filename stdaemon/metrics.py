@@ -29,17 +29,18 @@ synchronous and never raise into the caller):
                                                    failures_total)]``
 ``register_provider_source(fn)``                    providers: ``fn() -> [(provider,
                                                    percent_used|None, balance_usd|None)]``
-``register_jobs_source(fn)``                        jobs (optional): ``fn() -> dict`` like
-                                                   :meth:`Metrics.jobs_figures`
+``register_jobs_source(fn, track=None)``            jobs (optional): ``fn() -> dict`` like
+                                                   :meth:`Metrics.jobs_figures`; the job hooks
+                                                   then forward to ``track(before, after)``
 =================================================  ==========================================
 
 ``install(ctx)`` (wiring) and ``await start(ctx)`` (start-up, database open)
 bind the defaults: the uptime and database-latency sources, the per-provider
 cost-limit tracker, and sources other capabilities expose on ``ctx``
 (``ctx.approvals.metrics()``, ``ctx.audit.total``/``count_last_24h()``,
-``ctx.breakers``) when they did not register one themselves.  Job figures are
-loaded from the database with ONE aggregate query at start and after a
-backup restore.
+``ctx.breakers``, ``ctx.jobs.metrics()``) when they did not register one
+themselves.  Without a jobs source, job figures are loaded from the database
+with ONE aggregate query at start and after a backup restore.
 
 Settings (``prometheus_enabled``, ``prometheus_categories``) are layered:
 config ``metrics.*`` under values saved through the API in the ``settings``
