@@ -374,3 +374,17 @@ async def test_audit_api_lists_and_verify_names_an_edited_entry(make_daemon, tmp
     response = await treq.get(daemon.url + "/api/audit/verify", headers=headers)
     report = await response.json()
     assert report["valid"] is False and report["first_broken_id"] == ids[7]
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_copies_of_one_delivery_apply_once(make_daemon, tmp_path):
+    daemon = await start_daemon(make_daemon, tmp_path)
+    await add_job(daemon)
+    raw = json.dumps(prediction("succeeded", predict_time=10.0)).encode()
+    headers = signed_headers(raw, "msg_same")
+    results = await defer.gatherResults([defer.ensureDeferred(post(daemon, raw, headers))
+                                         for _ in range(8)])
+    statuses = sorted(body["status"] for _, body in results)
+    assert statuses == ["applied"] + ["duplicate"] * 7
+    assert len(audit_rows(daemon, "job.status_changed")) == 1
+    assert (await get_job(daemon))["cost_usd"] == pytest.approx(10.0 * 0.001525 * 2)
