@@ -300,10 +300,9 @@ class UploadSink:
                     self.pending.write(piece)
         except (ChunkedError, StorageError, InvalidKey, S3Error) as exc:
             self.error = _from(exc)
-        except Exception as exc:  # disk full, permissions, …
+        except Exception:  # disk full, permissions, …: a server fault, logged with its traceback
             log.failure("Upload write failed")
             self.error = S3Error("InternalError", "We encountered an internal error. Please try again.")
-            self._exc = exc
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
