@@ -76,10 +76,6 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.metrics import MetricsSurface
 
     surfaces.append(MetricsSurface(ctx))  # /api/cloud/metrics/prometheus, /api/cloud/metrics/config*
-    from stdaemon.http.audit import AuditSurface
-    from stdaemon.http.webhooks import WebhooksSurface
-
-    surfaces += [AuditSurface(ctx), WebhooksSurface(ctx)]  # /api/audit*, /api/webhooks/<provider>; ctx.webhooks
     return surfaces
 
 
