@@ -459,6 +459,8 @@ def load_config(
         checked = {}
         for key, value in body.items():
             keypath = f"providers.{name}.{key}"
+            if value is None:          # ``key:`` with no value = not set here
+                continue
             validator = PROVIDER_VALIDATORS.get(key)
             if validator is None and PROVIDER_VALIDATORS:
                 warnings.append(f"unknown configuration key {keypath} (ignored)")
