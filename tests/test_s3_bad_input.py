@@ -371,3 +371,41 @@ async def test_operator_api_key_reads_everything_and_bad_xml(s3):
     status, _, body = await deferToThread(raw_request, daemon.port, "POST", f"{PATH}?uploadId={'0' * 32}", admin,
                                           b"<CompleteMultipartUpload/>")
     assert (status, error_code(body)) == (404, "NoSuchUpload")
+
+
+@pytest_twisted.ensureDeferred
+async def test_odd_requests_never_get_a_5xx(s3):
+    daemon, access_key, secret = s3
+    admin = {"X-API-Key": daemon.admin_key}
+    base = "/api/cloud/storage"
+    odd = [
+        ("GET", f"{base}/outputs?list-type=2&max-keys=abc", admin, b""),
+        ("GET", f"{base}/outputs?list-type=2&max-keys=-1", admin, b""),
+        ("GET", f"{base}/outputs?list-type=2&continuation-token=!!!", admin, b""),
+        ("GET", f"{base}/outputs?list-type=2&encoding-type=base64", admin, b""),
+        ("GET", f"{base}/outputs/%ff%fe", admin, b""),
+        ("GET", f"{base}/outputs/job-1/x", {**admin, "Range": "bytes=99999999999999999999-"}, b""),
+        ("GET", f"{base}/outputs/job-1/x", {**admin, "Range": "bytes=abc"}, b""),
+        ("PUT", f"{base}/outputs/job-1/x?partNumber=abc&uploadId=zz", admin, b"x"),
+        ("PUT", f"{base}/outputs/job-1/x?uploadId={'0' * 32}", admin, b"x"),
+        ("PUT", f"{base}/outputs/job-1/x", {**admin, "x-amz-copy-source": "/outputs/job-1/y"}, b""),
+        ("PUT", f"{base}/outputs/job-1/x", {**admin, "Content-Encoding": "aws-chunked"}, b"zz\r\n"),
+        ("PUT", f"{base}/outputs/job-1/x", {**admin, "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+                                            "x-amz-trailer": "x-amz-checksum-md5"}, b"0\r\n\r\n"),
+        ("POST", f"{base}/outputs/job-1/x", admin, b""),
+        ("POST", f"{base}/outputs?delete", admin, b"<Delete><Object/></Delete>"),
+        ("DELETE", f"{base}/outputs/job-1/x?uploadId=nothex", admin, b""),
+        ("GET", f"{base}/outputs/job-1/x?uploadId=nothex", admin, b""),
+        ("GET", f"{base}/outputs?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=a", {}, b""),
+        ("GET", f"{base}/outputs?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=STUPX%2F20200101%2Fus-east-1"
+                f"%2Fs3%2Faws4_request&X-Amz-Date=20200101T000000Z&X-Amz-Expires=99999999&X-Amz-SignedHeaders=host"
+                f"&X-Amz-Signature={'0' * 64}", {}, b""),
+        ("GET", f"{base}/outputs?AWSAccessKeyId=x&Signature=y&Expires=soon", {}, b""),
+        ("GET", f"{base}/outputs", {"Authorization": "AWS4-HMAC-SHA256 garbage"}, b""),
+        ("GET", f"{base}/outputs", {"Authorization": "AWS nocolon"}, b""),
+        ("PUT", f"{base}/outputs/job-1/x", {"X-Upload-Token": "x" * 5000}, b"x"),
+    ]
+    for method, path, headers, body in odd:
+        status, _, answer = await deferToThread(raw_request, daemon.port, method, path, headers, body)
+        assert 400 <= status < 500, (method, path, status, answer)
+    assert await _no_temp_files(daemon)

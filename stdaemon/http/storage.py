@@ -762,8 +762,10 @@ class StorageSurface(Surface):
             after = start_after
             if token:
                 try:
-                    after = base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8")
-                except (ValueError, UnicodeDecodeError):
+                    after = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True).decode("utf-8")
+                    if not after:
+                        raise ValueError("empty continuation token")
+                except (ValueError, UnicodeError):
                     raise S3Error("InvalidArgument", "The continuation token provided is incorrect") from None
             page = await self.run(self.engine.list_objects, bucket, prefix, delimiter, after, max_keys)
             _scope_page(page, scope)
