@@ -8,8 +8,8 @@
   than silently skipping events);
 - keeps the last ``backlog`` events in memory for ``Last-Event-ID`` resume;
 - delivers each event to the open streams whose caller may see the job
-  (:func:`can_see_job`: admins and operators see every job, viewers their
-  own);
+  (:func:`can_see_job`: every authenticated role sees every job, as in the
+  jobs list);
 - bounds open streams per user (``max_per_user``), sends a heartbeat comment
   every ``heartbeat`` seconds on the injected clock, and closes every stream
   when the daemon drains (``close_all``, a ``ctx.drain_hooks`` entry).
@@ -38,12 +38,9 @@ PUBLIC_JOB_FIELDS = ("job_id", "provider", "status", "config_name", "created_at"
 
 
 def can_see_job(principal: Any, user_id: Optional[int]) -> bool:
-    """Who may see a job: admins and operators every job; viewers their own."""
-    if principal is None:
-        return False
-    if principal.role in ("admin", "operator"):
-        return True
-    return user_id is not None and user_id == principal.user_id
+    """Who may see a job: every authenticated role (viewers read jobs, S12) —
+    the same rule as ``GET /api/cloud/jobs``."""
+    return principal is not None and principal.role in ("admin", "operator", "viewer")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ def test_event_bus_resume_and_visibility():
     assert bus.since(None) == []
     assert "metadata" not in bus.backlog[-1].data
     viewer = Principal(user_id=2, username="v", role="viewer")
-    assert not can_see_job(viewer, 1) and can_see_job(viewer, 2)
+    assert can_see_job(viewer, 1) and can_see_job(viewer, 2)   # as in GET /api/cloud/jobs
+    assert not can_see_job(None, 1)
     assert can_see_job(Principal(user_id=3, username="o", role="operator"), 1)
 
 
