@@ -301,10 +301,10 @@ async def test_event_stream_filters_resumes_and_is_bounded(env):
     assert await until(lambda: any(e["data"]["job_id"] == job_id and e["data"]["status"] == "queued"
                                    for e in admin_reader.events))
     assert all("metadata" not in e["data"] for e in admin_reader.events)
-    # A viewer does not see the admin's job.
+    # A viewer sees every job, the admin's included, as GET /api/cloud/jobs does.
     env.ctx.events.publish({"job_id": "own", "status": "running", "user_id": viewer["id"]})
     assert await until(lambda: any(e["data"]["job_id"] == "own" for e in viewer_reader.events))
-    assert not any(e["data"]["job_id"] == job_id for e in viewer_reader.events)
+    assert any(e["data"]["job_id"] == job_id for e in viewer_reader.events)
     # Resume after the first event: only later ones are replayed.
     first_id = admin_reader.events[0]["id"]
     response, resumed, resumed_done = await open_stream(daemon, daemon.admin_key,
