@@ -11,7 +11,7 @@ import pytest_twisted
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.services import require_binary
-from tests.test_s3_boto3 import tls  # noqa: F401  (fixture)
+from tests.s3_helpers import tls  # noqa: F401 (fixture)
 
 MIB = 1024 * 1024
 

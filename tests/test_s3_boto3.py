@@ -11,12 +11,12 @@ import urllib.request
 import boto3
 import pytest
 import pytest_twisted
-import trustme
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 from twisted.internet.threads import deferToThread
 
 from stdaemon.core import s3_checksums
+from tests.s3_helpers import tls  # noqa: F401 (fixture)
 
 MIB = 1024 * 1024
 
@@ -38,21 +38,6 @@ def _file_sha(path) -> str:
         for block in iter(lambda: fh.read(MIB), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory):
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    base = tmp_path_factory.mktemp("tls")
-    cert_path, key_path, ca_path = base / "cert.pem", base / "key.pem", base / "ca.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_path))
-    for extra in cert.cert_chain_pems[1:]:
-        with open(cert_path, "ab") as fh:
-            fh.write(extra.bytes())
-    cert.private_key_pem.write_to_path(str(key_path))
-    ca.cert_pem.write_to_path(str(ca_path))
-    return {"cert": str(cert_path), "key": str(key_path), "ca": str(ca_path)}
 
 
 async def _start(make_daemon, tls, scheme):
@@ -254,7 +239,7 @@ async def test_presigned_put_and_signed_streaming_chunks(make_daemon, tls):
 
     # STREAMING-AWS4-HMAC-SHA256-PAYLOAD: seed signature from botocore's signer, chunk chain per AWS
     from stdaemon.core import sigv4
-    from tests.test_s3_bad_input import raw_request, sign
+    from tests.s3_helpers import raw_request, sign
 
     path = "/api/cloud/storage/outputs/job-1/signed-chunks.bin"
     headers = sign(daemon.url + path, "PUT", access_key, secret, sigv4.STREAMING_SIGNED,

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 
 from tests.replicate_env import start_env
-from tests.test_s3_bad_input import sign
+from tests.s3_helpers import sign
 
 
 @pytest_twisted.async_yield_fixture
