@@ -351,6 +351,17 @@ class Metrics:
         self._jobs_track = track if fn is not None else None
 
     _jobs_track: Optional[Callable[[Optional[Mapping], Optional[Mapping]], None]] = None
+    _ctx: Any = None
+
+    def _bind_jobs_owner(self) -> None:
+        """Once ``ctx.jobs`` exists and keeps job figures (``metrics()``), it is
+        the source and the job hooks forward to its ``track``/``_track``."""
+        if self._jobs_source is not None or self._ctx is None:
+            return
+        jobs = getattr(self._ctx, "jobs", None)
+        if callable(getattr(jobs, "metrics", None)):
+            track = getattr(jobs, "track", None) or getattr(jobs, "_track", None)
+            self.register_jobs_source(jobs.metrics, track=track if callable(track) else None)
 
     def _forward(self, before: Optional[Mapping], after: Optional[Mapping]) -> bool:
         if self._jobs_track is None:
@@ -360,6 +371,7 @@ class Metrics:
 
     def job_created(self, status: str, cost_usd: float = 0.0, *, provider: Optional[str] = None,
                     created_at: Optional[float] = None) -> None:
+        self._bind_jobs_owner()
         if self._jobs_track is not None:
             self._forward(None, {"status": status, "cost_usd": cost_usd or 0.0, "provider": provider,
                                  "created_at": created_at, "started_at": None, "completed_at": None})
@@ -375,6 +387,7 @@ class Metrics:
         """A committed change of one job: status ``old → new`` (equal when only
         columns changed), cost change in USD, and its run time when it just
         finished (terminal with both timestamps)."""
+        self._bind_jobs_owner()
         if self._jobs_track is not None:
             blank = {"cost_usd": 0.0, "started_at": None, "completed_at": None}
             self._forward(dict(blank, status=old) if old is not None else None,
@@ -398,6 +411,7 @@ class Metrics:
         """Derive the transition from the row before and after a committed write
         (``store.transition`` returns both).  Either may be None (no-op then,
         except a None ``before`` counts a new job)."""
+        self._bind_jobs_owner()
         try:
             if after is None:
                 return
@@ -424,6 +438,7 @@ class Metrics:
                     job: Optional[Mapping[str, Any]] = None) -> None:
         """A job row was deleted: it leaves ``jobs_by_status`` and the duration
         average; ``jobs_total`` and ``cost_usd_total`` are counters and keep it."""
+        self._bind_jobs_owner()
         if self._jobs_track is not None:
             self._forward(job if job is not None else {"status": status, "cost_usd": 0.0, "started_at": None,
                                                        "completed_at": None}, None)
@@ -724,6 +739,7 @@ class SpendTracker:
 def install(ctx: Any) -> Metrics:
     """Bind the defaults that need no database (``wire_capabilities``)."""
     metrics: Metrics = ctx.metrics
+    metrics._ctx = ctx
     metrics.configure(ctx.config.metrics)
     metrics.uptime_origin = getattr(ctx, "started_at", metrics.started_at)
     metrics.set_db_latency_source(lambda: getattr(ctx, "last_db_latency_ms", None))
@@ -735,12 +751,9 @@ async def start(ctx: Any) -> None:
     job figures (one aggregate query), provider spend, and sources exposed by
     other capabilities that did not register their own."""
     metrics: Metrics = ctx.metrics
-    jobs = getattr(ctx, "jobs", None)
-    if metrics._jobs_source is None and callable(getattr(jobs, "metrics", None)):
-        # The jobs service keeps the job figures itself (loaded by ctx.jobs.load());
-        # ctx.metrics.job_* hooks forward changes made elsewhere (webhooks) to it.
-        track = getattr(jobs, "track", None) or getattr(jobs, "_track", None)
-        metrics.register_jobs_source(jobs.metrics, track=track if callable(track) else None)
+    # The jobs service keeps the job figures itself (loaded by ctx.jobs.load());
+    # ctx.metrics.job_* hooks forward changes made elsewhere (webhooks) to it.
+    metrics._bind_jobs_owner()
     await reload(ctx)
     if metrics._approvals_source is None and callable(getattr(getattr(ctx, "approvals", None), "metrics", None)):
         metrics.register_approvals_source(ctx.approvals.metrics)
