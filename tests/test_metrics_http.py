@@ -379,3 +379,29 @@ async def test_cost_limit_percent_follows_costs(make_daemon, tmp_path):
         assert "simpletuner_cost_limit_percent_used{" not in text
     finally:
         await env.fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_input_is_a_clear_4xx(daemon):
+    key = daemon.admin_key
+    cases = [
+        ("GET", f"{CONFIG}/preview?categories=%ff", None, 400),
+        ("GET", f"{CONFIG}/preview?categories=" + "x" * 5000, None, 400),
+        ("PUT", CONFIG, {"prometheus_categories": [{"name": "jobs"}]}, 400),
+        ("PUT", CONFIG, {"prometheus_categories": "jobs,cpu"}, 400),
+        ("PUT", CONFIG, [1, 2], 400),
+        ("PUT", CONFIG, {}, 400),
+        ("POST", f"{CONFIG}/templates/%00", None, 404),
+        ("POST", f"{CONFIG}/templates/" + "y" * 3000, None, 404),
+    ]
+    for method, path, body, status in cases:
+        response, answer = await call(daemon, method, path, body, key=key)
+        assert response.code == status, (method, path[:80], answer)
+        assert answer["error"] and answer["detail"]
+    # An empty selection is allowed: the scrape is then empty (and still valid).
+    response, body = await call(daemon, "PUT", CONFIG, {"prometheus_enabled": True, "prometheus_categories": []},
+                                key=key)
+    assert response.code == 200 and body["prometheus_categories"] == []
+    response, text = await scrape(daemon, {"Accept": "\x01garbage;;q=x"})
+    assert response.code == 200 and text == b""
+    assert promtool_problems(text) == []
