@@ -321,3 +321,52 @@ async def test_odd_requests_never_get_a_5xx(s3):
         status, _, answer = await deferToThread(raw_request, daemon.port, method, path, headers, body)
         assert 400 <= status < 500, (method, path, status, answer)
     assert await _no_temp_files(daemon)
+
+
+@pytest_twisted.ensureDeferred
+async def test_expect_100_continue_refuses_bad_uploads_before_the_body(s3):
+    """With Expect: 100-continue a certain refusal comes instead of 100 Continue: no body is sent."""
+    daemon, access_key, secret = s3
+    await daemon.ctx.upload_credentials.lookup(access_key)  # known to this process (cache)
+    data = b"x" * 1000
+    digest = hashlib.sha256(data).hexdigest()
+    cases = [
+        (PATH, sign(daemon.url + PATH, "PUT", access_key, "wrong-secret", digest), 403, "SignatureDoesNotMatch"),
+        ("/api/cloud/storage/outputs/job-2/x",
+         sign(daemon.url + "/api/cloud/storage/outputs/job-2/x", "PUT", access_key, secret, digest), 403,
+         "AccessDenied"),
+        (PATH, {}, 403, "AccessDenied"),
+        ("/api/cloud/storage/outputs/job-1/%2e%2e/x", {"X-Upload-Token": secret}, 400, "InvalidArgument"),
+    ]
+    for path, headers, status, code in cases:
+        result = await deferToThread(expect_refused, daemon.port, path, headers, len(data))
+        assert result[0] == status and error_code(result[1]) == code, result
+    assert await _no_temp_files(daemon)
+    # unknown to the cache: the request goes on (100 Continue) and the handler decides
+    result = await deferToThread(raw_request, daemon.port, "PUT", PATH,
+                                 sign(daemon.url + PATH, "PUT", "STUPFFFFFFFFFFFFFFFF", secret, digest), data,
+                                 False, True)
+    assert (result[0], error_code(result[2])) == (403, "InvalidAccessKeyId")
+
+
+def expect_refused(port, path, headers, length):
+    """Send only the head with Expect: 100-continue; return (status, body) of the first answer."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    try:
+        head = [f"PUT {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Content-Length: {length}",
+                "Expect: 100-continue"]
+        head += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in ("host", "content-length")]
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        data = b""
+        while True:
+            block = sock.recv(65536)
+            if not block:
+                break
+            data += block
+    finally:
+        sock.close()
+    first, _, body = data.partition(b"\r\n\r\n")
+    assert not first.startswith(b"HTTP/1.1 100"), "the daemon asked for the body"
+    return int(first.split()[1]), body

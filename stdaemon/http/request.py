@@ -31,6 +31,22 @@ class BodyPolicy:
     too_large: Optional[Callable[[int], tuple[bytes, bytes]]] = None
 
 
+class RejectBody(Exception):
+    """Raised by a ``sink_factory`` to answer at once, before the body is read.
+
+    Use it only when the client sent ``Expect: 100-continue`` (it is waiting for the verdict and
+    has sent no body yet): the daemon answers ``status`` and closes the connection, and the
+    ``100 Continue`` is never sent. S3 uses it to refuse a bad signature without reading gigabytes.
+    """
+
+    def __init__(self, status: int, reason: bytes, content_type: bytes, body: bytes):
+        super().__init__(status)
+        self.status = status
+        self.reason = reason
+        self.content_type = content_type
+        self.body = body
+
+
 def json_too_large(max_bytes: int) -> tuple[bytes, bytes]:
     body = json.dumps({
         "error": "payload_too_large",
@@ -75,7 +91,11 @@ class StdaemonRequest(server.Request):
             self._reject_too_large()
             return
         if policy.sink_factory is not None:
-            self.content = policy.sink_factory(self, length)
+            try:
+                self.content = policy.sink_factory(self, length)
+            except RejectBody as refusal:
+                self._reject_now(refusal.status, refusal.reason, refusal.content_type, refusal.body)
+                return
         else:
             super().gotLength(length)
 
@@ -99,6 +119,11 @@ class StdaemonRequest(server.Request):
 
     def _reject_too_large(self) -> None:
         """Answer 413 now, before (more of) the body is read, and hang up."""
+        content_type, body = self._too_large(self._body_limit or 0)
+        self._reject_now(413, b"Payload Too Large", content_type, body)
+
+    def _reject_now(self, status: int, reason: bytes, content_type: bytes, body: bytes) -> None:
+        """Answer now, before (more of) the body is read, and hang up."""
         self._rejected = True
         old = self.content
         self.content = _Discard()
@@ -107,9 +132,8 @@ class StdaemonRequest(server.Request):
             close()
         # Do not promise the client we want the body.
         self.requestHeaders.removeHeader(b"expect")
-        content_type, body = self._too_large(self._body_limit or 0)
         head = [
-            b"HTTP/1.1 413 Payload Too Large",
+            b"HTTP/1.1 %d %s" % (status, reason),
             b"Content-Type: " + content_type,
             b"Content-Length: " + str(len(body)).encode(),
             b"Connection: close",
@@ -121,7 +145,7 @@ class StdaemonRequest(server.Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._rejected:
-            # The 413 has been sent; the rest of the body (if any) was
+            # The answer (413, or a sink's refusal) has been sent; the rest of the body (if any) was
             # discarded; nothing must run for this request.
             self.method, self.uri, self.clientproto = command, path, version
             self.finished = 1

@@ -39,7 +39,7 @@ from twisted.web.server import NOT_DONE_YET
 from stdaemon.core import s3_checksums, s3_xml, sigv4
 from stdaemon.core.aws_chunked import AwsChunkedDecoder, ChunkedError
 from stdaemon.core.s3_keys import InvalidKey, key_under_prefix, validate_key
-from stdaemon.http.request import BodyPolicy
+from stdaemon.http.request import BodyPolicy, RejectBody
 from stdaemon.http.surface import PUBLIC, Response, Surface, route
 from stdaemon.logs import get_logger
 from stdaemon.store import credentials as credentials_store
@@ -447,6 +447,7 @@ class StorageSurface(Surface):
                 ctx.upload_credentials, credentials_store.UploadCredentials):
             credentials_store.install(ctx)
         self._cleaned_at_start = False
+        self._warmed = False
         ctx.add_timer("s3-multipart-cleanup", cleanup_interval, self.cleanup, now=True)
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -488,6 +489,20 @@ class StorageSurface(Surface):
         if current is None or current.root != root:
             self.engine.buckets[credentials_store.UPLOAD_BUCKET] = Bucket(credentials_store.UPLOAD_BUCKET, root)
 
+    def _warm(self) -> None:
+        """Load live credentials into memory once the daemon serves requests (never during start-up,
+        while the database migrates), so bad signatures are refused before their body is sent."""
+        self._warmed = True
+        loader = getattr(self.credentials, "load_active", None)
+        if loader is None:
+            return
+
+        def failed(failure: Failure) -> None:
+            self._warmed = False
+            log.info("Upload credential cache not warmed: {error}", error=failure.getErrorMessage())
+
+        defer.ensureDeferred(loader()).addErrback(failed)
+
     def job_for(self, target: Target) -> Optional[str]:
         if target.bucket == credentials_store.UPLOAD_BUCKET and "/" in target.key:
             return target.key.split("/", 1)[0]
@@ -524,7 +539,7 @@ class StorageSurface(Surface):
             return BodyPolicy(max_bytes=SMALL_BODY, too_large=too_large)
         self.refresh_buckets()
         try:
-            _, raw_query, bucket, key = self.split(raw_path)
+            path_only, raw_query, bucket, key = self.split(raw_path)
         except S3Error:
             return BodyPolicy(max_bytes=SMALL_BODY, too_large=too_large)
         if not key:
@@ -548,11 +563,64 @@ class StorageSurface(Surface):
         limit = (MAX_PART_SIZE if upload_id is not None else self.max_put_bytes) + CHUNK_OVERHEAD
 
         def sink(request: Any, length: Optional[int]) -> UploadSink:
+            expect = b",".join(request.requestHeaders.getRawHeaders(b"expect") or []).lower()
+            if b"100-continue" in expect:
+                self.precheck(request, path_only, raw_query, target, error, length)
             return UploadSink(self, request, length, target, error)
 
         return BodyPolicy(max_bytes=limit, sink_factory=sink, too_large=too_large)
 
     # -- authentication ------------------------------------------------------------------------
+
+    def precheck(self, request: Any, raw_path: str, raw_query: str, target: Target, error: Optional[S3Error],
+                 length: Optional[int]) -> None:
+        """Before ``100 Continue``: refuse at once what is already certain to fail, so the client
+        never sends the body. Decides only from memory (a credential in the cache, the request's
+        own headers); anything needing the database is left to the handler. Raises ``RejectBody``."""
+        def refuse(err: S3Error) -> None:
+            body = s3_xml.error(err.code, err.message, "", "", **err.extra)
+            reason = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found"}.get(err.status, b"Error")
+            raise RejectBody(err.status, reason, b"application/xml", body)
+
+        headers = request.requestHeaders
+        if headers.getRawHeaders(b"x-api-key") or headers.getRawHeaders(b"cookie"):
+            return  # operators: their key is checked against the database by the root
+        if error is not None:
+            refuse(error)
+        if length is not None and length > (MAX_PART_SIZE if target.upload_id else self.max_put_bytes) \
+                and not headers.getRawHeaders(b"x-amz-decoded-content-length"):
+            refuse(S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size"))
+        method = getattr(request.channel, "_command", b"PUT").decode("latin-1")
+        try:
+            claim = sigv4.parse_request_auth(method, raw_path, raw_query,
+                                             sigv4.headers_from_pairs(_header_items(headers)))
+        except sigv4.SignatureError as exc:
+            if exc.code == "AuthorizationHeaderMalformed" or exc.code == "AccessDenied":
+                refuse(S3Error(exc.code, exc.message))
+            return
+        if claim is None:
+            if not headers.getRawHeaders(b"x-upload-token") and not headers.getRawHeaders(b"x-simpletuner-secret") \
+                    and not headers.getRawHeaders(b"authorization"):
+                refuse(S3Error("AccessDenied", "Access Denied"))
+            return
+        cred = self.credentials.cached(claim.access_key) if hasattr(self.credentials, "cached") else None
+        if cred is None:
+            return
+        now = self.ctx.clock.seconds()
+        try:
+            if not cred.active(now):
+                raise S3Error("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our "
+                              "records.", AWSAccessKeyId=claim.access_key)
+            try:
+                sigv4.verify_claim(claim, cred.secret, now, path_prefix=PREFIX)
+            except sigv4.SignatureError as exc:
+                raise S3Error(exc.code, exc.message) from None
+            if target.bucket != cred.bucket or not key_under_prefix(target.key, cred.prefix):
+                raise S3Error("AccessDenied", "Access Denied")
+        except S3Error as err:
+            self._denied(request, f"before the body: {err.code}", claim.access_key,
+                         target=f"{PREFIX}/{target.bucket}/{target.key}")
+            refuse(err)
 
     async def authenticate(self, request: Any, raw_path: str, raw_query: str) -> Caller:
         principal = getattr(request, "principal", None)
@@ -591,15 +659,18 @@ class StorageSurface(Surface):
             return Caller("job", credential=cred, can_write=True)
         raise S3Error("AccessDenied", "Access Denied")
 
-    def _denied(self, request: Any, reason: str, access_key: str = "") -> None:
+    def _denied(self, request: Any, reason: str, access_key: str = "", target: str = "") -> None:
         """Audit a refused upload (``upload.denied``), sampled so a flood stays bounded."""
         ip = getattr(request, "client_ip", "") or None
+        if ip is None and request.channel is not None and target:
+            ip = getattr(request.getClientAddress(), "host", None)  # before the root derived it
         log.info("S3 request refused: {reason}", reason=reason, ip=ip)
         audit = getattr(self.ctx, "audit", None)
         if audit is None:
             return
-        fields = dict(actor="anonymous", ip=ip, target=request.path.decode("latin-1", "replace")[:200],
-                      action=request.method.decode("latin-1"),
+        method = getattr(request, "method", None) or getattr(request.channel, "_command", b"PUT")
+        target = target or request.path.decode("latin-1", "replace")
+        fields = dict(actor="anonymous", ip=ip, target=target[:200], action=method.decode("latin-1"),
                       details={"reason": reason, "access_key_id": access_key[:64]})
         try:
             sampled = getattr(audit, "sampled", None)
@@ -642,6 +713,8 @@ class StorageSurface(Surface):
         request.setHeader("x-amz-request-id", getattr(request, "correlation_id", ""))
         if not isinstance(getattr(request, "content", None), UploadSink):
             self.refresh_buckets()
+        if not self._warmed:
+            self._warm()
         resource = ""
         try:
             raw_path, raw_query, bucket, key = self.split(request.uri)
