@@ -59,7 +59,7 @@ async def test_aws_cli_cp_ls_sync_round_trip(make_daemon, tls, tmp_path, scheme)
         for _ in range(20):
             fh.write(os.urandom(MIB))
     out, err, code = await _aws(["s3", "cp", str(big), "s3://outputs/job-7/big.bin", *endpoint], env)
-    assert code == 0, err
+    assert code == 0, (out, err)
 
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
@@ -67,35 +67,35 @@ async def test_aws_cli_cp_ls_sync_round_trip(make_daemon, tls, tmp_path, scheme)
     (tree / "sub" / "b.bin").write_bytes(os.urandom(70_000))
     (tree / "sub" / "space name.txt").write_bytes(b"spaces")
     out, err, code = await _aws(["s3", "sync", str(tree), "s3://outputs/job-7/tree/", *endpoint], env)
-    assert code == 0, err
+    assert code == 0, (out, err)
 
     out, err, code = await _aws(["s3", "ls", "--recursive", "s3://outputs/job-7/", *endpoint], env)
-    assert code == 0, err
+    assert code == 0, (out, err)
     listed = sorted(line.split(None, 3)[3] for line in out.splitlines() if line.strip())
     assert listed == ["job-7/big.bin", "job-7/tree/a.txt", "job-7/tree/sub/b.bin", "job-7/tree/sub/space name.txt"]
     out, err, code = await _aws(["s3", "ls", "s3://outputs/job-7/", *endpoint], env)
-    assert code == 0 and "PRE tree/" in out, err
+    assert code == 0 and "PRE tree/" in out, (out, err)
 
     back = tmp_path / "back.bin"
     out, err, code = await _aws(["s3", "cp", "s3://outputs/job-7/big.bin", str(back), *endpoint], env)
-    assert code == 0, err
+    assert code == 0, (out, err)
     assert _sha_file(back) == _sha_file(big)
     copy = tmp_path / "copy"
     out, err, code = await _aws(["s3", "sync", "s3://outputs/job-7/tree/", str(copy), *endpoint], env)
-    assert code == 0, err
+    assert code == 0, (out, err)
     for rel in ("a.txt", "sub/b.bin", "sub/space name.txt"):
         assert _sha_file(copy / rel) == _sha_file(tree / rel)
     # a second sync has nothing to do
     out, err, code = await _aws(["s3", "sync", str(tree), "s3://outputs/job-7/tree/", *endpoint], env)
-    assert code == 0 and "upload:" not in out
+    assert code == 0 and "upload:" not in out, (out, err)
 
     # rm --recursive (DeleteObjects) inside the prefix
     out, err, code = await _aws(["s3", "rm", "--recursive", "s3://outputs/job-7/tree/", *endpoint], env)
-    assert code == 0, err
+    assert code == 0, (out, err)
     out, err, code = await _aws(["s3", "ls", "--recursive", "s3://outputs/job-7/", *endpoint], env)
     assert code == 0 and [line.split()[-1] for line in out.splitlines()] == ["job-7/big.bin"]
 
     # outside the job's prefix: refused, nothing written
     out, err, code = await _aws(["s3", "cp", str(tree / "a.txt"), "s3://outputs/job-8/a.txt", *endpoint], env)
-    assert code != 0 and "AccessDenied" in err
+    assert code != 0 and "AccessDenied" in err, (out, err)
     assert not os.path.exists(os.path.join(daemon.ctx.outputs_dir(), "job-8"))
