@@ -4,13 +4,18 @@ progress in GET /api/cloud/jobs/{id}, revocation at terminal status, multipart c
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
+import uuid
+from datetime import datetime, timezone
 
 import boto3
 import pytest
 import pytest_twisted
+import treq
 from botocore.exceptions import ClientError
+from standardwebhooks import Webhook
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
@@ -55,11 +60,20 @@ async def test_job_credentials_upload_progress_and_revocation_on_completion(env)
         await deferToThread(client.put_object, Bucket=bucket, Key="someone-else/x.bin", Body=b"x")
     assert err.value.response["Error"]["Code"] == "AccessDenied"
 
-    # the job completes (as a webhook would report it): the credentials stop working at once
+    # the job completes through a signed Replicate webhook: the credentials stop working at once
     row = await env.ctx.db.run_read(lambda conn: conn.execute(
         "SELECT external_id FROM jobs WHERE job_id = ?", (job_id,)).fetchone())
-    await env.ctx.jobs.apply_prediction({"id": row[0], "status": "succeeded", "metrics": {"predict_time": 10}},
-                                        source="webhook")
+    prediction = env.fake.state.set_status(row[0], "succeeded", predict_time=10.0)
+    payload = json.dumps(prediction)
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    now = datetime.now(tz=timezone.utc)
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(now.timestamp())),
+               "webhook-signature": Webhook(env.fake.state.webhook_secret).sign(msg_id, now, payload),
+               "Content-Type": "application/json"}
+    response = await treq.post(env.url("/api/webhooks/replicate"), data=payload.encode(), headers=headers)
+    assert response.code in (200, 202), await response.text()
+    response, body = await env.call("GET", f"/api/cloud/jobs/{job_id}")
+    assert body["job"]["status"] == "completed"
     with pytest.raises(ClientError) as err:
         await deferToThread(client.put_object, Bucket=bucket, Key=base + "late.bin", Body=b"late")
     assert err.value.response["Error"]["Code"] in ("InvalidAccessKeyId", "AccessDenied")
