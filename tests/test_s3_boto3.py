@@ -293,3 +293,18 @@ async def test_full_object_checksum_is_returned_and_validated_by_botocore(make_d
     got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/ck.bin", ChecksumMode="ENABLED")
     assert got["ChecksumCRC32"] == s3_checksums.checksum_b64("crc32", data)
     assert await deferToThread(got["Body"].read) == data
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest.mark.parametrize("algorithm", ["SHA256", "SHA1", "CRC32"])
+@pytest_twisted.ensureDeferred
+async def test_requested_checksum_algorithms_header_and_trailer(make_daemon, tls, scheme, algorithm):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, scheme)
+    data = os.urandom(70_000)
+    put = await deferToThread(client.put_object, Bucket="outputs", Key="job-1/sum.bin", Body=data,
+                              ChecksumAlgorithm=algorithm)
+    expected = s3_checksums.checksum_b64(algorithm.lower(), data)
+    assert put[f"Checksum{algorithm}"] == expected
+    got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/sum.bin", ChecksumMode="ENABLED")
+    assert got[f"Checksum{algorithm}"] == expected
+    assert await deferToThread(got["Body"].read) == data
