@@ -11,7 +11,8 @@ against a peer measured in the same run:
   for a daemon that must write and fsync every byte (and assemble the parts once more);
 * single PutObject throughput vs the same raw disk figure;
 * both vs moto's S3 server (``moto_server``, same client, same files) when it is installed;
-* RSS growth during the upload vs the 64 MiB limit of issue 5.
+* RSS growth during the upload vs the 64 MiB limit of issue 5, and during a ``download_file`` of
+  the same object.
 
 Nothing is asserted; the numbers are printed.
 """
@@ -50,6 +51,8 @@ if len(sys.argv) > 7:
 started = time.monotonic()
 if mode == "multipart":
     client.upload_file(path, "outputs", name)
+elif mode == "download":
+    client.download_file("outputs", name, path)
 else:
     with open(path, "rb") as fh:
         client.put_object(Bucket="outputs", Key=name, Body=fh)
@@ -152,19 +155,24 @@ async def run(reactor, args) -> None:
 
     multipart_s, rss_before, rss_peak = await upload(source, "bench/big.bin", "multipart")
     put_s, _, put_peak = await upload(put_source, "bench/put.bin", "put")
+    download_s, download_before, download_peak = await upload(os.path.join(base, "back.bin"), "bench/big.bin",
+                                                              "download")
     growth = rss_peak - rss_before
     for label, size, ours in (("multipart", args.size_mib, multipart_s), ("put", args.put_mib, put_s)):
         if label in moto:
             print(f"{label:9s} vs moto_server: stdaemon {size / ours:8.1f} MiB/s  moto {size / moto[label]:8.1f} "
-                  f"MiB/s  ratio {moto[label] / ours:5.3f}")
+                  f"MiB/s  stdaemon/moto speed {moto[label] / ours:5.3f}")
         else:
             print(f"{label:9s} vs moto_server: moto_server not available")
     print(f"multipart upload {args.size_mib} MiB: {args.size_mib / multipart_s:8.1f} MiB/s  "
-          f"raw disk {args.size_mib / raw:8.1f} MiB/s  ratio {raw / multipart_s:5.3f}")
+          f"raw disk {args.size_mib / raw:8.1f} MiB/s  stdaemon/raw speed {raw / multipart_s:5.3f}")
     print(f"single PutObject {args.put_mib} MiB:  {args.put_mib / put_s:8.1f} MiB/s  "
-          f"raw disk {args.put_mib / raw_put:8.1f} MiB/s  ratio {raw_put / put_s:5.3f}")
+          f"raw disk {args.put_mib / raw_put:8.1f} MiB/s  stdaemon/raw speed {raw_put / put_s:5.3f}")
     print(f"daemon RSS: before {rss_before:.1f} MiB, peak {max(rss_peak, put_peak):.1f} MiB, growth during the "
           f"multipart upload {growth:.1f} MiB = {growth / RSS_LIMIT_MIB:.2f} x the {RSS_LIMIT_MIB} MiB limit")
+    print(f"download_file {args.size_mib} MiB: {args.size_mib / download_s:8.1f} MiB/s; daemon RSS growth "
+          f"{download_peak - download_before:.1f} MiB = {(download_peak - download_before) / RSS_LIMIT_MIB:.2f} x "
+          f"the {RSS_LIMIT_MIB} MiB limit")
     await service.stopService()
     for name in os.listdir(base):
         if name.endswith(".bin"):
