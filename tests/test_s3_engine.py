@@ -162,3 +162,19 @@ def test_small_non_last_part_abort_and_stale_cleanup(engine):
         with pytest.raises(StorageError) as err:
             engine.upload_info("outputs", bad)
         assert err.value.code == "NoSuchUpload"
+
+
+def test_clean_up_never_removes_a_temp_file_still_being_written(engine, tmp_path):
+    pending = engine.begin_put("outputs", "job-1/slow.bin")
+    pending.write(b"x" * 10)
+    leftover = tmp_path / "outputs" / ".stdaemon" / "tmp" / "crash-leftover.tmp"
+    leftover.write_bytes(b"old")
+    assert engine.cleanup_stale(now=10 ** 12, max_age=1.0) == 0
+    assert os.path.exists(pending.path) and not leftover.exists()
+    assert engine.startup_cleanup() == 0
+    assert os.path.exists(pending.path)
+    engine.commit_put("outputs", "job-1/slow.bin", pending, 1.0)
+    assert engine.live_temp_files == set()
+    aborted = engine.begin_put("outputs", "job-1/gone.bin")
+    aborted.abort()
+    assert engine.live_temp_files == set()

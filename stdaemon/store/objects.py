@@ -123,9 +123,12 @@ class PendingWrite:
     """
 
     def __init__(self, tmp_dir: str, checksum_algorithms: Iterable[str] = (), max_size: Optional[int] = None,
-                 sha256: bool = True):
+                 sha256: bool = True, live: Optional[set] = None):
         os.makedirs(tmp_dir, exist_ok=True)
         self.path = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.tmp")
+        # the engine's set of temp files in use: the clean-up timer never touches them
+        self._live = live if live is not None else set()
+        self._live.add(self.path)
         self._fh = open(self.path, "wb")
         self.size = 0
         self.md5 = hashlib.md5()
@@ -168,6 +171,10 @@ class PendingWrite:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        self.release()
+
+    def release(self) -> None:
+        self._live.discard(self.path)
 
 
 class Bucket:
@@ -206,6 +213,7 @@ class StorageEngine:
         self.created_at = created_at
         self._lock = threading.Lock()
         self._completing: set[str] = set()
+        self.live_temp_files: set[str] = set()
 
     # ------------------------------------------------------------------ buckets
 
@@ -233,6 +241,8 @@ class StorageEngine:
             if not os.path.isdir(bucket.tmp):
                 continue
             for name in os.listdir(bucket.tmp):
+                if os.path.join(bucket.tmp, name) in self.live_temp_files:
+                    continue
                 try:
                     os.unlink(os.path.join(bucket.tmp, name))
                     removed += 1
@@ -246,7 +256,7 @@ class StorageEngine:
                   max_size: Optional[int] = MAX_OBJECT_SIZE, sha256: bool = True) -> PendingWrite:
         bucket = self.bucket(bucket_name)
         bucket.object_path(key)  # validate before any byte is written
-        return PendingWrite(bucket.tmp, checksum_algorithms, max_size, sha256)
+        return PendingWrite(bucket.tmp, checksum_algorithms, max_size, sha256, self.live_temp_files)
 
     def commit_put(self, bucket_name: str, key: str, pending: PendingWrite, now: float,
                    content_type: Optional[str] = None, metadata: Optional[dict] = None,
@@ -266,6 +276,7 @@ class StorageEngine:
         except Exception:
             pending.abort()
             raise
+        pending.release()
         meta = asdict(info)
         meta["mtime_ns"] = os.stat(path).st_mtime_ns
         _write_json_atomic(bucket.meta_path(key), meta, bucket.tmp)
@@ -473,7 +484,7 @@ class StorageEngine:
         self._upload(bucket, upload_id, key)
         if not 1 <= part_number <= MAX_PART_NUMBER:
             raise StorageError("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive")
-        return PendingWrite(bucket.tmp, checksum_algorithms, MAX_PART_SIZE, sha256)
+        return PendingWrite(bucket.tmp, checksum_algorithms, MAX_PART_SIZE, sha256, self.live_temp_files)
 
     def commit_part(self, bucket_name: str, key: str, upload_id: str, part_number: int, pending: PendingWrite,
                     now: float, checksums: Optional[dict] = None) -> PartInfo:
@@ -496,7 +507,9 @@ class StorageEngine:
         try:
             os.replace(pending.path, os.path.join(path, data_name))
         except FileNotFoundError:
+            pending.abort()
             raise no_such_upload(upload_id) from None
+        pending.release()
         _fsync_dir(path)
         old = self._read_part_meta(path, part_number)
         _write_json_atomic(part_path + ".json", meta, bucket.tmp)
@@ -566,7 +579,7 @@ class StorageEngine:
                     raise StorageError("EntityTooSmall", "Your proposed upload is smaller than the minimum "
                                        "allowed object size.", PartNumber=number)
                 metas.append(meta)
-            pending = PendingWrite(bucket.tmp, sha256=False)
+            pending = PendingWrite(bucket.tmp, sha256=False, live=self.live_temp_files)
             digest = hashlib.md5()
             try:
                 for meta in metas:
@@ -610,6 +623,8 @@ class StorageEngine:
             try:
                 for tmp in os.listdir(bucket.tmp):
                     full = os.path.join(bucket.tmp, tmp)
+                    if full in self.live_temp_files:
+                        continue  # an upload still writing it
                     try:
                         if now - os.stat(full).st_mtime > max_age:
                             os.unlink(full)
