@@ -178,3 +178,11 @@ def test_clean_up_never_removes_a_temp_file_still_being_written(engine, tmp_path
     aborted = engine.begin_put("outputs", "job-1/gone.bin")
     aborted.abort()
     assert engine.live_temp_files == set()
+
+
+def test_sidecars_of_keys_that_look_alike_do_not_collide(engine):
+    _put(engine, "x", b"1", content_type="text/a")
+    _put(engine, "x.json/y", b"22", content_type="text/b")
+    assert engine.head("outputs", "x").content_type == "text/a"
+    assert engine.head("outputs", "x.json/y").content_type == "text/b"
+    assert engine.iter_keys("outputs") == ["x", "x.json/y"]

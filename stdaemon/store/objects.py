@@ -5,8 +5,8 @@ not exist). An object ``key`` is the file ``<bucket dir>/<key>`` so operators ca
 outputs with ordinary tools. Engine state lives in ``<bucket dir>/.stdaemon/``:
 
 * ``tmp/``        bodies being received (temp files; never visible as objects),
-* ``meta/<key>.json``  the sidecar of each object (ETag, size, content type, user metadata,
-  checksums, last-modified),
+* ``meta/<hh>/<sha256 of key>.json``  the sidecar of each object (key, ETag, size, content type,
+  user metadata, checksums, last-modified),
 * ``multipart/<upload id>/``  one multipart upload: ``upload.json`` and its parts
   (``<n>.part`` + ``<n>.json``).
 
@@ -202,7 +202,10 @@ class Bucket:
         return path
 
     def meta_path(self, key: str) -> str:
-        return os.path.join(self.meta, *key.split("/")) + ".json"
+        """Sidecar of ``key``, named by the key's hash: no key can collide with another's sidecar
+        (``x`` vs ``x.json/y``) and the sidecar tree never mirrors object directories."""
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+        return os.path.join(self.meta, digest[:2], digest + ".json")
 
 
 class StorageEngine:
@@ -326,9 +329,13 @@ class StorageEngine:
                 meta = json.load(fh)
         except (OSError, ValueError):
             meta = None
-        if meta and meta.get("size") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns:
+        if isinstance(meta, dict) and meta.get("key") == key and meta.get("size") == st.st_size \
+                and meta.get("mtime_ns") == st.st_mtime_ns:
             meta.pop("mtime_ns", None)
-            return ObjectInfo(**meta)
+            try:
+                return ObjectInfo(**meta)
+            except TypeError:  # a sidecar from another version: fall back to what the file says
+                pass
         # a file placed by hand, or a sidecar lost to a crash: derive what we can
         return ObjectInfo(
             key=key, size=st.st_size, etag=f'"{st.st_size:x}-{st.st_mtime_ns:x}"', last_modified=st.st_mtime,
