@@ -204,7 +204,7 @@ async def test_oversize_objects_and_parts_are_refused(s3):
 async def test_traversal_and_invalid_keys(s3):
     daemon, access_key, secret = s3
     for key in ("job-1/%2e%2e/%2e%2e/escape", "job-1/..%2f..%2fescape", "job-1/a%5cb", "job-1/a%00b",
-                "job-1/" + "x" * 1100):
+                "job-1/" + "x" * 1100, "job-1/" + "y" * 300 + "/z"):
         path = "/api/cloud/storage/outputs/" + key
         headers = sign(daemon.url + path, "PUT", access_key, secret, hashlib.sha256(b"x").hexdigest())
         status, _, answer = await deferToThread(raw_request, daemon.port, "PUT", path, headers, b"x")

@@ -39,6 +39,7 @@ MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PART_NUMBER = 10000
 MAX_PART_SIZE = 5 * 1024 ** 3
 MAX_OBJECT_SIZE = 5 * 1024 ** 4
+MAX_SEGMENT_BYTES = 255  # NAME_MAX of the usual Linux file systems
 
 
 class StorageError(Exception):
@@ -196,6 +197,10 @@ class Bucket:
             raise InvalidKey("Object keys ending in '/' are not supported")
         if key.split("/", 1)[0] == SYSTEM_DIR:
             raise InvalidKey("This key prefix is reserved")
+        if any(len(part.encode("utf-8")) > MAX_SEGMENT_BYTES for part in key.split("/")):
+            # each segment is a file or directory name on disk
+            raise InvalidKey(f"Each '/'-separated part of a key must be at most {MAX_SEGMENT_BYTES} bytes",
+                             "KeyTooLongError")
         path = os.path.abspath(os.path.join(self.root, *key.split("/")))
         if not path.startswith(self.root + os.sep):
             raise InvalidKey("Object key escapes the bucket")
