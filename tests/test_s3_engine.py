@@ -186,3 +186,14 @@ def test_sidecars_of_keys_that_look_alike_do_not_collide(engine):
     assert engine.head("outputs", "x").content_type == "text/a"
     assert engine.head("outputs", "x.json/y").content_type == "text/b"
     assert engine.iter_keys("outputs") == ["x", "x.json/y"]
+
+
+def test_files_placed_by_hand_are_listed_and_odd_names_skipped(engine, tmp_path):
+    _put(engine, "job-1/a", b"1")
+    (tmp_path / "outputs" / "job-1" / "by-hand.txt").write_bytes(b"hand")
+    os.makedirs(os.path.join(str(tmp_path / "outputs" / "job-1").encode(), b"odd"), exist_ok=True)
+    with open(os.path.join(str(tmp_path / "outputs" / "job-1").encode(), b"odd", b"\xff\xfe"), "wb") as fh:
+        fh.write(b"x")
+    assert engine.iter_keys("outputs") == ["job-1/a", "job-1/by-hand.txt"]
+    info = engine.head("outputs", "job-1/by-hand.txt")
+    assert info.size == 4 and info.etag.startswith('"')

@@ -405,6 +405,10 @@ class StorageEngine:
             for name in filenames:
                 key = rel + name
                 if key.startswith(prefix):
+                    try:
+                        key.encode("utf-8")
+                    except UnicodeEncodeError:
+                        continue  # a file placed by hand whose name is not UTF-8: not an S3 key
                     keys.append(key)
         keys.sort(key=lambda k: k.encode("utf-8", "surrogateescape"))
         return keys
