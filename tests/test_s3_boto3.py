@@ -298,11 +298,27 @@ async def test_full_object_checksum_is_returned_and_validated_by_botocore(make_d
 @pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest.mark.parametrize("algorithm", ["SHA256", "SHA1", "CRC32"])
 @pytest_twisted.ensureDeferred
-async def test_requested_checksum_algorithms_header_and_trailer(make_daemon, tls, scheme, algorithm):
+async def test_requested_checksum_algorithms_header_and_trailer(make_daemon, tls, scheme, algorithm,
+                                                                 monkeypatch):
+    from stdaemon.http import storage
+
+    decoders = []
+
+    class CountingDecoder(storage.AwsChunkedDecoder):
+        def __init__(self, **kwargs):
+            decoders.append(kwargs)
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(storage, "AwsChunkedDecoder", CountingDecoder)
     daemon, client, access_key, secret = await _start(make_daemon, tls, scheme)
     data = os.urandom(70_000)
     put = await deferToThread(client.put_object, Bucket="outputs", Key="job-1/sum.bin", Body=data,
                               ChecksumAlgorithm=algorithm)
+    # botocore sends aws-chunked with a trailing checksum over HTTPS, a checksum header over HTTP
+    if scheme == "https":
+        assert decoders and decoders[0]["trailer_names"] == [f"x-amz-checksum-{algorithm.lower()}"]
+    else:
+        assert decoders == []
     expected = s3_checksums.checksum_b64(algorithm.lower(), data)
     assert put[f"Checksum{algorithm}"] == expected
     got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/sum.bin", ChecksumMode="ENABLED")
