@@ -324,3 +324,13 @@ async def test_requested_checksum_algorithms_header_and_trailer(make_daemon, tls
     got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/sum.bin", ChecksumMode="ENABLED")
     assert got[f"Checksum{algorithm}"] == expected
     assert await deferToThread(got["Body"].read) == data
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest_twisted.ensureDeferred
+async def test_empty_objects(make_daemon, tls, scheme):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, scheme)
+    put = await deferToThread(client.put_object, Bucket="outputs", Key="job-1/empty", Body=b"")
+    assert put["ETag"] == '"d41d8cd98f00b204e9800998ecf8427e"'
+    got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/empty")
+    assert await deferToThread(got["Body"].read) == b"" and got["ContentLength"] == 0
