@@ -55,9 +55,9 @@ MAX_PUT_BYTES = 5 * GIB
 CHUNK_OVERHEAD = 64 * 1024 * 1024
 #: XML request bodies (CompleteMultipartUpload of 10 000 parts, DeleteObjects of 1 000 keys).
 SMALL_BODY = 4 * 1024 * 1024
-HIGH_WATER = 4 * 1024 * 1024
-LOW_WATER = 1024 * 1024
-BATCH_BYTES = 1024 * 1024
+HIGH_WATER = 8 * 1024 * 1024
+LOW_WATER = 2 * 1024 * 1024
+BATCH_BYTES = 4 * 1024 * 1024
 READ_CHUNK = 256 * 1024
 #: GetObject query parameters that override response headers (presigned downloads use them).
 RESPONSE_OVERRIDES = {
