@@ -370,3 +370,25 @@ def expect_refused(port, path, headers, length):
     first, _, body = data.partition(b"\r\n\r\n")
     assert not first.startswith(b"HTTP/1.1 100"), "the daemon asked for the body"
     return int(first.split()[1]), body
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversize_parts_are_refused(s3, monkeypatch):
+    from stdaemon.http import storage
+    from stdaemon.store import objects
+
+    daemon, access_key, secret = s3
+    monkeypatch.setattr(storage, "MAX_PART_SIZE", 100_000)
+    monkeypatch.setattr(objects, "MAX_PART_SIZE", 100_000)
+    admin = {"X-API-Key": daemon.admin_key}
+    status, _, body = await deferToThread(raw_request, daemon.port, "POST", PATH + "?uploads", admin)
+    upload_id = ET.fromstring(body).findtext("{http://s3.amazonaws.com/doc/2006-03-01/}UploadId")
+    part_path = f"{PATH}?partNumber=1&uploadId={upload_id}"
+    data = os.urandom(150_000)
+    for chunked in (False, True):
+        headers = sign(daemon.url + part_path, "PUT", access_key, secret, hashlib.sha256(data).hexdigest())
+        status, _, answer = await deferToThread(raw_request, daemon.port, "PUT", part_path, headers, data, chunked)
+        assert (status, error_code(answer)) == (400, "EntityTooLarge")
+    status, _, body = await deferToThread(raw_request, daemon.port, "GET", f"{PATH}?uploadId={upload_id}", admin)
+    assert status == 200 and b"<Part>" not in body
+    assert [os.path.basename(f) for f in _files(daemon)] == ["upload.json"]  # the upload, no part, no temp
