@@ -57,7 +57,7 @@ def upload_prefix(job_id: str) -> str:
 
 
 def load_or_create_key(path: str) -> bytes:
-    """The Fernet key from ``path`` (created 0600 when absent; refused when group/world readable)."""
+    """The Fernet key from ``path`` (created 0600 when absent; tightened to 0600 if others could read it)."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
