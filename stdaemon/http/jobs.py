@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping, Optional
 
@@ -31,6 +32,7 @@ from stdaemon.clients.replicate import (
     ProviderUnavailable,
 )
 from stdaemon.core import costs
+from stdaemon.core import job_updates
 from stdaemon.core import provider_settings as ps
 from stdaemon.core import status as st
 from stdaemon.core.breaker import OPEN
@@ -58,21 +60,21 @@ def _actor(principal) -> str:
     return principal.actor if principal is not None else "system"
 
 
-def _output_url(output: Any) -> Optional[str]:
-    """The first URL-looking string in a prediction's ``output``."""
-    if isinstance(output, str):
-        return output if output.startswith(("http://", "https://", "s3://")) else None
-    if isinstance(output, list):
-        for item in output:
-            url = _output_url(item)
-            if url:
-                return url
-    if isinstance(output, dict):
-        for key in ("url", "output_url", "uri"):
-            url = _output_url(output.get(key))
-            if url:
-                return url
-    return None
+@dataclass
+class Applied:
+    """One provider/API update committed to a job row (see :meth:`JobService.write_update`)."""
+
+    job_id: str
+    plan: job_updates.Plan
+    result: store.TransitionResult
+    revoked: int = 0                      # upload credentials revoked in the transaction
+    pending_audit: Optional[dict] = None  # audit entry to write after the commit (no in-transaction writer)
+
+    @property
+    def changed(self) -> bool:
+        """The row differs from what it was (status or columns)."""
+        before, after = self.result.before, self.result.job
+        return before is not None and after is not None and after is not before and dict(after) != dict(before)
 
 
 class JobService:
@@ -154,11 +156,23 @@ class JobService:
             "counters": dict(self.counters),
         }
 
-    def observe(self, result: store.TransitionResult) -> None:
-        """Account for a ``store.jobs.transition`` committed elsewhere (e.g. the
-        webhook surface's own transaction) so the running totals stay exact."""
-        if result is not None and result.before is not None and result.job is not result.before:
-            self._track(result.before, result.job)
+    def observe(self, result: Optional[store.TransitionResult]) -> None:
+        """Account for one committed ``store.jobs`` change (any writer: poller,
+        webhooks, API) so the running totals, the metrics figures and the
+        provider spend stay exact.  Goes through ``ctx.metrics.job_changed``,
+        which forwards to :meth:`_track` once this service owns the figures."""
+        if result is None:
+            return
+        before, after = result.before, result.job
+        if before is None or after is None or after is before or dict(after) == dict(before):
+            return
+        metrics = getattr(self.ctx, "metrics", None)
+        hook = getattr(metrics, "job_changed", None)
+        if callable(hook):
+            hook(before, after)
+            if getattr(metrics, "_jobs_track", None) == self._track:
+                return
+        self._track(before, after)
 
     async def _transition(self, job_id: str, new_status: str, **fields) -> store.TransitionResult:
         result = await self.ctx.db.run_write(store.transition, job_id, new_status, self.ctx.now(), **fields)
@@ -453,55 +467,102 @@ class JobService:
                                       action=values["cost_limit_action"], period=period,
                                       estimate=estimate)
 
-    # -- provider updates (poller, webhooks) ------------------------------------
+    # -- provider updates (poller, webhooks, API) ---------------------------------
+    def prices(self, provider: str) -> Mapping[str, float]:
+        providers = getattr(self.ctx, "providers", None)
+        if providers is None:
+            return {}
+        return providers.values(provider).get("gpu_prices") or {}
+
+    def write_update(self, conn, job: dict, plan: job_updates.Plan, now: float, *, source: str,
+                     actor: str = "system", ip: Optional[str] = None,
+                     details: Optional[Mapping[str, Any]] = None) -> Applied:
+        """Writer thread, inside the caller's transaction: write ``plan`` (made by
+        :mod:`stdaemon.core.job_updates` for ``job`` as read in this transaction),
+        revoke the job's upload credentials on a terminal status and append the
+        ``job.status_changed`` audit entry, so all of it commits or none.
+        Follow the commit with :meth:`committed`."""
+        result = store.apply_plan(conn, job, plan)
+        applied = Applied(job["job_id"], plan, result)
+        if plan.accepted:
+            if plan.terminal:
+                applied.revoked = creds.revoke(conn, job["job_id"], now)
+            entry = {"from": plan.previous, "to": plan.status, "source": source,
+                     "cost_usd": (result.job or {}).get("cost_usd")}
+            entry.update(details or {})
+            fields = {"actor": actor, "ip": ip, "target": job["job_id"], "action": plan.status,
+                      "details": entry}
+            writer = getattr(self.ctx, "audit", None)
+            if callable(getattr(writer, "append", None)):
+                writer.append(conn, "job.status_changed", **fields)
+            else:
+                applied.pending_audit = fields
+        return applied
+
+    async def committed(self, applied: Applied) -> None:
+        """Reactor thread, after the commit of :meth:`write_update`: the same
+        counters, metrics figures and live event whoever wrote the change."""
+        plan = applied.plan
+        if plan.reason == "out_of_order":
+            self.counters["out_of_order_ignored"] += 1
+        elif plan.reason == "terminal":
+            self.counters["terminal_ignored"] += 1
+        elif plan.accepted:
+            self.counters["status_changes"] += 1
+        self.observe(applied.result)
+        if applied.changed:
+            self.publish(applied.result.job, plan.previous)
+        if plan.terminal:
+            # Revoked in the transaction; this also drops cached copies.
+            await self._revoke(applied.job_id)
+        if applied.pending_audit is not None:
+            await audit(self.ctx, "job.status_changed", **applied.pending_audit)
+
     async def apply_status(self, job_id: str, new_status: str, *, actor: str = "system",
                            source: str = "poller", ip: Optional[str] = None, **fields) -> store.TransitionResult:
         """Apply a status (and column updates) through the guards; count what is ignored,
         revoke credentials on terminal status, audit real changes."""
-        result = await self._transition(job_id, new_status, **fields)
-        if result.reason == "out_of_order":
-            self.counters["out_of_order_ignored"] += 1
-        elif result.reason == "terminal":
-            self.counters["terminal_ignored"] += 1
-        if result.accepted:
-            self.counters["status_changes"] += 1
-            self.publish(result.job, result.previous)
-            if new_status in st.TERMINAL:
-                await self._revoke(job_id)
-            await audit(self.ctx, "job.status_changed", actor=actor, ip=ip, target=job_id,
-                        action=new_status, details={"from": result.previous, "to": new_status,
-                                                    "source": source})
-        return result
+        now = self.ctx.now()
+
+        def work(conn):
+            job = store.get_job(conn, job_id)
+            if job is None:
+                return None
+            return self.write_update(conn, job, job_updates.guard(job, new_status, now, fields), now,
+                                     source=source, actor=actor, ip=ip)
+
+        applied = await self.ctx.db.run_write(work)
+        if applied is None:
+            return store.TransitionResult(None, False, "missing")
+        await self.committed(applied)
+        return applied.result
 
     async def apply_prediction(self, prediction: Mapping[str, Any], *, provider: str = "replicate",
                                source: str = "poller", actor: str = "system",
                                ip: Optional[str] = None) -> Optional[store.TransitionResult]:
-        """Apply a Replicate prediction object (from a webhook or a poll).
+        """Apply a Replicate prediction object (from a poll) through the one
+        mapping (:func:`stdaemon.core.job_updates.plan`), as the webhook surface does.
 
         Returns None when no job has that prediction id."""
         external_id = prediction.get("id")
         if not isinstance(external_id, str) or not external_id:
             return None
-        job = await self.ctx.db.run_read(store.find_by_external, provider, external_id)
-        if job is None:
+        prices = self.prices(provider)
+        now = self.ctx.now()
+
+        def work(conn):
+            job = store.find_by_external(conn, provider, external_id)
+            if job is None:
+                return None
+            plan = job_updates.plan(job_updates.PREDICTION, prediction, job, prices, now)
+            return self.write_update(conn, job, plan, now, source=source, actor=actor, ip=ip,
+                                     details={"kind": job_updates.PREDICTION})
+
+        applied = await self.ctx.db.run_write(work)
+        if applied is None:
             return None
-        new_status = st.from_replicate(prediction.get("status"))
-        if new_status is None:
-            return store.TransitionResult(job, False, "unknown", job["status"])
-        fields: dict[str, Any] = {}
-        metrics = prediction.get("metrics") or {}
-        predict_time = metrics.get("predict_time") if isinstance(metrics, dict) else None
-        if isinstance(predict_time, (int, float)) and predict_time >= 0:
-            prices = self.ctx.providers.values(provider)["gpu_prices"]
-            profile = job["hardware_type"] if job["hardware_type"] in costs.HARDWARE_PROFILES else costs.DEFAULT_PROFILE
-            fields["cost_usd"] = costs.job_cost(predict_time, profile, prices)
-        url = _output_url(prediction.get("output"))
-        if url:
-            fields["output_url"] = url
-        error = prediction.get("error")
-        if error and new_status == st.FAILED:
-            fields["error_message"] = str(error)[:2000]
-        return await self.apply_status(job["job_id"], new_status, actor=actor, source=source, ip=ip, **fields)
+        await self.committed(applied)
+        return applied.result
 
     async def poll_once(self) -> int:
         """Refresh active jobs from the provider (fallback for missed webhooks)."""

@@ -41,8 +41,7 @@ from typing import Any, Mapping, Optional
 from klein import Klein
 from twisted.internet import defer
 
-from stdaemon.core import costs
-from stdaemon.core import status as st
+from stdaemon.core import job_updates
 from stdaemon.core import webhook_signature as ws
 from stdaemon.core.client_ip import in_networks, parse_ip
 from stdaemon.http.errors import ApiError, bad_request, not_found
@@ -87,57 +86,8 @@ def allowed(client_ip: str, allowlist: Any) -> bool:
     return in_networks(parse_ip(client_ip), networks)
 
 
-def _output_url(value: Any) -> Optional[str]:
-    if isinstance(value, str):
-        return value if value.startswith(("http://", "https://", "s3://")) and len(value) <= 4096 else None
-    if isinstance(value, list):
-        for item in value:
-            url = _output_url(item)
-            if url:
-                return url
-    if isinstance(value, dict):
-        for key in ("url", "output_url", "uri"):
-            url = _output_url(value.get(key))
-            if url:
-                return url
-    return None
-
-
-def classify(payload: Mapping[str, Any]) -> Optional[str]:
-    """``"prediction"`` (Replicate), ``"trainer"`` (SimpleTuner event) or None."""
-    if isinstance(payload.get("job_id"), str) and ("type" in payload or "data" in payload):
-        return "trainer"
-    if isinstance(payload.get("id"), str) and "status" in payload:
-        return "prediction"
-    return None
-
-
-def plan_update(kind: str, payload: Mapping[str, Any], job: Mapping[str, Any],
-                prices: Mapping[str, float]) -> tuple[Optional[str], dict]:
-    """(new job status or None when unknown, column updates) for one payload (pure)."""
-    fields: dict[str, Any] = {}
-    if kind == "prediction":
-        new_status = st.from_replicate(payload.get("status"))
-        metrics = payload.get("metrics")
-        predict_time = metrics.get("predict_time") if isinstance(metrics, dict) else None
-        if isinstance(predict_time, (int, float)) and not isinstance(predict_time, bool) \
-                and 0 <= predict_time < 10**9:
-            profile = job.get("hardware_type")
-            if profile not in costs.HARDWARE_PROFILES:
-                profile = costs.DEFAULT_PROFILE
-            fields["cost_usd"] = costs.job_cost(float(predict_time), profile, prices)
-        url = _output_url(payload.get("output"))
-        error = payload.get("error")
-    else:
-        data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
-        new_status = st.from_trainer(data.get("status") if "status" in data else payload.get("status"))
-        url = _output_url(data.get("output_url") or data.get("output"))
-        error = data.get("error") or (data.get("message") if new_status == st.FAILED else None)
-    if url:
-        fields["output_url"] = url
-    if error and new_status == st.FAILED:
-        fields["error_message"] = str(error)[:2000]
-    return new_status, fields
+# The mapping lives in stdaemon/core/job_updates.py (shared with the poller).
+classify = job_updates.classify
 
 
 def _settings_from_table(conn: sqlite3.Connection, provider: str) -> dict:
@@ -287,6 +237,9 @@ class WebhooksSurface(Surface):
         prices = settings.get("gpu_prices") or {}
         outcome = await self.ctx.db.run_write(self._apply, provider, kind, payload, webhook_id,
                                               client_ip, prices, self.ctx.now())
+        if outcome.get("applied") is not None:
+            # The same counters, metrics figures and live event as the poller's updates.
+            await self.ctx.jobs.committed(outcome["applied"])
         return self._respond(provider, outcome)
 
     def _signature_headers(self, request: Any) -> dict[str, str]:
@@ -338,44 +291,18 @@ class WebhooksSurface(Surface):
         if job is None:
             return {"status": "ignored", "reason": "unknown_job"}
         job_id = job["job_id"]
-        new_status, fields = plan_update(kind, payload, job, prices)
-        if new_status is None:
-            result = None
-            outcome = "unknown_status"
-        else:
-            result = job_store.transition(conn, job_id, new_status, now, **fields)
-            outcome = result.reason
+        plan = job_updates.plan(kind, payload, job, prices, now)
+        applied = self.ctx.jobs.write_update(
+            conn, job, plan, now, source="webhook", actor=f"webhook:{provider}", ip=client_ip,
+            details={"webhook_id": webhook_id, "kind": kind})
+        outcome = "unknown_status" if plan.reason == "unknown" else plan.reason
         if webhook_id is not None:
             conn.execute(
                 "INSERT INTO webhook_deliveries (provider, webhook_id, received_at, job_id, outcome) "
                 "VALUES (?, ?, ?, ?, ?)", (provider, webhook_id, now, job_id, outcome))
-        revoked = 0
-        if result is not None and result.accepted:
-            if new_status in st.TERMINAL:
-                revoked = self._revoke_in(conn, job_id, now)
-            audit = getattr(self.ctx, "audit", None)
-            if audit is not None:
-                audit.append(conn, "job.status_changed", actor=f"webhook:{provider}", ip=client_ip,
-                             target=job_id, action=new_status,
-                             details={"from": result.previous, "to": new_status, "source": "webhook",
-                                      "webhook_id": webhook_id, "kind": kind,
-                                      "cost_usd": (result.job or {}).get("cost_usd")})
-        current = (result.job if result is not None and result.job else job)
-        return {"status": "applied" if result is not None and result.accepted else "ignored",
-                "reason": outcome, "job_id": job_id, "job_status": current["status"],
-                "previous": result.previous if result is not None else job["status"],
-                "job": current, "before": result.before if result is not None else None,
-                "terminal": bool(result and result.accepted and new_status in st.TERMINAL),
-                "changed": bool(result and (result.accepted or (result.reason == "unchanged" and fields))),
-                "revoked": revoked}
-
-    @staticmethod
-    def _revoke_in(conn: sqlite3.Connection, job_id: str, now: float) -> int:
-        """Revoke the job's upload credentials in this transaction
-        (``stdaemon/store/credentials.py``)."""
-        from stdaemon.store import credentials
-
-        return credentials.revoke(conn, job_id, now)
+        return {"status": "applied" if plan.accepted else "ignored", "reason": outcome,
+                "job_id": job_id, "job_status": (applied.result.job or job)["status"],
+                "applied": applied}
 
     def _respond(self, provider: str, outcome: dict) -> Any:
         status = outcome["status"]
@@ -386,30 +313,11 @@ class WebhooksSurface(Surface):
             self.counters["unknown_job"] += 1
             log.info("Webhook for {provider} names no known job; ignored", provider=provider)
             return Response({"status": "ignored", "reason": "unknown_job"}, status=202)
-        jobs = getattr(self.ctx, "jobs", None)
         reason = outcome.get("reason")
-        if jobs is not None and hasattr(jobs, "counters"):
-            if reason == "out_of_order":
-                jobs.counters["out_of_order_ignored"] = jobs.counters.get("out_of_order_ignored", 0) + 1
-            elif reason == "terminal":
-                jobs.counters["terminal_ignored"] = jobs.counters.get("terminal_ignored", 0) + 1
-            elif status == "applied":
-                jobs.counters["status_changes"] = jobs.counters.get("status_changes", 0) + 1
         if status == "applied":
             self.counters["applied"] += 1
         else:
             self.counters["ignored"] += 1
-        if outcome.get("changed"):  # job figures for metrics (S10), after the commit
-            self.ctx.metrics.job_changed(outcome.get("before"), outcome.get("job"))
-        if outcome.get("changed") and jobs is not None and hasattr(jobs, "publish"):
-            jobs.publish(outcome.get("job"), outcome.get("previous"))
-        if outcome.get("terminal"):
-            creds = getattr(self.ctx, "upload_credentials", None)
-            if creds is not None and hasattr(creds, "revoke_job"):
-                # Already revoked in the transaction; this drops cached copies.
-                d = defer.ensureDeferred(creds.revoke_job(outcome["job_id"]))
-                d.addErrback(lambda f: log.failure("Could not drop cached upload credentials",
-                                                   failure=f))
         return {"status": status, "reason": reason, "job_id": outcome["job_id"],
                 "job_status": outcome["job_status"]}
 

@@ -17,6 +17,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
+from stdaemon.core import job_updates
 from stdaemon.core import status as st
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
@@ -100,35 +101,36 @@ class TransitionResult:
     before: Optional[dict] = None   # the row before the change
 
 
+def apply_plan(conn, job: dict, plan: job_updates.Plan) -> TransitionResult:
+    """Write a :class:`stdaemon.core.job_updates.Plan` made for ``job`` (the row
+    as read in this same transaction)."""
+    if not plan.accepted and not plan.changes:
+        return TransitionResult(job, False, plan.reason, job["status"], job)
+    updated = update_job(conn, job["job_id"], **plan.changes) if plan.changes else job
+    return TransitionResult(updated, plan.accepted, plan.reason, job["status"], job)
+
+
 def transition(conn, job_id: str, new_status: str, now: float, **fields: Any) -> TransitionResult:
     """Move a job to ``new_status`` if the guards allow it, with extra column updates.
 
     Extra ``fields`` (cost, output URL, error, external id…) are applied with an
     accepted change, and also when the status is unchanged and the job is not
     terminal (a repeated ``processing`` carrying new metrics).  Nothing changes
-    on a terminal job or an out-of-order update.
+    on a terminal job or an out-of-order update (rules:
+    :func:`stdaemon.core.job_updates.guard`).
     """
     job = get_job(conn, job_id)
     if job is None:
         return TransitionResult(None, False, "missing")
-    decision = st.check_transition(job["status"], new_status)
-    if decision.accepted:
-        fields["status"] = new_status
-        if new_status in (st.RUNNING,) and job["started_at"] is None:
-            fields.setdefault("started_at", now)
-        if new_status in st.TERMINAL:
-            fields.setdefault("completed_at", now)
-            if job["started_at"] is None and new_status == st.COMPLETED:
-                fields.setdefault("started_at", now)
-    elif not (decision.reason == "unchanged" and job["status"] not in st.TERMINAL):
-        return TransitionResult(job, False, decision.reason, job["status"], job)
-    fields = {k: v for k, v in fields.items() if v is not None}
-    if "metadata" in fields:
-        merged = dict(job["metadata"])
-        merged.update(fields["metadata"])
-        fields["metadata"] = {k: v for k, v in merged.items() if v is not None}  # None removes a key
-    updated = update_job(conn, job_id, **fields) if fields else job
-    return TransitionResult(updated, decision.accepted, decision.reason, job["status"], job)
+    return apply_plan(conn, job, job_updates.guard(job, new_status, now, fields))
+
+
+def apply_provider_update(conn, job: dict, kind: str, payload: Any, prices: Any,
+                          now: float) -> tuple[job_updates.Plan, TransitionResult]:
+    """Apply a provider payload (Replicate prediction or trainer event) to
+    ``job`` through the one mapping (:func:`stdaemon.core.job_updates.plan`)."""
+    plan = job_updates.plan(kind, payload, job, prices, now)
+    return plan, apply_plan(conn, job, plan)
 
 
 def list_jobs(conn, *, status: Optional[str] = None, provider: Optional[str] = None,

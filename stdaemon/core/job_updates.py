@@ -1,0 +1,153 @@
+"""Provider update → job row change (pure; S4, S6).
+
+ONE mapping for every path that learns about a job from its provider: the
+webhook surface (a Replicate prediction or a SimpleTuner trainer event
+delivered to ``/api/webhooks/<provider>``) and the poller (a prediction read
+back from ``GET /v1/predictions/<id>``).  Given the payload and the job row as
+it is now, :func:`plan` says whether the status may move (the guards of
+:mod:`stdaemon.core.status`) and exactly which columns to write:
+
+- ``status``; ``started_at`` when the job first runs (or completes without
+  ever being seen running); ``completed_at`` on a terminal status;
+- ``cost_usd`` = ``metrics.predict_time`` × the price per GPU-second of the
+  job's hardware profile × its GPU count (:func:`stdaemon.core.costs.job_cost`);
+- ``output_url`` (the first URL-looking value of ``output``);
+- ``error_message`` on a failure.
+
+Nothing changes on a terminal job or an out-of-order update; a repeated
+status on a running job still takes its new columns (a second
+``processing`` carrying metrics).  No I/O here: the caller runs the plan in
+its own transaction (``stdaemon.store.jobs.apply_plan``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from stdaemon.core import costs
+from stdaemon.core import status as st
+
+PREDICTION = "prediction"   # a Replicate prediction object
+TRAINER = "trainer"         # a SimpleTuner trainer event {job_id, type, data}
+
+MAX_URL = 4096
+MAX_ERROR = 2000
+MAX_PREDICT_TIME = 10 ** 9
+
+
+def classify(payload: Mapping[str, Any]) -> Optional[str]:
+    """:data:`PREDICTION`, :data:`TRAINER` or None (neither shape)."""
+    if isinstance(payload.get("job_id"), str) and ("type" in payload or "data" in payload):
+        return TRAINER
+    if isinstance(payload.get("id"), str) and "status" in payload:
+        return PREDICTION
+    return None
+
+
+def output_url(value: Any) -> Optional[str]:
+    """The first URL-looking string in a prediction's ``output`` (string, list or object)."""
+    if isinstance(value, str):
+        return value if value.startswith(("http://", "https://", "s3://")) and len(value) <= MAX_URL else None
+    if isinstance(value, list):
+        for item in value:
+            url = output_url(item)
+            if url:
+                return url
+    if isinstance(value, dict):
+        for key in ("url", "output_url", "uri"):
+            url = output_url(value.get(key))
+            if url:
+                return url
+    return None
+
+
+def predict_time(payload: Mapping[str, Any]) -> Optional[float]:
+    """``metrics.predict_time`` in seconds when it is a plausible number, else None."""
+    metrics = payload.get("metrics")
+    value = metrics.get("predict_time") if isinstance(metrics, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not 0 <= value < MAX_PREDICT_TIME:  # also refuses NaN
+        return None
+    return float(value)
+
+
+def job_profile(job: Mapping[str, Any]) -> str:
+    profile = job.get("hardware_type")
+    return profile if profile in costs.HARDWARE_PROFILES else costs.DEFAULT_PROFILE
+
+
+def map_update(kind: str, payload: Mapping[str, Any], job: Mapping[str, Any],
+               prices: Optional[Mapping[str, float]] = None) -> tuple[Optional[str], dict]:
+    """(job status the payload means or None when unknown, column updates it carries)."""
+    fields: dict[str, Any] = {}
+    if kind == PREDICTION:
+        new_status = st.from_replicate(payload.get("status"))
+        seconds = predict_time(payload)
+        if seconds is not None:
+            fields["cost_usd"] = costs.job_cost(seconds, job_profile(job), prices or {})
+        url = output_url(payload.get("output"))
+        error = payload.get("error")
+    else:
+        data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+        new_status = st.from_trainer(data.get("status") if "status" in data else payload.get("status"))
+        url = output_url(data.get("output_url") or data.get("output"))
+        error = data.get("error") or (data.get("message") if new_status == st.FAILED else None)
+    if url:
+        fields["output_url"] = url
+    if error and new_status == st.FAILED:
+        fields["error_message"] = str(error)[:MAX_ERROR]
+    return new_status, fields
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one update does to one job row."""
+
+    status: Optional[str]           # the status the update means (None: unknown)
+    accepted: bool                  # the status moves
+    reason: str                     # changed | unchanged | terminal | out_of_order | unknown
+    previous: Optional[str]         # the job's status before
+    changes: Mapping[str, Any] = field(default_factory=dict)  # columns to write; empty = none
+
+    @property
+    def terminal(self) -> bool:
+        """The job just reached a terminal status (credentials are revoked)."""
+        return self.accepted and self.status in st.TERMINAL
+
+
+def guard(job: Mapping[str, Any], new_status: Optional[str], now: float,
+          fields: Optional[Mapping[str, Any]] = None) -> Plan:
+    """The guarded transition of ``job`` to ``new_status`` with extra column ``fields``.
+
+    ``None`` values in ``fields`` are dropped; ``metadata`` is merged into the
+    job's (a ``None`` value there removes a key)."""
+    current = job["status"]
+    if new_status is None:
+        return Plan(None, False, "unknown", current)
+    decision = st.check_transition(current, new_status)
+    changes = dict(fields or {})
+    if decision.accepted:
+        changes["status"] = new_status
+        if new_status == st.RUNNING and job.get("started_at") is None:
+            changes.setdefault("started_at", now)
+        if new_status in st.TERMINAL:
+            changes.setdefault("completed_at", now)
+            if job.get("started_at") is None and new_status == st.COMPLETED:
+                changes.setdefault("started_at", now)
+    elif not (decision.reason == "unchanged" and current not in st.TERMINAL):
+        return Plan(new_status, False, decision.reason, current)
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if "metadata" in changes:
+        merged = dict(job.get("metadata") or {})
+        merged.update(changes["metadata"])
+        changes["metadata"] = {k: v for k, v in merged.items() if v is not None}
+    return Plan(new_status, decision.accepted, decision.reason, current, changes)
+
+
+def plan(kind: str, payload: Mapping[str, Any], job: Mapping[str, Any],
+         prices: Optional[Mapping[str, float]], now: float) -> Plan:
+    """The whole mapping: provider payload + current job row → guarded change."""
+    new_status, fields = map_update(kind, payload, job, prices)
+    return guard(job, new_status, now, fields)
