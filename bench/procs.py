@@ -67,6 +67,17 @@ def rss_kib(pid: int) -> dict:
     return figures
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) from ``/proc/<pid>/stat``."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # after the command name: state is field 3, utime field 14, stime field 15 (1-based)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # ------------------------------------------------------------------ state seeding (before start)
 
 

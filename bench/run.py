@@ -267,8 +267,13 @@ def _boto3_client(endpoint: str, key: str, secret: str):
                                       max_pool_connections=32))
 
 
+def _client_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 def _put_load(endpoint: str, key: str, secret: str, bucket: str, prefix: str, total: int,
-              seconds: float, threads: int = 16) -> dict:
+              seconds: float, server_pid: int, threads: int = 16) -> dict:
     """PutObject of 4 KiB bodies from ``threads`` boto3 clients until ``total`` objects or ``seconds``."""
     body = os.urandom(4096)
     remaining = [total]
@@ -293,12 +298,16 @@ def _put_load(endpoint: str, key: str, secret: str, bucket: str, prefix: str, to
                 errors.append(repr(exc)[:200])
         return done
 
+    server_cpu, client_cpu = P.cpu_seconds(server_pid), _client_cpu()
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         count = sum(pool.map(worker, range(threads)))
     elapsed = time.monotonic() - started
+    server_cpu, client_cpu = P.cpu_seconds(server_pid) - server_cpu, _client_cpu() - client_cpu
     return {"objects": count, "seconds": round(elapsed, 3), "ops_per_s": count / elapsed if elapsed else 0.0,
-            "errors": len(errors), "first_error": errors[0] if errors else None}
+            "errors": len(errors), "first_error": errors[0] if errors else None,
+            "server_cpu_s": round(server_cpu, 2), "client_cpu_s": round(client_cpu, 2),
+            "server_cpu_ms_per_op": round(server_cpu * 1000 / count, 3) if count else None}
 
 
 def _s3_endpoint(main: P.Proc) -> str:
@@ -320,11 +329,14 @@ def fig_s3_put(b: Bench) -> list[Row]:
     s3 = b.seed["s3"]
     _boto3_client(moto.url(), "testing", "testing").create_bucket(Bucket="outputs")
     ours = _put_load(_s3_endpoint(main), s3["access_key"], s3["secret"], s3["bucket"], s3["prefix"],
-                     p.put_objects, p.put_seconds)
-    theirs = _put_load(moto.url(), "testing", "testing", "outputs", "bench/", p.put_objects, p.put_seconds)
+                     p.put_objects, p.put_seconds, main.pid)
+    theirs = _put_load(moto.url(), "testing", "testing", "outputs", "bench/", p.put_objects, p.put_seconds,
+                       moto.pid)
     b.procs.stop(moto)
-    detail = (f"stdaemon {ours['ops_per_s']:,.0f} PUT/s ({ours['objects']} objects, {ours['errors']} errors), "
-              f"moto_server {theirs['ops_per_s']:,.0f} PUT/s ({theirs['objects']} objects, {theirs['errors']} errors)")
+    detail = (f"stdaemon {ours['ops_per_s']:,.0f} PUT/s ({ours['objects']} objects, {ours['errors']} errors, "
+              f"{ours['server_cpu_ms_per_op']} ms server CPU/PUT), moto_server {theirs['ops_per_s']:,.0f} PUT/s "
+              f"({theirs['objects']} objects, {theirs['errors']} errors, {theirs['server_cpu_ms_per_op']} ms "
+              f"server CPU/PUT); client CPU {ours['client_cpu_s']} s / {theirs['client_cpu_s']} s")
     value = ours["ops_per_s"] / theirs["ops_per_s"] if theirs["ops_per_s"] else None
     if value is None or ours["objects"] == 0:
         return [Row("s3_put", figure, text="n/a (no successful PUT)", detail=detail + f" {ours['first_error']}",
@@ -340,11 +352,15 @@ def _make_file(path: str, size_mib: int, append: bool = False) -> None:
             fh.write(block[rotate:] + block[:rotate])
 
 
-def _upload_file(main: P.Proc, s3: dict, path: str, key: str) -> float:
+def _upload_file(main: P.Proc, s3: dict, path: str, key: str, cpu: Optional[dict] = None) -> float:
     client = _boto3_client(_s3_endpoint(main), s3["access_key"], s3["secret"])
+    server_cpu, client_cpu = P.cpu_seconds(main.pid), _client_cpu()
     started = time.monotonic()
     client.upload_file(path, s3["bucket"], s3["prefix"] + key)  # boto3 defaults: 8 MiB parts, 10 threads
     elapsed = time.monotonic() - started
+    if cpu is not None:
+        cpu["server_cpu_s"] = round(P.cpu_seconds(main.pid) - server_cpu, 2)
+        cpu["client_cpu_s"] = round(_client_cpu() - client_cpu, 2)
     client.delete_object(Bucket=s3["bucket"], Key=s3["prefix"] + key)
     return elapsed
 
@@ -371,11 +387,13 @@ def fig_s3_large(b: Bench) -> list[Row]:
     sink_mod.send(sink.port, source)  # warm-up (and the file into the page cache)
     raw = min(sink_mod.send(sink.port, source) for _ in range(2))
     b.procs.stop(sink)
-    ours = _upload_file(main, s3, source, "multipart.bin")
+    cpu: dict = {}
+    ours = _upload_file(main, s3, source, "multipart.bin", cpu)
     ours_mibs, raw_mibs = p.multipart_mib / ours, p.multipart_mib / raw
     rows = [Row("s3_multipart", m_fig, ours_mibs / raw_mibs,
-                detail=f"stdaemon {ours_mibs:,.0f} MiB/s, raw sink {raw_mibs:,.0f} MiB/s",
-                method=m_method, data={"stdaemon_seconds": ours, "raw_seconds": raw, "mib": p.multipart_mib})]
+                detail=(f"stdaemon {ours_mibs:,.0f} MiB/s (daemon CPU {cpu['server_cpu_s']} s, boto3 client CPU "
+                        f"{cpu['client_cpu_s']} s over {ours:.1f} s), raw sink {raw_mibs:,.0f} MiB/s"),
+                method=m_method, data=dict(cpu, stdaemon_seconds=ours, raw_seconds=raw, mib=p.multipart_mib))]
 
     _make_file(source, p.rss_mib - p.multipart_mib, append=True)
     samples: list = []
