@@ -1,9 +1,11 @@
 """Jobs (S4): submission to Replicate, listing, cancel, delete, logs, polling.
 
-:class:`JobService` holds the job lifecycle and is installed as ``ctx.jobs``;
-the webhook surface applies provider updates through
-:meth:`JobService.apply_prediction` / :meth:`JobService.apply_status` so every
-status change passes the same guards.  :class:`JobsSurface` is the HTTP API
+:class:`JobService` holds the job lifecycle and is installed as ``ctx.jobs``.
+Every provider update (poller, webhooks) and API status change goes through
+one path: the pure mapping and guards of :mod:`stdaemon.core.job_updates`,
+:meth:`JobService.write_update` inside the caller's transaction (row,
+credential revocation, audit entry) and :meth:`JobService.committed` after the
+commit (counters, metrics figures, live event).  :class:`JobsSurface` is the HTTP API
 (also the paths SimpleTuner's CLI calls: it sends ``X-API-Key`` and reads
 ``detail`` from error bodies).
 

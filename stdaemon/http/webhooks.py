@@ -16,10 +16,13 @@ Order of checks for every delivery (body capped at 1 MiB by the root, 413):
    when no secret can be obtained (the provider retries);
 4. body not JSON / not an object → 400; neither payload shape → 400;
 5. one write transaction: replay check on ``webhook-id`` (table
-   ``webhook_deliveries``), guarded transition (``store.jobs.transition``),
-   cost/output URL/error, revocation of the job's upload credentials on a
-   terminal status, the delivery row and the ``job.status_changed`` audit
-   entry -- then, and only then, 200;
+   ``webhook_deliveries``), the job change through the one job-update path
+   shared with the poller (mapping and guards in
+   ``stdaemon/core/job_updates.py``; ``ctx.jobs.write_update`` writes it,
+   revokes the job's upload credentials on a terminal status and appends the
+   ``job.status_changed`` audit entry), the delivery row -- then
+   ``ctx.jobs.committed`` (counters, metrics figures, live event) and only
+   then 200;
 6. a job we do not know → 202 ``{"status": "ignored"}`` (not recorded, so a
    retry after the submission committed still applies; the poller catches
    up either way); a replayed ``webhook-id`` → 200 ``duplicate``, nothing
