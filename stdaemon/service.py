@@ -105,7 +105,7 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     from stdaemon.http import jobs
 
     providers.install(ctx)  # ctx.providers, ctx.http_clients, ctx.breakers; circuit_breaker:/provider: health
-    jobs.install(ctx)  # ctx.jobs (apply_prediction/apply_status for webhooks); "jobs.poll" timer
+    jobs.install(ctx)  # ctx.jobs: the one job-update path (write_update/committed) for webhooks and the poller; "jobs.poll" timer
     from stdaemon import approvals, events
 
     events.install(ctx)  # ctx.events: publish(job_dict) → SSE streams; closed by ctx.drain_hooks
