@@ -99,29 +99,31 @@ def seed_state(state: str, *, filler_jobs: int = 0, webhook_jobs: int = 0,
     paths = state_paths(state)
     os.makedirs(os.path.dirname(paths["db"]), mode=0o700, exist_ok=True)
     conn = connect(paths["db"])
-    migrate(conn)
-    now = time.time()
-    rows = []
-    for i in range(filler_jobs):
-        status = STATUSES[i % len(STATUSES)]
-        started = now - 7200 if status in ("completed", "failed", "cancelled", "running") else None
-        completed = now - 3600 + (i % 600) if status in ("completed", "failed", "cancelled") else None
-        rows.append((f"fill{i:07d}", "replicate", status, now - 86400 * (i % 90), started, completed,
-                     round((i % 97) * 0.37, 4), "h100", None))
-    for i in range(webhook_jobs):
-        rows.append((f"hook{i:07d}", "replicate", "running", now - 600, now - 300, None, 0.0, "h100",
-                     f"benchpred{i}"))
-    for job_id in (get_job, upload_job):
-        if job_id:
-            rows.append((job_id, "replicate", "running", now - 600, now - 300, None, 1.25, "h100", None))
-    conn.execute("BEGIN")
-    conn.executemany("INSERT INTO jobs (job_id, provider, status, created_at, started_at, completed_at, "
-                     "cost_usd, hardware_type, external_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    info: dict = {"jobs": len(rows)}
-    if upload_job:
-        info["s3"] = _insert_credential(conn, paths["upload_key"], upload_job, now)
-    conn.execute("COMMIT")
-    conn.close()
+    try:
+        migrate(conn)
+        now = time.time()
+        rows = []
+        for i in range(filler_jobs):
+            status = STATUSES[i % len(STATUSES)]
+            started = now - 7200 if status in ("completed", "failed", "cancelled", "running") else None
+            completed = now - 3600 + (i % 600) if status in ("completed", "failed", "cancelled") else None
+            rows.append((f"fill{i:07d}", "replicate", status, now - 86400 * (i % 90), started, completed,
+                         round((i % 97) * 0.37, 4), "h100", None))
+        for i in range(webhook_jobs):
+            rows.append((f"hook{i:07d}", "replicate", "running", now - 600, now - 300, None, 0.0, "h100",
+                         f"benchpred{i}"))
+        for job_id in (get_job, upload_job):
+            if job_id:
+                rows.append((job_id, "replicate", "running", now - 600, now - 300, None, 1.25, "h100", None))
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO jobs (job_id, provider, status, created_at, started_at, completed_at, "
+                         "cost_usd, hardware_type, external_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        info: dict = {"jobs": len(rows)}
+        if upload_job:
+            info["s3"] = _insert_credential(conn, paths["upload_key"], upload_job, now)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
     return info
 
 

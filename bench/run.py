@@ -65,7 +65,7 @@ class Profile:
     ready_starts: int
 
 
-FULL = Profile("full", rounds=3, wrk_seconds=3, wrk_requests=200_000, warmup=True,
+FULL = Profile("full", rounds=4, wrk_seconds=3, wrk_requests=200_000, warmup=True,
                webhook_deliveries=20_000, webhook_seconds=5, put_objects=3000, put_seconds=20.0,
                multipart_mib=1024, rss_mib=2048, scrape_sizes=(1_000, 100_000), scrape_requests=400,
                scrape_seconds=4, ready_starts=3)
@@ -116,6 +116,7 @@ class Bench:
         self.procs = P.Processes(base)
         self.log = log
         self._main: Optional[P.Proc] = None
+        self._main_error: Optional[str] = None
         self._peer: Optional[P.Proc] = None
         self.seed: dict = {}
         self.rates: dict = {}
@@ -125,20 +126,28 @@ class Bench:
     def main(self) -> P.Proc:
         """The main daemon: rate limiting off, one job to GET, jobs for the webhook figure, one
         running job with S3 upload credentials."""
+        if self._main_error is not None:
+            raise P.StartError(f"the main daemon did not start (see the first failed figure): {self._main_error}")
         if self._main is None:
-            state = os.path.join(self.base, "main", "state")
-            self.seed = P.seed_state(state, webhook_jobs=self.profile.webhook_deliveries if
-                                     feature("stdaemon/http/webhooks.py") else 0,
-                                     get_job=GET_JOB, upload_job=UPLOAD_JOB)
-            self._main = self.procs.daemon("main", {"rate_limit": {"enabled": False}}, state=state)
-            self._main.extra["key"] = self.procs.admin_key(self._main)
-            self.log(f"main daemon ready in {self._main.ready_seconds:.2f} s on port {self._main.port}")
+            try:
+                state = os.path.join(self.base, "main", "state")
+                self.seed = P.seed_state(state, webhook_jobs=self.profile.webhook_deliveries if
+                                         feature("stdaemon/http/webhooks.py") else 0,
+                                         get_job=GET_JOB, upload_job=UPLOAD_JOB)
+                main = self.procs.daemon("main", {"rate_limit": {"enabled": False}}, state=state)
+                main.extra["key"] = self.procs.admin_key(main)
+            except Exception as exc:
+                self._main_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                raise
+            self._main = main
+            self.log(f"main daemon ready in {main.ready_seconds:.2f} s on port {main.port}")
         return self._main
 
     def peer(self) -> P.Proc:
         if self._peer is None:
             state = os.path.join(self.base, "peer", "state")
-            P.seed_state(state, get_job=GET_JOB)
+            if not os.path.exists(P.state_paths(state)["db"]):
+                P.seed_state(state, get_job=GET_JOB)
             self._peer = self.procs.peer(P.state_paths(state)["db"])
         return self._peer
 
@@ -605,7 +614,9 @@ def main(argv: Optional[list] = None) -> int:
             except Exception as exc:  # one broken figure must not hide the others
                 failures += 1
                 log(f"figure {name} failed:\n{traceback.format_exc()}")
-                rows.append(Row(name, name, text="error", detail=f"{type(exc).__name__}: {str(exc)[:300]}"))
+                lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
+                summary = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+                rows.append(Row(name, name, text="error", detail=f"{type(exc).__name__}: {summary[:300]}"))
     finally:
         bench.procs.close()
         if args.keep:
