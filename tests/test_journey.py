@@ -20,11 +20,15 @@ import pytest_twisted
 import treq
 from botocore.exceptions import ClientError
 from standardwebhooks.webhooks import Webhook
+from twisted.internet import reactor
+from twisted.internet.ssl import Certificate
 from twisted.internet.threads import deferToThread
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from stdaemon.core import costs
 from tests.fake_replicate import FakeReplicateState
 from tests.replicate_env import start_env
+from tests.s3_helpers import tls  # noqa: F401  (module-scoped fixture: test CA and a 127.0.0.1 certificate)
 from tests.services import free_port
 from tests.test_metrics import value
 
@@ -43,30 +47,67 @@ def _signed(secret: str, payload: dict) -> tuple[bytes, dict]:
                            "Content-Type": "application/json"}
 
 
-@pytest_twisted.async_yield_fixture
-async def journey_env(make_daemon, tmp_path, monkeypatch):
+class Client:
+    """treq against the daemon, trusting the test CA when it serves HTTPS."""
+
+    def __init__(self, base, admin_key, ca_path=None):
+        self.base = base
+        self.admin = {"X-API-Key": admin_key}
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        policy = None
+        if ca_path:
+            with open(ca_path, "rb") as fh:
+                policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(fh.read()))
+        self.agent = Agent(reactor, contextFactory=policy, pool=self.pool) if policy else Agent(reactor, pool=self.pool)
+
+    async def request(self, method, path, body=None, headers=None, admin=True):
+        hdrs = dict(self.admin) if admin else {}
+        hdrs.update(headers or {})
+        data = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        response = await treq.request(method, self.base + path, data=data, headers=hdrs, agent=self.agent)
+        return response, await response.content()
+
+    async def json(self, method, path, body=None, headers=None, admin=True):
+        response, content = await self.request(method, path, body, headers, admin)
+        return response, json.loads(content) if content else None
+
+
+@pytest_twisted.async_yield_fixture(params=["http", "https"])
+async def journey_env(request, make_daemon, tmp_path, monkeypatch, tls):  # noqa: F811
+    scheme = request.param
     port = free_port()
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
     # The secrets chain reads the process environment (stdaemon/clients/secrets.py), as under twistd;
     # it differs from the secret the fake Replicate would hand out, so only this one can verify.
     monkeypatch.setenv("REPLICATE_WEBHOOK_SECRET", secret)
     assert secret != FakeReplicateState.webhook_secret
-    env = await start_env(make_daemon, tmp_path, settings={
-        # The daemon's public URL is where it really listens, so the trainer's S3 endpoint works as sent.
-        "server": {"listen": [f"tcp:{port}:interface=127.0.0.1"], "public_url": f"http://127.0.0.1:{port}"},
-        "metrics": {"prometheus_enabled": True}})
+    server = {"listen": [f"tcp:{port}:interface=127.0.0.1"], "public_url": f"{scheme}://127.0.0.1:{port}"}
+    if scheme == "https":  # boto3 then sends aws-chunked bodies with a trailing checksum
+        server.update(ssl_cert=tls["cert"], ssl_key=tls["key"])
+    # The daemon's public URL is where it really listens, so the trainer's S3 endpoint works as sent.
+    env = await start_env(make_daemon, tmp_path, settings={"server": server, "metrics": {"prometheus_enabled": True}})
     env.webhook_secret = secret
+    env.ca = tls["ca"] if scheme == "https" else None
+    env.client = Client(env.daemon.url, env.daemon.admin_key, env.ca)
+    assert env.daemon.url == server["public_url"]
     yield env
+    await env.client.pool.closeCachedConnections()
     await env.fake.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_operator_journey(journey_env, tmp_path):
     env = journey_env
-    admin = {"X-API-Key": env.daemon.admin_key}
+    client = env.client
 
     # 1. The operator submits a job with the admin key.
-    response, body = await env.submit(hardware_profile=PROFILE)
+    response, body = await client.json("POST", "/api/cloud/jobs/submit?provider=replicate", {
+        "config": {"model_family": "flux", "max_train_steps": 1000},
+        "dataloader_config": [{"id": "ds", "type": "local"}],
+        "config_name": "journey", "hardware_profile": PROFILE})
     assert response.code == 200, body
     job_id = body["job_id"]
     assert body["success"] is True and body["status"] == "queued"
@@ -79,11 +120,12 @@ async def test_operator_journey(journey_env, tmp_path):
     assert inputs["s3_endpoint_url"] == env.daemon.url + "/api/cloud/storage"
     assert inputs["s3_bucket"] == "outputs" and inputs["s3_base_path"] == f"{job_id}/"
     assert sent[0].body["webhook"] == env.daemon.url + "/api/webhooks/replicate"
-    prediction_id = (await env.call("GET", f"/api/cloud/jobs/{job_id}"))[1]["job"]["external_id"]
+    prediction_id = (await client.json("GET", f"/api/cloud/jobs/{job_id}"))[1]["job"]["external_id"]
 
     # 3. The trainer uploads with boto3's default configuration (blocking: in threads).
     s3 = boto3.client("s3", endpoint_url=inputs["s3_endpoint_url"], region_name=inputs["s3_region"],
-                      aws_access_key_id=inputs["s3_access_key"], aws_secret_access_key=inputs["s3_secret_key"])
+                      aws_access_key_id=inputs["s3_access_key"], aws_secret_access_key=inputs["s3_secret_key"],
+                      verify=env.ca)  # the test CA for HTTPS (no botocore Config: its defaults apply)
     bucket, prefix = inputs["s3_bucket"], inputs["s3_base_path"]
     big = tmp_path / "model.safetensors"
     big.write_bytes(os.urandom(BIG))
@@ -95,8 +137,9 @@ async def test_operator_journey(journey_env, tmp_path):
     multipart = env.ctx.upload_progress.uploads_total
 
     # 4. The job shows what arrived.
-    response, body = await env.call("GET", f"/api/cloud/jobs/{job_id}")
+    response, body = await client.json("GET", f"/api/cloud/jobs/{job_id}")
     assert response.code == 200
+    assert body["job"]["upload_progress"] == body["upload_progress"]
     progress = body["upload_progress"]
     assert progress["objects_completed"] == 2, progress
     assert progress["bytes_received"] == BIG + len(small), progress
@@ -110,14 +153,13 @@ async def test_operator_journey(journey_env, tmp_path):
                                          "output": [f"{inputs['s3_public_base_url']}/{prefix}checkpoint-1000"]})):
         prediction = env.fake.state.set_status(prediction_id, status, **extra)
         data, headers = _signed(env.webhook_secret, prediction)
-        response = await treq.post(env.url("/api/webhooks/replicate"), data=data, headers=headers)
-        answer = json.loads(await response.text())
+        response, answer = await client.json("POST", "/api/webhooks/replicate", data, headers, admin=False)
         assert response.code == 200, answer
         reasons.append((answer["reason"], answer["job_status"]))
     assert reasons == [("unchanged", "queued"), ("changed", "running"), ("changed", "completed")]
 
     # 6. The job completed with the cost of its run on two H100s.
-    response, body = await env.call("GET", f"/api/cloud/jobs/{job_id}")
+    response, body = await client.json("GET", f"/api/cloud/jobs/{job_id}")
     job = body["job"]
     expected_cost = round(PREDICT_TIME * costs.DEFAULT_GPU_PRICES["h100"] * 2, 6)
     assert job["status"] == "completed"
@@ -131,21 +173,20 @@ async def test_operator_journey(journey_env, tmp_path):
     assert refused.value.response["Error"]["Code"] in ("AccessDenied", "InvalidAccessKeyId")
 
     # 8. The operator lists and downloads the outputs with the admin key, byte for byte.
-    response = await treq.get(env.url(f"/api/cloud/storage/{bucket}?list-type=2&prefix={prefix}"), headers=admin)
-    listing = await response.content()
+    response, listing = await client.request("GET", f"/api/cloud/storage/{bucket}?list-type=2&prefix={prefix}")
     assert response.code == 200, listing
     root = ET.fromstring(listing)
     listed = {item.find(f"{S3_NS}Key").text: int(item.find(f"{S3_NS}Size").text)
               for item in root.iter(f"{S3_NS}Contents")}
     assert listed == {key: len(data) for key, data in uploads.items()}
     for key, data in uploads.items():
-        response = await treq.get(env.url(f"/api/cloud/storage/{bucket}/{key}"), headers=admin)
+        response, content = await client.request("GET", f"/api/cloud/storage/{bucket}/{key}")
         assert response.code == 200
-        assert hashlib.sha256(await response.content()).hexdigest() == hashlib.sha256(data).hexdigest(), key
+        assert hashlib.sha256(content).hexdigest() == hashlib.sha256(data).hexdigest(), key
 
     # 9. Prometheus sees one completed job and its cost.
-    response = await treq.get(env.url("/api/cloud/metrics/prometheus"))
-    text = (await response.content()).decode()
+    response, text = await client.request("GET", "/api/cloud/metrics/prometheus", admin=False)
+    text = text.decode()
     assert response.code == 200, text
     assert value(text, "simpletuner_jobs_total") == 1
     assert value(text, "simpletuner_jobs_by_status", status="completed") == 1
@@ -157,8 +198,7 @@ async def test_operator_journey(journey_env, tmp_path):
     assert value(text, "simpletuner_http_requests_total", endpoint="PUT" + object_route) >= 4
 
     # 10. The audit trail has the submission and the status changes, and its chain verifies.
-    response = await treq.get(env.url("/api/audit?limit=500"), headers=admin)
-    page = json.loads(await response.text())
+    response, page = await client.json("GET", "/api/audit?limit=500")
     assert response.code == 200, page
     mine = [e for e in page["entries"] if e["target"] == job_id]
     assert [e["event_type"] for e in mine if e["event_type"] == "job.submitted"] == ["job.submitted"]
@@ -167,7 +207,6 @@ async def test_operator_journey(journey_env, tmp_path):
     assert ("queued", "running") in changes and ("running", "completed") in changes
     completed = [e for e in mine if e["event_type"] == "job.status_changed" and e["action"] == "completed"]
     assert completed[0]["actor"] == "webhook:replicate" and completed[0]["details"]["cost_usd"] == expected_cost
-    response = await treq.get(env.url("/api/audit/verify"), headers=admin)
-    verdict = json.loads(await response.text())
+    response, verdict = await client.json("GET", "/api/audit/verify")
     assert response.code == 200 and verdict["valid"] is True, verdict
     assert verdict["checked"] >= len(mine)
