@@ -214,7 +214,17 @@ class Processes:
     def daemon(self, name: str, config: dict, *, state: Optional[str] = None, env: Optional[dict] = None,
                wait: bool = True) -> Proc:
         """``twistd -n --pidfile= stdaemon --config <yaml>`` on a loopback port with its own state dir
-        (seed it first with :func:`seed_state`)."""
+        (seed it first with :func:`seed_state`).  The port is picked free just before the start; if
+        another process took it meanwhile, the start is tried once more on a new port."""
+        try:
+            return self._daemon(name, config, state=state, env=env, wait=wait)
+        except StartError as exc:
+            if "cannot listen" not in str(exc):
+                raise
+            return self._daemon(name, config, state=state, env=env, wait=wait)
+
+    def _daemon(self, name: str, config: dict, *, state: Optional[str], env: Optional[dict],
+                wait: bool) -> Proc:
         twistd = binary("twistd")
         if twistd is None:
             raise StartError("twistd not found next to the interpreter or on PATH")
@@ -239,7 +249,11 @@ class Processes:
                            cwd=directory)
         proc.extra["state"] = state
         if wait:
-            self.wait_http(proc, "/api/cloud/health/ready")
+            try:
+                self.wait_http(proc, "/api/cloud/health/ready")
+            except StartError:
+                self.stop(proc)
+                raise
         return proc
 
     def admin_key(self, proc: Proc) -> str:
