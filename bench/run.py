@@ -484,11 +484,13 @@ def fig_metrics(b: Bench) -> list[Row]:
 
 def fig_rate_limit(b: Bench) -> list[Row]:
     p = b.profile
-    method = (f"three daemons alike but for rate_limit (off; memory; redis on a local redis-server), "
+    method = (f"daemons alike but for rate_limit (off; memory; sqlite file in the state dir; redis on a local "
+              f"redis-server), "
               f"limit 100000 calls per 1 s so nothing is refused (the figure is the cost of deciding), "
               f"exempt_loopback off; wrk -t1 -c16 GET /api/cloud/jobs/{{id}} with the admin key, best of "
               f"{p.rounds} interleaved runs of {p.wrk_seconds} s / {p.wrk_requests} responses")
     fig_m, fig_r = "throughput with rate limiting (memory) vs off", "throughput with rate limiting (redis) vs off"
+    fig_s = "throughput with rate limiting (sqlite) vs off"
     if not feature("stdaemon/ratelimit.py", "stdaemon/http/rate_limit.py"):
         return [na("rate_limit_memory", fig_m, method), na("rate_limit_redis", fig_r, method)]
     if not wrk.available():
@@ -496,7 +498,8 @@ def fig_rate_limit(b: Bench) -> list[Row]:
                 na("rate_limit_redis", fig_r, method, "n/a (wrk not installed)")]
     redis = b.procs.redis()
     limit = {"enabled": True, "calls": 100_000, "period": 1, "exempt_loopback": False}
-    configs = {"off": {"enabled": False}, "memory": dict(limit, backend="memory")}
+    configs = {"off": {"enabled": False}, "memory": dict(limit, backend="memory"),
+               "sqlite": dict(limit, backend="sqlite")}
     if redis is not None:
         configs["redis"] = dict(limit, backend="redis", redis_url=f"redis://127.0.0.1:{redis.port}/0",
                                 timeout=2.0, fail_open=False)
@@ -514,7 +517,7 @@ def fig_rate_limit(b: Bench) -> list[Row]:
         b.procs.stop(redis)
     off = best["off"].rate
     rows = []
-    for name, figure in (("memory", fig_m), ("redis", fig_r)):
+    for name, figure in (("memory", fig_m), ("sqlite", fig_s), ("redis", fig_r)):
         if name not in best:
             rows.append(na(f"rate_limit_{name}", figure, method, "n/a (redis-server not installed)"))
             continue
