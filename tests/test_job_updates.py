@@ -21,6 +21,7 @@ from tests.replicate_env import audit_events, start_env
 from tests.test_metrics import value
 
 NOW = 1_800_000_000.0
+LIMIT = 1000.0  # USD per month: the cost-limit percentage must follow both paths
 
 
 def _job(**fields):
@@ -129,6 +130,8 @@ async def _jobs_scrape(env):
                "avg": value(text, "simpletuner_job_duration_seconds_avg")}
     for status in ("queued", "running", "completed", "failed"):
         figures[status] = value(text, "simpletuner_jobs_by_status", status=status)
+    # followed by the job hooks' cost deltas between refreshes (never reached here: see the clock)
+    figures["limit_percent"] = value(text, "simpletuner_cost_limit_percent_used", provider="replicate")
     return figures
 
 
@@ -143,9 +146,11 @@ async def test_webhook_and_poller_leave_identical_rows_counters_audit_and_events
         async def make(subdir=path, **kwargs):
             return await make_daemon(subdir=subdir, **kwargs)
 
-        envs[path] = await start_env(make, tmp_path / path, clock=clock, settings={
-            "metrics": {"prometheus_enabled": True, "prometheus_categories": ["jobs"]},
-            "jobs": {"poll_interval": 3600}})
+        envs[path] = await start_env(
+            make, tmp_path / path, clock=clock,
+            provider_settings={"cost_limit_enabled": True, "cost_limit_amount": LIMIT, "cost_limit_action": "warn"},
+            settings={"metrics": {"prometheus_enabled": True, "prometheus_categories": ["jobs", "provider"]},
+                      "jobs": {"poll_interval": 3600}})
     try:
         job_ids, externals, accepted_keys = {}, {}, {}
         for path, env in envs.items():
@@ -157,7 +162,7 @@ async def test_webhook_and_poller_leave_identical_rows_counters_audit_and_events
         answers = []
         for step, (status, extra) in enumerate(SEQUENCE):
             for path, env in envs.items():
-                env.ctx.clock.advance(7)  # both daemons see the same time
+                env.ctx.clock.advance(1)  # both daemons see the same time; < 60 s in all: no spend refresh
                 prediction = env.fake.state.set_status(externals[path], status, **extra)
                 if path == "webhook":
                     data, headers = _signed(env.fake.state.webhook_secret, prediction, env.ctx.now())
@@ -186,6 +191,7 @@ async def test_webhook_and_poller_leave_identical_rows_counters_audit_and_events
         assert row["error_message"] is None
         assert scraped[0]["completed"] == 1 and scraped[0]["active"] == 0
         assert abs(scraped[0]["cost"] - row["cost_usd"]) < 1e-9
+        assert scraped[0]["limit_percent"] == round(row["cost_usd"] / LIMIT * 100.0, 4)
         counters = envs["poller"].ctx.jobs.metrics()["counters"]
         assert (counters["status_changes"], counters["out_of_order_ignored"], counters["terminal_ignored"]) == (2, 1, 2)
 
