@@ -578,7 +578,7 @@ def machine() -> dict:
     mem = ""
     try:
         mem = subprocess.run(["free", "-h"], capture_output=True, text=True, timeout=10).stdout.splitlines()[1]
-        mem = " ".join(mem.split()[:2])
+        mem = mem.split()[1] + " total"
     except (OSError, IndexError, subprocess.SubprocessError):
         pass
     return {"nproc": os.cpu_count(), "memory": mem, "cpu": cpu, "python": platform.python_version(),
@@ -597,7 +597,8 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description="stdaemon benchmarks (S17): ratios measured in one run")
     parser.add_argument("--quick", action="store_true", help="tiny bounded loads (smoke test, < 60 s)")
     parser.add_argument("--only", default="", help="comma-separated figures: " + ",".join(n for n, _ in FIGURES))
-    parser.add_argument("--out", default=os.path.join(P.REPO, "bench", "results", "latest.json"))
+    parser.add_argument("--out", default=os.path.join(P.REPO, "bench", "results", "latest.json"),
+                        help="JSON results (default bench/results/latest.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (daemon logs) for inspection")
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
