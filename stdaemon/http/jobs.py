@@ -496,7 +496,10 @@ class JobService:
                       "details": entry}
             writer = getattr(self.ctx, "audit", None)
             if callable(getattr(writer, "append", None)):
-                writer.append(conn, "job.status_changed", **fields)
+                try:
+                    writer.append(conn, "job.status_changed", **fields)
+                except RuntimeError:  # audit key not loaded yet (start-up): record after the commit
+                    applied.pending_audit = fields
             else:
                 applied.pending_audit = fields
         return applied
