@@ -46,12 +46,11 @@ from typing import Any, AsyncIterator, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 
 from stdaemon.core.sliding_window import SlidingWindowTable, WindowState, decide, evaluate, prune
 from stdaemon.health import DEGRADED, HEALTHY, UNHEALTHY, Component
 from stdaemon.logs import get_logger
+from stdaemon.threads import BlockingPool
 from stdaemon.timers import SafeTimerService
 
 __all__ = [
@@ -153,7 +152,8 @@ class SQLiteBackend(Service):
         self.clock = clock
         self.reactor = reactor
         self.busy_timeout = busy_timeout
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="stdaemon-ratelimit-sqlite")
+        # One thread: the connection below belongs to it.
+        self._pool = BlockingPool(reactor, "stdaemon-ratelimit-sqlite", maxthreads=1, minthreads=1)
         self._conn: Optional[sqlite3.Connection] = None  # used by the pool's thread only
         self._sweeper = SafeTimerService("rate-limit-sqlite-sweep", sweep_interval, self.sweep,
                                          clock)
@@ -172,12 +172,12 @@ class SQLiteBackend(Service):
         try:
             yield self._run(self._close)
         finally:
-            self._pool.stop()
+            yield self._pool.stop()
 
     # thread side
 
     def _run(self, fn: Any, *args: Any) -> defer.Deferred:
-        return deferToThreadPool(self.reactor, self._pool, fn, *args)
+        return self._pool.run(fn, *args)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:

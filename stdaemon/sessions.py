@@ -20,15 +20,14 @@ from __future__ import annotations
 import inspect
 from typing import Any, Optional
 
-from twisted.application.service import Service
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 
 from stdaemon.core import csrf
 from stdaemon.http.errors import ApiError
 from stdaemon.logs import get_logger
 from stdaemon.store import users
 from stdaemon.store.api_keys import Principal
+from stdaemon.threads import BlockingPool, install_pool
 
 log = get_logger("stdaemon.sessions")
 
@@ -81,26 +80,12 @@ async def record_audit(ctx: Any, event_type: str, request: Any = None, *,
         log.failure("Could not write audit entry {event_type}", event_type=event_type)
 
 
-class _PoolService(Service):
-    def __init__(self, pool: ThreadPool):
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
-
-
 class SessionManager:
     def __init__(self, ctx: Any):
         self.ctx = ctx
         self.ttl = float(ctx.config.auth.session_ttl)
         self.public_url = ctx.config.server.public_url
-        self._pool: Optional[ThreadPool] = None
-        self._pool_service: Optional[_PoolService] = None
+        self._pool: Optional[BlockingPool] = None
         self.swept = 0
 
     def install(self) -> None:
@@ -109,21 +94,15 @@ class SessionManager:
         self.ctx.add_timer("session-sweep", min(SWEEP_INTERVAL, max(self.ttl, 1.0)), self.sweep)
 
     def _new_pool(self) -> None:
-        # Thread pools cannot be restarted once stopped: a fresh one per start.
-        self._pool = ThreadPool(minthreads=0, maxthreads=2, name="stdaemon-passwords")
-        service = _PoolService(self._pool)
-        service.setName("password-pool")
-        service.setServiceParent(self.ctx.services)
-        self._pool_service = service
+        self._pool = install_pool(self.ctx, "stdaemon-passwords", maxthreads=2)
 
     # -- passwords (off the reactor thread) -------------------------------------
 
     def _run(self, fn: Any, *args: Any) -> Any:
-        pool = self._pool
-        if pool is None or not pool.started:
-            # Not started (tool use): still keep Argon2 off the reactor thread.
+        if self._pool is None:
+            # Not installed (tool use): still keep Argon2 off the reactor thread.
             return deferToThreadPool(self.ctx.reactor, self.ctx.reactor.getThreadPool(), fn, *args)
-        return deferToThreadPool(self.ctx.reactor, pool, fn, *args)
+        return self._pool.run(fn, *args)
 
     def hash_password(self, password: str) -> Any:
         return self._run(users.hash_password, password)

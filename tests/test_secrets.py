@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.python.threadpool import ThreadPool
+from stdaemon.threads import BlockingPool
 
 from stdaemon.clients.secrets import (
     ABSENT,
@@ -29,10 +29,12 @@ TTL = 300.0
 
 @pytest.fixture
 def pool():
-    tp = ThreadPool(minthreads=0, maxthreads=2, name="test-secrets")
-    tp.start()
-    yield tp
-    tp.stop()
+    from twisted.internet import reactor
+
+    blocking = BlockingPool(reactor, "test-secrets", maxthreads=2)
+    blocking.start()
+    yield blocking
+    pytest_twisted.blockon(blocking.stop())
 
 
 @pytest.fixture
@@ -451,9 +453,12 @@ async def test_service_owns_and_stops_its_thread_pool(state_dir):
     svc.startService()
     assert svc.pool.started
     assert await svc.manager.get(REPLICATE_TOKEN) == "r8_svc"
-    assert svc.pool.max <= 4
+    assert svc.pool.maxthreads <= 4
+    threads = svc.pool._pool.threads
+    assert threads, "the lookup ran in the secrets pool"
     await svc.stopService()
-    assert not svc.pool.started and svc.pool.joined
+    assert not svc.pool.started
+    assert not any(t.is_alive() for t in threads)
 
 
 # --------------------------------------------------------------------- in the daemon

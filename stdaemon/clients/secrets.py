@@ -39,10 +39,9 @@ import yaml
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
+from stdaemon.threads import BlockingPool
 from stdaemon.logs import get_logger
 
 REPLICATE_TOKEN = "REPLICATE_API_TOKEN"
@@ -419,7 +418,7 @@ class SecretsManager:
         self,
         config: Any,
         clock: IReactorTime,
-        threadpool: ThreadPool,
+        threadpool: BlockingPool,
         *,
         reactor: Any = None,
         environ: Mapping[str, str] | None = None,
@@ -594,7 +593,7 @@ class SecretsManager:
         if self._stopped:
             return defer.succeed(None)
         st.attempted_at = self._clock.seconds()
-        st.inflight = deferToThreadPool(self._reactor, self._pool, st.store.load)
+        st.inflight = self._pool.run(st.store.load)
         st.inflight.addCallbacks(lambda data: self._loaded(st, data), lambda f: self._failed(st, f))
 
         def done(result: Any) -> None:
@@ -666,7 +665,7 @@ class SecretsService(service.Service):
 
             reactor = _reactor
         self._reactor = reactor
-        self.pool = ThreadPool(minthreads=0, maxthreads=pool_size, name="stdaemon-secrets")
+        self.pool = BlockingPool(reactor, "stdaemon-secrets", maxthreads=pool_size)
         self.manager = SecretsManager(config, clock, self.pool, reactor=reactor, environ=environ)
 
     def startService(self) -> None:
@@ -682,9 +681,7 @@ class SecretsService(service.Service):
         """
         super().stopService()
         self.manager.stop()
-        if not self.pool.started or self.pool.joined:
-            return defer.succeed(None)
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self.pool.stop)
+        return self.pool.stop()
 
 
 __all__ = [

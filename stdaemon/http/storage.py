@@ -28,11 +28,8 @@ from typing import Any, Optional
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
-from twisted.application.service import Service
-from twisted.internet import defer, threads
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 
@@ -43,6 +40,7 @@ from stdaemon.http.request import BodyPolicy, RejectBody
 from stdaemon.http.surface import PUBLIC, Response, Surface, route
 from stdaemon.logs import get_logger
 from stdaemon.store import credentials as credentials_store
+from stdaemon.threads import install_pool
 from stdaemon.store.objects import MAX_PART_SIZE, Bucket, StorageEngine, StorageError
 
 log = get_logger("stdaemon.http.storage")
@@ -270,7 +268,7 @@ class UploadSink:
             batch.append(piece)
             size += len(piece)
         self._busy = True
-        d = deferToThreadPool(self.surface.reactor, self.surface.pool, self._process, batch)
+        d = self.surface.run(self._process, batch)
         d.addBoth(self._processed, size)
 
     def _processed(self, result: Any, size: int) -> None:
@@ -315,7 +313,7 @@ class UploadSink:
             d.callback(None)
         else:
             self._waiters.append(d)
-        d.addCallback(lambda _: deferToThreadPool(self.surface.reactor, self.surface.pool, fn))
+        d.addCallback(lambda _: self.surface.run(fn))
         d.addErrback(lambda f: log.failure("Upload clean-up failed", failure=f))
 
     def _abort_in_thread(self) -> None:
@@ -330,7 +328,7 @@ class UploadSink:
         else:
             self._waiters.append(d)
         await d
-        await deferToThreadPool(self.surface.reactor, self.surface.pool, self._end_in_thread)
+        await self.surface.run(self._end_in_thread)
         if self.error is not None:
             raise _from(self.error)
 
@@ -358,7 +356,7 @@ class UploadSink:
         else:
             self._waiters.append(d)
         await d
-        await deferToThreadPool(self.surface.reactor, self.surface.pool, self._abort_in_thread)
+        await self.surface.run(self._abort_in_thread)
         if self.progress_token is not None:
             self.surface.progress.finish(self.job_id, self.progress_token, failed=True)
             self.progress_token = None
@@ -386,19 +384,6 @@ class _S3Headers(Headers):
             if name[:6].lower() == b"x-amz-":
                 name = name.lower()
             yield name, values
-
-
-class _PoolService(Service):
-    def __init__(self, pool: ThreadPool):
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return threads.deferToThread(self.pool.stop)
 
 
 @dataclass
@@ -437,10 +422,7 @@ class StorageSurface(Surface):
         self.engine = StorageEngine(buckets, created_at=ctx.clock.seconds())
         self.max_put_bytes = max_put_bytes
         self.multipart_max_age = multipart_max_age
-        self.pool = ThreadPool(minthreads=0, maxthreads=16, name="s3-io")
-        pool_service = _PoolService(self.pool)
-        pool_service.setName("s3-io-pool")
-        pool_service.setServiceParent(ctx.services)
+        self.pool = install_pool(ctx, "s3-io", maxthreads=16)
         self.progress = UploadProgress(ctx.clock)
         ctx.upload_progress = self.progress
         if getattr(ctx, "upload_credentials", None) is None or not isinstance(
@@ -457,7 +439,26 @@ class StorageSurface(Surface):
         return self.ctx.upload_credentials
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
-        return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
+        return self.pool.run(fn, *args, **kwargs)
+
+    def rate_limit_exempt(self, request: Any, match: Any) -> bool:
+        """UploadPart of a multipart upload in progress is not counted by the
+        rate limiter: a checkpoint of a few GiB is hundreds of parts, and
+        counting each against the storage rule (50/min per IP) would fail any
+        large upload from a non-loopback client.  The CreateMultipartUpload
+        that started the upload was counted, and a part still has to pass
+        the upload's SigV4 authentication."""
+        if request.method != b"PUT":
+            return False
+        upload_id = request.args.get(b"uploadId")
+        part_number = request.args.get(b"partNumber")
+        bucket = match.args.get("bucket")
+        if not upload_id or not part_number or not bucket:
+            return False
+        try:
+            return self.engine.upload_exists(bucket, upload_id[0].decode("ascii"))
+        except UnicodeDecodeError:
+            return False
 
     async def cleanup(self) -> None:
         self.refresh_buckets()

@@ -23,9 +23,8 @@ from typing import Any, Awaitable, Callable, Optional
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 
+from stdaemon.threads import BlockingPool
 from stdaemon.logs import get_logger
 from stdaemon.store.backup import BackupError, JobStore, RestoreRefused, backup_entry
 
@@ -38,7 +37,7 @@ class BackupService(service.Service):
     def __init__(self, ctx: Any):
         self.ctx = ctx
         self.store = JobStore(ctx.database_path, config=ctx.config, clock=ctx.clock)
-        self.pool = ThreadPool(minthreads=0, maxthreads=1, name="stdaemon-backup")
+        self.pool = BlockingPool(ctx.reactor, "stdaemon-backup", maxthreads=1)
         self.lock = defer.DeferredLock()
         self.after_restore: list[Callable[[], Awaitable[Any]]] = []
         # Scheduled-backup state, for health and metrics.
@@ -57,13 +56,10 @@ class BackupService(service.Service):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        if not self.pool.started or self.pool.joined:
-            return defer.succeed(None)
-        reactor = self.ctx.reactor
-        return deferToThreadPool(reactor, reactor.getThreadPool(), self.pool.stop)
+        return self.pool.stop()
 
     def _in_pool(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
-        return deferToThreadPool(self.ctx.reactor, self.pool, fn, *args, **kwargs)
+        return self.pool.run(fn, *args, **kwargs)
 
     # -- operations ----------------------------------------------------------
 
