@@ -491,6 +491,14 @@ class StorageEngine:
         )
         return upload_id
 
+    def upload_exists(self, bucket_name: str, upload_id: str) -> bool:
+        """A cheap check (one stat) that a multipart upload is in progress."""
+        try:
+            self._upload_dir(self.bucket(bucket_name), upload_id)
+        except StorageError:
+            return False
+        return True
+
     def upload_info(self, bucket_name: str, upload_id: str, key: Optional[str] = None) -> dict:
         return self._upload(self.bucket(bucket_name), upload_id, key)[1]
 
