@@ -569,6 +569,16 @@ class Metrics:
         yield GaugeMetricFamily("simpletuner_job_duration_seconds_avg",
                                 "Average run time of finished jobs in seconds",
                                 value=figures["job_duration_seconds_avg"])
+        # Job outputs received over the S3 endpoint (counted by the storage
+        # surface as bytes arrive; since start-up).
+        progress = getattr(self._ctx, "upload_progress", None)
+        yield CounterMetricFamily("simpletuner_s3_uploads_total",
+                                  "Objects and parts stored through the S3 endpoint",
+                                  value=getattr(progress, "uploads_total", 0))
+        yield CounterMetricFamily("simpletuner_s3_upload_bytes", "Bytes stored through the S3 endpoint",
+                                  value=getattr(progress, "upload_bytes_total", 0))
+        yield CounterMetricFamily("simpletuner_s3_upload_failures", "Uploads refused or broken off",
+                                  value=getattr(progress, "upload_failures_total", 0))
 
     def _collect_http(self) -> Iterable[Any]:
         requests = CounterMetricFamily("simpletuner_http_requests_total",

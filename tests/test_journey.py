@@ -196,6 +196,11 @@ async def test_operator_journey(journey_env, tmp_path):
     object_route = "_/api/cloud/storage/<bucket>/<path:key>"
     assert value(text, "simpletuner_http_requests_total", endpoint="POST" + object_route) == 2
     assert value(text, "simpletuner_http_requests_total", endpoint="PUT" + object_route) >= 4
+    # The S3 families count what was stored: the small object and the
+    # multipart object (its parts and the completion), byte for byte.
+    assert value(text, "simpletuner_s3_upload_bytes_total") >= sum(len(d) for d in uploads.values())
+    assert value(text, "simpletuner_s3_uploads_total") >= len(uploads)
+    assert value(text, "simpletuner_s3_upload_failures_total") >= 0
 
     # 10. The audit trail has the submission and the status changes, and its chain verifies.
     response, page = await client.json("GET", "/api/audit?limit=500")

@@ -30,7 +30,9 @@ GUIDE_NAME_LINTS = {
 
 FAMILIES = {
     "jobs": {"simpletuner_jobs_total", "simpletuner_jobs_by_status", "simpletuner_jobs_active",
-             "simpletuner_cost_usd_total", "simpletuner_job_duration_seconds_avg"},
+             "simpletuner_cost_usd_total", "simpletuner_job_duration_seconds_avg",
+             "simpletuner_s3_uploads_total", "simpletuner_s3_upload_bytes_total",
+             "simpletuner_s3_upload_failures_total"},
     "http": {"simpletuner_http_requests_total", "simpletuner_http_errors_total",
              "simpletuner_http_request_latency_ms_avg"},
     "rate_limits": {"simpletuner_rate_limit_violations_total", "simpletuner_rate_limit_tracked_clients"},
