@@ -14,7 +14,7 @@ from klein import Klein
 
 from stdaemon.core import approvals as rules_core
 from stdaemon.http.errors import bad_request, invalid_field, not_found
-from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Response, Surface, json_object, query_arg, \
+from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Response, Surface, json_object, path_id, query_arg, \
     query_int, route
 from stdaemon.sessions import record_audit
 from stdaemon.store import approvals as store
@@ -23,10 +23,7 @@ BODY = 16 * 1024
 
 
 def _id(raw: str, what: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise not_found(f"{what} {raw} not found") from None
+    return path_id(raw, what)
 
 
 def _reason(request) -> str | None:

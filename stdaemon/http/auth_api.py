@@ -20,7 +20,7 @@ from typing import Any
 from klein import Klein
 
 from stdaemon.http.errors import ApiError, forbidden, invalid_field, not_found
-from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, json_object, query_arg, \
+from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, json_object, query_arg, path_id, \
     route
 from stdaemon.sessions import SESSION_COOKIE, cookie, record_audit
 from stdaemon.store import api_keys, users
@@ -204,10 +204,7 @@ class AuthSurface(Surface):
 
     async def _revoke(self, request, key_id: str):
         principal = request.principal
-        try:
-            key_number = int(key_id)
-        except ValueError:
-            raise not_found(f"API key {key_id} not found") from None
+        key_number = path_id(key_id, "API key")
         key = await self.ctx.db.run_read(users.get_key, key_number)
         if key is None or (principal.role != "admin" and key["user_id"] != principal.user_id):
             raise not_found(f"API key {key_id} not found")

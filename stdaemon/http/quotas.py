@@ -15,7 +15,7 @@ from klein import Klein
 
 from stdaemon.core import approvals as rules_core
 from stdaemon.http.errors import invalid_field, not_found
-from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Response, Surface, json_object, route
+from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Response, Surface, json_object, route, path_id
 from stdaemon.sessions import record_audit
 from stdaemon.store import approvals as store
 
@@ -56,10 +56,7 @@ class QuotasSurface(Surface):
 
     @route(app, "/api/quotas/<quota_id>", methods=["DELETE"], access=ADMIN)
     async def delete_quota(self, request, quota_id):
-        try:
-            number = int(quota_id)
-        except ValueError:
-            raise not_found(f"Quota {quota_id} not found") from None
+        number = path_id(quota_id, "Quota")
         if not await self.ctx.db.run_write(store.delete_quota, number):
             raise not_found(f"Quota {quota_id} not found")
         await record_audit(self.ctx, "quota.deleted", request, target=f"quota:{number}", action="delete")

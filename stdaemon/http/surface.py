@@ -189,6 +189,23 @@ def query_int(request: Any, name: str, default: int, minimum: int = 0,
     return value
 
 
+SQLITE_MAX_INT = 2 ** 63 - 1
+
+
+def path_id(value: Any, what: str) -> int:
+    """A numeric id from a path or body: a positive integer SQLite can hold,
+    else 404 (an id that cannot exist is simply not found)."""
+    from stdaemon.http.errors import not_found
+
+    try:
+        number = int(str(value), 10)
+    except ValueError:
+        raise not_found(f"{what} {str(value)[:64]} not found") from None
+    if not 0 < number <= SQLITE_MAX_INT:
+        raise not_found(f"{what} {str(value)[:64]} not found")
+    return number
+
+
 class Surface:
     """Base class of every HTTP surface.  Subclasses set ``app`` and
     ``prefixes`` (path prefixes the surface serves, for body limits and

@@ -11,7 +11,7 @@ from __future__ import annotations
 from klein import Klein
 
 from stdaemon.http.errors import ApiError, invalid_field, not_found
-from stdaemon.http.surface import ADMIN, VIEWER, Response, Surface, json_object, route
+from stdaemon.http.surface import ADMIN, VIEWER, Response, Surface, json_object, path_id, route
 from stdaemon.sessions import record_audit
 from stdaemon.store import users
 
@@ -20,10 +20,7 @@ _FIELDS = {"username", "email", "password", "role", "disabled"}
 
 
 def _user_id(raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise not_found(f"User {raw} not found") from None
+    return path_id(raw, "User")
 
 
 def _error(error: users.UserError) -> ApiError:
