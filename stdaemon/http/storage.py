@@ -308,11 +308,7 @@ class UploadSink:
             d.callback(None)
 
     def _after_idle(self, fn: Any) -> None:
-        d = defer.Deferred()
-        if not self._busy and not self._queue:
-            d.callback(None)
-        else:
-            self._waiters.append(d)
+        d = self._drained()
         d.addCallback(lambda _: self.surface.run(fn))
         d.addErrback(lambda f: log.failure("Upload clean-up failed", failure=f))
 
@@ -320,14 +316,18 @@ class UploadSink:
         if self.pending is not None:
             self.pending.abort()
 
-    async def finished(self) -> None:
-        """Wait for every byte to be written and the stream to end; raise ``S3Error`` if it failed."""
+    def _drained(self) -> defer.Deferred:
+        """Fires once every queued chunk has been written by the I/O thread."""
         d = defer.Deferred()
         if not self._busy and not self._queue:
             d.callback(None)
         else:
             self._waiters.append(d)
-        await d
+        return d
+
+    async def finished(self) -> None:
+        """Wait for every byte to be written and the stream to end; raise ``S3Error`` if it failed."""
+        await self._drained()
         await self.surface.run(self._end_in_thread)
         if self.error is not None:
             raise _from(self.error)
@@ -350,12 +350,7 @@ class UploadSink:
         if self._finalised:
             return
         self._finalised = True
-        d = defer.Deferred()
-        if not self._busy and not self._queue:
-            d.callback(None)
-        else:
-            self._waiters.append(d)
-        await d
+        await self._drained()
         await self.surface.run(self._abort_in_thread)
         if self.progress_token is not None:
             self.surface.progress.finish(self.job_id, self.progress_token, failed=True)
