@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from datetime import datetime, timezone
 
 import pytest
@@ -350,7 +351,9 @@ async def test_audit_api_lists_and_verify_names_an_edited_entry(make_daemon, tmp
     assert page["total"] == 6 and len(page["entries"]) == 3
     assert [e["target"] for e in page["entries"]] == ["job-11", "job-9", "job-7"]
     assert page["entries"][0]["details"] == {"i": 11}
-    assert page["entries"][0]["time"].endswith("+00:00")
+    # S18: ISO 8601 UTC with milliseconds, in ``timestamp`` (and ``time``).
+    assert page["entries"][0]["timestamp"] == page["entries"][0]["time"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", page["entries"][0]["timestamp"])
     response = await treq.get(daemon.url + "/api/audit?event_type=job.submitted&actor=user1&limit=3&offset=3",
                               headers=headers)
     assert [e["target"] for e in (await response.json())["entries"]] == ["job-5", "job-3", "job-1"]

@@ -19,6 +19,7 @@ from typing import Any
 
 from klein import Klein
 
+from stdaemon.core.timestamps import iso
 from stdaemon.http.errors import ApiError, forbidden, invalid_field, not_found
 from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, json_object, query_arg, path_id, \
     route
@@ -75,7 +76,7 @@ class AuthSurface(Surface):
         self.sessions.set_cookies(request, session)
         await record_audit(self.ctx, "auth.login.success", request, actor=row["username"],
                            target=row["username"], action="login", details={"via": "password"})
-        return {"success": True, "user": users.user_dict(row), "expires_at": session.expires_at,
+        return {"success": True, "user": users.user_dict(row), "expires_at": iso(session.expires_at),
                 "csrf_token": session.csrf}
 
     @route(app, "/api/auth/logout", methods=["POST"], access=PUBLIC, max_body=AUTH_BODY)
@@ -176,9 +177,9 @@ class AuthSurface(Surface):
         await record_audit(self.ctx, "api_key.created", request, target=f"api_key:{key_id}",
                            action="create", details={"name": name.strip(), "role": role,
                                                      "owner": owner["username"],
-                                                     "expires_at": expires_at})
+                                                     "expires_at": iso(expires_at)})
         return Response({"id": key_id, "key": key, "name": name.strip(), "role": role,
-                         "prefix": key[:7], "user_id": owner_id, "expires_at": expires_at,
+                         "prefix": key[:7], "user_id": owner_id, "expires_at": iso(expires_at),
                          "note": "Store this key now: it is not shown again."}, status=201)
 
     @route(app, "/api/auth/api-keys", access=VIEWER)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Mapping, Optional
 
 from klein import Klein
@@ -38,6 +37,7 @@ from stdaemon.core import job_updates
 from stdaemon.core import provider_settings as ps
 from stdaemon.core import status as st
 from stdaemon.core.breaker import OPEN
+from stdaemon.core.timestamps import iso
 from stdaemon.http.errors import ApiError, bad_request, conflict, not_found
 from stdaemon.http.surface import OPERATOR, VIEWER, Response, Surface, json_object, query_arg, query_int, route
 from stdaemon.logs import LogContext, get_logger
@@ -50,12 +50,6 @@ MAX_SUBMIT_BODY = 8 * 1024 * 1024
 MAX_IDEMPOTENCY_KEY = 200
 POLL_BATCH = 50
 S3_REGION = "us-east-1"
-
-
-def iso(ts: Optional[float]) -> Optional[str]:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _actor(principal) -> str:

@@ -60,7 +60,7 @@ import os
 import secrets as _secrets
 import sqlite3
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
@@ -209,15 +209,29 @@ def row_to_dict(row: Mapping[str, Any]) -> dict:
 
 def query_entries(conn: sqlite3.Connection, *, event_type: Optional[str] = None,
                   actor: Optional[str] = None, since: Optional[float] = None,
-                  until: Optional[float] = None, limit: int = 100, offset: int = 0) -> dict:
-    """Newest first, with the real number of matching entries."""
+                  until: Optional[float] = None, limit: int = 100, offset: int = 0,
+                  target: Optional[str] = None, event_types: Optional[Sequence[str]] = None,
+                  actor_or_target: Optional[tuple[str, str]] = None) -> dict:
+    """Newest first, with the real number of matching entries.  ``target``
+    matches exactly; ``event_types`` is a set of types (any of them);
+    ``actor_or_target`` = (actor, target) matches entries by that actor or
+    about that target (a user's own trail)."""
     where, args = [], []
     if event_type:
         where.append("event_type = ?")
         args.append(event_type)
+    if event_types is not None:
+        where.append(f"event_type IN ({', '.join('?' for _ in event_types) or 'NULL'})")
+        args.extend(event_types)
     if actor:
         where.append("actor = ?")
         args.append(actor)
+    if target:
+        where.append("target = ?")
+        args.append(target)
+    if actor_or_target is not None:
+        where.append("(actor = ? OR target = ?)")
+        args.extend(actor_or_target)
     if since is not None:
         where.append("timestamp >= ?")
         args.append(float(since))
@@ -232,6 +246,20 @@ def query_entries(conn: sqlite3.Connection, *, event_type: Optional[str] = None,
     ).fetchall()
     return {"entries": [row_to_dict(r) for r in rows], "total": int(total),
             "limit": int(limit), "offset": int(offset)}
+
+
+def summary(conn: sqlite3.Connection) -> dict:
+    """Counts by event type and the first/last entry (for ``/api/audit/stats``)."""
+    by_type = {row[0]: row[1] for row in conn.execute(
+        "SELECT event_type, count(*) FROM audit_log GROUP BY event_type")}
+    first, last, low, high = conn.execute(
+        "SELECT min(timestamp), max(timestamp), min(id), max(id) FROM audit_log").fetchone()
+    return {"by_type": by_type, "first_timestamp": first, "last_timestamp": last,
+            "first_id": low, "last_id": high}
+
+
+def seen_event_types(conn: sqlite3.Connection) -> list[str]:
+    return [row[0] for row in conn.execute("SELECT DISTINCT event_type FROM audit_log")]
 
 
 def verify_start(conn: sqlite3.Connection, key: bytes) -> dict:

@@ -184,6 +184,12 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX webhook_deliveries_received ON webhook_deliveries (received_at);
         """,
     ),
+    (
+        "0042_users_display_name",
+        """
+        ALTER TABLE users ADD COLUMN display_name TEXT;
+        """,
+    ),
 ]
 
 

@@ -22,6 +22,7 @@ from typing import Any, Optional
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from stdaemon.core.timestamps import iso
 from stdaemon.store.api_keys import Principal
 
 ROLES = ("viewer", "operator", "admin")
@@ -107,18 +108,29 @@ def role_at_most(role: str, ceiling: str) -> bool:
 # -- users ---------------------------------------------------------------------
 
 def user_dict(row: sqlite3.Row) -> dict:
+    """The API shape of a user.  Besides stdaemon's own fields it carries the
+    ones SimpleTuner's CLI reads (``email`` always a string, ``is_admin``,
+    ``is_active``, ``display_name``, ``email_verified``, ``auth_provider``);
+    ``created_at`` is ISO 8601 UTC (S18)."""
+    keys = row.keys()
+    display_name = row["display_name"] if "display_name" in keys else None
     return {
         "id": row["id"],
         "username": row["username"],
-        "email": row["email"],
+        "email": row["email"] or "",
+        "display_name": display_name,
         "role": row["role"],
-        "created_at": row["created_at"],
+        "is_admin": row["role"] == "admin",
+        "is_active": not row["disabled"],
+        "email_verified": False,
+        "auth_provider": "local",
+        "created_at": iso(row["created_at"]),
         "disabled": bool(row["disabled"]),
         "has_password": bool(row["password_hash"]),
     }
 
 
-_USER_COLUMNS = "id, username, email, password_hash, role, created_at, disabled"
+_USER_COLUMNS = "id, username, email, password_hash, role, created_at, disabled, display_name"
 
 
 def list_users(conn: sqlite3.Connection) -> list[dict]:
@@ -139,15 +151,17 @@ def find_login(conn: sqlite3.Connection, login: str) -> Optional[sqlite3.Row]:
 
 
 def create_user(conn: sqlite3.Connection, username: str, email: Optional[str],
-                password_hash: Optional[str], role: str, now: float) -> dict:
+                password_hash: Optional[str], role: str, now: float,
+                display_name: Optional[str] = None) -> dict:
     taken = conn.execute("SELECT username, email FROM users WHERE username = ? OR"
                          " (email IS NOT NULL AND email = ?)", (username, email)).fetchone()
     if taken is not None:
         field = "username" if taken["username"] == username else "email"
         raise UserError(field, "is already taken")
     user_id = conn.execute(
-        "INSERT INTO users (username, email, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?)",
-        (username, email, password_hash, role, now)).lastrowid
+        "INSERT INTO users (username, email, password_hash, role, created_at, display_name)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (username, email, password_hash, role, now, display_name)).lastrowid
     return get_user(conn, user_id)
 
 
@@ -178,7 +192,7 @@ def update_user(conn: sqlite3.Connection, user_id: int, changes: dict) -> Option
             field = "username" if taken["username"] == changes.get("username") else "email"
             raise UserError(field, "is already taken")
     columns = {k: v for k, v in changes.items()
-               if k in ("username", "email", "password_hash", "role", "disabled")}
+               if k in ("username", "email", "password_hash", "role", "disabled", "display_name")}
     if columns:
         assignments = ", ".join(f"{name} = ?" for name in columns)
         conn.execute(f"UPDATE users SET {assignments} WHERE id = ?", (*columns.values(), user_id))
@@ -271,9 +285,9 @@ def key_dict(row: sqlite3.Row) -> dict:
         "role": row["role"],
         "user_id": row["user_id"],
         "username": row["username"],
-        "created_at": row["created_at"],
-        "expires_at": row["expires_at"],
-        "revoked_at": row["revoked_at"],
+        "created_at": iso(row["created_at"]),
+        "expires_at": iso(row["expires_at"]),
+        "revoked_at": iso(row["revoked_at"]),
     }
 
 
