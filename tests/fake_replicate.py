@@ -6,7 +6,11 @@ failed|canceled), created_at, started_at, completed_at, error, logs, output,
 metrics.predict_time, urls.get, urls.cancel``; create answers 201, cancel
 answers the prediction, unknown ids answer 404 with a problem-details body
 ``{"title", "detail", "status"}``; ``GET /v1/account`` answers the account; ``GET /v1/webhooks/default/secret``
-answers ``{"key": "whsec_…"}``.
+answers ``{"key": "whsec_…"}``; ``GET /v1/models/{owner}/{name}`` answers the model
+with its ``latest_version`` and ``GET /v1/models/{owner}/{name}/versions`` the
+``{"next", "previous", "results"}`` page, newest first (every SimpleTuner
+``simpletuner/advanced-trainer-<profile>`` model exists with two versions;
+``state.models`` holds them, ``add_version`` publishes a newer one).
 
 Failure modes for tests: ``mode = "ok" | "fail" (500) | "throttle" (429 with
 Retry-After) | "stall" (accepts the request, never answers)``.
@@ -25,6 +29,25 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 PREDICTION_STATUSES = ("starting", "processing", "succeeded", "failed", "canceled")
+PROFILES = ("h100", "h100-x2", "h100-x4", "h100-x8", "l40s", "l40s-x2", "l40s-x4", "l40s-x8")
+
+
+def _version_id(model_id: str, n: int) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"{model_id}#{n}".encode()).hexdigest()
+
+
+def _default_models() -> dict:
+    models = {}
+    for profile in PROFILES:
+        model_id = f"simpletuner/advanced-trainer-{profile}"
+        models[model_id] = [  # oldest first; answered newest first
+            {"id": _version_id(model_id, n), "created_at": f"2026-0{n}-01T12:00:00.000000Z",
+             "cog_version": "0.14.0", "openapi_schema": {}}
+            for n in (1, 2)
+        ]
+    return models
 
 
 @dataclass
@@ -44,6 +67,10 @@ class FakeReplicateState:
     requests: list = field(default_factory=list)
     stalled: list = field(default_factory=list)
     base_url: str = ""
+    # Replicate models: "owner/name" -> versions, oldest first.
+    models: dict = field(default_factory=_default_models)
+    # When set, answers GET /v1/models/... with latest_version null (only the list knows).
+    hide_latest_version: bool = False
     # Signing secret answered by GET /v1/webhooks/default/secret.
     webhook_secret: str = "whsec_c3RkYWVtb24tdGVzdHMtd2ViaG9vay1zZWNyZXQ="
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -74,6 +101,16 @@ class FakeReplicateState:
         }
         self.predictions[pid] = prediction
         return prediction
+
+    def newest_version(self, model_id: str) -> dict:
+        return self.models[model_id][-1]
+
+    def add_version(self, model_id: str, created_at: str) -> dict:
+        versions = self.models.setdefault(model_id, [])
+        version = {"id": _version_id(model_id, len(versions) + 1), "created_at": created_at,
+                   "cog_version": "0.14.0", "openapi_schema": {}}
+        versions.append(version)
+        return version
 
     def set_status(self, pid: str, status: str, *, predict_time=None, logs=None,
                    error=None, output=None) -> dict:
@@ -140,6 +177,19 @@ class _Root(Resource):
         if parts == ["v1", "account"] and method == "GET":
             return json.dumps({"type": "organization", "username": "stdaemon-tests",
                                "name": "stdaemon tests", "github_url": None}).encode()
+        if len(parts) in (4, 5) and parts[:2] == ["v1", "models"] and method == "GET":
+            model_id = f"{parts[2]}/{parts[3]}"
+            versions = state.models.get(model_id)
+            if versions is None:
+                return _problem(request, 404, "Not found", "Not found.")
+            newest_first = list(reversed(versions))
+            if len(parts) == 5 and parts[4] == "versions":
+                return json.dumps({"next": None, "previous": None, "results": newest_first}).encode()
+            if len(parts) == 4:
+                latest = None if state.hide_latest_version or not versions else newest_first[0]
+                return json.dumps({"url": f"https://replicate.com/{model_id}", "owner": parts[2],
+                                   "name": parts[3], "visibility": "public", "run_count": 0,
+                                   "latest_version": latest}).encode()
         if parts == ["v1", "webhooks", "default", "secret"] and method == "GET":
             return json.dumps({"key": state.webhook_secret}).encode()
         if parts == ["v1", "predictions"] and method == "POST":
@@ -154,6 +204,16 @@ class _Root(Resource):
                                 "You do not have permission to use this model version")
             prediction = state.add_prediction(body["version"], body["input"], body.get("webhook"),
                                               body.get("webhook_events_filter"))
+            if ":" in body["version"]:  # owner/name:version_id
+                model_id, vid = body["version"].rsplit(":", 1)
+                known = [v["id"] for v in state.models.get(model_id, [])]
+                if vid not in known:
+                    del state.predictions[prediction["id"]]
+                    request.setResponseCode(422)
+                    return json.dumps({"title": "Invalid version", "status": 422,
+                                       "detail": f"Version {vid} of {model_id} does not exist"}).encode()
+                prediction["model"] = model_id
+                prediction["version"] = vid
             request.setResponseCode(201)
             return json.dumps(prediction).encode()
         if len(parts) >= 3 and parts[:2] == ["v1", "predictions"]:

@@ -107,7 +107,8 @@ async def test_submission_without_configuration_is_a_clear_error(make_daemon, tm
         response, body = await environment.submit()
         assert response.code == 400
         assert body["error"] == "provider_not_configured"
-        assert "model version" in body["detail"] and "public_url" in body["detail"]
+        assert "public_url" in body["detail"]
+        assert "model_versions" not in body["detail"]  # versions are resolved from Replicate
         _, listing = await environment.call("GET", "/api/cloud/jobs")
         assert listing["total"] == 0
     finally:

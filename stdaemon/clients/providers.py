@@ -25,6 +25,7 @@ from twisted.internet import defer, threads
 from stdaemon.clients.http import CABundleError, HTTPClientFactory, OutboundSettings, load_ca_bundle, outbound_settings
 from stdaemon.clients.replicate import ProviderAPIError, ProviderNotConfigured, ProviderUnavailable, ReplicateClient
 from stdaemon.core import costs
+from stdaemon.core import model_versions as mv
 from stdaemon.core import provider_settings as ps
 from stdaemon.core.breaker import BreakerRegistry, BreakerSettings, CircuitBreaker, CircuitOpenError
 from stdaemon.logs import get_logger
@@ -90,6 +91,8 @@ class ProviderManager(Service):
             self.http, self.breaker("replicate"), ctx.clock,
             token=lambda: self.token("replicate"),
             api_base_url=lambda: self.value("replicate", "api_base_url"))
+        # Newest version per Replicate model, on the injected clock (TTL read per call).
+        self.versions = mv.VersionCache(0.0)
 
     # -- lifecycle -------------------------------------------------------------
     async def load(self) -> None:
@@ -166,8 +169,52 @@ class ProviderManager(Service):
         return bool(secrets is not None and secrets.known(TOKEN_NAMES[provider]))
 
     def model_version(self, provider: str, profile: str) -> str | None:
-        versions = self.value(provider, "model_versions") or {}
-        return versions.get(profile) or versions.get("default")
+        """The version configuration sets for ``profile`` (``version_override``,
+        then ``model_versions``), or None: the model's newest version is used."""
+        values = self.values(provider)
+        return mv.configured_version(profile, values["version_override"], values["model_versions"])
+
+    def model_id(self, provider: str, profile: str) -> str:
+        return mv.model_for(profile, self.value(provider, "models"))
+
+    async def resolve_version(self, provider: str, profile: str) -> tuple[str, str]:
+        """``(version, source)`` a submission on ``profile`` runs: the configured
+        version (source ``config``) or the newest version of the profile's model
+        from Replicate (``replicate``; cached ``model_version_ttl`` seconds).
+        Raises the client's errors (ProviderAPIError, ProviderUnavailable,
+        CircuitOpenError, ProviderNotConfigured)."""
+        configured = self.model_version(provider, profile)
+        if configured:
+            return configured, "config"
+        model_id = self.model_id(provider, profile)
+        return (await self.newest_version(provider, model_id)).full_version, "replicate"
+
+    async def newest_version(self, provider: str, model_id: str) -> mv.ModelVersion:
+        self.versions.ttl = float(self.value(provider, "model_version_ttl"))
+        now = self.ctx.clock.seconds()
+        cached = self.versions.get(model_id, now)
+        if cached is not None:
+            return cached
+        owner, name = mv.parse_model_id(model_id)
+        model = await self.replicate.get_model(owner, name)
+        newest = mv.latest_from_model(model_id, model)
+        if newest is None:  # no latest_version in the model: ask for the list
+            listed = mv.parse_versions(model_id, await self.replicate.list_versions(owner, name))
+            newest = listed[0] if listed else None
+        if newest is None:
+            raise ProviderAPIError(404, f"Replicate model {model_id} has no versions")
+        self.versions.put(model_id, newest, self.ctx.clock.seconds())
+        log.info("Replicate model {model_id}: newest version {version}", model_id=model_id,
+                 version=newest.id)
+        return newest
+
+    async def list_model_versions(self, provider: str, model_id: str) -> list[mv.ModelVersion]:
+        owner, name = mv.parse_model_id(model_id)
+        listed = mv.parse_versions(model_id, await self.replicate.list_versions(owner, name))
+        if listed:
+            self.versions.ttl = float(self.value(provider, "model_version_ttl"))
+            self.versions.put(model_id, listed[0], self.ctx.clock.seconds())
+        return listed
 
     async def is_configured(self, provider: str) -> bool:
         """The provider's API token is available (env or a secrets store)."""
@@ -185,6 +232,7 @@ class ProviderManager(Service):
                 "gpu": hw.gpu,
                 "gpu_count": hw.gpu_count,
                 "cost_per_second": round(costs.price_per_gpu_second(name, prices) * hw.gpu_count, 8),
+                "model": mv.model_for(name, effective["models"][0]),
                 "version_configured": bool(self.model_version(provider, name)),
             }
             for name, hw in costs.HARDWARE_PROFILES.items()
@@ -219,6 +267,7 @@ class ProviderManager(Service):
         before = self.effective(provider)
         await self.ctx.db.run_write(_save_rows, f"provider:{provider}", changes, self.ctx.now())
         self._api[provider] = merged
+        self.versions.clear()  # a provider change (token, models, base URL) re-resolves versions
         after = self.effective(provider)
         self.breaker(provider)
         diff_old = {k: ps.redact(k, before[k][0]) for k in changes}

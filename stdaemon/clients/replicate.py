@@ -12,6 +12,9 @@ Endpoints used (Replicate HTTP API v1):
 * ``GET /v1/predictions/{id}`` → prediction (``status``, ``logs``,
   ``metrics.predict_time``, ``output``, ``error``)
 * ``POST /v1/predictions/{id}/cancel`` → prediction (404: nothing to cancel)
+* ``GET /v1/models/{owner}/{name}`` → model (``latest_version``: ``{id, created_at}``)
+* ``GET /v1/models/{owner}/{name}/versions`` → ``{next, previous, results: [{id,
+  created_at, cog_version, openapi_schema}]}`` (newest first)
 * ``GET /v1/account`` → ``{type, username, name}``
 * ``GET /v1/webhooks/default/secret`` → ``{key: "whsec_…"}``
 
@@ -144,6 +147,20 @@ class ReplicateClient:
         prediction = await self.get_prediction(prediction_id)
         logs = prediction.get("logs")
         return logs if isinstance(logs, str) else ""
+
+    async def get_model(self, owner: str, name: str) -> dict:
+        response = await self._call("GET", f"/v1/models/{quote(owner, safe='')}/{quote(name, safe='')}")
+        return self._expect_json(response, (200,))
+
+    async def list_versions(self, owner: str, name: str) -> list:
+        """The first page of a model's versions (Replicate: newest first)."""
+        response = await self._call(
+            "GET", f"/v1/models/{quote(owner, safe='')}/{quote(name, safe='')}/versions")
+        body = self._expect_json(response, (200,))
+        results = body.get("results")
+        if not isinstance(results, list):
+            raise ProviderAPIError(response.status, "versions response has no results list")
+        return results
 
     async def account(self) -> dict:
         response = await self._call("GET", "/v1/account")

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from stdaemon.core import costs
+from stdaemon.core import model_versions as mv
 
 PROVIDERS = ("replicate",)
 
@@ -187,6 +188,31 @@ def _versions(value: Any) -> dict[str, str]:
     return out
 
 
+def _models(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = _pairs(value)
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a mapping of hardware profile to Replicate model owner/name")
+    out = {}
+    for key, model in value.items():
+        if key not in costs.HARDWARE_PROFILES:
+            raise ValueError(f"{key!r} is not a hardware profile ({', '.join(costs.HARDWARE_PROFILES)})")
+        try:
+            mv.parse_model_id(model)
+        except ValueError as exc:
+            raise ValueError(f"model for {key} {exc}") from None
+        out[key] = model.strip()
+    return out
+
+
+def _version(value: Any) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ""
+    return mv.check_version(value)
+
+
 def _prices(value: Any) -> dict[str, float]:
     if value is None:
         return {}
@@ -230,8 +256,16 @@ FIELDS: dict[str, FieldSpec] = {spec.name: spec for spec in (
               "Replicate API base URL"),
     FieldSpec("hardware_profile", costs.DEFAULT_PROFILE, _choice(tuple(costs.HARDWARE_PROFILES)),
               "Default hardware profile"),
+    FieldSpec("models", {}, _models,
+              "Replicate model (owner/name) per hardware profile; default "
+              "simpletuner/advanced-trainer-<profile>"),
+    FieldSpec("version_override", "", _version,
+              "Replicate version for every profile (id or owner/name:id); empty = newest"),
     FieldSpec("model_versions", {}, _versions,
-              "Replicate model version per hardware profile (key 'default' for all)"),
+              "Replicate model version per hardware profile (key 'default' for all); "
+              "unset profiles run their model's newest version"),
+    FieldSpec("model_version_ttl", 600.0, _number(0.0, 86400.0),
+              "Seconds a model's newest version is cached (0 = ask Replicate every time)"),
     FieldSpec("gpu_prices", {}, _prices, "USD per GPU-second by GPU type or profile"),
     FieldSpec("max_runtime_minutes", 120, _number(1, 7 * 24 * 60, integer=True),
               "Expected maximum runtime, used for cost estimates"),

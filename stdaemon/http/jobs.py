@@ -260,16 +260,13 @@ class JobService:
                            field="max_runtime_minutes", success=False) from None
 
         # Configuration the submission cannot do without: say so before creating anything.
-        version = manager.model_version(provider, profile)
+        # (No model version is needed: the profile's model runs its newest version.)
         public_url, s3_url = self._public_urls(provider)
         problems = []
         if not manager.token_known(provider):
             token = await defer.maybeDeferred(manager.token, provider)
             if not token:
                 problems.append(f"{TOKEN_NAMES[provider]} is not set (environment or a secrets store)")
-        if not version:
-            problems.append(f"no Replicate model version for hardware profile {profile!r} "
-                            f"(set providers.{provider}.model_versions)")
         if not public_url:
             problems.append("server.public_url (SIMPLETUNER_PUBLIC_URL) is not set: Replicate needs it "
                             "to deliver webhooks and the trainer to upload outputs")
@@ -310,10 +307,18 @@ class JobService:
                            f"{provider} is temporarily unavailable after repeated failures; "
                            f"retry in {retry} s", headers={"Retry-After": str(retry)}, success=False)
 
+        # The version is resolved before anything is created: a provider error
+        # here leaves no job row and no credentials.  A held job resolves it
+        # when it is approved (the newest version then).
+        version = None
+        if not pending_approval:
+            version = await self.resolve_version(provider, profile)
+
         job_id = uuid.uuid4().hex
         request_payload = {"config": config, "dataloader_config": dataloader, "webhook_url": webhook_url}
         metadata = {
             "hardware_profile": profile,
+            "model": manager.model_id(provider, profile),
             "version": version,
             "max_runtime_minutes": runtime,
             "estimated_cost_usd": round(estimate, 4),
@@ -353,6 +358,28 @@ class JobService:
         job = await self.dispatch(job, request_payload)
         return self._submit_response(job, cost_warning=limit.warning, quota_warnings=warnings)
 
+    async def resolve_version(self, provider: str, profile: str) -> str:
+        """The Replicate version for a submission on ``profile``; provider errors
+        become 502/503 answers (nothing has been created yet)."""
+        manager = self.ctx.providers
+        try:
+            version, _source = await manager.resolve_version(provider, profile)
+            return version
+        except ProviderAPIError as exc:
+            model = manager.model_id(provider, profile)
+            raise ApiError(502, "provider_error",
+                           f"Could not resolve the Replicate version of {model} ({exc.status}): "
+                           f"{exc.message}", success=False) from None
+        except ProviderUnavailable as exc:
+            raise ApiError(502, "provider_unavailable", f"Replicate could not be reached: {exc}",
+                           success=False) from None
+        except CircuitOpenError as exc:
+            retry = max(1, int(exc.retry_after + 0.999))
+            raise ApiError(503, "circuit_open", str(exc), headers={"Retry-After": str(retry)},
+                           success=False) from None
+        except ProviderNotConfigured as exc:
+            raise ApiError(400, "provider_not_configured", str(exc), success=False) from None
+
     @staticmethod
     def _find_idempotent(conn, user_id, key, now):
         job = store._one(conn, "SELECT * FROM jobs WHERE idempotency_key = ? AND user_id IS ?", (key, user_id))
@@ -381,7 +408,7 @@ class JobService:
         manager = self.ctx.providers
         values = manager.values(provider)
         profile = job["metadata"].get("hardware_profile") or job["hardware_type"]
-        version = job["metadata"].get("version") or manager.model_version(provider, profile)
+        version = job["metadata"].get("version")
         public_url, s3_url = self._public_urls(provider)
         inputs: dict[str, Any] = {
             "config_json": json.dumps(request.get("config") or {}),
@@ -391,6 +418,8 @@ class JobService:
         }
         with LogContext(job_id=job_id, provider=provider):
             try:
+                if not version:  # approved after being held: resolve now
+                    version, _source = await manager.resolve_version(provider, profile)
                 if values["s3_endpoint_enabled"]:
                     access_key, secret = await self._credentials().issue(job_id)
                     endpoint = f"{s3_url}/api/cloud/storage"
@@ -415,7 +444,8 @@ class JobService:
             result = await self._transition(
                 job_id, status,
                 external_id=str(prediction.get("id") or "") or None,
-                metadata={"prediction_urls": prediction.get("urls") or {}, "request": None})
+                metadata={"prediction_urls": prediction.get("urls") or {}, "request": None,
+                          "version": version})
             self.counters["submitted"] += 1
             self.publish(result.job, job["status"])
             log.info("Job {job_id} submitted to {provider} as {external_id}", job_id=job_id,

@@ -2,7 +2,9 @@
 
 ``GET /api/cloud/providers`` lists providers with their ``configured`` flag;
 ``GET|PUT /api/cloud/providers/{p}`` and the alias ``…/{p}/config`` (the path
-SimpleTuner's CLI uses) show and partially update one provider's settings.
+SimpleTuner's CLI uses) show and partially update one provider's settings;
+``GET /api/cloud/providers/{p}/versions?model_id=`` lists a Replicate model's
+versions, newest first, the one submissions run marked ``current``.
 Every answer carries the effective values (``config``) and where each came
 from (``sources``: default, file, env or api).  Reading needs an operator,
 changing needs an admin.
@@ -12,9 +14,17 @@ from __future__ import annotations
 
 from klein import Klein
 
+from stdaemon.clients.replicate import (
+    CircuitOpenError,
+    ProviderAPIError,
+    ProviderNotConfigured,
+    ProviderUnavailable,
+)
+from stdaemon.core import costs
+from stdaemon.core import model_versions as mv
 from stdaemon.core import provider_settings as ps
-from stdaemon.http.errors import ApiError, not_found
-from stdaemon.http.surface import ADMIN, OPERATOR, Surface, json_object, route
+from stdaemon.http.errors import ApiError, bad_request, not_found
+from stdaemon.http.surface import ADMIN, OPERATOR, Surface, json_object, query_arg, route
 
 
 def _provider(name: str) -> str:
@@ -73,3 +83,46 @@ class ProvidersSurface(Surface):
                                                    ip=getattr(request, "client_ip", None))
         except ps.FieldError as exc:
             raise ApiError(400, exc.code, f"{exc.field}: {exc.reason}", field=exc.field) from None
+
+    @route(app, "/api/cloud/providers/<provider>/versions", access=OPERATOR)
+    async def versions(self, request, provider):
+        provider = _provider(provider)
+        manager = self.ctx.providers
+        profile = query_arg(request, "hardware_profile") or manager.value(provider, "hardware_profile")
+        if profile not in costs.HARDWARE_PROFILES:
+            raise bad_request(f"hardware_profile must be one of {', '.join(costs.HARDWARE_PROFILES)}",
+                              code="invalid_query", field="hardware_profile")
+        model_id = (query_arg(request, "model_id") or "").strip() or manager.model_id(provider, profile)
+        try:
+            mv.parse_model_id(model_id)
+        except ValueError as exc:
+            raise bad_request(f"model_id {exc}", code="invalid_query", field="model_id") from None
+        try:
+            listed = await manager.list_model_versions(provider, model_id)
+        except ProviderAPIError as exc:
+            raise ApiError(502, "provider_error",
+                           f"Replicate could not list versions of {model_id} ({exc.status}): {exc.message}",
+                           versions=[]) from None
+        except ProviderUnavailable as exc:
+            raise ApiError(502, "provider_unavailable", f"Replicate could not be reached: {exc}",
+                           versions=[]) from None
+        except CircuitOpenError as exc:
+            retry = max(1, int(exc.retry_after + 0.999))
+            raise ApiError(503, "circuit_open", str(exc), headers={"Retry-After": str(retry)},
+                           versions=[]) from None
+        except ProviderNotConfigured as exc:
+            raise ApiError(400, "provider_not_configured", str(exc), versions=[]) from None
+        configured = manager.model_version(provider, profile)
+        if configured and ":" in configured and configured.split(":", 1)[0] != model_id:
+            current = None  # the override runs another model
+        else:
+            current = configured or (listed[0].full_version if listed else None)
+        return {
+            "provider": provider,
+            "model_id": model_id,
+            "hardware_profile": profile,
+            "versions": [v.public(current) for v in listed],
+            "current_version": current,
+            "version_source": "config" if configured else "replicate",
+            "error": None,
+        }
