@@ -234,14 +234,26 @@ def parse_amz_date(value: str) -> float:
 
 
 def parse_http_date(value: str) -> float | None:
+    """An HTTP date as POSIX seconds; ``None`` when malformed or outside years 1-9999."""
     parsed = parsedate_tz(value or "")
     if parsed is None:
         return None
-    return float(mktime_tz(parsed))
+    try:
+        return float(mktime_tz(parsed))
+    except (ValueError, OverflowError):  # "Fri, 01 Jan 99999 …": datetime stops at 9999
+        return None
 
 
 def format_amz_date(seconds: float) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(seconds))
+
+
+def _seconds(text: str) -> int | None:
+    """A decimal count (``Expires``, ``X-Amz-Expires``) or ``None``: digits only, and few enough
+    for a date (Python refuses to convert strings of thousands of digits)."""
+    if not text.isdigit() or not text.isascii() or len(text) > 15:
+        return None
+    return int(text)
 
 
 # --------------------------------------------------------------------------- claims
@@ -377,9 +389,9 @@ def parse_request_auth(
             ) from None
         except SignatureError as err:
             raise SignatureError("AuthorizationQueryParametersError", err.message) from None
-        if not expires_text.isdigit():
+        expires = _seconds(expires_text)
+        if expires is None:
             raise SignatureError("AuthorizationQueryParametersError", "X-Amz-Expires must be a number of seconds")
-        expires = int(expires_text)
         if expires < 1 or expires > MAX_PRESIGN_EXPIRES:
             raise SignatureError(
                 "AuthorizationQueryParametersError", "X-Amz-Expires must be between 1 and 604800 seconds"
@@ -400,9 +412,10 @@ def parse_request_auth(
             expires_text = query["Expires"]
         except KeyError as missing:
             raise SignatureError("AccessDenied", f"query-string authentication requires {missing.args[0]}") from None
-        if not expires_text.isdigit():
+        expires = _seconds(expires_text)
+        if expires is None:
             raise SignatureError("AccessDenied", "Expires must be a POSIX time in seconds")
-        return AuthClaim(kind="v2-query", access_key=key, signature=signature, expires=int(expires_text), **common)
+        return AuthClaim(kind="v2-query", access_key=key, signature=signature, expires=expires, **common)
     return None
 
 

@@ -7,6 +7,17 @@ for the route's :class:`BodyPolicy` and answers 413 at once when the declared
 ``Content-Length`` is over the cap; chunked bodies are counted as they arrive
 and cut off the same way.  A policy may also supply the sink the body is
 written to, so a surface (S3 uploads) can stream bodies to disk itself.
+
+A policy may also *admit* the body (``BodyPolicy.admit``): an asynchronous
+decision taken from the head alone (S3 authenticates the caller there).  Until
+it is taken the transport is paused, ``100 Continue`` is not sent and the few
+bytes already read (at most one socket read) are held in memory; nothing
+reaches the sink.  Admitted: the sink is created, ``100 Continue`` sent when
+the client asked for it, the held bytes replayed and reading resumes.
+Refused: the answer goes out at once; a client that did not wait for
+``100 Continue`` may still be sending, so up to :data:`LINGER_BYTES` more are
+read and dropped (a bounded discard, so it can read the answer rather than a
+reset) before the connection is closed.
 """
 
 from __future__ import annotations
@@ -15,9 +26,21 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web import server
 
+from stdaemon.logs import get_logger
+
+log = get_logger("stdaemon.http.request")
+
 MEBIBYTE = 1024 * 1024
+#: What a refused sender may still send (and have dropped) before the connection is closed.
+LINGER_BYTES = 4 * MEBIBYTE
+LINGER_SECONDS = 5.0
+#: Bound of the body bytes held while the admission is pending (the transport is paused after the
+#: first read, so this is never reached by a well-behaved stack).
+HOLD_BYTES = 2 * MEBIBYTE
 
 
 @dataclass(frozen=True)
@@ -29,15 +52,16 @@ class BodyPolicy:
     sink_factory: Optional[Callable[["StdaemonRequest", Optional[int]], Any]] = None
     # The body an over-size request is answered with (S3 answers XML).
     too_large: Optional[Callable[[int], tuple[bytes, bytes]]] = None
+    # ``admit(request, length)`` decides from the head whether the body may be read: returns
+    # ``None`` (go on) or a Deferred that fires (go on) or fails with ``RejectBody`` (refuse).
+    admit: Optional[Callable[["StdaemonRequest", Optional[int]], Optional[defer.Deferred]]] = None
 
 
 class RejectBody(Exception):
-    """Raised by a ``sink_factory`` to answer at once, before the body is read.
-
-    Use it only when the client sent ``Expect: 100-continue`` (it is waiting for the verdict and
-    has sent no body yet): the daemon answers ``status`` and closes the connection, and the
-    ``100 Continue`` is never sent. S3 uses it to refuse a bad signature without reading gigabytes.
-    """
+    """Raised by a ``sink_factory`` or an ``admit`` decision to answer at once, before the body is
+    read: the daemon answers ``status`` and closes the connection (after a bounded discard when
+    the client is already sending), and ``100 Continue`` is never sent. S3 uses it to refuse
+    strangers and bad signatures without storing what they send."""
 
     def __init__(self, status: int, reason: bytes, content_type: bytes, body: bytes):
         super().__init__(status)
@@ -74,6 +98,25 @@ class _Discard:
         pass
 
 
+class _Held:
+    """``request.content`` while the admission is pending (the bytes are held by the request)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args: Any) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, *args: Any) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
 class StdaemonRequest(server.Request):
     principal = None          # set by the root after authentication
     route = None              # the matched RouteMatch, set by the root
@@ -82,6 +125,13 @@ class StdaemonRequest(server.Request):
     _rejected = False
     _body_limit: Optional[int] = None
     _body_received = 0
+    _held: Optional[bytearray] = None     # body bytes read while the admission is pending
+    _pending_request: Optional[tuple] = None
+    _expect_continue = False
+    _paused = False
+    _linger: Optional[int] = None         # bytes a refused sender may still send
+    _linger_timer: Any = None
+    _all_received = False
 
     def gotLength(self, length: Optional[int]) -> None:
         policy = self._policy()
@@ -90,14 +140,93 @@ class StdaemonRequest(server.Request):
         if length is not None and length > policy.max_bytes:
             self._reject_too_large()
             return
+        if policy.admit is not None:
+            self._await_admission(policy, length)
+            return
+        self._open_sink(policy, length)
+
+    def _open_sink(self, policy: BodyPolicy, length: Optional[int]) -> bool:
         if policy.sink_factory is not None:
             try:
                 self.content = policy.sink_factory(self, length)
             except RejectBody as refusal:
                 self._reject_now(refusal.status, refusal.reason, refusal.content_type, refusal.body)
-                return
+                return False
         else:
             super().gotLength(length)
+        return True
+
+    # -- admission ----------------------------------------------------------------
+
+    def _await_admission(self, policy: BodyPolicy, length: Optional[int]) -> None:
+        try:
+            verdict = policy.admit(self, length)
+        except RejectBody as refusal:
+            self._refuse(refusal)
+            return
+        if verdict is None:
+            self._open_sink(policy, length)
+            return
+        self._held = bytearray()
+        self.content = _Held()
+        expect = b",".join(self.requestHeaders.getRawHeaders(b"expect") or []).lower()
+        if b"100-continue" in expect:
+            # Twisted sends 100 Continue as soon as this method returns: only admitted bodies get it.
+            self._expect_continue = True
+            self.requestHeaders.removeHeader(b"expect")
+        self._pause()
+        verdict.addCallbacks(self._admitted, self._not_admitted, callbackArgs=(policy, length))
+        verdict.addErrback(self._admission_failed)
+
+    def _admitted(self, _: Any, policy: BodyPolicy, length: Optional[int]) -> None:
+        if self._rejected or self.channel is None:
+            self._held = None
+            return
+        held, self._held = self._held, None
+        if not self._open_sink(policy, length):
+            return
+        if self._expect_continue:
+            self.requestHeaders.setRawHeaders(b"expect", [b"100-continue"])
+            if not held and not self._all_received:
+                self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if held:
+            self.content.write(bytes(held))
+        self._resume()
+        pending, self._pending_request = self._pending_request, None
+        if pending is not None and not self._rejected:
+            super().requestReceived(*pending)
+
+    def _not_admitted(self, failure: Failure) -> None:
+        refusal = failure.check(RejectBody) and failure.value
+        if not refusal:
+            return failure
+        self._held = None
+        if not self._rejected and self.channel is not None:
+            self._refuse(refusal)
+        return None
+
+    def _admission_failed(self, failure: Failure) -> None:
+        log.failure("Body admission failed", failure=failure)
+        self._held = None
+        if not self._rejected and self.channel is not None:
+            body = json.dumps({"error": "internal_error", "detail": "The request could not be processed"}).encode()
+            self._reject_now(500, b"Internal Server Error", b"application/json", body)
+
+    def _refuse(self, refusal: RejectBody) -> None:
+        self._reject_now(refusal.status, refusal.reason, refusal.content_type, refusal.body,
+                         linger=not self._expect_continue)
+
+    def _pause(self) -> None:
+        transport = getattr(self.channel, "transport", None)
+        if transport is not None and not self._paused:
+            self._paused = True
+            transport.pauseProducing()
+
+    def _resume(self) -> None:
+        transport = getattr(self.channel, "transport", None)
+        if transport is not None and self._paused:
+            self._paused = False
+            transport.resumeProducing()
 
     def _policy(self) -> BodyPolicy:
         site = getattr(self.channel, "site", None)
@@ -110,10 +239,20 @@ class StdaemonRequest(server.Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
+            if self._linger is not None:
+                self._linger -= len(data)
+                if self._linger < 0:
+                    self._hang_up()
             return
         self._body_received += len(data)
         if self._body_limit is not None and self._body_received > self._body_limit:
             self._reject_too_large()
+            return
+        if self._held is not None:
+            self._held += data
+            if len(self._held) > HOLD_BYTES:
+                self._reject_now(503, b"Service Unavailable", b"application/json", json.dumps({
+                    "error": "slow_down", "detail": "Too much body before the request was authenticated"}).encode())
             return
         self.content.write(data)
 
@@ -122,9 +261,12 @@ class StdaemonRequest(server.Request):
         content_type, body = self._too_large(self._body_limit or 0)
         self._reject_now(413, b"Payload Too Large", content_type, body)
 
-    def _reject_now(self, status: int, reason: bytes, content_type: bytes, body: bytes) -> None:
-        """Answer now, before (more of) the body is read, and hang up."""
+    def _reject_now(self, status: int, reason: bytes, content_type: bytes, body: bytes,
+                    linger: bool = False) -> None:
+        """Answer now, before (more of) the body is read, and hang up (``linger``: after reading and
+        dropping what the client may still be sending, bounded in bytes and time)."""
         self._rejected = True
+        self._held = None
         old = self.content
         self.content = _Discard()
         close = getattr(old, "close", None)
@@ -141,16 +283,50 @@ class StdaemonRequest(server.Request):
         transport = self.channel.transport
         transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self.channel.persistent = False
+        if self._pending_request is not None:
+            self._finish_rejected(*self._pending_request)
+            self._pending_request = None
+        if linger and not self._all_received:
+            self._linger = LINGER_BYTES
+            self._linger_timer = self.channel.callLater(LINGER_SECONDS, self._hang_up)
+            self._resume()
+            return
         transport.loseConnection()
 
+    def _hang_up(self) -> None:
+        timer, self._linger_timer = self._linger_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._linger = None
+        channel = self.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.loseConnection()
+
+    def _finish_rejected(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.method, self.uri, self.clientproto = command, path, version
+        self.finished = 1
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._all_received = True
         if self._rejected:
-            # The answer (413, or a sink's refusal) has been sent; the rest of the body (if any) was
+            # The answer (413, or a refusal) has been sent; the rest of the body (if any) was
             # discarded; nothing must run for this request.
-            self.method, self.uri, self.clientproto = command, path, version
-            self.finished = 1
+            self._finish_rejected(command, path, version)
+            if self._linger is not None:
+                self._hang_up()
+            return
+        if self._held is not None:
+            # the whole body arrived while the admission is pending: run once it is admitted
+            self._pending_request = (command, path, version)
             return
         super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Any) -> None:
+        timer, self._linger_timer = self._linger_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._held = None
+        super().connectionLost(reason)
 
 
 class StdaemonSite(server.Site):

@@ -2,16 +2,18 @@
 
 Request flow for an upload (PutObject / UploadPart):
 
-1. while the headers are complete (``body_policy``), the surface installs an :class:`UploadSink`
-   as ``request.content``; Twisted then feeds it the body as it arrives (HTTP ``chunked``
-   framing already removed). The sink queues the bytes and a worker thread decodes
-   ``aws-chunked`` (when used), hashes (MD5 for the ETag, SHA-256, requested CRCs) and writes a
-   temp file. The transport is paused while too much is queued, so memory stays flat.
-2. when the body is complete the handler authenticates (SigV4 header/presigned, SigV2, operator
-   API key, ``X-Upload-Token``/``X-SimpleTuner-Secret``), checks the key is in the caller's scope,
-   waits for the sink, verifies signatures/hashes/checksums, and only then renames the temp file
-   into place (:mod:`stdaemon.store.objects`). Any failure deletes the temp file: nothing partial
-   is ever visible.
+1. when the headers are complete (``body_policy`` → ``admit``), before a byte of the body is
+   read, the caller is authenticated from the head (:mod:`stdaemon.http.s3_auth`: SigV4
+   header/presigned, SigV2, operator API key, ``X-Upload-Token``/``X-SimpleTuner-Secret``) and
+   the key checked against its scope; a refusal is answered at once and nothing is stored.
+2. admitted, the surface installs an :class:`UploadSink` as ``request.content``; Twisted feeds it
+   the body as it arrives (HTTP ``chunked`` framing already removed). The sink queues the bytes
+   and a worker thread decodes ``aws-chunked`` (verifying chunk signatures as they come), hashes
+   (MD5 for the ETag, SHA-256, requested CRCs) and writes a temp file. The transport is paused
+   while too much is queued, so memory stays flat.
+3. when the body is complete the handler waits for the sink, verifies the payload hash and
+   checksums, and only then renames the temp file into place (:mod:`stdaemon.store.objects`).
+   Any failure deletes the temp file: nothing partial is ever visible.
 
 Errors are S3 XML documents with S3 codes and statuses.
 """
@@ -35,8 +37,9 @@ from twisted.web.server import NOT_DONE_YET
 
 from stdaemon.core import s3_checksums, s3_xml, sigv4
 from stdaemon.core.aws_chunked import AwsChunkedDecoder, ChunkedError
-from stdaemon.core.s3_keys import InvalidKey, key_under_prefix, validate_key
+from stdaemon.core.s3_keys import InvalidKey, validate_key
 from stdaemon.http.request import BodyPolicy, RejectBody
+from stdaemon.http.s3_auth import AuthError, Caller, S3Authenticator, header_pairs
 from stdaemon.http.surface import PUBLIC, Response, Surface, route
 from stdaemon.logs import get_logger
 from stdaemon.store import credentials as credentials_store
@@ -84,6 +87,8 @@ def _from(exc: Exception) -> S3Error:
         return S3Error(exc.code, exc.message, exc.status if exc.status != 400 else None, **exc.extra)
     if isinstance(exc, (ChunkedError, sigv4.SignatureError, InvalidKey)):
         return S3Error(exc.code, exc.message)
+    if isinstance(exc, AuthError):
+        return S3Error(exc.code, exc.message, **exc.extra)
     raise exc
 
 
@@ -95,6 +100,9 @@ class UploadProgress:
 
     ``snapshot(job_id)`` → ``{objects_completed, bytes_received, in_flight: [{key, bytes_received,
     started_at}]}``. Also keeps totals for metrics (``uploads_total``, ``upload_bytes_total``).
+    Only authenticated uploads are counted, against the job whose credential sent them (an
+    operator's upload counts for the job whose prefix it writes to): the sink that reports here
+    exists only once the request was admitted. A job whose only uploads failed is forgotten.
     """
 
     def __init__(self, clock: Any):
@@ -128,6 +136,8 @@ class UploadProgress:
         job["in_flight"].pop(token, None)
         if failed:
             self.upload_failures_total += 1
+            if not job["in_flight"] and not job["objects_completed"] and not job["bytes_received"]:
+                del self._jobs[job_id]  # a failed first upload leaves nothing behind
             return
         job["bytes_received"] += stored_bytes
         self.upload_bytes_total += stored_bytes
@@ -141,6 +151,10 @@ class UploadProgress:
 
     def __call__(self, job_id: str) -> dict:
         return self.snapshot(job_id)
+
+    def tracked_jobs(self) -> int:
+        """How many jobs have progress in memory (only jobs with authenticated uploads)."""
+        return len(self._jobs)
 
     def snapshot(self, job_id: str) -> dict:
         job = self._jobs.get(job_id) or {"objects_completed": 0, "bytes_received": 0, "in_flight": {}}
@@ -166,10 +180,11 @@ class UploadSink:
     """``request.content`` for uploads: decodes and writes the body off the reactor thread."""
 
     def __init__(self, surface: "StorageSurface", request: Any, length: Optional[int], target: Target,
-                 error: Optional[S3Error] = None):
+                 error: Optional[S3Error] = None, caller: Optional[Caller] = None):
         self.surface = surface
         self.request = request
         self.target = target
+        self.caller = caller
         self.error: Optional[Exception] = error
         self.pending = None
         self.closed = False
@@ -197,20 +212,23 @@ class UploadSink:
         if self.streaming and self.error is None:
             trailer = b",".join(headers.getRawHeaders(b"x-amz-trailer") or []).decode("latin-1")
             decoded = (headers.getRawHeaders(b"x-amz-decoded-content-length") or [b""])[0]
+            signer = caller.signer if caller is not None else None
             try:
                 self.decoder = AwsChunkedDecoder(
+                    signer=signer,
                     trailer_names=[t for t in trailer.split(",") if t.strip()],
-                    signed_trailer=payload == sigv4.STREAMING_SIGNED_TRAILER,
+                    signed_trailer=signer is not None and payload == sigv4.STREAMING_SIGNED_TRAILER,
                     decoded_length=int(decoded) if decoded.strip() else None,
                     max_decoded=self.max_size,
-                    record_signatures=payload in (sigv4.STREAMING_SIGNED, sigv4.STREAMING_SIGNED_TRAILER),
                 )
             except (ChunkedError, ValueError) as exc:
                 self.error = S3Error("InvalidRequest", getattr(exc, "message", "invalid aws-chunked headers"))
         elif length is not None and length > self.max_size and self.error is None:
             self.error = S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size")
-        self.job_id = surface.job_for(target)
-        self.progress_token = surface.progress.start(self.job_id, target.key) if self.job_id else None
+        self.job_id = caller.job_id if caller is not None and caller.kind == "job" else surface.job_for(target)
+        self.progress_token = None
+        if self.job_id and caller is not None:
+            self.progress_token = surface.progress.start(self.job_id, target.key)
 
     # file-like surface Twisted expects ------------------------------------------------------
 
@@ -381,20 +399,6 @@ class _S3Headers(Headers):
             yield name, values
 
 
-@dataclass
-class Caller:
-    kind: str  # "job" | "operator"
-    credential: Any = None
-    claim: Optional[sigv4.AuthClaim] = None
-    signer: Optional[sigv4.ChunkSigner] = None
-    can_write: bool = False
-
-    def allowed(self, bucket: str, key: str) -> bool:
-        if self.kind == "operator":
-            return True
-        return bucket == self.credential.bucket and key_under_prefix(key, self.credential.prefix)
-
-
 def _xml_error(request: Any, err: S3Error, resource: str = "") -> Response:
     body = s3_xml.error(err.code, err.message, getattr(request, "correlation_id", ""), resource, **err.extra)
     return Response(body=body, status=err.status, headers={"x-amz-request-id": getattr(request, "correlation_id", "")},
@@ -418,6 +422,7 @@ class StorageSurface(Surface):
         self.max_put_bytes = max_put_bytes
         self.multipart_max_age = multipart_max_age
         self.pool = install_pool(ctx, "s3-io", maxthreads=16)
+        self.auth = S3Authenticator(ctx, PREFIX)
         self.progress = UploadProgress(ctx.clock)
         ctx.upload_progress = self.progress
         if getattr(ctx, "upload_credentials", None) is None or not isinstance(
@@ -531,15 +536,21 @@ class StorageSurface(Surface):
             return b"application/xml", s3_xml.error("EntityTooLarge",
                                                     "Your proposed upload exceeds the maximum allowed size")
 
+        def admit_small(request: Any, length: Optional[int]) -> Optional[defer.Deferred]:
+            if length == 0:
+                return None  # nothing to store: the handler authenticates
+            return defer.ensureDeferred(self.admit(request, raw_path, None, None, length))
+
+        small = BodyPolicy(max_bytes=SMALL_BODY, too_large=too_large, admit=admit_small)
         if method.upper() != b"PUT":
-            return BodyPolicy(max_bytes=SMALL_BODY, too_large=too_large)
+            return small
         self.refresh_buckets()
         try:
             path_only, raw_query, bucket, key = self.split(raw_path)
         except S3Error:
-            return BodyPolicy(max_bytes=SMALL_BODY, too_large=too_large)
+            return small
         if not key:
-            return BodyPolicy(max_bytes=SMALL_BODY, too_large=too_large)
+            return small
         query = dict(sigv4.parse_query(raw_query))
         upload_id = query.get(b"uploadId")
         target = Target(bucket, key)
@@ -558,128 +569,65 @@ class StorageSurface(Surface):
             error = S3Error("NotImplemented", "Copying objects is not supported by this endpoint", 400)
         limit = (MAX_PART_SIZE if upload_id is not None else self.max_put_bytes) + CHUNK_OVERHEAD
 
-        def sink(request: Any, length: Optional[int]) -> UploadSink:
-            expect = b",".join(request.requestHeaders.getRawHeaders(b"expect") or []).lower()
-            if b"100-continue" in expect:
-                self.precheck(request, path_only, raw_query, target, error, length)
-            return UploadSink(self, request, length, target, error)
+        def admit(request: Any, length: Optional[int]) -> defer.Deferred:
+            return defer.ensureDeferred(self.admit(request, raw_path, target, error, length))
 
-        return BodyPolicy(max_bytes=limit, sink_factory=sink, too_large=too_large)
+        def sink(request: Any, length: Optional[int]) -> UploadSink:
+            return UploadSink(self, request, length, target, None, getattr(request, "s3_caller", None))
+
+        return BodyPolicy(max_bytes=limit, sink_factory=sink, too_large=too_large, admit=admit)
 
     # -- authentication ------------------------------------------------------------------------
 
-    def precheck(self, request: Any, raw_path: str, raw_query: str, target: Target, error: Optional[S3Error],
-                 length: Optional[int]) -> None:
-        """Before ``100 Continue``: refuse at once what is already certain to fail, so the client
-        never sends the body. Decides only from memory (a credential in the cache, the request's
-        own headers); anything needing the database is left to the handler. Raises ``RejectBody``."""
-        def refuse(err: S3Error) -> None:
+    async def admit(self, request: Any, raw_uri: bytes, target: Optional[Target], error: Optional[S3Error],
+                    length: Optional[int]) -> None:
+        """Before the body: authenticate the caller from the head and, for an upload, check what is
+        certain to fail (scope, key, size). Raises ``RejectBody`` (S3 XML) to refuse; otherwise the
+        caller is kept as ``request.s3_caller`` for the handler."""
+        channel = request.channel
+        method = getattr(channel, "_command", b"PUT")
+        try:
+            raw_path, raw_query, bucket, key = self.split(raw_uri)
+            where = f"{raw_path}"
+            principal = await self.auth.principal_from_head(request, method)
+            caller = await self.auth.authenticate(request, method.decode("latin-1"), raw_path, raw_query,
+                                                  principal, target=where)
+            if target is not None:
+                if bucket not in self.engine.buckets:
+                    raise S3Error("NoSuchBucket", "The specified bucket does not exist", BucketName=bucket)
+                if not caller.allowed(bucket, key, write=True) or not caller.can_write:
+                    self.auth.denied(request, "key outside the credential's prefix", target=where)
+                    raise S3Error("AccessDenied", "Access Denied")
+                if error is not None:
+                    raise error
+                streaming = (request.requestHeaders.getRawHeaders(b"x-amz-decoded-content-length")
+                             or b"aws-chunked" in b",".join(request.requestHeaders.getRawHeaders(b"content-encoding")
+                                                            or []).lower())
+                if length is not None and not streaming \
+                        and length > (MAX_PART_SIZE if target.upload_id else self.max_put_bytes):
+                    raise S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size")
+        except Exception as exc:
+            try:
+                err = _from(exc)
+            except Exception:
+                log.failure("S3 admission failed")
+                err = S3Error("InternalError", "We encountered an internal error. Please try again.")
             body = s3_xml.error(err.code, err.message, "", "", **err.extra)
             reason = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found"}.get(err.status, b"Error")
-            raise RejectBody(err.status, reason, b"application/xml", body)
-
-        headers = request.requestHeaders
-        if headers.getRawHeaders(b"x-api-key") or headers.getRawHeaders(b"cookie"):
-            return  # operators: their key is checked against the database by the root
-        if error is not None:
-            refuse(error)
-        if length is not None and length > (MAX_PART_SIZE if target.upload_id else self.max_put_bytes) \
-                and not headers.getRawHeaders(b"x-amz-decoded-content-length"):
-            refuse(S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size"))
-        method = getattr(request.channel, "_command", b"PUT").decode("latin-1")
-        try:
-            claim = sigv4.parse_request_auth(method, raw_path, raw_query,
-                                             sigv4.headers_from_pairs(_header_items(headers)))
-        except sigv4.SignatureError as exc:
-            if exc.code == "AuthorizationHeaderMalformed" or exc.code == "AccessDenied":
-                refuse(S3Error(exc.code, exc.message))
-            return
-        if claim is None:
-            if not headers.getRawHeaders(b"x-upload-token") and not headers.getRawHeaders(b"x-simpletuner-secret") \
-                    and not headers.getRawHeaders(b"authorization"):
-                refuse(S3Error("AccessDenied", "Access Denied"))
-            return
-        cred = self.credentials.cached(claim.access_key) if hasattr(self.credentials, "cached") else None
-        if cred is None:
-            return
-        now = self.ctx.clock.seconds()
-        try:
-            if not cred.active(now):
-                raise S3Error("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our "
-                              "records.", AWSAccessKeyId=claim.access_key)
-            try:
-                sigv4.verify_claim(claim, cred.secret, now, path_prefix=PREFIX)
-            except sigv4.SignatureError as exc:
-                raise S3Error(exc.code, exc.message) from None
-            if target.bucket != cred.bucket or not key_under_prefix(target.key, cred.prefix):
-                raise S3Error("AccessDenied", "Access Denied")
-        except S3Error as err:
-            self._denied(request, f"before the body: {err.code}", claim.access_key,
-                         target=f"{PREFIX}/{target.bucket}/{target.key}")
-            refuse(err)
+            raise RejectBody(err.status, reason, b"application/xml", body) from None
+        request.s3_caller = caller
 
     async def authenticate(self, request: Any, raw_path: str, raw_query: str) -> Caller:
-        principal = getattr(request, "principal", None)
-        if principal is not None:
-            if principal.role not in ("admin", "operator"):
-                raise S3Error("AccessDenied", "Access Denied")
-            return Caller("operator", can_write=principal.role == "admin")
-        headers = sigv4.headers_from_pairs(_header_items(request.requestHeaders))
-        claim = sigv4.parse_request_auth(request.method.decode("latin-1"), raw_path, raw_query, headers)
-        if claim is not None:
-            cred = await self.credentials.lookup(claim.access_key)
-            if cred is None:
-                self._denied(request, "unknown access key", claim.access_key)
-                raise S3Error("InvalidAccessKeyId",
-                              "The AWS Access Key Id you provided does not exist in our records.",
-                              AWSAccessKeyId=claim.access_key)
-            now = self.ctx.clock.seconds()
-            if not cred.active(now) or not await self.credentials.check_job_active(cred):
-                self._denied(request, "revoked or expired credentials", claim.access_key)
-                raise S3Error("InvalidAccessKeyId",
-                              "The AWS Access Key Id you provided does not exist in our records.",
-                              AWSAccessKeyId=claim.access_key)
-            try:
-                signer = sigv4.verify_claim(claim, cred.secret, now, path_prefix=PREFIX)
-            except sigv4.SignatureError as exc:
-                self._denied(request, f"signature: {exc.code}", claim.access_key)
-                raise
-            return Caller("job", credential=cred, claim=claim, signer=signer, can_write=True)
-        token = request.getHeader("x-upload-token") or request.getHeader("x-simpletuner-secret")
-        if token:
-            cred = await self.credentials.lookup_token(token.strip())
-            if cred is None or not cred.active(self.ctx.clock.seconds()) \
-                    or not await self.credentials.check_job_active(cred):
-                self._denied(request, "bad upload token")
-                raise S3Error("AccessDenied", "Access Denied")
-            return Caller("job", credential=cred, can_write=True)
-        raise S3Error("AccessDenied", "Access Denied")
+        """The caller of a request: admitted before its body (``request.s3_caller``) or
+        authenticated now from its head (requests without a body)."""
+        caller = getattr(request, "s3_caller", None)
+        if caller is not None:
+            return caller
+        return await self.auth.authenticate(request, request.method.decode("latin-1"), raw_path, raw_query,
+                                            getattr(request, "principal", None))
 
     def _denied(self, request: Any, reason: str, access_key: str = "", target: str = "") -> None:
-        """Audit a refused upload (``upload.denied``), sampled so a flood stays bounded."""
-        ip = getattr(request, "client_ip", "") or None
-        if ip is None and request.channel is not None and target:
-            ip = getattr(request.getClientAddress(), "host", None)  # before the root derived it
-        log.info("S3 request refused: {reason}", reason=reason, ip=ip)
-        audit = getattr(self.ctx, "audit", None)
-        if audit is None:
-            return
-        method = getattr(request, "method", None) or getattr(request.channel, "_command", b"PUT")
-        target = target or request.path.decode("latin-1", "replace")
-        fields = dict(actor="anonymous", ip=ip, target=target[:200], action=method.decode("latin-1"),
-                      details={"reason": reason, "access_key_id": access_key[:64]})
-        try:
-            sampled = getattr(audit, "sampled", None)
-            if sampled is not None:
-                result = sampled("upload.denied", **fields)
-            else:
-                result = audit.record("upload.denied", **fields)
-            if hasattr(result, "__await__") and not isinstance(result, defer.Deferred):
-                result = defer.ensureDeferred(result)
-            if isinstance(result, defer.Deferred):
-                result.addErrback(lambda f: log.failure("audit of a refused upload failed", failure=f))
-        except Exception:
-            log.failure("audit of a refused upload failed")
+        self.auth.denied(request, reason, access_key, target)
 
     # -- routes --------------------------------------------------------------------------------
 
@@ -743,7 +691,7 @@ class StorageSurface(Surface):
             raise S3Error("MalformedXML", "A DeleteObjects request may name at most 1000 keys")
         deleted, errors = [], []
         for key in keys:
-            if not caller.can_write or not caller.allowed(bucket, key):
+            if not caller.can_write or not caller.allowed(bucket, key, write=True):
                 errors.append((key, "AccessDenied", "Access Denied"))
                 continue
             try:
@@ -855,7 +803,7 @@ class StorageSurface(Surface):
         caller = await self.authenticate(request, raw_path, raw_query)
         if bucket not in self.engine.buckets:
             raise S3Error("NoSuchBucket", "The specified bucket does not exist", BucketName=bucket)
-        if not caller.allowed(bucket, key):
+        if not caller.allowed(bucket, key, write=method not in ("GET", "HEAD")):
             self._denied(request, "key outside the credential's prefix")
             raise S3Error("AccessDenied", "Access Denied")
         if method in ("PUT", "POST", "DELETE") and not caller.can_write:
@@ -901,20 +849,15 @@ class StorageSurface(Surface):
         await sink.finished()
         pending = sink.pending
         headers = request.requestHeaders
-        claim = caller.claim
-        # signatures and hashes over the payload
-        if sink.decoder is not None and sink.decoder.recorded is not None and claim is not None \
-                and claim.payload_hash in (sigv4.STREAMING_SIGNED, sigv4.STREAMING_SIGNED_TRAILER):
-            if caller.signer is None:
-                raise S3Error("AccessDenied", "Streaming signed payloads need a SigV4 Authorization header")
-            sink.decoder.verify_recorded(caller.signer)
-        elif sink.decoder is not None and (claim is None or claim.payload_hash not in sigv4.STREAMING_PAYLOADS):
+        # chunk signatures were verified as the chunks arrived (the signer was known before the body)
+        payload_hash = (headers.getRawHeaders(b"x-amz-content-sha256") or [b""])[0].decode("latin-1").strip()
+        if sink.decoder is not None and payload_hash not in sigv4.STREAMING_PAYLOADS \
+                and payload_hash not in ("", sigv4.UNSIGNED_PAYLOAD):
             # aws-chunked without a streaming payload hash: only the unsigned trailer form is acceptable
-            if claim is not None and claim.payload_hash != sigv4.UNSIGNED_PAYLOAD:
-                raise S3Error("XAmzContentSHA256Mismatch",
-                              "The provided 'x-amz-content-sha256' header does not match what was computed.")
-        if claim is not None and len(claim.payload_hash) == 64 and sink.decoder is None:
-            if pending.sha256 is None or not hmac.compare_digest(claim.payload_hash.lower(), pending.sha256.hexdigest()):
+            raise S3Error("XAmzContentSHA256Mismatch",
+                          "The provided 'x-amz-content-sha256' header does not match what was computed.")
+        if len(payload_hash) == 64 and sink.decoder is None:
+            if pending.sha256 is None or not hmac.compare_digest(payload_hash.lower(), pending.sha256.hexdigest()):
                 raise S3Error("XAmzContentSHA256Mismatch",
                               "The provided 'x-amz-content-sha256' header does not match what was computed.")
         md5_header = request.getHeader("content-md5")

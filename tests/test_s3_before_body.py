@@ -1,0 +1,245 @@
+"""S3 uploads are authenticated from the request head, before any body byte is stored (S8, S19).
+
+Each refusal must come while the client is still sending (or, with ``Expect: 100-continue``, instead
+of ``100 Continue``), leave nothing under the outputs directory (temp files included) and leave no
+trace in any job's ``upload_progress``. Requests go over raw sockets so the body can be held back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+
+from tests.s3_helpers import raw_request, sign
+
+PATH = "/api/cloud/storage/outputs/job-1/obj.bin"
+DECLARED = 64 * 1024 * 1024
+
+
+@pytest.fixture
+def s3(make_daemon):
+    return pytest_twisted.blockon(defer.ensureDeferred(_setup(make_daemon)))
+
+
+async def _setup(make_daemon):
+    daemon = await make_daemon()
+    access_key, secret = await daemon.ctx.upload_credentials.issue("job-1")
+    return daemon, access_key, secret
+
+
+def _all_files(daemon):
+    found = []
+    for root, _, names in os.walk(daemon.ctx.outputs_dir()):
+        found += [os.path.join(root, n) for n in names]
+    return found
+
+
+def _head(port, path, headers, length=None, expect=False):
+    lines = [f"PUT {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in ("host", "content-length")]
+    lines.append(f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked")
+    if expect:
+        lines.append("Expect: 100-continue")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _answer(sock):
+    """Read one answer (status, body) until the daemon closes; None if it never answers."""
+    data = b""
+    try:
+        while True:
+            block = sock.recv(65536)
+            if not block:
+                break
+            data += block
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep and b"content-length:" in head.lower():
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                if len(body) >= length and not head.startswith(b"HTTP/1.1 100"):
+                    break
+    except (socket.timeout, ConnectionResetError):
+        pass
+    if not data:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def refused_mid_body(port, path, headers, files, chunked=False):
+    """Send the head of a 64 MiB upload and 256 KiB of its body, then wait (without sending the
+    rest) for the answer. Returns (status, body, files seen while the body was held back)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(_head(port, path, headers, None if chunked else DECLARED))
+        piece = b"x" * (256 * 1024)
+        try:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = _answer(sock)
+        seen = files()
+        assert answer is not None, "no answer while the body was still owed"
+        return answer[0], answer[1], seen
+    finally:
+        sock.close()
+
+
+def expect_answer(port, path, headers, length=1000):
+    """Send only the head with Expect: 100-continue; return (status, body) of the first answer."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(_head(port, path, headers, length, expect=True))
+        first = sock.recv(65536)
+        assert first and not first.startswith(b"HTTP/1.1 100"), "the daemon asked for the body"
+        sock.settimeout(2)
+        data = first
+        try:
+            while True:
+                block = sock.recv(65536)
+                if not block:
+                    break
+                data += block
+        except (socket.timeout, ConnectionResetError):
+            pass
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+    finally:
+        sock.close()
+
+
+def code(body):
+    return ET.fromstring(body).findtext("Code")
+
+
+def _refusals(daemon, access_key, secret):
+    url = daemon.url + PATH
+    digest = hashlib.sha256(b"x" * DECLARED).hexdigest()  # never checked: refused before
+    return [
+        ("anonymous", {}, 403, "AccessDenied"),
+        ("unknown key", sign(url, "PUT", "STUPFFFFFFFFFFFFFFFF", secret, "UNSIGNED-PAYLOAD"), 403,
+         "InvalidAccessKeyId"),
+        ("wrong secret", sign(url, "PUT", access_key, "wrong", "UNSIGNED-PAYLOAD"), 403, "SignatureDoesNotMatch"),
+        ("wrong token", {"X-Upload-Token": "not-the-secret"}, 403, "AccessDenied"),
+        ("bad API key", {"X-API-Key": "stk_nope"}, 403, "AccessDenied"),
+        ("other prefix", sign(daemon.url + "/api/cloud/storage/outputs/job-2/x", "PUT", access_key, secret,
+                              digest), 403, "AccessDenied"),
+        ("streaming, anonymous", {"x-amz-content-sha256": "STREAMING-AWS4-HMAC-SHA256-PAYLOAD",
+                                  "Content-Encoding": "aws-chunked",
+                                  "x-amz-decoded-content-length": str(DECLARED)}, 403, "AccessDenied"),
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_while_the_body_is_still_owed_and_nothing_is_stored(s3):
+    daemon, access_key, secret = s3
+    for chunked in (False, True):
+        for name, headers, status, expected in _refusals(daemon, access_key, secret):
+            path = PATH if name != "other prefix" else "/api/cloud/storage/outputs/job-2/x"
+            got, body, seen = await deferToThread(refused_mid_body, daemon.port, path, headers,
+                                                  lambda: _all_files(daemon), chunked)
+            assert (got, code(body)) == (status, expected), (name, chunked, body)
+            assert seen == [], (name, chunked, seen)
+    assert _all_files(daemon) == []
+    assert daemon.ctx.upload_progress("job-1") == {"objects_completed": 0, "bytes_received": 0, "in_flight": []}
+    assert daemon.ctx.upload_progress.tracked_jobs() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_unknown_and_bad_token_never_get_100_continue(s3):
+    daemon, access_key, secret = s3
+    url = daemon.url + PATH
+    digest = hashlib.sha256(b"x" * 1000).hexdigest()
+    cases = [
+        (sign(url, "PUT", "STUPFFFFFFFFFFFFFFFF", secret, digest), 403, "InvalidAccessKeyId"),
+        ({"X-SimpleTuner-Secret": "not-the-secret"}, 403, "AccessDenied"),
+        ({"X-API-Key": "stk_nope"}, 403, "AccessDenied"),
+    ]
+    for headers, status, expected in cases:
+        got, body = await deferToThread(expect_answer, daemon.port, PATH, headers)
+        assert (got, code(body)) == (status, expected), body
+    await daemon.ctx.upload_credentials.revoke("job-1")
+    for headers in (sign(url, "PUT", access_key, secret, digest), {"X-Upload-Token": secret}):
+        got, body = await deferToThread(expect_answer, daemon.port, PATH, headers)
+        assert got == 403 and code(body) in ("InvalidAccessKeyId", "AccessDenied"), body
+    assert _all_files(daemon) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_anonymous_upload_in_flight_is_not_in_any_jobs_progress(s3):
+    daemon, access_key, secret = s3
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    try:
+        await deferToThread(sock.sendall, _head(daemon.port, PATH, {}, DECLARED) + b"x" * 65536)
+        for _ in range(20):
+            assert daemon.ctx.upload_progress("job-1")["in_flight"] == []
+            await deferToThread(time.sleep, 0.01)
+    finally:
+        sock.close()
+    assert daemon.ctx.upload_progress.tracked_jobs() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_accepted_uploads_with_and_without_expect_still_land(s3):
+    daemon, access_key, secret = s3
+    data = os.urandom(300_000)
+    url = daemon.url + PATH
+    for expect in (False, True):
+        headers = sign(url, "PUT", access_key, secret, hashlib.sha256(data).hexdigest())
+
+        def put():
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+            with sock:
+                sock.sendall(_head(daemon.port, PATH, headers, len(data), expect))
+                if expect:
+                    assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+                sock.sendall(data)
+                return sock.recv(65536)
+
+        answer = await deferToThread(put)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    with open(os.path.join(daemon.ctx.outputs_dir(), "job-1", "obj.bin"), "rb") as fh:
+        assert fh.read() == data
+    assert daemon.ctx.upload_progress("job-1")["objects_completed"] == 2
+
+
+FAR = "Fri, 01 Jan 99999 00:00:00 GMT"
+
+
+@pytest_twisted.ensureDeferred
+async def test_dates_in_the_year_99999_are_s3_4xx(s3):
+    """x-amz-date / Date, presigned X-Amz-Date and X-Amz-Expires, SigV2 Expires: an S3 XML 4xx."""
+    daemon, access_key, secret = s3
+    base = "/api/cloud/storage/outputs/job-1/obj.bin"
+    v4 = sign(daemon.url + base, "GET", access_key, secret, "UNSIGNED-PAYLOAD")
+    no_amz_date = {k: v for k, v in v4.items() if k.lower() != "x-amz-date"}
+    credential = f"{access_key}%2F99990101%2Fus-east-1%2Fs3%2Faws4_request"
+    cases = [
+        ("GET", base, {**no_amz_date, "Date": FAR}),
+        ("GET", base, {**v4, "X-Amz-Date": "999990101T000000Z"}),
+        ("GET", base, {"Authorization": f"AWS {access_key}:c2lnbmF0dXJl", "Date": FAR}),
+        ("GET", base, {"Authorization": f"AWS {access_key}:c2lnbmF0dXJl", "x-amz-date": FAR}),
+        ("GET", f"{base}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={credential}&X-Amz-Date=999990101T000000Z"
+                f"&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Signature={'0' * 64}", {}),
+        ("GET", f"{base}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={credential}&X-Amz-Date=99990101T000000Z"
+                f"&X-Amz-Expires={'9' * 5000}&X-Amz-SignedHeaders=host&X-Amz-Signature={'0' * 64}", {}),
+        ("GET", f"{base}?AWSAccessKeyId={access_key}&Signature=c2ln&Expires=3093527980800", {}),
+        ("GET", f"{base}?AWSAccessKeyId={access_key}&Signature=c2ln&Expires={'9' * 5000}", {}),
+        ("GET", base, {"X-API-Key": daemon.admin_key, "If-Modified-Since": FAR}),
+        ("GET", base, {"X-API-Key": daemon.admin_key, "If-Unmodified-Since": FAR}),
+        ("PUT", base, {**sign(daemon.url + base, "PUT", access_key, secret, "UNSIGNED-PAYLOAD"), "Date": FAR,
+                       "X-Amz-Date": "999990101T000000Z"}),
+    ]
+
+    for method, path, headers in cases:
+        status, answer_headers, body = await deferToThread(raw_request, daemon.port, method, path, headers,
+                                                           b"x" if method == "PUT" else b"")
+        assert 400 <= status < 500, (path[:120], headers, status, body)
+        assert answer_headers["content-type"] == "application/xml" and code(body), (path[:120], status, body)
