@@ -9,18 +9,37 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 from klein import Klein
+from pydantic import Field
 
 from stdaemon.http.errors import ApiError, invalid_field
-from stdaemon.http.surface import ADMIN, Response, Surface, json_object, route
+from stdaemon.http.surface import ADMIN, Response, Surface, route
+from stdaemon.http.validation import BodyModel
 from stdaemon.logs import get_logger
 from stdaemon.store.backup import BackupError, RestoreRefused
 
 log = get_logger("stdaemon.http.admin_backups")
 
 _REFUSED_STATUS = {"not_found": 404, "invalid_name": 400, "invalid_path": 400}
+
+# A file name (255 bytes on Linux) and a path (4096) no file system accepts past these.
+MAX_NAME = 255
+MAX_PATH = 4096
+PATH_TEXT = r"^[^\x00]*$"
+
+
+# -- request models (stdaemon.http.validation) -----------------------------------------------
+
+class CreateBackup(BodyModel):
+    path: Optional[str] = Field(None, min_length=1, max_length=MAX_PATH, pattern=PATH_TEXT)
+    compress: bool = False
+
+
+class RestoreBackup(BodyModel):
+    name: Optional[str] = Field(None, min_length=1, max_length=MAX_NAME, pattern=PATH_TEXT)
+    path: Optional[str] = Field(None, min_length=1, max_length=MAX_PATH, pattern=PATH_TEXT)
 
 
 class AdminBackupsSurface(Surface):
@@ -34,13 +53,11 @@ class AdminBackupsSurface(Surface):
             raise ApiError(503, "backups_unavailable", "The backup service is not running")
         return svc
 
-    @route(app, "/api/admin/backups", methods=("POST",), access=ADMIN)
-    async def create(self, request):
-        body = json_object(request, required=False)
-        path = body.get("path")
-        compress = body.get("compress", False)
-        if not isinstance(compress, bool):
-            raise invalid_field("compress", "must be true or false")
+    @route(app, "/api/admin/backups", methods=("POST",), access=ADMIN, body=CreateBackup, body_required=False)
+    async def create(self, request, body: CreateBackup):
+        """Take a backup now (SQLite online backup)."""
+        path = body.path
+        compress = body.compress
         if path is not None:
             path = self._check_target(path)
         try:
@@ -55,14 +72,18 @@ class AdminBackupsSurface(Surface):
 
     @route(app, "/api/admin/backups", access=ADMIN)
     async def list_backups(self, request):
+        """Backups, newest first."""
         return {"backups": await self.backups.list(), "backup_dir": str(self.backups.store.backup_dir)}
 
-    @route(app, "/api/admin/backups/restore", methods=("POST",), access=ADMIN)
-    async def restore(self, request):
-        body = json_object(request)
-        name, path = body.get("name"), body.get("path")
+    @route(app, "/api/admin/backups/restore", methods=("POST",), access=ADMIN, body=RestoreBackup)
+    async def restore(self, request, body: RestoreBackup):
+        """Restore the database from a backup (checked first; a safety copy is kept)."""
+        name, path = body.name, body.path
         if (name is None) == (path is None):
             raise ApiError(400, "invalid_request", 'Give exactly one of "name" or "path"')
+        for field, value in (("name", name), ("path", path)):
+            if value is not None:
+                _check_components(field, value)
         try:
             source = self.backups.resolve(name=name, path=path)
             result = await self.backups.restore(source)
@@ -77,13 +98,13 @@ class AdminBackupsSurface(Surface):
 
     @route(app, "/api/admin/database", access=ADMIN)
     async def database(self, request):
+        """Database information."""
         return await self.backups.info()
 
-    def _check_target(self, path: Any) -> str:
+    def _check_target(self, path: str) -> str:
         """A custom backup path: absolute, in an existing directory, named like a
         database, never the live database or a non-regular file."""
-        if not isinstance(path, str) or not path or "\x00" in path:
-            raise invalid_field("path", "must be a non-empty string")
+        _check_components("path", path)
         path = os.path.expanduser(path)
         if not os.path.isabs(path):
             raise invalid_field("path", "must be an absolute path")
@@ -97,6 +118,12 @@ class AdminBackupsSurface(Surface):
         if os.path.lexists(path) and not os.path.isfile(path):
             raise invalid_field("path", "exists and is not a regular file")
         return path
+
+
+def _check_components(field: str, path: str) -> None:
+    """No file system has names longer than 255 bytes: say so instead of failing in the OS."""
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME for part in path.split("/")):
+        raise invalid_field(field, f"a path component is longer than {MAX_NAME} bytes")
 
 
 async def _audit(ctx: Any, request: Any, event_type: str, target: str, action: str, details: dict) -> None:

@@ -31,10 +31,12 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from klein import Klein
+from pydantic import Field
 
 from stdaemon.core.timestamps import iso
 from stdaemon.http.errors import ApiError, bad_request, not_found
-from stdaemon.http.surface import OPERATOR, Surface, path_id, query_arg, query_int, route
+from stdaemon.http.surface import OPERATOR, Surface, path_id, route
+from stdaemon.http.validation import SQLITE_MAX_INT, QueryModel
 from stdaemon.store import audit as audit_store
 from stdaemon.store import users as users_store
 
@@ -57,27 +59,37 @@ def parse_time(name: str, raw: Optional[str]) -> Optional[float]:
         try:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
-            raise bad_request(f"{name} must be POSIX seconds or an ISO 8601 time",
-                              code="invalid_query") from None
+            raise bad_request(f"{name}: must be POSIX seconds or an ISO 8601 time",
+                              code="invalid_query", field=name) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
         value = moment.timestamp()
     if not math.isfinite(value):
-        raise bad_request(f"{name} must be a finite time", code="invalid_query")
+        raise bad_request(f"{name}: must be a finite time", code="invalid_query", field=name)
     return value
 
 
-def _optional_id(request: Any, name: str) -> Optional[int]:
-    raw = query_arg(request, name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise bad_request(f"{name} must be an integer", code="invalid_query") from None
-    if not 0 < value < 2 ** 63:
-        raise bad_request(f"{name} must be a positive integer", code="invalid_query")
-    return value
+# -- request models (stdaemon.http.validation) -----------------------------------------------
+
+class Paging(QueryModel):
+    limit: int = Field(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
+    offset: int = Field(0, ge=0, le=SQLITE_MAX_INT)
+
+
+class AuditQuery(Paging):
+    event_type: Optional[str] = Field(None, max_length=512)
+    actor: Optional[str] = Field(None, max_length=512)
+    actor_id: Optional[int] = Field(None, ge=1, le=SQLITE_MAX_INT)
+    target_type: Optional[str] = Field(None, max_length=512)
+    target_id: Optional[str] = Field(None, max_length=512)
+    since: Optional[str] = Field(None, max_length=64, description="POSIX seconds or ISO 8601")
+    until: Optional[str] = Field(None, max_length=64, description="POSIX seconds or ISO 8601")
+
+
+class VerifyQuery(QueryModel):
+    # Accepted (SimpleTuner's CLI sends them); the whole chain is always checked.
+    start_id: Optional[int] = Field(None, ge=1, le=SQLITE_MAX_INT)
+    end_id: Optional[int] = Field(None, ge=1, le=SQLITE_MAX_INT)
 
 
 def _user_ids(conn: Any, names: set) -> dict:
@@ -119,11 +131,6 @@ class AuditSurface(Surface):
             raise ApiError(503, "audit_unavailable", "The audit log is not installed")
         return audit
 
-    def _paging(self, request: Any) -> tuple[int, int]:
-        limit = query_int(request, "limit", DEFAULT_LIMIT, minimum=1, maximum=MAX_LIMIT)
-        offset = query_int(request, "offset", 0, minimum=0, maximum=2**62)
-        return limit, offset
-
     async def _page(self, limit: int, offset: int, **filters: Any) -> dict:
         self._log()
 
@@ -136,22 +143,17 @@ class AuditSurface(Surface):
 
         return await self.ctx.db.run_read(read)
 
-    @route(app, "/api/audit", access=OPERATOR)
-    async def list_entries(self, request: Any) -> dict:
-        event_type = query_arg(request, "event_type") or None
-        actor = query_arg(request, "actor") or None
-        target_type = query_arg(request, "target_type") or None
-        target_id = query_arg(request, "target_id") or None
-        since = parse_time("since", query_arg(request, "since"))
-        until = parse_time("until", query_arg(request, "until"))
+    @route(app, "/api/audit", access=OPERATOR, query=AuditQuery)
+    async def list_entries(self, request: Any, query: AuditQuery) -> dict:
+        """Audit entries, newest first, with the real total."""
+        event_type, actor, target_type, target_id = query.event_type, query.actor, query.target_type, \
+            query.target_id
+        since = parse_time("since", query.since)
+        until = parse_time("until", query.until)
         if since is not None and until is not None and since > until:
             raise bad_request("since must not be after until", code="invalid_query")
-        limit, offset = self._paging(request)
-        for name, value in (("event_type", event_type), ("actor", actor),
-                            ("target_type", target_type), ("target_id", target_id)):
-            if value is not None and len(value) > 512:
-                raise bad_request(f"{name} is too long", code="invalid_query")
-        actor_id = _optional_id(request, "actor_id")
+        limit, offset = query.limit, query.offset
+        actor_id = query.actor_id
         if actor_id is not None:
             name = await self.ctx.db.run_read(_username, actor_id)
             if name is None or (actor is not None and actor != name):
@@ -165,18 +167,19 @@ class AuditSurface(Surface):
         return await self._page(limit, offset, event_type=event_type, actor=actor, since=since,
                                 until=until, target=target)
 
-    @route(app, "/api/audit/user/<user_id>", access=OPERATOR)
-    async def user_entries(self, request: Any, user_id: str) -> dict:
+    @route(app, "/api/audit/user/<user_id>", access=OPERATOR, query=Paging)
+    async def user_entries(self, request: Any, user_id: str, query: Paging) -> dict:
+        """Entries by or about one user."""
         uid = path_id(user_id, "User")
         name = await self.ctx.db.run_read(_username, uid)
         if name is None:
             raise not_found(f"User {user_id} not found")
-        limit, offset = self._paging(request)
-        return await self._page(limit, offset, actor_or_target=(name, f"user:{uid}"))
+        return await self._page(query.limit, query.offset, actor_or_target=(name, f"user:{uid}"))
 
-    @route(app, "/api/audit/security", access=OPERATOR)
-    async def security_entries(self, request: Any) -> dict:
-        limit, offset = self._paging(request)
+    @route(app, "/api/audit/security", access=OPERATOR, query=Paging)
+    async def security_entries(self, request: Any, query: Paging) -> dict:
+        """Security-related entries (authentication, keys, users, rejections)."""
+        limit, offset = query.limit, query.offset
         seen = await self.ctx.db.run_read(audit_store.seen_event_types)
         types = sorted(t for t in set(seen) | set(audit_store.EVENT_TYPES)
                        if t.startswith(SECURITY_PREFIXES))
@@ -184,6 +187,7 @@ class AuditSurface(Surface):
 
     @route(app, "/api/audit/stats", access=OPERATOR)
     async def stats(self, request: Any) -> dict:
+        """Entry counts by type and the first/last entries."""
         log = self._log()
         summary = await self.ctx.db.run_read(audit_store.summary)
         return {
@@ -198,15 +202,15 @@ class AuditSurface(Surface):
 
     @route(app, "/api/audit/types", access=OPERATOR)
     async def types(self, request: Any) -> dict:
+        """Event types known or seen."""
         seen = await self.ctx.db.run_read(audit_store.seen_event_types)
         names = sorted(set(audit_store.EVENT_TYPES) | set(seen))
         return {"event_types": [{"value": value, "name": value.upper().replace(".", "_")}
                                 for value in names]}
 
-    @route(app, "/api/audit/verify", access=OPERATOR)
-    async def verify(self, request: Any) -> dict:
-        _optional_id(request, "start_id")   # accepted (the CLI sends them); the whole chain is checked
-        _optional_id(request, "end_id")
+    @route(app, "/api/audit/verify", access=OPERATOR, query=VerifyQuery)
+    async def verify(self, request: Any, query: VerifyQuery) -> dict:
+        """Verify the audit hash chain."""
         result = await self._log().verify()
         summary = await self.ctx.db.run_read(audit_store.summary)
         result["entries_checked"] = result["checked"]

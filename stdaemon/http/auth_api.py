@@ -15,19 +15,55 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Union
 
 from klein import Klein
+from pydantic import ConfigDict, Field
 
 from stdaemon.core.timestamps import iso
 from stdaemon.http.errors import ApiError, forbidden, invalid_field, not_found
-from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, json_object, query_arg, path_id, \
-    route
+from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, path_id, route
+from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel
 from stdaemon.sessions import SESSION_COOKIE, cookie, record_audit
 from stdaemon.store import api_keys, users
 
 MAX_KEY_DAYS = 3650
 AUTH_BODY = 16 * 1024
+
+
+# -- request models (stdaemon.http.validation) -----------------------------------------------
+
+class Login(BodyModel):
+    username: Optional[str] = Field(None, max_length=320)
+    email: Optional[str] = Field(None, max_length=320)
+    password: Optional[str] = Field(None, max_length=users.MAX_PASSWORD)
+
+
+class AuthSettings(BodyModel):
+    model_config = ConfigDict(extra="forbid")
+
+    registration_enabled: Optional[bool] = None
+
+
+class Register(BodyModel):
+    username: Optional[str] = Field(None, max_length=64)
+    email: Optional[str] = Field(None, max_length=320)
+    password: Optional[str] = Field(None, max_length=users.MAX_PASSWORD)
+
+
+class CreateKey(BodyModel):
+    name: str = Field(min_length=1, max_length=100, pattern=r"\S")
+    role: Optional[str] = Field(None, max_length=32)
+    user_id: Optional[int] = Field(None, ge=1, le=SQLITE_MAX_INT)
+    expires_days: Optional[Union[int, float]] = Field(None, gt=0, le=MAX_KEY_DAYS)
+
+
+class RevokeKeyQuery(QueryModel):
+    id: Optional[str] = Field(None, max_length=64)
+
+
+class RevokeKey(BodyModel):
+    id: Optional[Union[int, str]] = None
 
 
 def _field_error(error: users.UserError) -> ApiError:
@@ -51,17 +87,17 @@ class AuthSurface(Surface):
 
     # -- login / logout ----------------------------------------------------------
 
-    @route(app, "/api/auth/login", methods=["POST"], access=PUBLIC, max_body=AUTH_BODY)
-    async def login(self, request):
+    @route(app, "/api/auth/login", methods=["POST"], access=PUBLIC, max_body=AUTH_BODY, body=Login)
+    async def login(self, request, body: Login):
+        """Sign in with a password: sets the session and CSRF cookies."""
         # A login form posted from another site could sign the victim into
         # the attacker's account: the Origin rule applies here too.
         self.sessions.check_origin(request)
-        body = json_object(request)
-        login = body.get("username") or body.get("email")
-        password = body.get("password")
-        if not isinstance(login, str) or not login or len(login) > 320:
+        login = body.username or body.email
+        password = body.password
+        if not login:
             raise invalid_field("username", "username or email is required")
-        if not isinstance(password, str) or not password or len(password) > users.MAX_PASSWORD:
+        if not password:
             raise invalid_field("password", "password is required")
         row = await self.ctx.db.run_read(users.find_login, login)
         ok = await self.sessions.verify_password(row["password_hash"] if row else None, password)
@@ -81,6 +117,7 @@ class AuthSurface(Surface):
 
     @route(app, "/api/auth/logout", methods=["POST"], access=PUBLIC, max_body=AUTH_BODY)
     async def logout(self, request):
+        """Sign out: clears the cookies and ends the session."""
         token = cookie(request, SESSION_COOKIE)
         ended = False
         if token:
@@ -95,34 +132,30 @@ class AuthSurface(Surface):
 
     @route(app, "/api/auth/settings", access=PUBLIC)
     async def get_settings(self, request):
+        """Whether self-registration is enabled."""
         return {"registration_enabled": await registration_enabled(self.ctx)}
 
-    @route(app, "/api/auth/settings", methods=["PUT"], access=ADMIN, max_body=AUTH_BODY)
-    async def put_settings(self, request):
-        body = json_object(request)
-        unknown = set(body) - {"registration_enabled"}
-        if unknown:
-            raise invalid_field(sorted(unknown)[0], "unknown field")
-        if "registration_enabled" in body:
-            value = body["registration_enabled"]
-            if not isinstance(value, bool):
-                raise invalid_field("registration_enabled", "must be true or false")
+    @route(app, "/api/auth/settings", methods=["PUT"], access=ADMIN, max_body=AUTH_BODY, body=AuthSettings)
+    async def put_settings(self, request, body: AuthSettings):
+        """Change the runtime authentication settings."""
+        if body.registration_enabled is not None:
+            value = body.registration_enabled
             await self.ctx.db.run_write(users.put_setting, "auth", "registration_enabled", value,
                                         self.ctx.now())
             await record_audit(self.ctx, "auth.settings.changed", request, target="auth",
                                action="update", details={"registration_enabled": value})
         return {"registration_enabled": await registration_enabled(self.ctx)}
 
-    @route(app, "/api/auth/register", methods=["POST"], access=PUBLIC, max_body=AUTH_BODY)
-    async def register(self, request):
+    @route(app, "/api/auth/register", methods=["POST"], access=PUBLIC, max_body=AUTH_BODY, body=Register)
+    async def register(self, request, body: Register):
+        """Create a viewer account (when registration is enabled)."""
         self.sessions.check_origin(request)
         if not await registration_enabled(self.ctx):
             raise forbidden("Registration is disabled; an admin can enable it")
-        body = json_object(request)
         try:
-            username = users.check_username(body.get("username"))
-            email = users.check_email(body.get("email"))
-            password = users.check_password(body.get("password"))
+            username = users.check_username(body.username)
+            email = users.check_email(body.email)
+            password = users.check_password(body.password)
         except users.UserError as error:
             raise _field_error(error) from None
         password_hash = await self.sessions.hash_password(password)
@@ -137,26 +170,22 @@ class AuthSurface(Surface):
 
     # -- API keys ----------------------------------------------------------------
 
-    @route(app, "/api/auth/api-keys", methods=["POST"], access=OPERATOR, max_body=AUTH_BODY)
-    async def create_key(self, request):
+    @route(app, "/api/auth/api-keys", methods=["POST"], access=OPERATOR, max_body=AUTH_BODY, body=CreateKey)
+    async def create_key(self, request, body: CreateKey):
+        """Create an API key (shown once)."""
         principal = request.principal
-        body = json_object(request)
-        name = body.get("name")
-        if not isinstance(name, str) or not name.strip() or len(name) > 100:
-            raise invalid_field("name", "a name of 1-100 characters is required")
+        name = body.name
         owner_id = principal.user_id
-        if body.get("user_id") is not None:
+        if body.user_id is not None:
             if principal.role != "admin":
                 raise forbidden("Only an admin may create keys for another user")
-            if not isinstance(body["user_id"], int) or isinstance(body["user_id"], bool):
-                raise invalid_field("user_id", "must be a user id")
-            owner_id = body["user_id"]
+            owner_id = body.user_id
         owner = await self.ctx.db.run_read(users.get_user, owner_id)
         if owner is None:
             raise invalid_field("user_id", "no such user")
         if owner["disabled"]:
             raise invalid_field("user_id", "the user is disabled")
-        role = body.get("role") or (owner["role"] if owner_id != principal.user_id else principal.role)
+        role = body.role or (owner["role"] if owner_id != principal.user_id else principal.role)
         try:
             users.check_role(role)
         except users.UserError as error:
@@ -165,12 +194,9 @@ class AuthSurface(Surface):
             raise ApiError(403, "role_too_high",
                            f"A key with role {role} exceeds what the caller or its owner may hold",
                            field="role")
-        expires_days = body.get("expires_days")
+        expires_days = body.expires_days
         expires_at = None
         if expires_days is not None:
-            if isinstance(expires_days, bool) or not isinstance(expires_days, (int, float)) \
-                    or not (0 < expires_days <= MAX_KEY_DAYS):
-                raise invalid_field("expires_days", f"must be a number of days between 0 and {MAX_KEY_DAYS}")
             expires_at = self.ctx.now() + float(expires_days) * 86400.0
         key_id, key = await self.ctx.db.run_write(api_keys.create_key, owner_id, name.strip(), role,
                                                   self.ctx.now(), expires_at)
@@ -184,23 +210,24 @@ class AuthSurface(Surface):
 
     @route(app, "/api/auth/api-keys", access=VIEWER)
     async def list_keys(self, request):
+        """The caller's API keys (an admin: every key)."""
         principal = request.principal
         owner = None if principal.role == "admin" else principal.user_id
         keys = await self.ctx.db.run_read(users.list_keys, owner)
         return {"keys": keys, "total": len(keys)}
 
-    @route(app, "/api/auth/api-keys", methods=["DELETE"], access=OPERATOR, max_body=AUTH_BODY)
-    async def revoke_key_by_query(self, request):
-        """``DELETE /api/auth/api-keys?id=N`` (or body ``{"id": N}``)."""
-        key_id = query_arg(request, "id")
+    @route(app, "/api/auth/api-keys", methods=["DELETE"], access=OPERATOR, max_body=AUTH_BODY,
+           query=RevokeKeyQuery, body=RevokeKey, body_required=False)
+    async def revoke_key_by_query(self, request, query: RevokeKeyQuery, body: RevokeKey):
+        """Revoke an API key: ``?id=N`` (or body ``{"id": N}``)."""
+        key_id = query.id if query.id is not None else body.id
         if key_id is None:
-            key_id = json_object(request, required=False).get("id")
-        if key_id is None or isinstance(key_id, bool):
             raise invalid_field("id", "the id of the key to revoke is required")
         return await self._revoke(request, str(key_id))
 
     @route(app, "/api/auth/api-keys/<key_id>", methods=["DELETE"], access=OPERATOR)
     async def revoke_key(self, request, key_id):
+        """Revoke an API key."""
         return await self._revoke(request, key_id)
 
     async def _revoke(self, request, key_id: str):

@@ -12,22 +12,34 @@ draining): Klein finishes a request when its handler returns.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from klein import Klein
+from pydantic import Field
 from twisted.web.server import NOT_DONE_YET
 
 from stdaemon.events import TooManyStreams
 from stdaemon.http.errors import ApiError
-from stdaemon.http.surface import VIEWER, Surface, query_arg, route
+from stdaemon.http.surface import VIEWER, Response, Surface, route
+from stdaemon.http.validation import QueryModel
+
+
+class StreamQuery(QueryModel):
+    last_event_id: Optional[str] = Field(None, max_length=64)
 
 
 class EventsSurface(Surface):
     app = Klein()
     prefixes = ("/api/events",)
 
-    @route(app, "/api/events/stream", access=VIEWER, rate_limited=False)
-    async def stream(self, request):
+    @route(app, "/api/events/stream", access=VIEWER, rate_limited=False, query=StreamQuery, stream=True)
+    async def stream(self, request, query: StreamQuery):
+        """Server-Sent Events of job changes the caller may see."""
+        if request.method == b"HEAD":
+            # Headers only: no stream is opened (none of the caller's stream slots is taken).
+            return Response(b"", content_type="text/event-stream")
         bus = self.ctx.events
-        last_id = request.getHeader("last-event-id") or query_arg(request, "last_event_id")
+        last_id = request.getHeader("last-event-id") or query.last_event_id
         if last_id is not None and len(last_id) > 64:
             last_id = None
         try:

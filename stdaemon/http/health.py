@@ -14,10 +14,15 @@ from datetime import datetime, timezone
 from klein import Klein
 
 from stdaemon.health import DEGRADED, HEALTHY, UNHEALTHY, Component, overall
-from stdaemon.http.surface import PUBLIC, Response, Surface, query_arg, route
+from stdaemon.http.surface import PUBLIC, Response, Surface, route
+from stdaemon.http.validation import QueryModel
 
 DISK_DEGRADED_BYTES = 1024 ** 3          # < 1 GiB free: degraded
 DISK_UNHEALTHY_BYTES = 100 * 1024 ** 2   # < 100 MiB free: unhealthy
+
+
+class HealthQuery(QueryModel):
+    include_providers: bool = False
 
 
 class HealthSurface(Surface):
@@ -31,14 +36,17 @@ class HealthSurface(Surface):
 
     @route(app, "/api/cloud/health/live", access=PUBLIC, rate_limited=False)
     def live(self, request):
+        """Liveness: the reactor answers."""
         return {"status": "ok"}
 
     @route(app, "/health", access=PUBLIC, rate_limited=False)
     def health_alias(self, request):
+        """Liveness (short path)."""
         return {"status": "ok"}
 
     @route(app, "/api/cloud/health/ready", access=PUBLIC, rate_limited=False)
     async def ready(self, request):
+        """Readiness: 503 while starting, stopping or without a database."""
         health = self.ctx.health
         if health.phase != "ready":
             reason = "shutting down" if health.phase == "stopping" else (health.not_ready_reason or "starting")
@@ -50,9 +58,10 @@ class HealthSurface(Surface):
                             headers={"Retry-After": "5"})
         return {"status": "ready"}
 
-    @route(app, "/api/cloud/health", access=PUBLIC, rate_limited=False)
-    async def full(self, request):
-        include = (query_arg(request, "include_providers", "false") or "").lower() in ("1", "true", "yes")
+    @route(app, "/api/cloud/health", access=PUBLIC, rate_limited=False, query=HealthQuery)
+    async def full(self, request, query: HealthQuery):
+        """The component report."""
+        include = query.include_providers
         components = await self.ctx.health.check_all(include_optional=include)
         status = overall(components)
         if self.ctx.health.phase == "stopping" and status == HEALTHY:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Union
 
 from klein import Klein
+from pydantic import ConfigDict, Field
 from twisted.internet import defer
 
 from stdaemon.clients.providers import TOKEN_NAMES, audit
@@ -38,8 +39,9 @@ from stdaemon.core import provider_settings as ps
 from stdaemon.core import status as st
 from stdaemon.core.breaker import OPEN
 from stdaemon.core.timestamps import iso
-from stdaemon.http.errors import ApiError, bad_request, conflict, not_found
-from stdaemon.http.surface import OPERATOR, VIEWER, Response, Surface, json_object, query_arg, query_int, route
+from stdaemon.http.errors import ApiError, conflict, not_found
+from stdaemon.http.surface import OPERATOR, VIEWER, Response, Surface, route
+from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel
 from stdaemon.logs import LogContext, get_logger
 from stdaemon.store import credentials as creds
 from stdaemon.store import jobs as store
@@ -48,6 +50,42 @@ log = get_logger("stdaemon.jobs")
 
 MAX_SUBMIT_BODY = 8 * 1024 * 1024
 MAX_IDEMPOTENCY_KEY = 200
+
+
+# -- request models (stdaemon.http.validation) -----------------------------------------------
+
+HardwareProfileName = Literal[tuple(costs.HARDWARE_PROFILES)]
+JobStatus = Literal[st.STATUSES]
+ProviderName = Literal[ps.PROVIDERS]
+
+
+class SubmitJob(BodyModel):
+    """A submission (also what SimpleTuner's CLI sends); fields stdaemon does not use are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    config: Optional[dict[str, Any]] = None
+    dataloader_config: Union[list[Any], dict[str, Any]] = Field(default_factory=list)
+    config_name: Optional[str] = Field(None, max_length=200)
+    config_name_to_load: Optional[str] = Field(None, max_length=200)
+    # "" = the provider's default profile (as before).
+    hardware_profile: Optional[Union[HardwareProfileName, Literal[""]]] = None
+    webhook_url: Optional[str] = Field(None, max_length=2048)
+    idempotency_key: Optional[str] = Field(None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY,
+                                           pattern=r"\S")
+    max_runtime_minutes: Optional[Union[int, float]] = None
+
+
+class SubmitQuery(QueryModel):
+    provider: str = Field("replicate", max_length=64)
+
+
+class ListJobs(QueryModel):
+    status: Optional[JobStatus] = None
+    provider: Optional[ProviderName] = None
+    limit: int = Field(50, ge=1, le=500)
+    offset: int = Field(0, ge=0, le=SQLITE_MAX_INT)
+    sync_active: bool = False
 POLL_BATCH = 50
 S3_REGION = "us-east-1"
 
@@ -215,43 +253,28 @@ class JobService:
         return server_url or s3_url, s3_url
 
     # -- submission -------------------------------------------------------------
-    async def submit(self, provider: str, body: Mapping[str, Any], principal, ip: Optional[str]) -> Response:
+    async def submit(self, provider: str, submission: SubmitJob, principal, ip: Optional[str]) -> Response:
+        """``submission`` has been validated (types, sizes, profile names) by the route's model."""
         manager = self.ctx.providers
         values = manager.values(provider)
+        body = submission.given()
 
-        config = body.get("config")
+        config = submission.config
         if config is None:
             raise ApiError(400, "invalid_field",
                            "config: the training configuration (a JSON object) is required", field="config",
                            success=False)
-        if not isinstance(config, dict):
-            raise ApiError(400, "invalid_field", "config: must be a JSON object", field="config",
-                           success=False)
-        dataloader = body.get("dataloader_config", [])
-        if not isinstance(dataloader, (list, dict)):
-            raise ApiError(400, "invalid_field", "dataloader_config: must be a JSON list or object",
-                           field="dataloader_config", success=False)
-        config_name = body.get("config_name", body.get("config_name_to_load"))
-        if config_name is not None and (not isinstance(config_name, str) or len(config_name) > 200):
-            raise ApiError(400, "invalid_field", "config_name: must be a string of at most 200 characters",
-                           field="config_name", success=False)
-        profile = body.get("hardware_profile") or values["hardware_profile"]
-        if profile not in costs.HARDWARE_PROFILES:
-            raise ApiError(400, "invalid_field",
-                           f"hardware_profile: must be one of {', '.join(costs.HARDWARE_PROFILES)}",
-                           field="hardware_profile", success=False)
-        webhook_url = body.get("webhook_url")
+        dataloader = submission.dataloader_config
+        config_name = submission.config_name if "config_name" in body else submission.config_name_to_load
+        profile = submission.hardware_profile or values["hardware_profile"]
+        webhook_url = submission.webhook_url
         if webhook_url is not None:
             try:
                 webhook_url = ps.validate_field("api_base_url", webhook_url)
             except ps.FieldError:
                 raise ApiError(400, "invalid_field", "webhook_url: must be an http(s) URL",
                                field="webhook_url", success=False) from None
-        key = body.get("idempotency_key")
-        if key is not None and (not isinstance(key, str) or not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY):
-            raise ApiError(400, "invalid_field",
-                           f"idempotency_key: must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} characters",
-                           field="idempotency_key", success=False)
+        key = submission.idempotency_key
         runtime = body.get("max_runtime_minutes", values["max_runtime_minutes"])
         try:
             runtime = ps.validate_field("max_runtime_minutes", runtime)
@@ -293,7 +316,7 @@ class JobService:
         warnings: list[str] = []
         pending_approval = False
         for check in self.submission_checks:
-            verdict = await check(principal, provider, estimate, dict(body))
+            verdict = await check(principal, provider, estimate, body)
             if verdict.get("block"):
                 raise ApiError(403, "quota_exceeded", verdict["block"], success=False,
                                quota_warnings=warnings + list(verdict.get("warnings", [])))
@@ -682,9 +705,8 @@ class JobService:
         return {"job_id": job_id, "logs": text, "status": job["status"]}
 
 
-def _provider_arg(request, default: Optional[str] = "replicate") -> Optional[str]:
-    provider = query_arg(request, "provider", default)
-    if provider is not None and provider not in ps.PROVIDERS:
+def _known_provider(provider: str) -> str:
+    if provider not in ps.PROVIDERS:
         raise not_found(f"Unknown provider {provider!r} (known: {', '.join(ps.PROVIDERS)})")
     return provider
 
@@ -697,35 +719,31 @@ class JobsSurface(Surface):
     def jobs(self) -> JobService:
         return self.ctx.jobs
 
-    @route(app, "/api/cloud/jobs/submit", methods=("POST",), access=OPERATOR, max_body=MAX_SUBMIT_BODY)
-    async def submit(self, request):
-        return await self._submit(request)
+    @route(app, "/api/cloud/jobs/submit", methods=("POST",), access=OPERATOR, max_body=MAX_SUBMIT_BODY,
+           body=SubmitJob, query=SubmitQuery, error_extra={"success": False})
+    async def submit(self, request, body: SubmitJob, query: SubmitQuery):
+        """Submit a training job."""
+        return await self._submit(request, body, query)
 
-    @route(app, "/api/cloud/jobs", methods=("POST",), access=OPERATOR, max_body=MAX_SUBMIT_BODY)
-    async def submit_alias(self, request):
-        return await self._submit(request)
+    @route(app, "/api/cloud/jobs", methods=("POST",), access=OPERATOR, max_body=MAX_SUBMIT_BODY,
+           body=SubmitJob, query=SubmitQuery, error_extra={"success": False})
+    async def submit_alias(self, request, body: SubmitJob, query: SubmitQuery):
+        """Submit a training job (alias of /api/cloud/jobs/submit)."""
+        return await self._submit(request, body, query)
 
-    async def _submit(self, request):
-        provider = _provider_arg(request)
-        body = json_object(request)
+    async def _submit(self, request, body: SubmitJob, query: SubmitQuery):
+        provider = _known_provider(query.provider)
         return await self.jobs.submit(provider, body, request.principal, getattr(request, "client_ip", None))
 
-    @route(app, "/api/cloud/jobs", access=VIEWER)
-    async def list_jobs(self, request):
-        status = query_arg(request, "status") or None
-        if status is not None and status not in st.STATUSES:
-            raise bad_request(f"status must be one of {', '.join(st.STATUSES)}", code="invalid_query")
-        provider = query_arg(request, "provider") or None
-        if provider is not None and provider not in ps.PROVIDERS:
-            raise bad_request(f"provider must be one of {', '.join(ps.PROVIDERS)}", code="invalid_query")
-        limit = query_int(request, "limit", 50, minimum=1, maximum=500)
-        offset = query_int(request, "offset", 0, minimum=0)
-        if (query_arg(request, "sync_active") or "").lower() in ("1", "true", "yes"):
+    @route(app, "/api/cloud/jobs", access=VIEWER, query=ListJobs)
+    async def list_jobs(self, request, query: ListJobs):
+        """List jobs (newest first) with the real total."""
+        if query.sync_active:
             await self.jobs.poll_once()
-        rows, total = await self.ctx.db.run_read(store.list_jobs, status=status, provider=provider,
-                                                 limit=limit, offset=offset)
-        return {"jobs": [self.jobs.public(r) for r in rows], "total": total, "limit": limit,
-                "offset": offset}
+        rows, total = await self.ctx.db.run_read(store.list_jobs, status=query.status, provider=query.provider,
+                                                 limit=query.limit, offset=query.offset)
+        return {"jobs": [self.jobs.public(r) for r in rows], "total": total, "limit": query.limit,
+                "offset": query.offset}
 
     @route(app, "/api/cloud/jobs/<job_id>", access=VIEWER)
     async def get_job(self, request, job_id):

@@ -19,13 +19,15 @@
 from __future__ import annotations
 
 import hmac
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping, Optional, Union
 
 from klein import Klein
+from pydantic import ConfigDict, Field
 
 from stdaemon import metrics as m
 from stdaemon.http.errors import ApiError, invalid_field, not_found
-from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, Response, Surface, json_object, query_args, route
+from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, Response, Surface, route
+from stdaemon.http.validation import BodyModel, QueryModel
 from stdaemon.logs import get_logger
 
 log = get_logger("stdaemon.http.metrics")
@@ -33,6 +35,26 @@ log = get_logger("stdaemon.http.metrics")
 ENABLE_HINT = ("Prometheus export is disabled. Enable it with PUT /api/cloud/metrics/config "
                '{"prometheus_enabled": true} (admin API key) or set metrics.prometheus_enabled: true '
                "in the configuration file.")
+
+
+# -- request models (stdaemon.http.validation) -----------------------------------------------
+
+Name = Annotated[str, Field(max_length=64)]
+
+
+class MetricsUpdate(BodyModel):
+    """``null`` returns a setting to the configuration file's value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prometheus_enabled: Optional[bool] = None
+    # A list of category names, or one comma-separated string of them.
+    prometheus_categories: Optional[Union[Annotated[list[Name], Field(max_length=64)],
+                                          Annotated[str, Field(max_length=1024)]]] = None
+
+
+class PreviewQuery(QueryModel):
+    categories: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=64)] = []
 
 
 def _actor(request: Any) -> str:
@@ -60,6 +82,7 @@ class MetricsSurface(Surface):
 
     @route(app, "/api/cloud/metrics/prometheus", access=PUBLIC)
     async def prometheus(self, request):
+        """Prometheus exposition of the enabled categories."""
         metrics = self.metrics
         if not metrics.enabled:
             raise ApiError(404, "metrics_disabled", ENABLE_HINT)
@@ -102,11 +125,13 @@ class MetricsSurface(Surface):
 
     @route(app, "/api/cloud/metrics/config", access=OPERATOR)
     async def get_config(self, request):
+        """Metrics settings, categories and templates."""
         return self._describe()
 
-    @route(app, "/api/cloud/metrics/config", methods=("PUT", "PATCH"), access=ADMIN)
-    async def put_config(self, request):
-        body = json_object(request)
+    @route(app, "/api/cloud/metrics/config", methods=("PUT", "PATCH"), access=ADMIN, body=MetricsUpdate)
+    async def put_config(self, request, body: MetricsUpdate):
+        """Change the metrics settings."""
+        body = body.given()
         if not body:
             raise ApiError(400, "empty_update", "The body names no setting to change "
                            f"(settings: {', '.join(m.SETTING_KEYS)})")
@@ -118,6 +143,7 @@ class MetricsSurface(Surface):
 
     @route(app, "/api/cloud/metrics/config/templates/<name>", methods=("POST",), access=ADMIN)
     async def apply_template(self, request, name):
+        """Export a template's categories (and enable the export)."""
         categories = m.TEMPLATES.get(name)
         if categories is None:
             raise not_found(f"Unknown metrics template {name!r} (known: {', '.join(m.TEMPLATES)})")
@@ -158,9 +184,10 @@ class MetricsSurface(Surface):
 
     # -- preview -----------------------------------------------------------------------
 
-    @route(app, "/api/cloud/metrics/config/preview", access=OPERATOR)
-    async def preview(self, request):
-        raw = query_args(request, "categories")
+    @route(app, "/api/cloud/metrics/config/preview", access=OPERATOR, query=PreviewQuery)
+    async def preview(self, request, query: PreviewQuery):
+        """What a scrape would return with these categories."""
+        raw = query.categories
         if raw:
             parts = [part.strip() for value in raw for part in value.split(",") if part.strip()]
             try:

@@ -12,7 +12,10 @@ changing needs an admin.
 
 from __future__ import annotations
 
+from typing import Annotated, Optional, Union
+
 from klein import Klein
+from pydantic import ConfigDict, Field, create_model
 
 from stdaemon.clients.replicate import (
     CircuitOpenError,
@@ -24,7 +27,31 @@ from stdaemon.core import costs
 from stdaemon.core import model_versions as mv
 from stdaemon.core import provider_settings as ps
 from stdaemon.http.errors import ApiError, bad_request, not_found
-from stdaemon.http.surface import ADMIN, OPERATOR, Surface, json_object, query_arg, route
+from stdaemon.http.surface import ADMIN, OPERATOR, Surface, route
+from stdaemon.http.validation import BodyModel, QueryModel
+
+# -- request models (stdaemon.http.validation) -----------------------------------------------
+# The model fixes the JSON shape of each setting (sizes included); the meaning of each value
+# (CIDRs, URLs, readable CA bundle, ranges) is checked by stdaemon.core.provider_settings, the
+# same checks the configuration file goes through. ``null`` returns a setting to its lower layers.
+
+Text = Annotated[str, Field(max_length=4096)]
+SettingValue = Union[bool, int, float, Text, Annotated[list[Text], Field(max_length=1000)],
+                     Annotated[dict[Text, Union[Text, int, float]], Field(max_length=100)]]
+
+
+class _ProviderUpdateBase(BodyModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+ProviderUpdate = create_model(
+    "ProviderUpdate", __base__=_ProviderUpdateBase,
+    **{name: (Optional[SettingValue], Field(None, description=spec.help)) for name, spec in ps.FIELDS.items()})
+
+
+class VersionsQuery(QueryModel):
+    hardware_profile: Optional[str] = Field(None, max_length=64)
+    model_id: Optional[str] = Field(None, max_length=256)
 
 
 def _provider(name: str) -> str:
@@ -44,6 +71,7 @@ class ProvidersSurface(Surface):
 
     @route(app, "/api/cloud/providers", access=OPERATOR, rate_limited=False)
     async def list_providers(self, request):
+        """Providers with their configured flag and circuit-breaker state."""
         manager = self.ctx.providers
         providers = []
         for name in ps.PROVIDERS:
@@ -54,10 +82,12 @@ class ProvidersSurface(Surface):
 
     @route(app, "/api/cloud/providers/<provider>", access=OPERATOR)
     async def get_provider(self, request, provider):
+        """A provider's effective settings and where each came from."""
         return await self._describe(provider)
 
     @route(app, "/api/cloud/providers/<provider>/config", access=OPERATOR)
     async def get_provider_config(self, request, provider):
+        """A provider's effective settings (the path SimpleTuner's CLI uses)."""
         return await self._describe(provider)
 
     async def _describe(self, provider):
@@ -65,17 +95,20 @@ class ProvidersSurface(Surface):
         manager = self.ctx.providers
         return manager.describe(provider, await manager.is_configured(provider))
 
-    @route(app, "/api/cloud/providers/<provider>", methods=("PUT", "PATCH"), access=ADMIN)
-    async def put_provider(self, request, provider):
-        return await self._update(request, provider)
+    @route(app, "/api/cloud/providers/<provider>", methods=("PUT", "PATCH"), access=ADMIN, body=ProviderUpdate)
+    async def put_provider(self, request, provider, body):
+        """Change a provider's settings (partial update)."""
+        return await self._update(request, provider, body)
 
-    @route(app, "/api/cloud/providers/<provider>/config", methods=("PUT", "PATCH"), access=ADMIN)
-    async def put_provider_config(self, request, provider):
-        return await self._update(request, provider)
+    @route(app, "/api/cloud/providers/<provider>/config", methods=("PUT", "PATCH"), access=ADMIN,
+           body=ProviderUpdate)
+    async def put_provider_config(self, request, provider, body):
+        """Change a provider's settings (the path SimpleTuner's CLI uses)."""
+        return await self._update(request, provider, body)
 
-    async def _update(self, request, provider):
+    async def _update(self, request, provider, update):
         provider = _provider(provider)
-        body = json_object(request)
+        body = update.given()
         if not body:
             raise ApiError(400, "empty_update", "The body names no setting to change")
         try:
@@ -84,15 +117,16 @@ class ProvidersSurface(Surface):
         except ps.FieldError as exc:
             raise ApiError(400, exc.code, f"{exc.field}: {exc.reason}", field=exc.field) from None
 
-    @route(app, "/api/cloud/providers/<provider>/versions", access=OPERATOR)
-    async def versions(self, request, provider):
+    @route(app, "/api/cloud/providers/<provider>/versions", access=OPERATOR, query=VersionsQuery)
+    async def versions(self, request, provider, query: VersionsQuery):
+        """A Replicate model's versions, newest first, the one submissions run marked current."""
         provider = _provider(provider)
         manager = self.ctx.providers
-        profile = query_arg(request, "hardware_profile") or manager.value(provider, "hardware_profile")
+        profile = query.hardware_profile or manager.value(provider, "hardware_profile")
         if profile not in costs.HARDWARE_PROFILES:
             raise bad_request(f"hardware_profile must be one of {', '.join(costs.HARDWARE_PROFILES)}",
                               code="invalid_query", field="hardware_profile")
-        model_id = (query_arg(request, "model_id") or "").strip() or manager.model_id(provider, profile)
+        model_id = (query.model_id or "").strip() or manager.model_id(provider, profile)
         try:
             mv.parse_model_id(model_id)
         except ValueError as exc:

@@ -10,16 +10,31 @@ that apply to them.  Enforcement: ``ctx.quotas.check`` at submission.
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Literal, Optional, Union
 
 from klein import Klein
+from pydantic import ConfigDict, Field
 
 from stdaemon.core import approvals as rules_core
 from stdaemon.http.errors import invalid_field, not_found
-from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Response, Surface, json_object, route, path_id
+from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Response, Surface, route, path_id
+from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel
 from stdaemon.sessions import record_audit
 from stdaemon.store import approvals as store
 
 BODY = 16 * 1024
+
+
+# -- request models (stdaemon.http.validation) -----------------------------------------------
+
+class CreateQuota(BodyModel):
+    model_config = ConfigDict(extra="forbid")
+
+    quota_type: Literal[rules_core.QUOTA_TYPES]
+    limit: Union[int, float] = Field(ge=0, le=1e15)
+    action: Literal[rules_core.QUOTA_ACTIONS] = "block"
+    user_id: Optional[int] = Field(None, ge=1, le=SQLITE_MAX_INT)
+    role: Optional[Literal[rules_core.ROLES]] = None
 
 
 class QuotasSurface(Surface):
@@ -28,21 +43,24 @@ class QuotasSurface(Surface):
 
     @route(app, "/api/quotas", access=OPERATOR)
     async def list_quotas(self, request):
+        """Every quota."""
         rows = await self.ctx.db.run_read(store.list_quotas)
         return {"quotas": rows, "total": len(rows)}
 
     @route(app, "/api/quotas/me", access=VIEWER)
     async def my_quotas(self, request):
+        """The quotas that apply to the caller and their usage."""
         principal = request.principal
         quotas = await self.ctx.db.run_read(store.quotas)
         applicable = [asdict(q) for q in quotas if q.applies_to(principal.user_id, principal.role)]
         usage = await self.ctx.quotas.usage(principal.user_id)
         return {"quotas": applicable, "usage": asdict(usage)}
 
-    @route(app, "/api/quotas", methods=["POST"], access=ADMIN, max_body=BODY)
-    async def add_quota(self, request):
+    @route(app, "/api/quotas", methods=["POST"], access=ADMIN, max_body=BODY, body=CreateQuota)
+    async def add_quota(self, request, body: CreateQuota):
+        """Add a quota (per user, per role or global)."""
         try:
-            quota = rules_core.validate_quota(json_object(request))
+            quota = rules_core.validate_quota(body.given())
         except rules_core.FieldError as error:
             raise invalid_field(error.field, str(error)) from None
         try:
@@ -56,6 +74,7 @@ class QuotasSurface(Surface):
 
     @route(app, "/api/quotas/<quota_id>", methods=["DELETE"], access=ADMIN)
     async def delete_quota(self, request, quota_id):
+        """Delete a quota."""
         number = path_id(quota_id, "Quota")
         if not await self.ctx.db.run_write(store.delete_quota, number):
             raise not_found(f"Quota {quota_id} not found")

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Optional
 from klein import Klein
 from twisted.web.server import NOT_DONE_YET
 
+from stdaemon.http import validation
 from stdaemon.http.errors import ApiError, bad_request
 from stdaemon.logs import get_logger
 
@@ -61,6 +62,15 @@ class RouteInfo:
     access: Access
     max_body: Optional[int] = None   # None = server.max_body_bytes
     rate_limited: bool = True
+    path: str = ""
+    methods: tuple[str, ...] = ("GET",)
+    body: Optional[type] = None      # a validation.BodyModel subclass
+    query: Optional[type] = None     # a validation.QueryModel subclass
+    body_required: bool = True
+    stream: bool = False             # answers a long-lived stream (HEAD answers headers only)
+    error_extra: dict = field(default_factory=dict)   # added to every error body of the route
+    path_ids: dict = field(default_factory=dict)      # path argument → what it names (404 if impossible)
+    summary: str = ""
 
 
 @dataclass
@@ -78,22 +88,47 @@ ROUTES: dict[str, RouteInfo] = {}
 
 def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
           access: Access = Access.ADMIN, max_body: Optional[int] = None,
-          rate_limited: bool = True) -> Callable:
-    """Register a handler on ``app`` with an explicit access policy."""
+          rate_limited: bool = True, body: Optional[type] = None, query: Optional[type] = None,
+          body_required: bool = True, stream: bool = False,
+          error_extra: Optional[dict] = None, path_ids: Optional[dict] = None) -> Callable:
+    """Register a handler on ``app`` with an explicit access policy.
+
+    ``body``/``query`` name the route's request models (``stdaemon.http.validation``): they are
+    validated before the handler runs (400 ``{error, detail, field}`` otherwise) and the handler
+    receives the instances as its ``body=`` / ``query=`` keyword arguments. ``body_required=False``
+    validates an empty body as ``{}``. ``stream=True`` marks a route that answers a long-lived
+    stream: ``HEAD`` on it answers the headers without opening one. ``error_extra`` fields are
+    added to the route's error bodies (the submission API's ``success: false``). ``path_ids``
+    (``{"user_id": "User"}``) names numeric path ids checked first: an id that cannot exist is a
+    404 before the body is looked at.
+    """
 
     methods = tuple(m.upper() for m in methods)
 
     def decorator(fn: Callable) -> Callable:
         endpoint = f"{fn.__module__}.{fn.__qualname__}"
-        ROUTES[endpoint] = RouteInfo(access=access, max_body=max_body, rate_limited=rate_limited)
+        info = RouteInfo(access=access, max_body=max_body, rate_limited=rate_limited, path=path,
+                         methods=methods, body=body, query=query, body_required=body_required,
+                         stream=stream, error_extra=dict(error_extra or {}),
+                         path_ids=dict(path_ids or {}),
+                         summary=(inspect.getdoc(fn) or "").split("\n", 1)[0])
+        ROUTES[endpoint] = info
 
         @functools.wraps(fn)
         async def handler(self: Any, request: Any, **kwargs: Any) -> Any:
             try:
+                for name, what in info.path_ids.items():
+                    path_id(kwargs[name], what)
+                if info.query is not None:
+                    kwargs["query"] = validation.validate_query(request, info.query)
+                if info.body is not None:
+                    kwargs["body"] = validation.validate_body(request, info.body, info.body_required)
                 result = fn(self, request, **kwargs)
                 if inspect.isawaitable(result):
                     result = await result
             except ApiError as error:
+                for name, value in info.error_extra.items():
+                    error.extra.setdefault(name, value)
                 return render_error(request, error)
             except Exception:
                 log.failure("Unhandled error in {endpoint}", endpoint=endpoint)
@@ -144,10 +179,7 @@ def json_body(request: Any, required: bool = True) -> Any:
         if required:
             raise bad_request("A JSON body is required", code="invalid_json")
         return {}
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise bad_request("The body is not valid JSON", code="invalid_json") from None
+    return validation.parse_json(raw)
 
 
 def json_object(request: Any, required: bool = True) -> dict:

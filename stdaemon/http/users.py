@@ -17,25 +17,48 @@ until an admin sets one.
 
 from __future__ import annotations
 
+from typing import Annotated, Optional
+
 from klein import Klein
+from pydantic import ConfigDict, Field
 
 from stdaemon.http.errors import ApiError, forbidden, invalid_field, not_found
-from stdaemon.http.surface import ADMIN, VIEWER, Response, Surface, json_object, path_id, query_int, route
+from stdaemon.http.surface import ADMIN, VIEWER, Response, Surface, path_id, route
+from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel
 from stdaemon.sessions import record_audit
 from stdaemon.store import users
 
 USER_BODY = 16 * 1024
-_FIELDS = {"username", "email", "password", "role", "disabled",
-           # the names SimpleTuner's CLI sends
-           "is_admin", "is_active", "display_name", "level_names"}
 MAX_DISPLAY_NAME = 200
 
 
-def _display_name(value):
+# -- request models (stdaemon.http.validation) -----------------------------------------------
+
+class UserFields(BodyModel):
+    """A user's fields; ``is_admin``, ``is_active``, ``display_name`` and ``level_names`` are the
+    names SimpleTuner's CLI sends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    username: Optional[str] = Field(None, max_length=64)
+    email: Optional[str] = Field(None, max_length=320)
+    password: Optional[str] = Field(None, max_length=users.MAX_PASSWORD)
+    role: Optional[str] = Field(None, max_length=32)
+    disabled: Optional[bool] = None
+    is_admin: Optional[bool] = None
+    is_active: Optional[bool] = None
+    display_name: Optional[str] = Field(None, max_length=MAX_DISPLAY_NAME)
+    level_names: Optional[Annotated[list[Annotated[str, Field(max_length=32)]], Field(max_length=16)]] = None
+
+
+class ListUsers(QueryModel):
+    limit: int = Field(1000, ge=1, le=10000)
+    offset: int = Field(0, ge=0, le=SQLITE_MAX_INT)
+
+
+def _display_name(value: Optional[str]) -> Optional[str]:
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > MAX_DISPLAY_NAME:
-        raise users.UserError("display_name", f"must be a string of at most {MAX_DISPLAY_NAME} characters")
     return value.strip() or None
 
 
@@ -45,8 +68,6 @@ def _role_from_cli(body: dict, current: str | None = None) -> str | None:
     wanted = None
     levels = body.get("level_names")
     if levels is not None:
-        if not isinstance(levels, list) or not all(isinstance(n, str) for n in levels):
-            raise users.UserError("level_names", "must be a list of role names")
         named = [n.strip().lower() for n in levels if n.strip()]
         unknown = [n for n in named if n not in users.ROLES]
         if unknown:
@@ -54,10 +75,8 @@ def _role_from_cli(body: dict, current: str | None = None) -> str | None:
                                                  f"roles: {', '.join(users.ROLES)}")
         if named:
             wanted = max(named, key=lambda n: users.ROLE_RANK[n])
-    if "is_admin" in body:
+    if body.get("is_admin") is not None:
         flag = body["is_admin"]
-        if not isinstance(flag, bool):
-            raise users.UserError("is_admin", "must be true or false")
         if flag:
             wanted = "admin"
         elif wanted is None:
@@ -87,6 +106,7 @@ class UsersSurface(Surface):
 
     @route(app, "/api/users/me", access=VIEWER, rate_limited=False)
     async def me(self, request):
+        """The caller's own user and the role in force."""
         principal = request.principal
         user = await self.ctx.db.run_read(users.get_user, principal.user_id)
         if user is None:
@@ -101,10 +121,10 @@ class UsersSurface(Surface):
         rows = await self.ctx.db.run_read(users.list_users)
         return {"in_use": True, "user_count": len(rows), "has_external_providers": False}
 
-    @route(app, "/api/users", access=ADMIN)
-    async def list_users(self, request):
-        limit = query_int(request, "limit", 1000, minimum=1, maximum=10000)
-        offset = query_int(request, "offset", 0, minimum=0, maximum=2**62)
+    @route(app, "/api/users", access=ADMIN, query=ListUsers)
+    async def list_users(self, request, query: ListUsers):
+        """Users (paged)."""
+        limit, offset = query.limit, query.offset
         rows = await self.ctx.db.run_read(users.list_users)
         return {"users": rows[offset:offset + limit], "total": len(rows), "limit": limit,
                 "offset": offset}
@@ -121,25 +141,21 @@ class UsersSurface(Surface):
             raise not_found(f"User {user_id} not found")
         return user
 
-    @route(app, "/api/users", methods=["POST"], access=ADMIN, max_body=USER_BODY)
-    async def create_user(self, request):
-        body = json_object(request)
-        unknown = set(body) - _FIELDS
-        if unknown:
-            raise invalid_field(sorted(unknown)[0], "unknown field")
+    @route(app, "/api/users", methods=["POST"], access=ADMIN, max_body=USER_BODY, body=UserFields)
+    async def create_user(self, request, body: UserFields):
+        """Create a user."""
+        fields = body.given()
         try:
-            username = users.check_username(body.get("username"))
-            email = users.check_email(body.get("email"))
-            password = body.get("password")
+            username = users.check_username(body.username)
+            email = users.check_email(body.email)
+            password = body.password
             if password is not None:
                 password = users.check_password(password)
-            role = _role_from_cli(body) or users.check_role(body.get("role", "viewer"))
-            display_name = _display_name(body.get("display_name"))
+            role = _role_from_cli(fields) or users.check_role(body.role or "viewer")
+            display_name = _display_name(body.display_name)
             disabled = False
-            if "is_active" in body:
-                if not isinstance(body["is_active"], bool):
-                    raise users.UserError("is_active", "must be true or false")
-                disabled = not body["is_active"]
+            if body.is_active is not None:
+                disabled = not body.is_active
         except users.UserError as error:
             raise _error(error) from None
         password_hash = await self.ctx.sessions.hash_password(password) if password is not None else None
@@ -154,41 +170,40 @@ class UsersSurface(Surface):
                            action="create", details={"username": username, "role": role})
         return Response(user, status=201)
 
-    @route(app, "/api/users/<user_id>", methods=["PATCH"], access=ADMIN, max_body=USER_BODY)
-    async def update_user(self, request, user_id):
+    @route(app, "/api/users/<user_id>", methods=["PATCH"], access=ADMIN, max_body=USER_BODY, body=UserFields,
+           path_ids={"user_id": "User"})
+    async def update_user(self, request, user_id, body: UserFields):
+        """Change a user (partial update)."""
         uid = _user_id(user_id)
-        body = json_object(request)
-        unknown = set(body) - _FIELDS
-        if unknown:
-            raise invalid_field(sorted(unknown)[0], "unknown field")
+        given = body.given()
         current = await self.ctx.db.run_read(users.get_user, uid)
         if current is None:
             raise not_found(f"User {user_id} not found")
         changes: dict = {}
         try:
-            if "username" in body:
-                changes["username"] = users.check_username(body["username"])
-            if "email" in body:
-                changes["email"] = users.check_email(body["email"])
-            if "role" in body:
-                changes["role"] = users.check_role(body["role"])
-            wanted = _role_from_cli(body, current["role"])
+            if "username" in given:
+                changes["username"] = users.check_username(body.username)
+            if "email" in given:
+                changes["email"] = users.check_email(body.email)
+            if "role" in given:
+                changes["role"] = users.check_role(body.role)
+            wanted = _role_from_cli(given, current["role"])
             if wanted is not None:
                 changes["role"] = wanted
-            if "disabled" in body:
-                if not isinstance(body["disabled"], bool):
+            if "disabled" in given:
+                if body.disabled is None:
                     raise users.UserError("disabled", "must be true or false")
-                changes["disabled"] = int(body["disabled"])
-            if "is_active" in body:
-                if not isinstance(body["is_active"], bool):
+                changes["disabled"] = int(body.disabled)
+            if "is_active" in given:
+                if body.is_active is None:
                     raise users.UserError("is_active", "must be true or false")
-                if "disabled" in changes and changes["disabled"] == int(body["is_active"]):
+                if "disabled" in changes and changes["disabled"] == int(body.is_active):
                     raise users.UserError("is_active", "contradicts disabled")
-                changes["disabled"] = int(not body["is_active"])
-            if "display_name" in body:
-                changes["display_name"] = _display_name(body["display_name"])
-            if "password" in body:
-                password = users.check_password(body["password"])
+                changes["disabled"] = int(not body.is_active)
+            if "display_name" in given:
+                changes["display_name"] = _display_name(body.display_name)
+            if "password" in given:
+                password = users.check_password(body.password)
                 changes["password_hash"] = await self.ctx.sessions.hash_password(password)
         except users.UserError as error:
             raise _error(error) from None
@@ -212,16 +227,19 @@ class UsersSurface(Surface):
 
     @route(app, "/api/users/<user_id>/activate", methods=["POST"], access=ADMIN, max_body=USER_BODY)
     async def activate(self, request, user_id):
+        """Enable a user."""
         user = await self._apply(request, _user_id(user_id), user_id, {"disabled": 0})
         return {"success": True, "user": user}
 
     @route(app, "/api/users/<user_id>/deactivate", methods=["POST"], access=ADMIN, max_body=USER_BODY)
     async def deactivate(self, request, user_id):
+        """Disable a user (ends their sessions)."""
         user = await self._apply(request, _user_id(user_id), user_id, {"disabled": 1})
         return {"success": True, "user": user}
 
     @route(app, "/api/users/<user_id>", methods=["DELETE"], access=ADMIN)
     async def delete_user(self, request, user_id):
+        """Delete a user."""
         uid = _user_id(user_id)
         try:
             deleted = await self.ctx.db.run_write(users.delete_user, uid, self.ctx.now())

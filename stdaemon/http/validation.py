@@ -1,0 +1,133 @@
+"""Request validation (S19): every body and query is a typed model, checked before a handler runs.
+
+A route declares its models (``stdaemon.http.surface.route(..., body=SubmitJob, query=ListJobs)``)
+and its handler receives the validated instances as the ``body=`` / ``query=`` keyword arguments.
+The models of a surface are declared together at the top of its module (the "request models"
+section); the OpenAPI document (``stdaemon/http/openapi.py``) is generated from the same models.
+
+Validation is pydantic v2's: JSON bodies are parsed by pydantic-core's parser (no Python
+recursion: nesting deeper than 200 levels, lone surrogates and invalid UTF-8 are parse errors,
+``NaN``/``Infinity`` are refused) and validated in strict mode (a JSON string is not a number, a
+number is not a boolean); query strings are validated in lax mode (``"5"`` is the integer 5).
+Any failure is a 400 ``{"error", "detail", "field"}`` naming the first offending field; the
+offending value itself is never echoed.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Mapping
+
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from stdaemon.http.errors import ApiError
+
+# SQLite integers are signed 64-bit: a larger id in a body could never match a row and would
+# overflow the driver.
+SQLITE_MAX_INT = 2 ** 63 - 1
+
+
+class BodyModel(BaseModel):
+    """Base of JSON body models: strict types; unknown fields tolerated (SimpleTuner's clients send
+    fields stdaemon does not use) unless a model sets ``extra="forbid"``."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, frozen=True)
+
+    def given(self) -> dict:
+        """The fields the client sent (with tolerated extras), as plain JSON values."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class QueryModel(BaseModel):
+    """Base of query-string models: values arrive as text and are converted (lax mode); unknown
+    parameters are ignored; an empty value counts as absent."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True)
+
+
+def parse_json(raw: bytes) -> Any:
+    """A JSON document as Python values, or a 400 ``invalid_json``: the one JSON parser for request
+    bodies (bounded depth, no lone surrogates, no NaN)."""
+    try:
+        return pydantic_core.from_json(raw, allow_inf_nan=False)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"The body is not valid JSON: {_short(str(exc))}") from None
+
+
+def read_body(request: Any) -> bytes:
+    content = request.content
+    content.seek(0)
+    return content.read()
+
+
+def validate_body(request: Any, model: type[BodyModel], required: bool = True) -> BodyModel:
+    raw = read_body(request)
+    if not raw.strip():
+        if required:
+            raise ApiError(400, "invalid_json", "A JSON body is required")
+        raw = b"{}"
+    data = parse_json(raw)
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "The JSON body must be an object")
+    return validate(model, data, code="invalid_field")
+
+
+def validate_query(request: Any, model: type[QueryModel]) -> QueryModel:
+    args: Mapping[bytes, list] = getattr(request, "args", None) or {}
+    data: dict[str, Any] = {}
+    listed = _list_fields(model)
+    for name, info in model.model_fields.items():
+        key = (info.alias or name).encode()
+        values = args.get(key)
+        if not values:
+            continue
+        try:
+            texts = [v.decode("utf-8") for v in values]
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_query", f"{name}: is not valid UTF-8", field=name) from None
+        texts = [t for t in texts if t != ""]
+        if not texts:
+            continue
+        data[info.alias or name] = texts if name in listed else texts[0]
+    return validate(model, data, code="invalid_query")
+
+
+def validate(model: type[BaseModel], data: Any, code: str = "invalid_field") -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, code) from None
+
+
+def validation_error(exc: ValidationError, code: str) -> ApiError:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    loc = first.get("loc", ())
+    # The top-level field the client sent (what a form highlights); deeper parts of the location
+    # are union member names or container indexes.
+    field = str(loc[0]) if loc else ""
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        message = "unknown field"
+    elif kind == "missing":
+        message = "is required"
+    else:
+        message = _short(first.get("msg", "is not valid"))
+    if not field:
+        return ApiError(400, code, message)
+    return ApiError(400, code, f"{field}: {message}", field=field)
+
+
+def _list_fields(model: type[BaseModel]) -> set[str]:
+    out = set()
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        for candidate in (annotation, *typing.get_args(annotation)):
+            if typing.get_origin(candidate) in (list, tuple):
+                out.add(name)
+    return out
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
