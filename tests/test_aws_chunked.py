@@ -78,8 +78,8 @@ def test_botocore_unsigned_trailer_bodies(size):
 
 
 def test_botocore_sha256_trailer_and_bad_checksum():
-    data = os.urandom(5000)
-    body = _botocore_body(data, Sha256Checksum, "x-amz-checksum-sha256", chunk_size=1000)
+    data = os.urandom(50000)
+    body = _botocore_body(data, Sha256Checksum, "x-amz-checksum-sha256", chunk_size=8192)
     decoder = AwsChunkedDecoder(trailer_names=["x-amz-checksum-sha256"])
     assert _decode(decoder, body, 333) == data
     corrupted = body.replace(data[:50], bytes(50), 1)
@@ -142,15 +142,47 @@ def test_checksum_algorithms_match_reference_check_values():
     assert s3_checksums.algorithm_from_header("x-amz-checksum-md5") is None
 
 
-def test_record_mode_checks_the_chain_once_the_key_is_known():
-    decoder = AwsChunkedDecoder(record_signatures=True, decoded_length=66560)
-    assert _decode(decoder, AWS_EXAMPLE, 5000) == b"a" * 66560
-    assert len(decoder.recorded) == 3
-    decoder.verify_recorded(_signer())
-    other = sigv4.ChunkSigner(sigv4.signing_key("wrong", "20130524", "us-east-1", "s3"), "20130524T000000Z",
-                              "20130524/us-east-1/s3/aws4_request", SEED)
+def _signed_body(signer, sizes):
+    """A signed aws-chunked body with chunks of the given sizes (then the final empty chunk)."""
+    out, previous = [], SEED
+    for size in list(sizes) + [0]:
+        data = b"z" * size
+        previous = signer.chunk_signature(previous, hashlib.sha256(data).hexdigest())
+        out.append(b"%x;chunk-signature=%s\r\n%s\r\n" % (size, previous.encode(), data))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("sizes", [[8192, 8192, 1], [100_000, 8192], [1], [5], [8192] * 20])
+def test_chunks_of_at_least_8_kib_except_the_last(sizes):
+    decoder = AwsChunkedDecoder(signer=_signer())
+    assert _decode(decoder, _signed_body(_signer(), sizes), 3000) == b"z" * sum(sizes)
+
+
+@pytest.mark.parametrize("sizes", [[1, 1], [8191, 8192], [8192, 100, 8192], [1] + [8192] * 3])
+def test_a_short_chunk_before_the_last_is_refused(sizes):
     with pytest.raises(ChunkedError) as err:
-        decoder.verify_recorded(other)
-    assert err.value.code == "SignatureDoesNotMatch"
-    with pytest.raises(ChunkedError):
-        _decode(AwsChunkedDecoder(record_signatures=True), b"3\r\nabc\r\n0\r\n\r\n", 4)
+        _decode(AwsChunkedDecoder(signer=_signer()), _signed_body(_signer(), sizes), 4096)
+    assert err.value.code == "InvalidChunkSizeError"
+    unsigned = b"".join(b"%x\r\n%s\r\n" % (n, b"u" * n) for n in sizes) + b"0\r\n\r\n"
+    with pytest.raises(ChunkedError) as err:
+        _decode(AwsChunkedDecoder(), unsigned, 4096)
+    assert err.value.code == "InvalidChunkSizeError"
+
+
+def test_decoder_state_stays_bounded_for_any_chunking():
+    """What the decoder keeps between calls does not grow with the number of chunks: 1 000 chunks
+    of 8 KiB leave the same state as 10, and nothing per chunk is kept."""
+    import sys
+
+    def state_size(decoder):
+        return sum(sys.getsizeof(v) for v in vars(decoder).values())
+
+    sizes = []
+    for count in (10, 1000):
+        decoder = AwsChunkedDecoder(signer=_signer())
+        body = _signed_body(_signer(), [8192] * count)
+        for start in range(0, len(body), 65536):
+            decoder.feed(body[start:start + 65536])
+        sizes.append(state_size(decoder))
+        decoder.finish()
+    assert sizes[1] <= sizes[0] + 64

@@ -243,3 +243,65 @@ async def test_dates_in_the_year_99999_are_s3_4xx(s3):
                                                            b"x" if method == "PUT" else b"")
         assert 400 <= status < 500, (path[:120], headers, status, body)
         assert answer_headers["content-type"] == "application/xml" and code(body), (path[:120], status, body)
+
+
+def _streaming(daemon, access_key, secret, sizes, declared_sizes=None, corrupt_at=None):
+    """Headers and body of a signed streaming upload (STREAMING-AWS4-HMAC-SHA256-PAYLOAD) whose
+    chunks have the given sizes; ``declared_sizes`` is what the headers announce."""
+    from stdaemon.core import sigv4
+
+    declared = sum(declared_sizes or sizes)
+    headers = sign(daemon.url + PATH, "PUT", access_key, secret, "STREAMING-AWS4-HMAC-SHA256-PAYLOAD",
+                   {"Content-Encoding": "aws-chunked", "x-amz-decoded-content-length": str(declared)})
+    amz_date = headers["X-Amz-Date"]
+    seed = headers["Authorization"].rsplit("Signature=", 1)[1]
+    scope = f"{amz_date[:8]}/us-east-1/s3/aws4_request"
+    signer = sigv4.ChunkSigner(sigv4.signing_key(secret, amz_date[:8], "us-east-1", "s3"), amz_date, scope, seed)
+    out, previous = [], seed
+    for index, size in enumerate(list(sizes) + [0]):
+        data = bytes([65 + index % 26]) * size
+        previous = signer.chunk_signature(previous, hashlib.sha256(data).hexdigest())
+        signature = "0" * 64 if index == corrupt_at else previous
+        out.append(b"%x;chunk-signature=%s\r\n%s\r\n" % (size, signature.encode(), data))
+    return headers, out
+
+
+@pytest_twisted.ensureDeferred
+async def test_signed_streaming_chunks_are_checked_as_they_arrive(s3):
+    """Chunks are verified as they come (the key is known before the body): a short chunk before the
+    last one (S3's 8 KiB rule) or a wrong chunk signature is answered while the body is still owed,
+    with nothing stored; a well-formed stream lands."""
+    daemon, access_key, secret = s3
+    sizes = [8192, 8192, 100]
+    headers, chunks = _streaming(daemon, access_key, secret, sizes)
+    status, _, body = await deferToThread(raw_request, daemon.port, "PUT", PATH, headers, b"".join(chunks))
+    assert status == 200, body
+    with open(os.path.join(daemon.ctx.outputs_dir(), "job-1", "obj.bin"), "rb") as fh:
+        assert fh.read() == b"A" * 8192 + b"B" * 8192 + b"C" * 100
+
+    for sizes, corrupt_at, expected in (([1] * 100_000, None, "InvalidChunkSizeError"),
+                                        ([8192] * 10_000, 3, "SignatureDoesNotMatch")):
+        # only the first 2 000 chunks are sent: the answer must come before the rest
+        headers, chunks = _streaming(daemon, access_key, secret, sizes[:2000], sizes, corrupt_at)
+        declared = sum(len(c) for c in chunks) * (len(sizes) // 2000)
+
+        def send():
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+            with sock:
+                sock.sendall(_head(daemon.port, PATH, headers, declared))
+                try:
+                    sock.sendall(b"".join(chunks[:2000]))
+                except OSError:
+                    pass
+                return _answer(sock)
+
+        answer = await deferToThread(send)
+        assert answer is not None and (answer[0], code(answer[1])) == (403, expected), answer
+    assert sorted(os.path.relpath(f, daemon.ctx.outputs_dir()) for f in _all_files(daemon)
+                  if "/.stdaemon/" not in f) == ["job-1/obj.bin"]
+    for _ in range(100):  # the refused uploads' temp files are removed by a worker thread
+        if not [f for f in _all_files(daemon) if "/.stdaemon/tmp/" in f]:
+            break
+        await deferToThread(time.sleep, 0.05)
+    assert [f for f in _all_files(daemon) if "/.stdaemon/tmp/" in f] == []
+    assert daemon.ctx.upload_progress("job-1")["in_flight"] == []

@@ -17,17 +17,19 @@ text = st.text(max_size=200)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=400), st.integers(min_value=1, max_value=50), st.booleans())
-def test_decoder_raises_only_chunked_errors(data, slice_size, record):
-    decoder = AwsChunkedDecoder(trailer_names=["x-amz-checksum-crc32"], record_signatures=record,
-                                max_decoded=1000)
+@given(st.binary(max_size=400), st.integers(min_value=1, max_value=50), st.booleans(),
+       st.integers(min_value=1, max_value=16))
+def test_decoder_raises_only_chunked_errors(data, slice_size, signed, min_chunk):
+    signer = sigv4.ChunkSigner(b"k" * 32, "20130524T000000Z", "20130524/us-east-1/s3/aws4_request", "0" * 64)
+    decoder = AwsChunkedDecoder(trailer_names=["x-amz-checksum-crc32"], signer=signer if signed else None,
+                                max_decoded=1000, min_chunk=min_chunk)
     try:
         for start in range(0, len(data), slice_size):
             decoder.feed(data[start:start + slice_size])
         decoder.finish()
     except ChunkedError as err:
         assert err.code in {"IncompleteBody", "InvalidRequest", "SignatureDoesNotMatch", "EntityTooLarge",
-                            "BadDigest"}
+                            "BadDigest", "InvalidChunkSizeError"}
 
 
 @settings(max_examples=300, deadline=None)

@@ -14,8 +14,16 @@ Two variants reach an S3 endpoint:
 
 The transport's own ``Transfer-Encoding: chunked`` framing is removed by the HTTP server first;
 this decoder sees the aws-chunked stream. :meth:`AwsChunkedDecoder.feed` takes any slice of the
-stream (down to one byte) and returns the payload bytes decoded so far, so a body is never held
-whole in memory. Errors raise :class:`ChunkedError` with the S3 error code to answer with.
+stream (down to one byte) and returns the payload bytes decoded so far (slices of the input, never
+byte by byte), so a body is never held whole in memory, and what the decoder keeps between calls
+is bounded whatever the chunk sizes: one line buffer (:data:`MAX_LINE`), one running hash, the
+previous signature. As S3 does, every chunk but the last one carrying data must hold at least
+:data:`MIN_CHUNK` bytes (AWS: "the chunk size must be at least 8 KB … except the last chunk";
+botocore sends 1 MiB chunks): a stream of tiny chunks is refused at its second chunk rather than
+costing a signature check per byte. Errors raise :class:`ChunkedError` with the S3 error code to
+answer with.
+
+Hand-written: no maintained Python library decodes aws-chunked bodies on the server side.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from stdaemon.core.sigv4 import EMPTY_SHA256, ChunkSigner
 
 MAX_LINE = 4096
 MAX_TRAILER_LINES = 32
+#: Smallest chunk S3 accepts, except the last one carrying data.
+MIN_CHUNK = 8192
 
 _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 
@@ -49,9 +59,8 @@ class AwsChunkedDecoder:
     :param signed_trailer: the trailers carry ``x-amz-trailer-signature`` (signed trailer variant).
     :param decoded_length: ``x-amz-decoded-content-length`` when sent; checked at the end.
     :param max_decoded: largest payload accepted (``EntityTooLarge`` beyond it).
-    :param record_signatures: the signing key is not known yet (the body arrives before the
-        credential is looked up): require and record each chunk's signature and hash, and check
-        the chain later with :meth:`verify_recorded`.
+    :param min_chunk: smallest accepted chunk except the last one carrying data
+        (``InvalidChunkSizeError``).
     """
 
     def __init__(
@@ -62,7 +71,7 @@ class AwsChunkedDecoder:
         signed_trailer: bool = False,
         decoded_length: int | None = None,
         max_decoded: int | None = None,
-        record_signatures: bool = False,
+        min_chunk: int = MIN_CHUNK,
     ) -> None:
         self._signer = signer
         self._previous = signer.seed_signature if signer else ""
@@ -70,9 +79,9 @@ class AwsChunkedDecoder:
         self._signed_trailer = signed_trailer
         self._decoded_length = decoded_length
         self._max_decoded = max_decoded
-        self._record = record_signatures and signer is None
-        self.recorded: list[tuple[str, str]] = []
-        self._trailer_record: tuple[str, str] | None = None
+        self._min_chunk = min_chunk
+        self._short_chunk = 0  # size of a chunk under min_chunk: it must have been the last one
+        self._chunks = 0
         self._state = _SIZE
         self._buffer = bytearray()
         self._remaining = 0
@@ -179,7 +188,7 @@ class AwsChunkedDecoder:
             name, _, value = extension.partition(b"=")
             if name.strip() == b"chunk-signature":
                 signature = value.strip().decode("ascii", "replace")
-        signed = self._signer is not None or self._record
+        signed = self._signer is not None
         if signed and not signature:
             raise ChunkedError("SignatureDoesNotMatch", "aws-chunked chunk has no chunk-signature")
         self._chunk_signature = signature
@@ -188,17 +197,19 @@ class AwsChunkedDecoder:
             self._verify_chunk()
             self._state = _TRAILER
             return
+        self._chunks += 1
+        if self._short_chunk:
+            raise ChunkedError("InvalidChunkSizeError",
+                               f"Only the last chunk is allowed to have a size less than {self._min_chunk} bytes "
+                               f"(chunk {self._chunks - 1} has {self._short_chunk})")
+        if size < self._min_chunk:
+            self._short_chunk = size
         if self._max_decoded is not None and self.decoded_bytes + size > self._max_decoded:
             raise ChunkedError("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size")
         self._remaining = size
         self._state = _DATA
 
     def _verify_chunk(self) -> None:
-        if self._record:
-            digest = self._chunk_hash.hexdigest() if self._chunk_hash is not None else EMPTY_SHA256
-            self.recorded.append((self._chunk_signature, digest))
-            self._chunk_hash = None
-            return
         if self._signer is None:
             return
         digest = self._chunk_hash.hexdigest() if self._chunk_hash is not None else EMPTY_SHA256
@@ -240,28 +251,11 @@ class AwsChunkedDecoder:
         canonical = "".join(
             f"{name}:{value}\n" for name, value in self.trailers.items() if name != "x-amz-trailer-signature"
         )
-        if self._record:
-            self._trailer_record = (given, hashlib.sha256(canonical.encode()).hexdigest())
-            return
         if self._signer is None:
             return
         expected = self._signer.trailer_signature(self._previous, hashlib.sha256(canonical.encode()).hexdigest())
         if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
             raise ChunkedError("SignatureDoesNotMatch", "aws-chunked trailer signature does not match")
-
-    def verify_recorded(self, signer: ChunkSigner) -> None:
-        """Check the recorded chunk-signature chain (record mode) once the signing key is known."""
-        previous = signer.seed_signature
-        for given, digest in self.recorded:
-            expected = signer.chunk_signature(previous, digest)
-            if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
-                raise ChunkedError("SignatureDoesNotMatch", "aws-chunked chunk signature does not match")
-            previous = expected
-        if self._signed_trailer:
-            given, digest = self._trailer_record or ("", EMPTY_SHA256)
-            expected = signer.trailer_signature(previous, digest)
-            if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
-                raise ChunkedError("SignatureDoesNotMatch", "aws-chunked trailer signature does not match")
 
     def checksum_b64(self, name: str) -> str | None:
         """The computed base64 value of a declared checksum trailer (after :meth:`finish`)."""

@@ -23,6 +23,7 @@ ERROR_STATUS = {
     "InternalError": 500,
     "InvalidAccessKeyId": 403,
     "InvalidArgument": 400,
+    "InvalidChunkSizeError": 403,
     "InvalidBucketName": 400,
     "InvalidDigest": 400,
     "InvalidPart": 400,

@@ -212,6 +212,17 @@ class StdaemonRequest(server.Request):
             body = json.dumps({"error": "internal_error", "detail": "The request could not be processed"}).encode()
             self._reject_now(500, b"Internal Server Error", b"application/json", body)
 
+    @property
+    def receiving(self) -> bool:
+        """The body is still arriving (the handler has not been started)."""
+        return not self._all_received and not self._rejected and self.channel is not None
+
+    def refuse_body(self, status: int, reason: bytes, content_type: bytes, body: bytes) -> None:
+        """For a sink that finds the body bad while it arrives (a chunk signature, a size): answer
+        now, drop the rest (bounded) and hang up; the handler never runs. The sink is closed."""
+        if self.receiving:
+            self._reject_now(status, reason, content_type, body, linger=True)
+
     def _refuse(self, refusal: RejectBody) -> None:
         self._reject_now(refusal.status, refusal.reason, refusal.content_type, refusal.body,
                          linger=not self._expect_continue)

@@ -24,7 +24,6 @@ import base64
 import hashlib
 import hmac
 import os
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import unquote_to_bytes
@@ -69,6 +68,10 @@ RESPONSE_OVERRIDES = {
     "response-cache-control": "Cache-Control",
     "response-expires": "Expires",
 }
+
+
+_REASONS = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 500: b"Internal Server Error",
+            501: b"Not Implemented"}
 
 
 class S3Error(Exception):
@@ -188,8 +191,10 @@ class UploadSink:
         self.error: Optional[Exception] = error
         self.pending = None
         self.closed = False
-        self._queue: deque = deque()
-        self._queued = 0
+        # one growing buffer, not a list of pieces: a body sent in tiny HTTP chunks costs its bytes,
+        # not an object per piece
+        self._queue = bytearray()
+        self._queued = 0  # queued + being processed
         self._busy = False
         self._paused = False
         self._eof = False
@@ -240,7 +245,7 @@ class UploadSink:
             self.surface.progress.add(self.job_id, self.progress_token, len(data))
         if self.error is not None:
             return  # refused already: drain and drop
-        self._queue.append(data)
+        self._queue += data
         self._queued += len(data)
         if self._queued > HIGH_WATER and not self._paused:
             transport = getattr(getattr(self.request, "channel", None), "transport", None)
@@ -279,12 +284,9 @@ class UploadSink:
             if not self._busy and not self._queue:
                 self._wake()
             return
-        batch = []
-        size = 0
-        while self._queue and size < BATCH_BYTES:
-            piece = self._queue.popleft()
-            batch.append(piece)
-            size += len(piece)
+        batch = bytes(self._queue[:BATCH_BYTES])
+        del self._queue[:BATCH_BYTES]
+        size = len(batch)
         self._busy = True
         d = self.surface.run(self._process, batch)
         d.addBoth(self._processed, size)
@@ -295,6 +297,11 @@ class UploadSink:
         if isinstance(result, Failure) and self.error is None:
             log.failure("Upload worker failed", failure=result)
             self.error = S3Error("InternalError", "We encountered an internal error. Please try again.")
+        if self.error is not None and not self.closed and getattr(self.request, "receiving", False):
+            # a bad chunk (signature, size) while the body still arrives: answer now, drop the rest
+            err = _from(self.error)
+            body = s3_xml.error(err.code, err.message, "", f"/{self.target.bucket}/{self.target.key}", **err.extra)
+            self.request.refuse_body(err.status, _REASONS.get(err.status, b"Error"), b"application/xml", body)
         if self._paused and self._queued < LOW_WATER:
             self._paused = False
             transport = getattr(getattr(self.request, "channel", None), "transport", None)
@@ -302,7 +309,7 @@ class UploadSink:
                 transport.resumeProducing()
         self._kick()
 
-    def _process(self, batch: list) -> None:
+    def _process(self, batch: bytes) -> None:
         """In a worker thread: decode, hash and write one batch."""
         if self.error is not None or self.closed:
             return
@@ -310,10 +317,9 @@ class UploadSink:
             if self.pending is None:
                 self.pending = self.surface.begin_write(self.target, self.checksum_algorithms, self.max_size,
                                                        self.signed_payload)
-            for data in batch:
-                pieces = self.decoder.feed(data) if self.decoder is not None else (data,)
-                for piece in pieces:
-                    self.pending.write(piece)
+            pieces = self.decoder.feed(batch) if self.decoder is not None else (batch,)
+            for piece in pieces:
+                self.pending.write(piece)
         except (ChunkedError, StorageError, InvalidKey, S3Error) as exc:
             self.error = _from(exc)
         except Exception:  # disk full, permissions, …: a server fault, logged with its traceback
@@ -613,8 +619,7 @@ class StorageSurface(Surface):
                 log.failure("S3 admission failed")
                 err = S3Error("InternalError", "We encountered an internal error. Please try again.")
             body = s3_xml.error(err.code, err.message, "", "", **err.extra)
-            reason = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found"}.get(err.status, b"Error")
-            raise RejectBody(err.status, reason, b"application/xml", body) from None
+            raise RejectBody(err.status, _REASONS.get(err.status, b"Error"), b"application/xml", body) from None
         request.s3_caller = caller
 
     async def authenticate(self, request: Any, raw_path: str, raw_query: str) -> Caller:
