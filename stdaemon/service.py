@@ -66,6 +66,9 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.providers import ProvidersSurface
 
     surfaces += [ProvidersSurface(ctx), JobsSurface(ctx)]  # /api/cloud/providers*, /api/cloud/jobs*
+    from stdaemon.http.configs import ConfigsSurface
+
+    surfaces.append(ConfigsSurface(ctx))  # /api/configs* (named training configs; ctx.configs)
     from stdaemon.http.storage import StorageSurface
 
     surfaces.append(StorageSurface(ctx))  # /api/cloud/storage (S3); ctx.upload_credentials, ctx.upload_progress
@@ -106,6 +109,9 @@ def wire_capabilities(ctx: App, root: Root) -> None:
 
     providers.install(ctx)  # ctx.providers, ctx.http_clients, ctx.breakers; circuit_breaker:/provider: health
     jobs.install(ctx)  # ctx.jobs: the one job-update path (write_update/committed) for webhooks and the poller; "jobs.poll" timer
+    from stdaemon.http import configs
+
+    configs.install(ctx)  # ctx.configs: <state>/configs/<name>/{config,multidatabackend}.json, own thread pool
     from stdaemon import approvals, events
 
     events.install(ctx)  # ctx.events: publish(job_dict) → SSE streams; closed by ctx.drain_hooks

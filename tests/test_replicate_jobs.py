@@ -80,8 +80,12 @@ async def test_submit_creates_prediction_with_upload_target(env):
 @pytest_twisted.ensureDeferred
 async def test_cli_paths_and_error_bodies(env):
     # SimpleTuner's CLI: POST /api/cloud/jobs/submit?provider=… with config_name_to_load.
+    # A name that was never saved with PUT /api/configs/{name}: 404 naming it.
     response, body = await env.call("POST", "/api/cloud/jobs/submit?provider=replicate",
                                     {"config_name_to_load": "only-a-name"})
+    assert response.code == 404
+    assert body["error"] == "config_not_found" and "only-a-name" in body["detail"]
+    response, body = await env.call("POST", "/api/cloud/jobs/submit?provider=replicate", {})
     assert response.code == 400
     assert body["error"] == "invalid_field" and body["detail"].startswith("config:")
     response, body = await env.call("POST", "/api/cloud/jobs", {"config": {}, "hardware_profile": "tpu"})

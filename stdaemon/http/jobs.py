@@ -260,11 +260,18 @@ class JobService:
         body = submission.given()
 
         config = submission.config
+        dataloader = submission.dataloader_config
+        if config is None and submission.config_name_to_load is not None:
+            # A named config saved with PUT /api/configs/{name} (what SimpleTuner's CLI sends).
+            stored = await self._stored_config(submission.config_name_to_load)
+            config = stored["config"]
+            if "dataloader_config" not in body:
+                dataloader = stored["dataloader_config"]
         if config is None:
             raise ApiError(400, "invalid_field",
-                           "config: the training configuration (a JSON object) is required", field="config",
+                           "config: the training configuration (a JSON object) or config_name_to_load "
+                           "(a config saved with PUT /api/configs/{name}) is required", field="config",
                            success=False)
-        dataloader = submission.dataloader_config
         config_name = submission.config_name if "config_name" in body else submission.config_name_to_load
         profile = submission.hardware_profile or values["hardware_profile"]
         webhook_url = submission.webhook_url
@@ -380,6 +387,30 @@ class JobService:
 
         job = await self.dispatch(job, request_payload)
         return self._submit_response(job, cost_warning=limit.warning, quota_warnings=warnings)
+
+    async def _stored_config(self, name: Any) -> dict:
+        from stdaemon.store.configs import ConfigError
+
+        configs = getattr(self.ctx, "configs", None)
+        if configs is None:
+            raise ApiError(400, "invalid_field", "config_name_to_load: named configs are not available",
+                           field="config_name_to_load", success=False)
+        try:
+            stored = await configs.get(name)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_field", f"config_name_to_load: {exc}",
+                           field="config_name_to_load", success=False) from None
+        except ConfigError as exc:
+            raise ApiError(409, "config_unreadable", str(exc), success=False) from None
+        if stored is None:
+            raise ApiError(404, "config_not_found",
+                           f"Config {name} not found (save it with PUT /api/configs/{name})",
+                           field="config_name_to_load", success=False)
+        if not isinstance(stored["config"], dict) or not isinstance(stored["dataloader_config"], (list, dict)):
+            raise ApiError(409, "config_unreadable",
+                           f"Config {name}: config.json must hold a JSON object and "
+                           "multidatabackend.json a list or object", success=False)
+        return stored
 
     async def resolve_version(self, provider: str, profile: str) -> str:
         """The Replicate version for a submission on ``profile``; provider errors
