@@ -164,6 +164,14 @@ class ProviderManager(Service):
             return None
         return secrets.get(TOKEN_NAMES[provider])
 
+    def token_changed(self, provider: str) -> None:
+        """The API token was replaced or removed: forget what was learnt with the old one."""
+        self.versions.clear()
+        webhooks = getattr(self.ctx, "webhooks", None)
+        forget = getattr(webhooks, "forget_secret", None)
+        if callable(forget):
+            forget(provider)
+
     def token_known(self, provider: str) -> bool:
         secrets = getattr(self.ctx, "secrets", None)
         return bool(secrets is not None and secrets.known(TOKEN_NAMES[provider]))
@@ -237,9 +245,11 @@ class ProviderManager(Service):
             }
             for name, hw in costs.HARDWARE_PROFILES.items()
         }
+        secrets = getattr(self.ctx, "secrets", None)
         return {
             "provider": provider,
             "configured": self.token_known(provider) if configured is None else configured,
+            "token_source": secrets.source(TOKEN_NAMES[provider]) if secrets is not None else None,
             "config": config,
             "sources": {name: source for name, (_v, source) in effective.items()},
             "circuit_breaker": self.breaker(provider).snapshot(),

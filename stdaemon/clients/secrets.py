@@ -4,7 +4,9 @@ Resolution order for ``get(name)``:
 
 1. environment variables (a non-empty ``os.environ[name]`` wins),
 2. the secrets file (``secrets.file``, else ``<state_dir>/secrets.json``,
-   ``.yaml`` or ``.yml``) -- refused, loudly, when group/world accessible,
+   ``.yaml`` or ``.yml``, then the same names in ``~/.simpletuner/``) --
+   refused, loudly, when group/world accessible; ``write_file_secret`` changes
+   one entry in it (the token API),
 3. AWS Secrets Manager: one secret (``secrets.aws_secret_name``) holding a
    JSON object of name -> value,
 4. HashiCorp Vault (or OpenBao): one KV secret at ``secrets.vault_mount`` /
@@ -31,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -104,19 +107,28 @@ def _flatten(data: Any, origin: str) -> dict[str, str]:
 # --------------------------------------------------------------------------
 
 
+SECRETS_FILE_NAMES = ("secrets.json", "secrets.yaml", "secrets.yml")
+
+
 class FileStore:
+    """The secrets file: ``secrets.file``, else the first of
+    ``<state>/secrets.{json,yaml,yml}`` and ``~/.simpletuner/secrets.{json,yaml,yml}``
+    that exists.  :meth:`write` changes one name in it (the token API)."""
+
     name = "file"
 
-    def __init__(self, explicit: str, state_dir: str):
+    def __init__(self, explicit: str, state_dir: str, home: str = ""):
         self.explicit = bool(explicit)
         if explicit:
             self.candidates = (os.path.expanduser(explicit),)
         else:
-            base = os.path.expanduser(state_dir or "~/.simpletuner")
-            self.candidates = tuple(
-                os.path.join(base, n) for n in ("secrets.json", "secrets.yaml", "secrets.yml")
-            )
+            bases = [os.path.expanduser(state_dir or "~/.simpletuner")]
+            home_base = os.path.join(home or os.path.expanduser("~"), ".simpletuner")
+            if os.path.abspath(home_base) != os.path.abspath(bases[0]):
+                bases.append(home_base)
+            self.candidates = tuple(os.path.join(base, n) for base in bases for n in SECRETS_FILE_NAMES)
         self.location = self.candidates[0]
+        self._write_lock = threading.Lock()
 
     @property
     def configured(self) -> bool:
@@ -163,6 +175,82 @@ class FileStore:
         if self.explicit:
             raise SecretStoreError(NOT_FOUND, f"secrets file {self.location} does not exist")
         raise StoreAbsent()
+
+    def target(self) -> str:
+        """The file a write goes to: the configured one, else the first
+        existing candidate, else ``<state>/secrets.json``."""
+        if self.explicit:
+            return self.candidates[0]
+        for path in self.candidates:
+            if os.path.lexists(path):
+                return path
+        return self.candidates[0]
+
+    def write(self, name: str, value: str | None) -> dict:
+        """Set (or, with ``None``, remove) ``name`` in the secrets file, keeping
+        every other entry.  The new file is written 0600 under a temporary name
+        in the same directory, fsynced and renamed over the old one (created
+        when absent).  A file that cannot be parsed is never overwritten.
+        Returns ``{"path", "changed"}``; never a value."""
+        with self._write_lock:
+            path = self.target()
+            yaml_format = path.endswith((".yaml", ".yml"))
+            data: dict = {}
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except FileNotFoundError:
+                fd = -1
+            except OSError as exc:
+                raise SecretStoreError(ERROR, f"cannot open secrets file {path}: {exc.strerror}")
+            if fd >= 0:
+                with os.fdopen(fd, "rb") as fh:
+                    raw = fh.read(1024 * 1024 + 1)
+                if len(raw) > 1024 * 1024:
+                    raise SecretStoreError(ERROR, f"secrets file {path} is larger than 1 MiB")
+                try:
+                    text = raw.decode("utf-8")
+                    loaded = (yaml.safe_load(text) if yaml_format else json.loads(text)) if text.strip() else {}
+                except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
+                    raise SecretStoreError(
+                        ERROR, f"secrets file {path} cannot be parsed ({type(exc).__name__}); "
+                        "not overwriting it") from None
+                if not isinstance(loaded, dict):
+                    raise SecretStoreError(ERROR, f"secrets file {path} does not hold an object; "
+                                           "not overwriting it")
+                data = loaded
+            if value is None:
+                if name not in data:
+                    return {"path": path, "changed": False}
+                del data[name]
+            else:
+                if data.get(name) == value:
+                    return {"path": path, "changed": False}
+                data[name] = value
+            if yaml_format:
+                body = yaml.safe_dump(data, default_flow_style=False, sort_keys=False).encode("utf-8")
+            else:
+                body = (json.dumps(data, indent=2) + "\n").encode("utf-8")
+            directory = os.path.dirname(path) or "."
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            tmp_fd, tmp = tempfile.mkstemp(prefix=".secrets.", suffix=".tmp", dir=directory)  # 0600
+            try:
+                with os.fdopen(tmp_fd, "wb") as fh:
+                    fh.write(body)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+                raise
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            return {"path": path, "changed": True}
 
 
 class AwsStore:
@@ -399,7 +487,7 @@ def build_stores(config: Any, environ: Mapping[str, str]) -> list:
     endpoint = env("AWS_ENDPOINT_URL_SECRETS_MANAGER") or env("AWS_ENDPOINT_URL")
     vault_addr = _opt(cfg, "vault_addr", "") or env("VAULT_ADDR")
     return [
-        FileStore(_opt(cfg, "file", ""), _opt(server, "state_dir", "~/.simpletuner")),
+        FileStore(_opt(cfg, "file", ""), _opt(server, "state_dir", "~/.simpletuner"), env("HOME")),
         AwsStore(_opt(cfg, "aws_secret_name", ""), region, endpoint, environ),
         VaultStore(
             vault_addr,
@@ -467,6 +555,32 @@ class SecretsManager:
 
     def stop(self) -> None:
         self._stopped = True
+
+    def file_target(self) -> str | None:
+        """Where :meth:`write_file_secret` writes (no I/O beyond ``lexists``)."""
+        st = self._file_state()
+        return st.store.target() if st is not None else None
+
+    def _file_state(self) -> _StoreState | None:
+        for st in self._states:
+            if st.store.name == "file":
+                return st
+        return None
+
+    async def write_file_secret(self, name: str, value: str | None) -> dict:
+        """Set (``None``: remove) ``name`` in the secrets file off the reactor,
+        then reload that store so the very next ``get``/``known`` sees it.
+        Returns ``{"path", "changed"}``; raises :class:`SecretStoreError`."""
+        st = self._file_state()
+        if st is None:
+            raise SecretStoreError(ERROR, "no secrets file store")
+        result = await self._pool.run(st.store.write, name, value)
+        if st.inflight is not None:  # a load that read the old file: let it finish first
+            await self._load(st)
+        st.loaded_at = None
+        st.attempted_at = None
+        await self._load(st)
+        return result
 
     def status(self) -> dict:
         """Which stores are reachable and whether the provider token is known.  No values."""

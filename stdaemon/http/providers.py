@@ -5,6 +5,13 @@
 SimpleTuner's CLI uses) show and partially update one provider's settings;
 ``GET /api/cloud/providers/{p}/versions?model_id=`` lists a Replicate model's
 versions, newest first, the one submissions run marked ``current``.
+
+``PUT|DELETE /api/cloud/providers/{p}/token`` (admin; body ``{"token"}``, or
+``{"api_token"}`` as SimpleTuner's CLI sends it) writes the provider's API
+token into the secrets file (0600, atomic rename, created when absent, other
+entries kept) and reloads that store, so the next provider call uses it.  The
+token is never returned, logged or audited; ``GET …/token`` says whether one
+is configured and which store provides it (env, file, aws, vault).
 Every answer carries the effective values (``config``) and where each came
 from (``sources``: default, file, env or api).  Reading needs an operator,
 changing needs an admin.
@@ -17,6 +24,7 @@ from typing import Annotated, Optional, Union
 from klein import Klein
 from pydantic import ConfigDict, Field, create_model
 
+from stdaemon.clients.providers import TOKEN_NAMES, audit
 from stdaemon.clients.replicate import (
     CircuitOpenError,
     ProviderAPIError,
@@ -29,6 +37,10 @@ from stdaemon.core import provider_settings as ps
 from stdaemon.http.errors import ApiError, bad_request, not_found
 from stdaemon.http.surface import ADMIN, OPERATOR, Surface, route
 from stdaemon.http.validation import BodyModel, QueryModel
+from stdaemon.logs import get_logger
+
+log = get_logger("stdaemon.providers")
+MAX_TOKEN = 4096
 
 # -- request models (stdaemon.http.validation) -----------------------------------------------
 # The model fixes the JSON shape of each setting (sizes included); the meaning of each value
@@ -52,6 +64,13 @@ ProviderUpdate = create_model(
 class VersionsQuery(QueryModel):
     hardware_profile: Optional[str] = Field(None, max_length=64)
     model_id: Optional[str] = Field(None, max_length=256)
+
+
+class SaveToken(BodyModel):
+    """``PUT …/token``: ``{"token"}``, or ``{"api_token"}`` as SimpleTuner's CLI sends it."""
+
+    token: Optional[str] = Field(None, max_length=MAX_TOKEN)
+    api_token: Optional[str] = Field(None, max_length=MAX_TOKEN)
 
 
 def _provider(name: str) -> str:
@@ -160,3 +179,71 @@ class ProvidersSurface(Surface):
             "version_source": "config" if configured else "replicate",
             "error": None,
         }
+
+    # -- the provider's API token (write-only) -------------------------------------------
+
+    def _secrets(self):
+        manager = getattr(self.ctx, "secrets", None)
+        if manager is None:
+            raise ApiError(503, "secrets_unavailable", "The secrets service is not running")
+        return manager
+
+    async def _token_status(self, provider: str) -> dict:
+        secrets = self._secrets()
+        name = TOKEN_NAMES[provider]
+        configured = await self.ctx.providers.is_configured(provider)
+        source = secrets.source(name)
+        return {"provider": provider, "name": name, "configured": configured, "source": source,
+                "file_path": secrets.file_target()}
+
+    @route(app, "/api/cloud/providers/<provider>/token", access=OPERATOR)
+    async def token_status(self, request, provider):
+        return await self._token_status(_provider(provider))
+
+    @route(app, "/api/cloud/providers/<provider>/token", methods=("PUT",), access=ADMIN, body=SaveToken)
+    async def put_token(self, request, provider, body: SaveToken):
+        provider = _provider(provider)
+        token = body.token if body.token is not None else body.api_token
+        if not isinstance(token, str) or not token.strip():
+            raise ApiError(400, "invalid_field", "token: must be a non-empty string", field="token",
+                           success=False)
+        token = token.strip()
+        if len(token) > MAX_TOKEN or any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in token):
+            raise ApiError(400, "invalid_field",
+                           f"token: must be at most {MAX_TOKEN} characters without spaces or control "
+                           "characters", field="token", success=False)
+        return await self._write_token(request, provider, token)
+
+    @route(app, "/api/cloud/providers/<provider>/token", methods=("DELETE",), access=ADMIN)
+    async def delete_token(self, request, provider):
+        return await self._write_token(request, _provider(provider), None)
+
+    async def _write_token(self, request, provider: str, token):
+        from stdaemon.clients.secrets import SecretStoreError
+
+        secrets = self._secrets()
+        name = TOKEN_NAMES[provider]
+        try:
+            result = await secrets.write_file_secret(name, token)
+        except SecretStoreError as exc:
+            raise ApiError(409, "secrets_file_error", str(exc), success=False) from None
+        except OSError as exc:
+            raise ApiError(500, "secrets_file_error",
+                           f"Could not write the secrets file: {exc.strerror or type(exc).__name__}",
+                           success=False) from None
+        self.ctx.providers.token_changed(provider)
+        action = "set" if token is not None else "delete"
+        actor = _actor(request)
+        log.info("{name} {action} in the secrets file {path} by {actor}", name=name,
+                 action="saved" if token is not None else "removed", path=result["path"], actor=actor)
+        await audit(self.ctx, "provider.token_set" if token is not None else "provider.token_deleted",
+                    actor=actor, ip=getattr(request, "client_ip", None), target=provider, action=action,
+                    details={"name": name, "file": result["path"], "changed": result["changed"]})
+        status = await self._token_status(provider)
+        status.update({"success": True, "changed": result["changed"], "file_path": result["path"]})
+        if token is not None and status["source"] not in (None, "file"):
+            status["warning"] = (f"{name} is also set in {status['source']}, which takes precedence "
+                                 "over the secrets file")
+        elif token is None and status["configured"]:
+            status["warning"] = f"{name} is still provided by {status['source']}"
+        return status
