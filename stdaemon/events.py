@@ -34,7 +34,7 @@ log = get_logger("stdaemon.events")
 
 PUBLIC_JOB_FIELDS = ("job_id", "provider", "status", "config_name", "created_at", "started_at",
                      "completed_at", "cost_usd", "hardware_type", "error_message", "output_url",
-                     "user_id", "external_id", "upload_progress", "previous_status")
+                     "user_id", "external_id", "upload_progress", "previous_status", "progress")
 
 
 def can_see_job(principal: Any, user_id: Optional[int]) -> bool:

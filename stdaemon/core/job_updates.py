@@ -73,6 +73,72 @@ def predict_time(payload: Mapping[str, Any]) -> Optional[float]:
     return float(value)
 
 
+# ``lifecycle.stage`` keys that mean the whole run finished (the trainer sends
+# ``training_complete`` after the final save and validation).
+STAGES_COMPLETE = ("training_complete", "completed")
+# Event types whose ``progress`` is the training loop's (cache building and
+# other stages report their own progress, which is not the job's).
+PROGRESS_TYPES = ("training.status", "training.progress", "progress", "training_progress")
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+        else:
+            return None
+    if value != value or value in (float("inf"), float("-inf")) or abs(value) > 1e15:
+        return None
+    return int(value) if float(value).is_integer() and abs(value) < 2 ** 53 else float(value)
+
+
+def trainer_progress(payload: Mapping[str, Any]) -> Optional[dict]:
+    """The training progress a SimpleTuner trainer event carries, or None.
+
+    Shapes (``simpletuner/helpers/webhooks/events.py``): ``training.status``
+    events have ``progress: {current, total, percent, eta_seconds, metrics:
+    {loss, learning_rate, epoch}}`` and ``data`` with the trainer state
+    (``global_step``, ``current_epoch``, ``total_num_steps``); the final
+    ``lifecycle.stage`` ``training_complete`` has ``stage.progress``."""
+    kind = payload.get("type")
+    stage = payload.get("stage") if isinstance(payload.get("stage"), dict) else {}
+    if kind in PROGRESS_TYPES:
+        progress = payload.get("progress")
+    elif kind == "lifecycle.stage" and stage.get("key") in STAGES_COMPLETE:
+        progress = stage.get("progress")
+    else:
+        return None
+    progress = progress if isinstance(progress, dict) else {}
+    data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+    metrics = progress.get("metrics") if isinstance(progress.get("metrics"), dict) else {}
+
+    def first(*candidates: Any) -> Optional[float]:
+        for value in candidates:
+            number = _number(value)
+            if number is not None:
+                return number
+        return None
+
+    out = {
+        "step": first(data.get("global_step"), data.get("step"), progress.get("current")),
+        "total_steps": first(data.get("total_num_steps"), data.get("max_train_steps"), progress.get("total")),
+        "percent": first(progress.get("percent"), data.get("percent")),
+        "epoch": first(metrics.get("epoch"), data.get("current_epoch"), data.get("epoch")),
+        "loss": first(metrics.get("loss"), data.get("loss"), data.get("train_loss")),
+        "lr": first(metrics.get("learning_rate"), metrics.get("lr"), data.get("learning_rate"), data.get("lr")),
+        "eta_seconds": first(progress.get("eta_seconds"), data.get("eta_seconds"), data.get("eta")),
+    }
+    out = {k: v for k, v in out.items() if v is not None}
+    if not out:
+        return None
+    if isinstance(payload.get("timestamp"), str) and len(payload["timestamp"]) <= 64:
+        out["timestamp"] = payload["timestamp"]
+    return out
+
+
 def job_profile(job: Mapping[str, Any]) -> str:
     profile = job.get("hardware_type")
     return profile if profile in costs.HARDWARE_PROFILES else costs.DEFAULT_PROFILE
@@ -92,8 +158,20 @@ def map_update(kind: str, payload: Mapping[str, Any], job: Mapping[str, Any],
     else:
         data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
         new_status = st.from_trainer(data.get("status") if "status" in data else payload.get("status"))
+        stage = payload.get("stage") if isinstance(payload.get("stage"), dict) else {}
+        if payload.get("type") == "lifecycle.stage" and stage.get("key") in STAGES_COMPLETE \
+                and str(stage.get("status") or "completed").lower() in ("completed", "complete", "success"):
+            new_status = st.COMPLETED
         url = output_url(data.get("output_url") or data.get("output"))
-        error = data.get("error") or (data.get("message") if new_status == st.FAILED else None)
+        error = None
+        if new_status == st.FAILED:
+            for source, key in ((data, "error"), (payload, "error"), (data, "message"), (payload, "message")):
+                if isinstance(source.get(key), str) and source[key].strip():
+                    error = source[key]
+                    break
+        progress = trainer_progress(payload)
+        if progress:
+            fields["metadata"] = {"progress": progress}
     if url:
         fields["output_url"] = url
     if error and new_status == st.FAILED:
@@ -150,4 +228,8 @@ def plan(kind: str, payload: Mapping[str, Any], job: Mapping[str, Any],
          prices: Optional[Mapping[str, float]], now: float) -> Plan:
     """The whole mapping: provider payload + current job row → guarded change."""
     new_status, fields = map_update(kind, payload, job, prices)
+    if new_status is None and fields and job["status"] not in st.TERMINAL:
+        # A trainer event with progress but no status: keep the progress.
+        plan = guard(job, job["status"], now, fields)
+        return Plan(None, False, "progress", job["status"], plan.changes)
     return guard(job, new_status, now, fields)

@@ -62,6 +62,13 @@ TRAINER_STATUS = {
     "error": FAILED,
     "cancelled": CANCELLED,
     "canceled": CANCELLED,
+    # SimpleTuner's trainer (helpers/training/trainer.py): a top-level
+    # ``status: training_failed`` when training cannot start or crashes.
+    "training_failed": FAILED,
+    "training_complete": COMPLETED,
+    "training_completed": COMPLETED,
+    "training_started": RUNNING,
+    "started": RUNNING,
 }
 
 

@@ -17,7 +17,9 @@ the circuit breaker is open).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Union
@@ -88,6 +90,10 @@ class ListJobs(QueryModel):
     sync_active: bool = False
 POLL_BATCH = 50
 S3_REGION = "us-east-1"
+# Job metadata key of the SHA-256 of the trainer's per-job webhook token
+# (stdaemon/http/webhooks.py checks it; never shown).
+TOKEN_HASH_KEY = "webhook_token_sha256"
+TRAINER_WEBHOOK_PATH = "/api/webhooks/simpletuner"
 
 
 def _actor(principal) -> str:
@@ -146,7 +152,9 @@ class JobService:
                                    if job.get("started_at") and end else None)
         metadata = dict(job.get("metadata") or {})
         metadata.pop("request", None)  # a pending submission's payload is not echoed
+        metadata.pop(TOKEN_HASH_KEY, None)  # the trainer's webhook token hash stays private
         out["metadata"] = metadata
+        out["progress"] = metadata.get("progress")  # latest trainer progress (step, epoch, loss, lr, eta)
         out["hardware_profile"] = metadata.get("hardware_profile", job.get("hardware_type"))
         out.pop("idempotency_key", None)
         return out
@@ -220,6 +228,7 @@ class JobService:
             return
         try:
             data = dict(job)
+            data["progress"] = (job.get("metadata") or {}).get("progress")
             if previous is not None:
                 data["previous_status"] = previous
             events.publish(data)
@@ -474,6 +483,18 @@ class JobService:
             try:
                 if not version:  # approved after being held: resolve now
                     version, _source = await manager.resolve_version(provider, profile)
+                # The trainer's own events (SimpleTuner's raw WebhookHandler) come back
+                # with this per-job token as X-API-Key; only its hash is stored, and
+                # before the prediction exists, so the first event already finds it.
+                webhook_token = secrets.token_urlsafe(32)
+                await self._transition(job_id, job["status"], metadata={
+                    TOKEN_HASH_KEY: hashlib.sha256(webhook_token.encode()).hexdigest()})
+                hooks = [{"webhook_type": "raw", "callback_url": f"{public_url}{TRAINER_WEBHOOK_PATH}",
+                          "auth_token": webhook_token, "log_level": "info"}]
+                if request.get("webhook_url"):
+                    hooks.append({"webhook_type": "raw", "callback_url": request["webhook_url"],
+                                  "log_level": "info"})
+                inputs["webhook_config"] = json.dumps(hooks)
                 if values["s3_endpoint_enabled"]:
                     access_key, secret = await self._credentials().issue(job_id)
                     endpoint = f"{s3_url}/api/cloud/storage"

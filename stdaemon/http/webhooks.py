@@ -28,6 +28,17 @@ Order of checks for every delivery (body capped at 1 MiB by the root, 413):
    up either way); a replayed ``webhook-id`` → 200 ``duplicate``, nothing
    reapplied.
 
+SimpleTuner trainer events (its ``WebhookHandler`` raw events, sent by the
+trainer running the job) are authenticated per job instead of by Replicate's
+signature: at dispatch each job gets a random webhook token (only its SHA-256
+is kept, in the job's private metadata) handed to the trainer in the
+prediction input ``webhook_config`` as the raw webhook's ``auth_token``; the
+trainer sends it as ``X-API-Key`` (or ``Authorization: Bearer``).  Such events
+go to ``/api/webhooks/simpletuner``, or to the provider path without Standard
+Webhooks headers; a Replicate delivery still needs its signature.  A wrong or
+missing token is 401 (audited like other rejections); the job must be the
+one the token was issued for.
+
 Rejections (2, 3) are audited as ``webhook_rejected`` through
 ``ctx.audit.sampled`` (bounded under a flood) with ip, provider and reason.
 Delivery rows older than 7 days are swept hourly (a replay that old fails
@@ -36,6 +47,8 @@ the ±300 s timestamp check anyway).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import json
 import sqlite3
@@ -58,6 +71,25 @@ MAX_WEBHOOK_BODY = 1024 * 1024
 DELIVERY_RETENTION = 7 * 86400.0
 SECRET_REFETCH_INTERVAL = 60.0
 KNOWN_PROVIDERS = ("replicate",)
+# The path SimpleTuner's trainer posts its own events to (token-authenticated).
+TRAINER_PATH = "simpletuner"
+# Job metadata key holding the SHA-256 of the job's webhook token (never public).
+TOKEN_HASH_KEY = "webhook_token_sha256"
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def presented_token(request: Any) -> Optional[str]:
+    """The per-job token from ``X-API-Key`` or ``Authorization: Bearer``."""
+    value = request.getHeader("x-api-key")
+    if not value:
+        auth = request.getHeader("authorization") or ""
+        scheme, _, rest = auth.partition(" ")
+        value = rest.strip() if scheme.lower() == "bearer" else ""
+    value = (value or "").strip()
+    return value if value and len(value) <= 512 else None
 
 # Fallbacks used when the provider settings capability is not installed.
 DEFAULT_SETTINGS = {"webhook_allowed_ips": [], "webhook_require_signature": True, "gpu_prices": {}}
@@ -171,6 +203,11 @@ class WebhooksSurface(Surface):
             waiter.callback(None)
         return self._fetched.get(provider), "provider" if provider in self._fetched else "none"
 
+    def forget_secret(self, provider: str) -> None:
+        """Drop the signing secret fetched from the provider (its API token changed)."""
+        self._fetched.pop(provider, None)
+        self._fetched_at.pop(provider, None)
+
     # -- rejections ----------------------------------------------------------------------
 
     async def _reject(self, request: Any, provider: str, status: int, code: str, reason: str,
@@ -193,7 +230,8 @@ class WebhooksSurface(Surface):
     @route(app, "/api/webhooks/<provider>", methods=("POST",), access=PUBLIC,
            max_body=MAX_WEBHOOK_BODY)
     async def receive(self, request: Any, provider: str) -> Any:
-        if provider not in _known_providers():
+        trainer_path = provider == TRAINER_PATH
+        if provider not in _known_providers() and not trainer_path:
             raise not_found(f"No webhook endpoint for provider {provider[:64]!r}")
         self.counters["received"] += 1
         if getattr(self.ctx.health, "phase", "ready") == "starting":
@@ -201,6 +239,11 @@ class WebhooksSurface(Surface):
             # provider retries non-2xx deliveries.
             raise ApiError(503, "not_ready", "stdaemon is starting; retry shortly",
                            headers={"Retry-After": "5"})
+        headers = self._signature_headers(request)
+        token = presented_token(request)
+        if trainer_path or (token is not None and not headers):
+            return await self._receive_trainer(request, "replicate" if trainer_path else provider, token,
+                                               provider)
         settings = await self.settings(provider)
         client_ip = getattr(request, "client_ip", None) or ""
         if not allowed(client_ip, settings.get("webhook_allowed_ips")):
@@ -209,7 +252,6 @@ class WebhooksSurface(Surface):
                                "This address may not deliver webhooks")
         request.content.seek(0)
         body = request.content.read()
-        headers = self._signature_headers(request)
         webhook_id = headers.get("webhook-id") or None
         if settings.get("webhook_require_signature", True):
             verification = await self._verify(provider, headers, body)
@@ -242,6 +284,37 @@ class WebhooksSurface(Surface):
                                               client_ip, prices, self.ctx.now())
         if outcome.get("applied") is not None:
             # The same counters, metrics figures and live event as the poller's updates.
+            await self.ctx.jobs.committed(outcome["applied"])
+        return self._respond(provider, outcome)
+
+    async def _receive_trainer(self, request: Any, provider: str, token: Optional[str],
+                               path_provider: str) -> Any:
+        """A SimpleTuner trainer event, authenticated by the job's webhook token."""
+        if token is None:
+            self.counters["rejected_signature"] += 1
+            await self._reject(request, path_provider, 401, "unauthorized", "missing_token",
+                               "Trainer events need the job's webhook token (X-API-Key or "
+                               "Authorization: Bearer)")
+        request.content.seek(0)
+        try:
+            payload = json.loads(request.content.read())
+        except (ValueError, UnicodeDecodeError):
+            self.counters["invalid"] += 1
+            raise bad_request("The body is not valid JSON", code="invalid_json") from None
+        if not isinstance(payload, dict) or classify(payload) != job_updates.TRAINER:
+            self.counters["invalid"] += 1
+            raise bad_request("Not a SimpleTuner trainer event (job_id with type or data)",
+                              code="invalid_payload")
+        settings = await self.settings(provider)
+        client_ip = getattr(request, "client_ip", None) or ""
+        outcome = await self.ctx.db.run_write(
+            self._apply, provider, job_updates.TRAINER, payload, None, client_ip,
+            settings.get("gpu_prices") or {}, self.ctx.now(), token_hash(token))
+        if outcome.get("status") == "unauthorized":
+            self.counters["rejected_signature"] += 1
+            await self._reject(request, path_provider, 401, "unauthorized", "invalid_token",
+                               "The webhook token is not valid for this job")
+        if outcome.get("applied") is not None:
             await self.ctx.jobs.committed(outcome["applied"])
         return self._respond(provider, outcome)
 
@@ -278,7 +351,7 @@ class WebhooksSurface(Surface):
 
     def _apply(self, conn: sqlite3.Connection, provider: str, kind: str, payload: Mapping[str, Any],
                webhook_id: Optional[str], client_ip: str, prices: Mapping[str, float],
-               now: float) -> dict:
+               now: float, presented_hash: Optional[str] = None) -> dict:
         if webhook_id is not None:
             seen = conn.execute(
                 "SELECT outcome, job_id FROM webhook_deliveries WHERE provider = ? AND webhook_id = ?",
@@ -291,6 +364,12 @@ class WebhooksSurface(Surface):
             job = job_store.get_job(conn, payload["job_id"])
             if job is None:
                 job = job_store.find_by_external(conn, provider, payload["job_id"])
+        if presented_hash is not None:
+            # Token-authenticated trainer event: the token must be this job's.
+            # (Unknown jobs are refused too, so a token cannot probe job ids.)
+            expected = (job.get("metadata") or {}).get(TOKEN_HASH_KEY) if job else None
+            if not isinstance(expected, str) or not hmac.compare_digest(expected, presented_hash):
+                return {"status": "unauthorized"}
         if job is None:
             return {"status": "ignored", "reason": "unknown_job"}
         job_id = job["job_id"]
@@ -303,7 +382,8 @@ class WebhooksSurface(Surface):
             conn.execute(
                 "INSERT INTO webhook_deliveries (provider, webhook_id, received_at, job_id, outcome) "
                 "VALUES (?, ?, ?, ?, ?)", (provider, webhook_id, now, job_id, outcome))
-        return {"status": "applied" if plan.accepted else "ignored", "reason": outcome,
+        return {"status": "applied" if plan.accepted or (plan.reason == "progress" and plan.changes)
+                else "ignored", "reason": outcome,
                 "job_id": job_id, "job_status": (applied.result.job or job)["status"],
                 "applied": applied}
 
