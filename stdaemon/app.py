@@ -81,3 +81,17 @@ class App:
     def outputs_dir(self) -> str:
         """Root of stored job outputs (S8 ``s3_output_path`` default)."""
         return self.path("outputs")
+
+    def outputs_root(self) -> str:
+        """Where job outputs are stored now: the provider setting ``s3_output_path``
+        when it was set (file, env or API), else :meth:`outputs_dir`."""
+        import os
+
+        providers = getattr(self, "providers", None)
+        try:
+            value, source = providers.effective("replicate")["s3_output_path"]
+        except Exception:  # providers not wired (tests) or unknown provider
+            return self.outputs_dir()
+        if source == "default" or not value:
+            return self.outputs_dir()
+        return os.path.abspath(os.path.expanduser(str(value)))

@@ -321,6 +321,7 @@ VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "auth.session_ttl": _check_positive,
     "jobs.poll_interval": _check_positive,
     "jobs.upload_credential_ttl": _check_positive,
+    "jobs.max_submit_bytes": _check_positive,
     "audit.retention_days": _check_non_negative,
 }
 

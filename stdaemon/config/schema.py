@@ -93,6 +93,9 @@ class AuthConfig:
 class JobsConfig:
     poll_interval: float = 30.0
     upload_credential_ttl: float = 7 * 86400.0
+    # Body cap of job submissions (inline configs can be large); its own key
+    # because every other JSON body is bounded by server.max_body_bytes.
+    max_submit_bytes: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,8 @@ class HealthSurface(Surface):
         return Component("database", HEALTHY, "SQLite database accessible", latency)
 
     async def check_disk(self) -> Component:
-        directory = self.ctx.outputs_dir()
+        # The filesystem job outputs are written to: the configured s3_output_path.
+        directory = self.ctx.outputs_root()
         probe = directory
         while probe and not os.path.exists(probe):
             parent = os.path.dirname(probe)

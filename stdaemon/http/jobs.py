@@ -763,6 +763,11 @@ def _known_provider(provider: str) -> str:
     return provider
 
 
+def _submit_cap(config) -> int:
+    """Body cap of submissions: ``jobs.max_submit_bytes`` (its own key, S4)."""
+    return int(getattr(getattr(config, "jobs", None), "max_submit_bytes", MAX_SUBMIT_BODY))
+
+
 class JobsSurface(Surface):
     app = Klein()
     prefixes = ("/api/cloud/jobs",)
@@ -771,13 +776,13 @@ class JobsSurface(Surface):
     def jobs(self) -> JobService:
         return self.ctx.jobs
 
-    @route(app, "/api/cloud/jobs/submit", methods=("POST",), access=OPERATOR, max_body=MAX_SUBMIT_BODY,
+    @route(app, "/api/cloud/jobs/submit", methods=("POST",), access=OPERATOR, max_body_from=_submit_cap,
            body=SubmitJob, query=SubmitQuery, error_extra={"success": False})
     async def submit(self, request, body: SubmitJob, query: SubmitQuery):
         """Submit a training job."""
         return await self._submit(request, body, query)
 
-    @route(app, "/api/cloud/jobs", methods=("POST",), access=OPERATOR, max_body=MAX_SUBMIT_BODY,
+    @route(app, "/api/cloud/jobs", methods=("POST",), access=OPERATOR, max_body_from=_submit_cap,
            body=SubmitJob, query=SubmitQuery, error_extra={"success": False})
     async def submit_alias(self, request, body: SubmitJob, query: SubmitQuery):
         """Submit a training job (alias of /api/cloud/jobs/submit)."""

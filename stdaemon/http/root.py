@@ -122,7 +122,10 @@ class Root(Resource):
         chooser = getattr(match.surface, "body_policy", None)
         if chooser is not None:
             return chooser(method, raw_path, headers, match)
-        limit = match.info.max_body or match.surface.max_body or default
+        if match.info.max_body_from is not None:  # its own key (job submissions)
+            return BodyPolicy(max_bytes=int(match.info.max_body_from(self.ctx.config)))
+        # server.max_body_bytes bounds every body; a route or surface may only lower it.
+        limit = min(match.info.max_body or default, match.surface.max_body or default, default)
         return BodyPolicy(max_bytes=limit)
 
     # -- rendering ------------------------------------------------------------
@@ -223,7 +226,14 @@ class Root(Resource):
             self.ctx.metrics.observe_http(label, status, latency_ms)
         except Exception:
             log.failure("metrics hook failed")
-        if status >= 500:
+        phase = getattr(self.ctx.health, "phase", "ready")
+        if status == 503 and phase != "ready":
+            # Expected while starting or stopping (probes, retried webhooks): not an error.
+            emit = log.debug if match is not None and match.template.startswith(
+                ("/api/cloud/health", "/health")) else log.info
+            emit("{method} {path} -> {status} ({phase})", method=method, path=_request_path(request),
+                 status=status, phase=phase, latency_ms=round(latency_ms, 3))
+        elif status >= 500:
             log.error("{method} {path} -> {status}", method=method, path=_request_path(request),
                       status=status, latency_ms=round(latency_ms, 3))
         else:

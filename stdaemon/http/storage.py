@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import unquote_to_bytes
@@ -477,15 +476,8 @@ class StorageSurface(Surface):
 
     def outputs_root(self) -> str:
         """Directory of the ``outputs`` bucket: provider setting ``s3_output_path`` when it was set
-        (file, env or API), else ``<state>/outputs``."""
-        providers = getattr(self.ctx, "providers", None)
-        try:
-            value, source = providers.effective("replicate")["s3_output_path"]
-        except Exception:  # providers not wired (tests) or unknown provider
-            return self.ctx.outputs_dir()
-        if source == "default" or not value:
-            return self.ctx.outputs_dir()
-        return os.path.abspath(os.path.expanduser(str(value)))
+        (file, env or API), else ``<state>/outputs`` (``ctx.outputs_root()``)."""
+        return self.ctx.outputs_root()
 
     def refresh_buckets(self) -> None:
         """Follow a changed ``s3_output_path`` (new uploads land in the new directory)."""

@@ -60,7 +60,7 @@ ROLE_ACCESS = {"viewer": Access.VIEWER, "operator": Access.OPERATOR, "admin": Ac
 @dataclass
 class RouteInfo:
     access: Access
-    max_body: Optional[int] = None   # None = server.max_body_bytes
+    max_body: Optional[int] = None   # None = server.max_body_bytes; may only lower it
     rate_limited: bool = True
     path: str = ""
     methods: tuple[str, ...] = ("GET",)
@@ -71,6 +71,9 @@ class RouteInfo:
     error_extra: dict = field(default_factory=dict)   # added to every error body of the route
     path_ids: dict = field(default_factory=dict)      # path argument → what it names (404 if impossible)
     summary: str = ""
+    # A cap read from its own config key (``config -> bytes``), which may exceed
+    # server.max_body_bytes (job submissions: jobs.max_submit_bytes).
+    max_body_from: Optional[Callable[[Any], int]] = None
 
 
 @dataclass
@@ -90,7 +93,8 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
           access: Access = Access.ADMIN, max_body: Optional[int] = None,
           rate_limited: bool = True, body: Optional[type] = None, query: Optional[type] = None,
           body_required: bool = True, stream: bool = False,
-          error_extra: Optional[dict] = None, path_ids: Optional[dict] = None) -> Callable:
+          error_extra: Optional[dict] = None, path_ids: Optional[dict] = None,
+          max_body_from: Optional[Callable[[Any], int]] = None) -> Callable:
     """Register a handler on ``app`` with an explicit access policy.
 
     ``body``/``query`` name the route's request models (``stdaemon.http.validation``): they are
@@ -100,7 +104,9 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
     stream: ``HEAD`` on it answers the headers without opening one. ``error_extra`` fields are
     added to the route's error bodies (the submission API's ``success: false``). ``path_ids``
     (``{"user_id": "User"}``) names numeric path ids checked first: an id that cannot exist is a
-    404 before the body is looked at.
+    404 before the body is looked at. ``max_body`` may only lower ``server.max_body_bytes``;
+    ``max_body_from`` (``config -> bytes``) takes a larger cap from the route's own config key
+    (job submissions: ``jobs.max_submit_bytes``).
     """
 
     methods = tuple(m.upper() for m in methods)
@@ -110,7 +116,7 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
         info = RouteInfo(access=access, max_body=max_body, rate_limited=rate_limited, path=path,
                          methods=methods, body=body, query=query, body_required=body_required,
                          stream=stream, error_extra=dict(error_extra or {}),
-                         path_ids=dict(path_ids or {}),
+                         path_ids=dict(path_ids or {}), max_body_from=max_body_from,
                          summary=(inspect.getdoc(fn) or "").split("\n", 1)[0])
         ROUTES[endpoint] = info
 
