@@ -36,9 +36,11 @@ from stdaemon.logs import (
     reopen_log_files,
     track_observer,
 )
-from stdaemon.store import api_keys
+from stdaemon.store import api_keys, users
 
 log = get_logger("stdaemon.service")
+
+SETUP_LINK_TTL = 30 * 60.0  # seconds the first sign-in link stays valid (injected clock)
 
 
 def build_surfaces(ctx: App) -> list:
@@ -241,11 +243,36 @@ class StdaemonService(MultiService):
         written = await ctx.db.run_write(api_keys.ensure_admin_key, key_path, ctx.now())
         if written:
             log.warning("Created the first admin API key; it is in {path} (mode 0600)", path=written)
+        await self._setup_link()
         await start_capabilities(ctx)
         ctx.health.phase = "ready"
         ctx.health.not_ready_reason = None
         log.info("stdaemon {version} ready on {listen} (schema version {schema})",
                  version=ctx.version, listen=", ".join(self.config.server.listen), schema=version)
+
+    async def _setup_link(self) -> None:
+        """Until a first password is set, each start prints a one-time link
+        (like Jupyter's token URL) that lets the first admin choose one in the
+        console: valid SETUP_LINK_TTL seconds, single use, stored hashed."""
+        ctx = self.ctx
+        issued = await ctx.db.run_write(users.issue_setup_token, ctx.now(), SETUP_LINK_TTL)
+        if issued is None:
+            return
+        token, username = issued
+        base = (self.config.server.public_url or "").rstrip("/")
+        if not base and self.ports:
+            host = self.ports[0].getHost()
+            address = getattr(host, "host", "127.0.0.1")
+            if address in ("0.0.0.0", "::", ""):
+                address = "127.0.0.1"
+            if ":" in address:
+                address = f"[{address}]"
+            scheme = "https" if self.config.server.ssl_cert else "http"
+            base = f"{scheme}://{address}:{host.port}"
+        ctx.setup_url = f"{base}/console/#setup={token}"
+        log.warning("First sign-in: open {url} within {minutes} minutes to set the password of "
+                    "{username} (the link works once)", url=ctx.setup_url,
+                    minutes=int(SETUP_LINK_TTL // 60), username=username)
 
     def _start_failed(self, failure: Any) -> None:
         self.ctx.health.not_ready_reason = f"start-up failed: {failure.getErrorMessage()}"

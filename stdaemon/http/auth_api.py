@@ -3,6 +3,13 @@
 - ``POST /api/auth/login`` (public) ``{"username"|"email", "password"}`` →
   ``st_session`` (HttpOnly, SameSite=Strict, Secure on HTTPS) and ``st_csrf``
   cookies; audited ``auth.login.success`` / ``auth.login.failed``.
+  With ``{"api_key": "st_…"}`` instead ("Sign in with API key" in the
+  console) the session belongs to the key's user, never exceeds the key's role
+  and ends when the key is revoked or expires.
+- ``POST /api/auth/setup`` (public) ``{"token", "password"}``: the one-time
+  first sign-in link printed in the log on first start (valid 30 minutes,
+  single use, stored hashed) sets the first admin's password and signs in;
+  ``POST /api/auth/setup/check`` ``{"token"}`` → ``{valid, username}``.
 - ``POST /api/auth/logout`` (public: always clears the cookies; ends the
   session when the CSRF token proves the request came from the console).
 - ``POST /api/auth/register`` (public) only when ``auth.registration_enabled``
@@ -36,6 +43,16 @@ AUTH_BODY = 16 * 1024
 class Login(BodyModel):
     username: Optional[str] = Field(None, max_length=320)
     email: Optional[str] = Field(None, max_length=320)
+    password: Optional[str] = Field(None, max_length=users.MAX_PASSWORD)
+    api_key: Optional[str] = Field(None, max_length=200)  # "Sign in with API key"
+
+
+class SetupCheck(BodyModel):
+    token: str = Field(max_length=200)
+
+
+class Setup(BodyModel):
+    token: str = Field(min_length=1, max_length=200)
     password: Optional[str] = Field(None, max_length=users.MAX_PASSWORD)
 
 
@@ -93,6 +110,8 @@ class AuthSurface(Surface):
         # A login form posted from another site could sign the victim into
         # the attacker's account: the Origin rule applies here too.
         self.sessions.check_origin(request)
+        if body.api_key is not None:
+            return await self._login_with_key(request, body.api_key)
         login = body.username or body.email
         password = body.password
         if not login:
@@ -112,6 +131,67 @@ class AuthSurface(Surface):
         self.sessions.set_cookies(request, session)
         await record_audit(self.ctx, "auth.login.success", request, actor=row["username"],
                            target=row["username"], action="login", details={"via": "password"})
+        return {"success": True, "user": users.user_dict(row), "expires_at": iso(session.expires_at),
+                "csrf_token": session.csrf}
+
+    async def _login_with_key(self, request, key: str):
+        if not key.strip():
+            raise invalid_field("api_key", "an API key (st_…) is required")
+        key = key.strip()
+        principal = await self.ctx.db.run_read(api_keys.lookup, key, self.ctx.now())
+        if principal is None:
+            await record_audit(self.ctx, "auth.login.failed", request, actor=key[:7], target=key[:7],
+                               action="login", details={"reason": "invalid API key", "via": "api_key"},
+                               sampled=True)
+            raise ApiError(401, "invalid_credentials", "Invalid or revoked API key")
+        row = await self.ctx.db.run_read(users.get_user, principal.user_id)
+        session = await self.ctx.db.run_write(
+            users.create_session, principal.user_id, self.ctx.now(), self.sessions.ttl,
+            getattr(request, "client_ip", None), request.getHeader("user-agent"), principal.key_id)
+        self.sessions.set_cookies(request, session)
+        await record_audit(self.ctx, "auth.login.success", request, actor=principal.username,
+                           target=principal.username, action="login",
+                           details={"via": "api_key", "key_id": principal.key_id, "role": principal.role})
+        user = dict(row or {})
+        user["role"] = principal.role  # the session's ceiling
+        return {"success": True, "user": user, "expires_at": iso(session.expires_at),
+                "csrf_token": session.csrf}
+
+    # -- first sign-in (one-time setup link) ---------------------------------------
+
+    @route(app, "/api/auth/setup/check", methods=["POST"], access=PUBLIC, max_body=AUTH_BODY, body=SetupCheck)
+    async def setup_check(self, request, body: SetupCheck):
+        """Whether a first sign-in link is still valid, and for whom."""
+        user = await self.ctx.db.run_read(users.setup_token_user, body.token, self.ctx.now())
+        return {"valid": user is not None, "username": user["username"] if user is not None else None}
+
+    @route(app, "/api/auth/setup", methods=["POST"], access=PUBLIC, max_body=AUTH_BODY, body=Setup)
+    async def setup(self, request, body: Setup):
+        """First sign-in: the one-time link's token sets the first admin's password."""
+        self.sessions.check_origin(request)
+        token = body.token
+        try:
+            password = users.check_password(body.password)
+        except users.UserError as error:
+            raise _field_error(error) from None
+        invalid = ApiError(401, "invalid_setup_token",
+                           "This setup link is not valid: it was used already or has expired "
+                           "(restart the daemon for a new one, or sign in with the API key in admin.key)")
+        if await self.ctx.db.run_read(users.setup_token_user, token, self.ctx.now()) is None:
+            await record_audit(self.ctx, "auth.login.failed", request, actor="setup", target="setup",
+                               action="setup", details={"reason": "invalid setup token"}, sampled=True)
+            raise invalid
+        password_hash = await self.sessions.hash_password(password)
+        row = await self.ctx.db.run_write(users.consume_setup_token, token, password_hash, self.ctx.now())
+        if row is None:  # spent or expired meanwhile
+            raise invalid
+        self.ctx.auth.invalidate()
+        session = await self.ctx.db.run_write(
+            users.create_session, row["id"], self.ctx.now(), self.sessions.ttl,
+            getattr(request, "client_ip", None), request.getHeader("user-agent"))
+        self.sessions.set_cookies(request, session)
+        await record_audit(self.ctx, "auth.setup.completed", request, actor=row["username"],
+                           target=row["username"], action="setup", details={"user_id": row["id"]})
         return {"success": True, "user": users.user_dict(row), "expires_at": iso(session.expires_at),
                 "csrf_token": session.csrf}
 

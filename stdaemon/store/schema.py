@@ -190,6 +190,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE users ADD COLUMN display_name TEXT;
         """,
     ),
+    (
+        # A console session opened with an API key ("Sign in with API key") keeps
+        # that key's role as its ceiling and ends when the key is revoked.
+        "0043_session_api_key",
+        """
+        ALTER TABLE sessions ADD COLUMN key_id INTEGER REFERENCES api_keys(id);
+        """,
+    ),
 ]
 
 

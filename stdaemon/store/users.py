@@ -13,6 +13,7 @@ Pure SQL helpers take ``conn`` first so they run through the Database API
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import secrets
 import sqlite3
@@ -230,15 +231,18 @@ class NewSession:
 
 
 def create_session(conn: sqlite3.Connection, user_id: int, now: float, ttl: float,
-                   ip: Optional[str] = None, user_agent: Optional[str] = None) -> NewSession:
+                   ip: Optional[str] = None, user_agent: Optional[str] = None,
+                   key_id: Optional[int] = None) -> NewSession:
+    """A new session; ``key_id`` when it was opened with an API key (the key's
+    role is then its ceiling and revoking the key ends it)."""
     token = secrets.token_urlsafe(32)
     csrf = secrets.token_urlsafe(32)
     expires_at = now + ttl
     conn.execute(
-        "INSERT INTO sessions (user_id, token_hash, csrf_hash, created_at, expires_at, ip, user_agent)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO sessions (user_id, token_hash, csrf_hash, created_at, expires_at, ip, user_agent,"
+        " key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (user_id, token_hash(token), token_hash(csrf), now, expires_at, ip,
-         (user_agent or "")[:256] or None))
+         (user_agent or "")[:256] or None, key_id))
     return NewSession(token, csrf, expires_at)
 
 
@@ -253,12 +257,22 @@ def lookup_session(conn: sqlite3.Connection, token: str, now: float) -> Optional
     if not token or len(token) > 200:
         return None
     row = conn.execute(
-        "SELECT s.id, s.csrf_hash, s.expires_at, u.id AS user_id, u.username, u.role, u.disabled"
-        " FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = ?",
+        "SELECT s.id, s.csrf_hash, s.expires_at, s.key_id, u.id AS user_id, u.username, u.role,"
+        " u.disabled, k.role AS key_role, k.revoked_at AS key_revoked_at,"
+        " k.expires_at AS key_expires_at"
+        " FROM sessions s JOIN users u ON u.id = s.user_id"
+        " LEFT JOIN api_keys k ON k.id = s.key_id WHERE s.token_hash = ?",
         (token_hash(token),)).fetchone()
     if row is None or row["disabled"] or row["expires_at"] <= now:
         return None
-    principal = Principal(user_id=row["user_id"], username=row["username"], role=row["role"],
+    role = row["role"]
+    if row["key_id"] is not None:  # opened with an API key: that key must still be valid
+        if row["key_role"] is None or row["key_revoked_at"] is not None or \
+                (row["key_expires_at"] is not None and row["key_expires_at"] <= now):
+            return None
+        if ROLE_RANK.get(row["key_role"], -1) < ROLE_RANK.get(role, -1):
+            role = row["key_role"]
+    principal = Principal(user_id=row["user_id"], username=row["username"], role=role,
                           key_id=None, via="session")
     return SessionInfo(principal, row["csrf_hash"], row["expires_at"])
 
@@ -312,6 +326,54 @@ def get_key(conn: sqlite3.Connection, key_id: int) -> Optional[dict]:
 def revoke_key(conn: sqlite3.Connection, key_id: int, now: float) -> bool:
     return conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                         (now, key_id)).rowcount == 1
+
+
+# -- first sign-in: the one-time setup link --------------------------------------
+
+SETUP_NAMESPACE = "auth"
+SETUP_KEY = "setup_token"
+
+
+def issue_setup_token(conn: sqlite3.Connection, now: float, ttl: float) -> Optional[tuple[str, str]]:
+    """``(token, username)`` of a new one-time link that sets the first admin's
+    password, or None once any user has a password (setup is over).  Only the
+    token's SHA-256 is stored; a new link replaces an older one."""
+    if conn.execute("SELECT 1 FROM users WHERE password_hash IS NOT NULL LIMIT 1").fetchone():
+        conn.execute("DELETE FROM settings WHERE namespace = ? AND key = ?", (SETUP_NAMESPACE, SETUP_KEY))
+        return None
+    admin = conn.execute("SELECT id, username FROM users WHERE role = 'admin' AND disabled = 0"
+                         " ORDER BY id LIMIT 1").fetchone()
+    if admin is None:
+        return None
+    token = secrets.token_urlsafe(32)
+    put_setting(conn, SETUP_NAMESPACE, SETUP_KEY,
+                {"sha256": token_hash(token), "expires_at": now + ttl, "user_id": admin["id"]}, now)
+    return token, admin["username"]
+
+
+def setup_token_user(conn: sqlite3.Connection, token: str, now: float) -> Optional[sqlite3.Row]:
+    """The user a valid, unexpired setup token is for (no change)."""
+    record = get_setting(conn, SETUP_NAMESPACE, SETUP_KEY)
+    if not isinstance(record, dict) or not isinstance(token, str) or not token or len(token) > 200:
+        return None
+    if not hmac.compare_digest(str(record.get("sha256", "")), token_hash(token)):
+        return None
+    if float(record.get("expires_at", 0)) <= now:
+        return None
+    return conn.execute("SELECT * FROM users WHERE id = ? AND disabled = 0",
+                        (record.get("user_id"),)).fetchone()
+
+
+def consume_setup_token(conn: sqlite3.Connection, token: str, password_hash: str,
+                        now: float) -> Optional[sqlite3.Row]:
+    """Writer transaction: check the token again, spend it (single use) and set
+    the password.  Returns the user row, or None when the token is not valid."""
+    user = setup_token_user(conn, token, now)
+    if user is None:
+        return None
+    conn.execute("DELETE FROM settings WHERE namespace = ? AND key = ?", (SETUP_NAMESPACE, SETUP_KEY))
+    conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user["id"]))
+    return conn.execute("SELECT * FROM users WHERE id = ?", (user["id"],)).fetchone()
 
 
 # -- runtime auth settings -------------------------------------------------------

@@ -123,7 +123,7 @@
 
   // -- views and routing -----------------------------------------------------------------
 
-  var VIEWS = ["login", "jobs", "cloud", "admin", "health"];
+  var VIEWS = ["login", "jobs", "cloud", "admin", "health", "setup"];
 
   function showView(name) {
     VIEWS.forEach(function (view) { $("view-" + view).hidden = view !== name; });
@@ -147,7 +147,7 @@
     var hash = (location.hash || "#jobs").slice(1);
     var parts = hash.split("/");
     var top = parts[0] || "jobs";
-    if (VIEWS.indexOf(top) < 1) { top = "jobs"; }
+    if (VIEWS.indexOf(top) < 1 || top === "setup") { top = "jobs"; }
     showView(top);
     flash("");
     if (top === "jobs") { loadJobs(); }
@@ -208,9 +208,88 @@
       }
       $("login-password").value = "";
       $("login-error").textContent = "";
-      return api("GET", "/api/users/me").then(function (me) {
-        if (me.ok) { enterApp(me.data); if (!location.hash) { location.hash = "#jobs"; } }
-      });
+      return afterSignIn();
+    });
+  }
+
+  function afterSignIn() {
+    return api("GET", "/api/users/me").then(function (me) {
+      if (me.ok) { enterApp(me.data); if (!location.hash || location.hash === "#") { location.hash = "#jobs"; } }
+    });
+  }
+
+  function onKeyLogin(event) {
+    event.preventDefault();
+    var key = $("login-api-key").value.trim();
+    $("login-api-key").removeAttribute("aria-invalid");
+    if (!key) {
+      $("key-login-error").textContent = "Enter an API key.";
+      $("login-api-key").setAttribute("aria-invalid", "true");
+      return;
+    }
+    api("POST", "/api/auth/login", { api_key: key }).then(function (result) {
+      if (!result.ok) {
+        $("key-login-error").textContent = result.status === 401 ? "Invalid or revoked API key." : detail(result);
+        $("login-api-key").setAttribute("aria-invalid", "true");
+        return;
+      }
+      $("login-api-key").value = "";
+      $("key-login-error").textContent = "";
+      return afterSignIn();
+    });
+  }
+
+  // -- first sign-in (#setup=<token> from the link printed in the log) ---------------------
+
+  function startSetup(token) {
+    // Keep the token out of the address bar and history.
+    if (window.history && window.history.replaceState) {
+      window.history.replaceState(null, "", location.pathname + location.search);
+    }
+    state.setupToken = token;
+    $("main-nav").hidden = true;
+    $("who").hidden = true;
+    showView("setup");
+    api("POST", "/api/auth/setup/check", { token: token }).then(function (result) {
+      if (result.ok && result.data && result.data.valid) {
+        $("setup-intro").textContent = "Choose the password of the first administrator, " +
+          result.data.username + ". This link works once.";
+        $("setup-form").hidden = false;
+        $("setup-password").focus();
+      } else {
+        $("setup-intro").textContent = "This setup link was used already or has expired. " +
+          "Sign in with your password or the API key in admin.key.";
+        showLogin();
+        $("login-error").textContent = "The setup link was used already or has expired.";
+      }
+    });
+  }
+
+  function onSetup(event) {
+    event.preventDefault();
+    var password = $("setup-password").value;
+    var repeat = $("setup-password-repeat").value;
+    ["setup-password", "setup-password-repeat"].forEach(function (id) { $(id).removeAttribute("aria-invalid"); });
+    if (password.length < 8) {
+      $("setup-error").textContent = "The password needs at least 8 characters.";
+      $("setup-password").setAttribute("aria-invalid", "true");
+      return;
+    }
+    if (password !== repeat) {
+      $("setup-error").textContent = "The two passwords differ.";
+      $("setup-password-repeat").setAttribute("aria-invalid", "true");
+      return;
+    }
+    api("POST", "/api/auth/setup", { token: state.setupToken, password: password }).then(function (result) {
+      if (!result.ok) {
+        $("setup-error").textContent = detail(result);
+        return;
+      }
+      state.setupToken = null;
+      $("setup-password").value = "";
+      $("setup-password-repeat").value = "";
+      flash("Password set. You are signed in.");
+      return afterSignIn();
     });
   }
 
@@ -363,10 +442,12 @@
     if (role() < ROLE_RANK.operator) {
       $("cloud-denied").hidden = false;
       $("provider-form").hidden = true;
+      $("token-form").hidden = true;
       return;
     }
     $("cloud-denied").hidden = true;
     $("provider-form").hidden = false;
+    $("token-form").hidden = false;
     api("GET", "/api/cloud/providers").then(function (result) {
       if (!result.ok) { flash(detail(result)); return; }
       var select = $("provider-select");
@@ -383,9 +464,48 @@
     });
   }
 
+  // The provider's API token: write-only, with where the current one comes from.
+  function loadToken(name) {
+    api("GET", "/api/cloud/providers/" + encodeURIComponent(name) + "/token").then(function (result) {
+      if (!result.ok) { $("token-status").textContent = detail(result); return; }
+      var data = result.data || {};
+      $("token-status").textContent = data.configured ?
+        "A token is configured (source: " + (data.source || "unknown") + ")." : "No token is configured.";
+      $("token-delete").disabled = role() < ROLE_RANK.admin || data.source !== "file";
+    });
+    $("token-fieldset").disabled = role() < ROLE_RANK.admin;
+  }
+
+  function onTokenSave(event) {
+    event.preventDefault();
+    var token = $("provider_token").value.trim();
+    if (!token) { setFieldError("provider_token", "Enter the API token."); return; }
+    clearFieldError("provider_token");
+    api("PUT", "/api/cloud/providers/" + encodeURIComponent(state.provider) + "/token", { token: token })
+      .then(function (result) {
+        if (!result.ok) {
+          setFieldError("provider_token", detail(result));
+          return;
+        }
+        $("provider_token").value = "";
+        flash("Saved the API token." + (result.data && result.data.warning ? " " + result.data.warning : ""));
+        loadToken(state.provider);
+        $("provider-configured").textContent = result.data.configured ? "configured" : "not configured";
+      });
+  }
+
+  function onTokenDelete() {
+    api("DELETE", "/api/cloud/providers/" + encodeURIComponent(state.provider) + "/token").then(function (result) {
+      flash(result.ok ? "Removed the API token from the secrets file." : detail(result));
+      loadToken(state.provider);
+      if (result.ok) { $("provider-configured").textContent = result.data.configured ? "configured" : "not configured"; }
+    });
+  }
+
   function loadProvider(name) {
     if (!name) { return; }
     state.provider = name;
+    loadToken(name);
     api("GET", "/api/cloud/providers/" + encodeURIComponent(name)).then(function (result) {
       if (!result.ok) { flash(detail(result)); return; }
       fillProvider(result.data);
@@ -616,6 +736,10 @@
 
   function init() {
     $("login-form").addEventListener("submit", onLogin);
+    $("key-login-form").addEventListener("submit", onKeyLogin);
+    $("setup-form").addEventListener("submit", onSetup);
+    $("token-form").addEventListener("submit", onTokenSave);
+    $("token-delete").addEventListener("click", onTokenDelete);
     $("logout").addEventListener("click", onLogout);
     $("jobs-refresh").addEventListener("click", loadJobs);
     $("jobs-status").addEventListener("change", loadJobs);
@@ -632,7 +756,9 @@
       templates[i].addEventListener("click", function (e) { applyTemplate(e.target.getAttribute("data-template")); });
     }
     $("registration_enabled").addEventListener("change", onRegistrationChange);
-    window.addEventListener("hashchange", route);
+    window.addEventListener("hashchange", function () { if (!state.setupToken) { route(); } });
+    var setup = /^#setup=([A-Za-z0-9_-]+)$/.exec(location.hash || "");
+    if (setup) { startSetup(setup[1]); return; }
     api("GET", "/api/users/me").then(function (result) {
       if (result.ok) { enterApp(result.data); } else { showLogin(); }
     });
