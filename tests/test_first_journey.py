@@ -23,20 +23,13 @@ from playwright.sync_api import expect
 from twisted.internet import reactor, task
 
 from tests.authhelpers import call
-from tests.browser import Browser, require_browser, screenshot
+from tests.browser import screenshot
+from tests.test_console_browser import browser  # noqa: F401 (fixture: a headless Chromium)
 from tests.fake_replicate import FakeReplicate
 from tests.test_process import Daemon
 
 H100 = "simpletuner/advanced-trainer-h100"
 PASSWORD = "first day password"
-
-
-@pytest_twisted.async_yield_fixture
-async def browser():
-    require_browser()
-    instance = await Browser().start()
-    yield instance
-    await instance.stop()
 
 
 # -- browser steps (browser thread) --------------------------------------------------------

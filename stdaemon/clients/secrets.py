@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -44,6 +43,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from stdaemon.store.files import write_atomic
 from stdaemon.threads import BlockingPool
 from stdaemon.logs import get_logger
 
@@ -230,26 +230,8 @@ class FileStore:
                 body = yaml.safe_dump(data, default_flow_style=False, sort_keys=False).encode("utf-8")
             else:
                 body = (json.dumps(data, indent=2) + "\n").encode("utf-8")
-            directory = os.path.dirname(path) or "."
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            tmp_fd, tmp = tempfile.mkstemp(prefix=".secrets.", suffix=".tmp", dir=directory)  # 0600
-            try:
-                with os.fdopen(tmp_fd, "wb") as fh:
-                    fh.write(body)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-                raise
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            write_atomic(path, body)  # 0600, temp + fsync + rename
             return {"path": path, "changed": True}
 
 

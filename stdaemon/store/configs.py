@@ -18,8 +18,9 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Any, Optional
+
+from stdaemon.store.files import fsync_dir, write_atomic
 
 CONFIG_FILE = "config.json"
 DATALOADER_FILE = "multidatabackend.json"
@@ -42,30 +43,6 @@ def check_name(name: Any) -> str:
 def encode(value: Any) -> bytes:
     """Strict JSON (NaN and Infinity refused: ValueError)."""
     return (json.dumps(value, indent=2, allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _write_atomic(directory: str, filename: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, os.path.join(directory, filename))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_json(path: str, name: str) -> Any:
@@ -129,11 +106,10 @@ class ConfigStore:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         # The dataloader first: a crash between the two renames leaves the
         # old config.json next to the new dataloader, never a config without one.
-        _write_atomic(directory, DATALOADER_FILE, dataloader_bytes)
-        _write_atomic(directory, CONFIG_FILE, config_bytes)
-        _fsync_dir(directory)
+        write_atomic(os.path.join(directory, DATALOADER_FILE), dataloader_bytes)
+        write_atomic(os.path.join(directory, CONFIG_FILE), config_bytes)
         if created:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         return created
 
     def delete(self, name: str) -> bool:
@@ -144,5 +120,5 @@ class ConfigStore:
         if not os.path.isdir(directory):
             return False
         shutil.rmtree(directory)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return True
