@@ -155,6 +155,10 @@ async def test_tokens_are_per_job_and_replicate_signatures_stay_on(env):
     # ... but without a token that path still demands Replicate's signature.
     code, body = await post(env, status_event(job_b, step=60), None, path="/api/webhooks/replicate")
     assert code == 401 and body["error"] == "invalid_signature"
+    # ... and a prediction payload with a key but no signature is a Replicate delivery: signature needed.
+    prediction = {"id": "fake-pred", "status": "succeeded"}
+    code, body = await post(env, prediction, token_b, path="/api/webhooks/replicate")
+    assert code == 401 and body["error"] == "invalid_signature"
     assert env.ctx.providers.values("replicate")["webhook_require_signature"] is True
 
     # Validation images make events large: over the 1 MiB cap is 413 before anything runs.

@@ -241,7 +241,7 @@ class WebhooksSurface(Surface):
                            headers={"Retry-After": "5"})
         headers = self._signature_headers(request)
         token = presented_token(request)
-        if trainer_path or (token is not None and not headers):
+        if trainer_path or (token is not None and not headers and self._is_trainer_event(request)):
             return await self._receive_trainer(request, "replicate" if trainer_path else provider, token,
                                                provider)
         settings = await self.settings(provider)
@@ -286,6 +286,15 @@ class WebhooksSurface(Surface):
             # The same counters, metrics figures and live event as the poller's updates.
             await self.ctx.jobs.committed(outcome["applied"])
         return self._respond(provider, outcome)
+
+    @staticmethod
+    def _is_trainer_event(request: Any) -> bool:
+        request.content.seek(0)
+        try:
+            payload = json.loads(request.content.read())
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(payload, dict) and classify(payload) == job_updates.TRAINER
 
     async def _receive_trainer(self, request: Any, provider: str, token: Optional[str],
                                path_provider: str) -> Any:
