@@ -76,6 +76,8 @@ class SubmitJob(BodyModel):
     idempotency_key: Optional[str] = Field(None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY,
                                            pattern=r"\S")
     max_runtime_minutes: Optional[Union[int, float]] = None
+    # a job whose outputs this one resumes from: its upload credentials may read that job's prefix
+    resume_from_job: Optional[str] = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
 
 
 class SubmitQuery(QueryModel):
@@ -298,6 +300,11 @@ class JobService:
             raise ApiError(400, "invalid_field", f"max_runtime_minutes: {exc.reason}",
                            field="max_runtime_minutes", success=False) from None
 
+        resume_from = submission.resume_from_job
+        if resume_from is not None and await self.ctx.db.run_read(store.get_job, resume_from) is None:
+            raise ApiError(404, "not_found", f"resume_from_job: job {resume_from} not found",
+                           field="resume_from_job", success=False)
+
         # Configuration the submission cannot do without: say so before creating anything.
         # (No model version is needed: the profile's model runs its newest version.)
         public_url, s3_url = self._public_urls(provider)
@@ -363,6 +370,8 @@ class JobService:
             "estimated_cost_usd": round(estimate, 4),
             "submitted_by": _actor(principal),
         }
+        if resume_from is not None:
+            metadata["resume_from_job"] = resume_from  # read access to its outputs (S3)
         if pending_approval:
             metadata["request"] = request_payload
         row = {

@@ -80,6 +80,19 @@ class Caller:
             return True
         return not write and any(key_under_prefix(key, prefix) for prefix in self.read_prefixes)
 
+    def list_scope(self, bucket: str, prefix: str) -> Optional[str]:
+        """The readable prefix a job's listing of ``prefix`` stays inside (its own, or the one of the
+        job it resumes from), ``None`` when it may not list there. ``job-1`` (no slash) is allowed
+        and filtered to ``job-1/``."""
+        if self.kind == "operator":
+            return ""
+        if bucket != self.credential.bucket:
+            return None
+        for scope in (self.credential.prefix, *self.read_prefixes):
+            if prefix.startswith(scope) or (prefix and scope.startswith(prefix) and len(prefix) >= len(scope) - 1):
+                return scope
+        return None
+
 
 def _first(headers: Any, name: bytes) -> Optional[str]:
     values = headers.getRawHeaders(name)

@@ -753,10 +753,8 @@ class StorageSurface(Surface):
         prefix = query.get("prefix", "")
         scope = None
         if caller.kind == "job":
-            scope = caller.credential.prefix
-            # a job lists inside its prefix; "job-1" (no slash) is allowed and filtered to "job-1/"
-            if caller.credential.bucket != bucket or not (prefix.startswith(scope) or scope.startswith(prefix)
-                                                          and len(prefix) >= len(scope) - 1 and prefix):
+            scope = caller.list_scope(bucket, prefix)
+            if scope is None:
                 raise S3Error("AccessDenied", "Access Denied")
         delimiter = query.get("delimiter", "")
         encoding = query.get("encoding-type", "")

@@ -6,6 +6,7 @@ send the secret, so it must be recoverable: it is stored encrypted (Fernet, key 
 ``X-Upload-Token``/``X-SimpleTuner-Secret`` header. A credential is valid only for its bucket and
 prefix (``outputs`` / ``<job_id>/``, i.e. ``outputs/<job_id>/…``), until it is revoked (the job
 reached a terminal status) or expires (``jobs.upload_credential_ttl``; a reactor timer sweeps).
+A job submitted with ``resume_from_job`` may also *read* that job's prefix (:meth:`read_prefixes`).
 
 Use from other capabilities (``ctx.upload_credentials``)::
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import sqlite3
@@ -117,6 +119,11 @@ def find(conn: sqlite3.Connection, column: str, value: str) -> Optional[tuple]:
     return tuple(row) if row is not None else None
 
 
+def job_metadata(conn: sqlite3.Connection, job_id: str) -> Optional[tuple]:
+    row = conn.execute("SELECT metadata FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    return tuple(row) if row is not None else None
+
+
 class UploadCredentials:
     """Issue, look up, revoke and expire upload credentials (``ctx.upload_credentials``)."""
 
@@ -127,6 +134,8 @@ class UploadCredentials:
         self._fernet: Optional[Fernet] = None
         # access key id → credential; short-lived cache, dropped on revoke/expiry
         self._cache: dict[str, UploadCredential] = {}
+        # job id → prefixes its credentials may also read (resume_from_job)
+        self._reads: dict[str, tuple] = {}
 
     @property
     def fernet(self) -> Fernet:
@@ -241,6 +250,23 @@ class UploadCredentials:
         if cred is None or not hmac.compare_digest(cred.secret.encode(), token.encode()):
             return None
         return cred
+
+    async def read_prefixes(self, cred: UploadCredential) -> tuple:
+        """Prefixes the credential may also read (never write): the one of the job its job was
+        submitted to resume from (job metadata ``resume_from_job``)."""
+        cached = self._reads.get(cred.job_id)
+        if cached is not None:
+            return cached
+        row = await self.ctx.db.run_read(job_metadata, cred.job_id)
+        try:
+            resumed = json.loads(row[0]).get("resume_from_job") if row is not None else None
+        except (ValueError, AttributeError):
+            resumed = None
+        prefixes = (upload_prefix(resumed),) if isinstance(resumed, str) and resumed else ()
+        if len(self._reads) > 10_000:
+            self._reads.clear()
+        self._reads[cred.job_id] = prefixes  # set once at submission: never changes
+        return prefixes
 
     async def check_job_active(self, cred: UploadCredential) -> bool:
         """Re-read the job's status: a terminal job's credentials stop working at once."""
