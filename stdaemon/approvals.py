@@ -26,7 +26,7 @@ seconds (``approval-expiry`` reactor timer) → the job is cancelled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable, Optional
 
 from stdaemon.core import approvals as rules_core
@@ -128,9 +128,13 @@ class ApprovalService:
         estimate = float(metadata.get("estimated_cost_usd") or 0.0)
         rules = await self.ctx.db.run_read(store.rules)
         rule = rules_core.first_match(rules, profile, estimate)
+        # Why it is held: the matching rule and/or what the submission path
+        # recorded (a ``require_approval`` quota or cost limit).
+        reasons = [rule.reason(profile, estimate)] if rule else []
+        reasons += [r for r in metadata.get("approval_reasons") or [] if isinstance(r, str)]
         decision = ApprovalDecision(
             True, estimate, profile, rule.id if rule else None, rule.name if rule else None,
-            rule.reason(profile, estimate) if rule else "approval required")
+            "; ".join(reasons) or "approval required")
         return await self.hold(job["job_id"], principal, decision, provider=job.get("provider", "replicate"),
                                details={"config_name": job.get("config_name")})
 
@@ -146,12 +150,17 @@ class ApprovalService:
         if not quota.allowed:
             verdict["block"] = "Quota exceeded: " + "; ".join(quota.blocked)
             return verdict
+        if quota.approval:
+            # A ``require_approval`` quota holds the submission (the job
+            # service keeps the reasons for :meth:`hold_job`).
+            verdict["pending_approval"] = True
+            verdict["approval_reasons"] = list(quota.approval)
         profile = body.get("hardware_profile")
         providers = getattr(self.ctx, "providers", None)
         if not profile and providers is not None and hasattr(providers, "values"):
             profile = providers.values(provider).get("hardware_profile")
         decision = await self.evaluate(principal, body, estimate_usd, provider, profile)
-        verdict["pending_approval"] = decision.required
+        verdict["pending_approval"] = verdict["pending_approval"] or decision.required
         return verdict
 
     # -- decisions --------------------------------------------------------------------
@@ -277,6 +286,25 @@ class QuotaService:
     async def usage(self, user_id: int) -> Usage:
         raw = await self.ctx.db.run_read(store.usage, user_id, self.ctx.now())
         return Usage(**raw)
+
+    async def status(self, principal: Any) -> dict:
+        """The caller's quotas with their current usage (``GET /api/quotas/me``
+        and SimpleTuner's ``GET /api/quotas/status``): each quota that applies
+        with ``current_usage`` and ``percent_used``, and the raw ``usage``."""
+        rows = await self.ctx.db.run_read(store.list_quotas)
+        usage = await self.usage(principal.user_id)
+        applicable = []
+        for row in rows:
+            quota = rules_core.Quota(row["id"], row["quota_type"], row["limit"], row["action"],
+                                     row["user_id"], row["role"])
+            if not quota.applies_to(principal.user_id, principal.role):
+                continue
+            current = rules_core.usage_of(quota.quota_type, usage)
+            percent = (current / quota.limit * 100.0) if quota.limit > 0 else 0.0
+            applicable.append(dict(row, current_usage=current, percent_used=round(percent, 2),
+                                   is_exceeded=current >= quota.limit if quota.limit > 0 else current > 0,
+                                   is_warning=percent >= rules_core.WARN_FRACTION * 100.0))
+        return {"user_id": principal.user_id, "quotas": applicable, "usage": asdict(usage)}
 
     async def check(self, principal: Any, estimate_usd: float = 0.0) -> QuotaResult:
         """May ``principal`` start one more job costing about ``estimate_usd``?

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest_twisted
 
 from tests.cli_client import CliClient, expect, is_iso
+from tests.replicate_env import start_env
 
 
 def cli(daemon, key=None) -> CliClient:
@@ -156,3 +157,213 @@ async def test_audit_group(daemon):
     expect(report, valid="bool", entries_checked="int", first_id="int", last_id="int", broken_links="list")
     assert report["valid"] is True and report["entries_checked"] == report["last_id"] - report["first_id"] + 1
     assert is_iso(stats["first_entry"])
+
+
+# -- simpletuner quota … ---------------------------------------------------------------------
+
+QUOTA_FIELDS = dict(id="int", quota_type="str", limit_value="num", action="str")
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_group(daemon):
+    client = cli(daemon)
+
+    # quota create --type cost_daily --limit 25 --action warn [--user-id 1]: the CLI checks "quota".
+    created = await client.ok("POST", "/api/quotas", {"quota_type": "cost_daily", "limit_value": 25.0,
+                                                      "action": "warn"})
+    expect(created["quota"], **QUOTA_FIELDS)
+    assert created["quota"]["quota_type"] == "daily_cost_usd" and created["quota"]["limit_value"] == 25.0
+    await client.ok("POST", "/api/quotas", {"quota_type": "cost_monthly", "limit_value": 500.0,
+                                            "action": "require_approval", "user_id": 1})
+    await client.ok("POST", "/api/quotas", {"quota_type": "concurrent_jobs", "limit_value": 3.0,
+                                            "action": "block"})
+    status, detail = await client.error("POST", "/api/quotas", {"quota_type": "concurrent_jobs",
+                                                                "limit_value": 3.0, "action": "block",
+                                                                "team_id": 4})
+    assert status == 400 and "team" in detail
+    status, detail = await client.error("POST", "/api/quotas", {"quota_type": "jobs_per_hour",
+                                                                "limit_value": 3.0, "action": "block"})
+    assert status == 400 and "quota_type" in detail
+
+    # quota list: "{limit_value:<12}" and the scope from user_id/team_id/org_id.
+    quotas = (await client.ok("GET", "/api/quotas"))["quotas"]
+    assert len(quotas) == 3
+    for quota in quotas:
+        expect(quota, user_id="int?", **QUOTA_FIELDS)
+    assert {q["action"] for q in quotas} == {"warn", "require_approval", "block"}
+
+    # quota status: "current / limit_value", "{current:.2f} / {limit_value:.2f}".
+    body = await client.ok("GET", "/api/quotas/status")
+    assert len(body["quotas"]) == 3  # the admin is user 1: the user quota applies too
+    for quota in body["quotas"]:
+        expect(quota, current_usage="num", percent_used="num", **QUOTA_FIELDS)
+    assert body == await client.ok("GET", "/api/quotas/me")
+
+    # quota types: name, description, unit for each.
+    types = (await client.ok("GET", "/api/quotas/types"))["types"]
+    assert {t["name"] for t in types} == {"concurrent_jobs", "daily_cost_usd", "monthly_cost_usd"}
+    for quota_type in types:
+        expect(quota_type, name="str", description="str", unit="str")
+
+    # quota delete <id> --force
+    result = await client.ok("DELETE", f"/api/quotas/{created['id']}")
+    assert result["success"] is True
+
+
+# -- simpletuner cloud jobs … / simpletuner jobs … / simpletuner jobs approval … ---------------
+
+JOB_FIELDS = dict(job_id="str", status="str", config_name="str?", provider="str", job_type="str",
+                  is_terminal="bool", is_active="bool", created_at="iso", started_at="iso?",
+                  finished_at="iso?", duration_seconds="num?", cost_usd="num?", error_message="str?",
+                  metadata="dict")
+
+
+@pytest_twisted.ensureDeferred
+async def test_jobs_and_approvals_groups(make_daemon, tmp_path):
+    env = await start_env(make_daemon, tmp_path)
+    try:
+        client = cli(env.daemon)
+        response, first = await env.submit()
+        assert response.code == 200, first
+        external_id = (await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}"))["job"]["external_id"]
+        env.fake.state.set_status(external_id, "processing", logs="step 1\n")
+
+        # cloud jobs list --limit 20 [--status running] [--sync]; jobs list (metadata.run_name, duration)
+        jobs = (await client.ok("GET", "/api/cloud/jobs?limit=20"))["jobs"]
+        assert [j["job_id"] for j in jobs] == [first["job_id"]]
+        for job in jobs:
+            expect(job, **JOB_FIELDS)
+        assert jobs[0]["job_type"] == "cloud" and jobs[0]["is_active"] is True and jobs[0]["is_terminal"] is False
+        synced = (await client.ok("GET", "/api/cloud/jobs?limit=20&status=running&sync_active=true"))["jobs"]
+        assert [j["status"] for j in synced] == ["running"]
+
+        # cloud jobs get <id> / jobs get <id>: result["job"]
+        job = (await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}"))["job"]
+        expect(job, **JOB_FIELDS)
+        assert job["started_at"] is not None and job["duration_seconds"] is not None
+
+        # cloud jobs logs <id>
+        logs = await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}/logs")
+        assert logs["logs"] == "step 1\n"
+
+        # cloud jobs cancel <id> / delete <id> --force: "success"
+        assert (await client.ok("POST", f"/api/cloud/jobs/{first['job_id']}/cancel"))["success"] is True
+        job = (await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}"))["job"]
+        assert job["is_terminal"] is True and job["is_active"] is False and is_iso(job["finished_at"])
+        assert (await client.ok("DELETE", f"/api/cloud/jobs/{first['job_id']}"))["success"] is True
+        status, detail = await client.error("DELETE", f"/api/cloud/jobs/{first['job_id']}")
+        assert status == 404
+
+        # jobs approval rules: id, type, condition, enabled
+        await client.ok("POST", "/api/approvals/rules", {"name": "big", "condition": "hardware_profile",
+                                                         "value": "h100-x8"})
+        rules = (await client.ok("GET", "/api/approvals/rules"))["rules"]
+        expect(rules[0], id="int", type="str", enabled="bool")
+
+        # A held submission, then jobs approval list/pending/approve/reject.
+        response, held = await env.submit(hardware_profile="h100-x8")
+        assert held["status"] == "pending_approval"
+        response, second = await env.submit(hardware_profile="h100-x8", config_name="other")
+        listing = (await client.ok("GET", "/api/approvals?limit=50"))["approvals"]
+        assert len(listing) == 2
+        for item in listing:   # "(a.get('job_id') or '-')[:12]", "a.get('requested_at', '-')[:19]"
+            expect(item, id="int", job_id="str", status="str", config_name="str?", reason="str?",
+                   requested_at="iso")
+        pending = (await client.ok("GET", "/api/approvals?status=pending&limit=50"))["approvals"]
+        assert {a["job_id"] for a in pending} == {held["job_id"], second["job_id"]}
+        by_job = {a["job_id"]: a for a in pending}
+        approved = await client.ok("POST", f"/api/approvals/{by_job[held['job_id']]['id']}/approve",
+                                   {"reason": "ok"})
+        assert approved["success"] is True
+        rejected = await client.ok("POST", f"/api/approvals/{by_job[second['job_id']]['id']}/reject")
+        assert rejected["success"] is True
+        job = (await client.ok("GET", f"/api/cloud/jobs/{held['job_id']}"))["job"]
+        assert job["status"] == "queued"
+    finally:
+        await env.fake.stop()
+
+
+# -- simpletuner cloud config … / cloud cost-limit … / cloud status ----------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_provider_config_cost_limit_and_status_groups(make_daemon, tmp_path):
+    env = await start_env(make_daemon, tmp_path)
+    try:
+        client = cli(env.daemon)
+
+        # cloud config show: result["config"], printed key by key; hardware_info for --dry-run.
+        config = (await client.ok("GET", "/api/cloud/providers/replicate/config"))["config"]
+        expect(config, cost_limit_enabled="bool", cost_limit_amount="num", cost_limit_period="str",
+               cost_limit_action="str", webhook_url="str", hardware_info="dict")
+        for hardware in config["hardware_info"].values():
+            expect(hardware, name="str", cost_per_second="num")
+
+        # cloud config set webhook_url https://…: "config" not None
+        result = await client.ok("PUT", "/api/cloud/providers/replicate/config",
+                                 {"webhook_url": "https://hooks.example.test/in"})
+        assert result["config"]["webhook_url"] == "https://hooks.example.test/in"
+        status, detail = await client.error("PUT", "/api/cloud/providers/replicate/config",
+                                            {"webhook_url": "ftp://x"})
+        assert status == 400 and "webhook_url" in detail
+        response, job = await env.submit()
+        sent = env.fake.state.requests_to("POST", "/v1/predictions")[-1]
+        assert sent.body["webhook"] == "https://hooks.example.test/in"
+
+        # cloud cost-limit set --amount 0.01 --period daily --action require_approval
+        result = await client.ok("PUT", "/api/cloud/providers/replicate/config",
+                                 {"cost_limit_enabled": True, "cost_limit_amount": 0.01,
+                                  "cost_limit_period": "daily", "cost_limit_action": "require_approval"})
+        assert result["config"]["cost_limit_action"] == "require_approval"
+        shown = (await client.ok("GET", "/api/cloud/providers/replicate/config"))["config"]
+        assert shown["cost_limit_amount"] == 0.01 and shown["cost_limit_period"] == "daily"
+        # Over the limit: held for approval, nothing sent to Replicate until approved.
+        before = len(env.fake.state.requests_to("POST", "/v1/predictions"))
+        response, held = await env.submit()
+        assert response.code == 200 and held["success"] is True and held["status"] == "pending_approval"
+        assert len(env.fake.state.requests_to("POST", "/v1/predictions")) == before
+        pending = (await client.ok("GET", "/api/approvals?status=pending&limit=50"))["approvals"]
+        assert [a["job_id"] for a in pending] == [held["job_id"]]
+        assert "cost limit" in pending[0]["reason"]
+        approved = await client.ok("POST", f"/api/approvals/{pending[0]['id']}/approve")
+        assert approved["success"] is True
+        assert len(env.fake.state.requests_to("POST", "/v1/predictions")) == before + 1
+        # cloud cost-limit disable
+        result = await client.ok("PUT", "/api/cloud/providers/replicate/config", {"cost_limit_enabled": False})
+        assert result["config"]["cost_limit_enabled"] is False
+
+        # cloud status --replicate: health with include_replicate, then /api/cloud/replicate/status.
+        health = await client.ok("GET", "/api/cloud/health?include_replicate=true")
+        expect(health, status="str", uptime_seconds="num", components="list", timestamp="iso")
+        names = {c["name"] for c in health["components"]}
+        assert "provider:replicate" in names
+        for component in health["components"]:
+            expect(component, name="str", status="str", message="str", latency_ms="num?")
+        plain = await client.ok("GET", "/api/cloud/health?")
+        assert "provider:replicate" not in {c["name"] for c in plain["components"]}
+        replicate = await client.ok("GET", "/api/cloud/replicate/status")
+        expect(replicate, operational="bool", ongoing_incidents="list", in_progress_maintenances="list",
+               scheduled_maintenances="list")
+        assert replicate["operational"] is True and "error" not in replicate
+        env.fake.state.mode = "fail"   # Replicate answers 500
+        replicate = await client.ok("GET", "/api/cloud/replicate/status")
+        assert replicate["operational"] is False and len(replicate["ongoing_incidents"]) == 1
+    finally:
+        await env.fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_require_approval_quota_holds_the_submission(make_daemon, tmp_path):
+    env = await start_env(make_daemon, tmp_path)
+    try:
+        client = cli(env.daemon)
+        await client.ok("POST", "/api/quotas", {"quota_type": "concurrent_jobs", "limit_value": 1.0,
+                                                "action": "require_approval"})
+        response, first = await env.submit()
+        assert first["status"] == "queued"
+        response, second = await env.submit()
+        assert response.code == 200 and second["status"] == "pending_approval"
+        pending = (await client.ok("GET", "/api/approvals?status=pending&limit=50"))["approvals"]
+        assert [a["job_id"] for a in pending] == [second["job_id"]]
+        assert "concurrent_jobs quota" in pending[0]["reason"]
+    finally:
+        await env.fake.stop()

@@ -9,8 +9,10 @@
   ``daily_cost_usd`` / ``monthly_cost_usd`` (cost of the user's jobs created
   in the current UTC day/month plus the estimate).  A quota applies to one
   user (``user_id``), to a role (``role``) or, with neither, to everyone.
-  Over the limit: ``block`` refuses, ``warn`` warns; a blocking quota also
-  warns from 80 % of its limit.
+  Over the limit: ``block`` refuses, ``warn`` warns, ``require_approval``
+  holds the submission for an admin's approval; a blocking quota also warns
+  from 80 % of its limit.  SimpleTuner's names are accepted too
+  (``cost_daily``, ``cost_monthly``; ``limit_value`` for ``limit``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,19 @@ from stdaemon.core import costs
 
 CONDITIONS = ("cost_exceeds", "hardware_profile")
 QUOTA_TYPES = ("concurrent_jobs", "daily_cost_usd", "monthly_cost_usd")
-QUOTA_ACTIONS = ("block", "warn")
+# SimpleTuner's names for the same quota types.
+QUOTA_TYPE_ALIASES = {"cost_daily": "daily_cost_usd", "cost_monthly": "monthly_cost_usd"}
+QUOTA_ACTIONS = ("block", "warn", "require_approval")
+QUOTA_TYPE_INFO = {
+    "concurrent_jobs": ("Jobs not yet completed, failed or cancelled, the new one included", "jobs"),
+    "daily_cost_usd": ("Cost of jobs created in the current UTC day plus the estimate", "USD"),
+    "monthly_cost_usd": ("Cost of jobs created in the current UTC month plus the estimate", "USD"),
+}
+QUOTA_ACTION_INFO = {
+    "block": "Refuse the submission",
+    "warn": "Accept it with a warning in quota_warnings",
+    "require_approval": "Hold it as pending_approval until an admin or operator approves it",
+}
 ROLES = ("admin", "operator", "viewer")
 DEFAULT_MAX_RUNTIME_MINUTES = 120.0
 MAX_RUNTIME_MINUTES = 60.0 * 24 * 30
@@ -149,18 +163,26 @@ class Quota:
 
 
 def validate_quota(body: Mapping[str, Any]) -> dict:
-    unknown = set(body) - {"quota_type", "limit", "action", "user_id", "role"}
+    unknown = set(body) - {"quota_type", "limit", "limit_value", "action", "user_id", "role"}
+    for scope in ("team_id", "org_id", "level_id"):
+        if scope in unknown and body.get(scope) is not None:
+            raise FieldError(scope, "stdaemon has no teams, organisations or levels: give user_id or role")
+        unknown.discard(scope)
     if unknown:
         raise FieldError(sorted(unknown)[0], "unknown field")
-    quota_type = body.get("quota_type")
+    quota_type = QUOTA_TYPE_ALIASES.get(body.get("quota_type"), body.get("quota_type"))
     if quota_type not in QUOTA_TYPES:
-        raise FieldError("quota_type", f"must be one of {', '.join(QUOTA_TYPES)}")
-    limit = body.get("limit")
+        raise FieldError("quota_type", f"must be one of {', '.join(QUOTA_TYPES)} "
+                                       f"(or {', '.join(QUOTA_TYPE_ALIASES)})")
+    limit_field = "limit" if "limit" in body or "limit_value" not in body else "limit_value"
+    if "limit" in body and "limit_value" in body and body["limit"] != body["limit_value"]:
+        raise FieldError("limit_value", "contradicts limit")
+    limit = body.get(limit_field)
     if not _number(limit) or limit < 0 or (quota_type == "concurrent_jobs" and limit != int(limit)):
-        raise FieldError("limit", "must be a non-negative number (a whole number for concurrent_jobs)")
+        raise FieldError(limit_field, "must be a non-negative number (a whole number for concurrent_jobs)")
     action = body.get("action", "block")
     if action not in QUOTA_ACTIONS:
-        raise FieldError("action", "must be block or warn")
+        raise FieldError("action", f"must be one of {', '.join(QUOTA_ACTIONS)}")
     user_id = body.get("user_id")
     role = body.get("role")
     if user_id is not None and role is not None:
@@ -171,6 +193,11 @@ def validate_quota(body: Mapping[str, Any]) -> dict:
         raise FieldError("role", f"must be one of {', '.join(ROLES)}")
     return {"quota_type": quota_type, "limit": float(limit), "action": action,
             "user_id": user_id, "role": role}
+
+
+def usage_of(quota_type: str, usage: "Usage") -> float:
+    """The figure a quota of ``quota_type`` is measured against."""
+    return float(getattr(usage, quota_type))
 
 
 @dataclass
@@ -185,6 +212,8 @@ class QuotaResult:
     allowed: bool = True
     warnings: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
+    # Exceeded quotas whose action is ``require_approval``: the submission is held.
+    approval: list[str] = field(default_factory=list)
 
     @property
     def detail(self) -> str:
@@ -211,6 +240,8 @@ def evaluate_quotas(quotas: Iterable[Quota], user_id: int, role: str, usage: Usa
             if quota.action == "block":
                 result.allowed = False
                 result.blocked.append(f"{label} would be exceeded: {what}")
+            elif quota.action == "require_approval":
+                result.approval.append(f"{label} would be exceeded: {what}")
             else:
                 result.warnings.append(f"{label} exceeded: {what}")
         elif quota.action == "block" and quota.limit > 0 and projected >= WARN_FRACTION * quota.limit:

@@ -32,7 +32,7 @@ for _gpu in ("h100", "l40s"):
 DEFAULT_PROFILE = "h100"
 
 PERIODS = ("daily", "weekly", "monthly")
-ACTIONS = ("warn", "block")
+ACTIONS = ("warn", "block", "require_approval")
 WARN_FRACTION = 0.8
 
 
@@ -101,6 +101,8 @@ class CostLimitCheck:
     percent_used: float
     warning: str | None
     blocked: bool
+    # Over the limit with action ``require_approval``: the submission is held.
+    needs_approval: bool = False
 
 
 def check_cost_limit(spent: float, *, enabled: bool, amount: float | None, action: str,
@@ -110,7 +112,8 @@ def check_cost_limit(spent: float, *, enabled: bool, amount: float | None, actio
     ``spent`` is what jobs of the current period cost so far; ``estimate``
     the new job's expected cost (0 when unknown).  At ≥ 80 % a warning is
     given; when the limit is reached (or the estimate would exceed it) and the
-    action is ``block``, the submission is blocked.
+    action is ``block``, the submission is blocked; with ``require_approval``
+    it is held until an admin or operator approves it.
     """
     if not enabled or not amount or amount <= 0:
         return CostLimitCheck(False, spent, amount or 0.0, 0.0, None, False)
@@ -123,4 +126,5 @@ def check_cost_limit(spent: float, *, enabled: bool, amount: float | None, actio
                    + (f" (this job is estimated at ${estimate:.2f})" if estimate > 0 else ""))
     elif spent >= WARN_FRACTION * amount or projected >= WARN_FRACTION * amount:
         warning = f"{period} cost limit at {percent:.0f}%: ${spent:.2f} spent of ${amount:.2f}"
-    return CostLimitCheck(True, spent, amount, percent, warning, over and action == "block")
+    return CostLimitCheck(True, spent, amount, percent, warning, over and action == "block",
+                          over and action == "require_approval")

@@ -3,16 +3,17 @@
 Health is public and never rate limited.  ``live`` depends on nothing but
 the reactor; ``ready`` answers 503 while starting, when the database cannot
 answer, and while shutting down; the full report runs every registered
-component check (see ``stdaemon/health.py``).
+component check (see ``stdaemon/health.py``); ``?include_providers=true`` (or
+``include_replicate=true``, SimpleTuner's name) adds the live provider checks.
 """
 
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
 
 from klein import Klein
 
+from stdaemon.core.timestamps import iso
 from stdaemon.health import DEGRADED, HEALTHY, UNHEALTHY, Component, overall
 from stdaemon.http.surface import PUBLIC, Response, Surface, route
 from stdaemon.http.validation import QueryModel
@@ -23,6 +24,7 @@ DISK_UNHEALTHY_BYTES = 100 * 1024 ** 2   # < 100 MiB free: unhealthy
 
 class HealthQuery(QueryModel):
     include_providers: bool = False
+    include_replicate: bool = False   # what SimpleTuner's ``cloud status --replicate`` sends
 
 
 class HealthSurface(Surface):
@@ -61,7 +63,7 @@ class HealthSurface(Surface):
     @route(app, "/api/cloud/health", access=PUBLIC, rate_limited=False, query=HealthQuery)
     async def full(self, request, query: HealthQuery):
         """The component report."""
-        include = query.include_providers
+        include = query.include_providers or query.include_replicate
         components = await self.ctx.health.check_all(include_optional=include)
         status = overall(components)
         if self.ctx.health.phase == "stopping" and status == HEALTHY:
@@ -70,8 +72,7 @@ class HealthSurface(Surface):
             "status": status,
             "version": self.ctx.version,
             "uptime_seconds": round(self.ctx.clock.seconds() - self.ctx.started_at, 3),
-            "timestamp": datetime.fromtimestamp(self.ctx.clock.seconds(), tz=timezone.utc)
-            .strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "timestamp": iso(self.ctx.clock.seconds()),
             "components": [c.as_dict() for c in components],
         }
         return Response(body, status=503 if status == UNHEALTHY else 200)

@@ -146,9 +146,16 @@ class JobService:
 
     # -- helpers ---------------------------------------------------------------
     def public(self, job: dict) -> dict:
+        """A job as the API shows it: times ISO 8601 (S18) and the fields
+        SimpleTuner's CLI reads (``job_type``, ``is_terminal``, ``is_active``,
+        ``finished_at`` = ``completed_at``, ``duration_seconds``)."""
         out = dict(job)
         for name in ("created_at", "started_at", "completed_at"):
             out[name] = iso(job.get(name))
+        out["finished_at"] = out["completed_at"]
+        out["job_type"] = "cloud"
+        out["is_terminal"] = job["status"] in st.TERMINAL
+        out["is_active"] = job["status"] in st.ACTIVE
         end = job.get("completed_at") or (None if job["status"] in st.TERMINAL else self.ctx.now())
         out["duration_seconds"] = (round(end - job["started_at"], 3)
                                    if job.get("started_at") and end else None)
@@ -337,13 +344,17 @@ class JobService:
             raise ApiError(403, "cost_limit_exceeded", limit.warning or "Cost limit reached",
                            success=False, cost_limit_warning=limit.warning)
         warnings: list[str] = []
-        pending_approval = False
+        # ``cost_limit_action: require_approval`` holds an over-limit submission
+        # for approval instead of refusing it (the approvals machinery decides).
+        pending_approval = limit.needs_approval
+        approval_reasons: list[str] = [limit.warning] if limit.needs_approval and limit.warning else []
         for check in self.submission_checks:
             verdict = await check(principal, provider, estimate, body)
             if verdict.get("block"):
                 raise ApiError(403, "quota_exceeded", verdict["block"], success=False,
                                quota_warnings=warnings + list(verdict.get("warnings", [])))
             warnings.extend(verdict.get("warnings", []))
+            approval_reasons.extend(verdict.get("approval_reasons", []))
             pending_approval = pending_approval or bool(verdict.get("pending_approval"))
 
         breaker = manager.breaker(provider)
@@ -374,6 +385,8 @@ class JobService:
             metadata["resume_from_job"] = resume_from  # read access to its outputs (S3)
         if pending_approval:
             metadata["request"] = request_payload
+            if approval_reasons:
+                metadata["approval_reasons"] = approval_reasons
         row = {
             "job_id": job_id,
             "provider": provider,
@@ -482,11 +495,12 @@ class JobService:
         profile = job["metadata"].get("hardware_profile") or job["hardware_type"]
         version = job["metadata"].get("version")
         public_url, s3_url = self._public_urls(provider)
+        webhook = values.get("webhook_url") or f"{public_url}/api/webhooks/{provider}"
         inputs: dict[str, Any] = {
             "config_json": json.dumps(request.get("config") or {}),
             "dataloader_json": json.dumps(request.get("dataloader_config") or []),
             "job_id": job_id,
-            "webhook_url": request.get("webhook_url") or f"{public_url}/api/webhooks/{provider}",
+            "webhook_url": request.get("webhook_url") or webhook,
         }
         with LogContext(job_id=job_id, provider=provider):
             try:
@@ -516,8 +530,7 @@ class JobService:
                         "s3_secret_key": secret,
                         "s3_public_base_url": f"{endpoint}/{creds.UPLOAD_BUCKET}",
                     })
-                prediction = await manager.replicate.create_prediction(
-                    version, inputs, webhook=f"{public_url}/api/webhooks/{provider}")
+                prediction = await manager.replicate.create_prediction(version, inputs, webhook=webhook)
             except (ProviderAPIError, ProviderUnavailable, ProviderNotConfigured, CircuitOpenError) as exc:
                 raise await self._submission_failed(job, exc) from None
             except Exception as exc:

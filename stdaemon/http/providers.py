@@ -15,6 +15,11 @@ is configured and which store provides it (env, file, aws, vault).
 Every answer carries the effective values (``config``) and where each came
 from (``sources``: default, file, env or api).  Reading needs an operator,
 changing needs an admin.
+
+``GET /api/cloud/replicate/status`` is what SimpleTuner's ``cloud status``
+asks for Replicate's state: stdaemon answers from its own live API check and
+circuit breaker (``operational``; a failing check is listed in
+``ongoing_incidents``), not from Replicate's public status page.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ from stdaemon.clients.replicate import (
 from stdaemon.core import costs
 from stdaemon.core import model_versions as mv
 from stdaemon.core import provider_settings as ps
+from stdaemon.core.timestamps import iso
+from stdaemon.health import HEALTHY
 from stdaemon.http.errors import ApiError, bad_request, not_found
-from stdaemon.http.surface import ADMIN, OPERATOR, Surface, route
+from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Surface, route
 from stdaemon.http.validation import BodyModel, QueryModel
 from stdaemon.logs import get_logger
 
@@ -86,7 +93,22 @@ def _actor(request) -> str:
 
 class ProvidersSurface(Surface):
     app = Klein()
-    prefixes = ("/api/cloud/providers",)
+    prefixes = ("/api/cloud/providers", "/api/cloud/replicate")
+
+    @route(app, "/api/cloud/replicate/status", access=VIEWER)
+    async def replicate_status(self, request):
+        """The health report's ``provider:replicate`` check (live, bounded by the
+        client's timeout and breaker) in the shape ``cloud status`` prints."""
+        component = await self.ctx.providers.provider_health("replicate")
+        operational = component.status == HEALTHY
+        incidents = [] if operational else [{"name": "Replicate API check", "status": component.status,
+                                             "message": component.message}]
+        return {"operational": operational, "status": component.status, "message": component.message,
+                "latency_ms": component.latency_ms,
+                "circuit_breaker": self.ctx.providers.breaker("replicate").snapshot()["state"],
+                "ongoing_incidents": incidents, "in_progress_maintenances": [],
+                "scheduled_maintenances": [], "source": "stdaemon API check",
+                "checked_at": iso(self.ctx.clock.seconds())}
 
     @route(app, "/api/cloud/providers", access=OPERATOR, rate_limited=False)
     async def list_providers(self, request):

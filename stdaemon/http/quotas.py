@@ -2,14 +2,18 @@
 
 ``GET /api/quotas`` (operator), ``POST /api/quotas`` ``{"quota_type":
 "concurrent_jobs"|"daily_cost_usd"|"monthly_cost_usd", "limit", "action":
-"block"|"warn", "user_id"? | "role"?}`` and ``DELETE /api/quotas/{id}``
-(admin).  ``GET /api/quotas/me`` shows the caller's usage against the quotas
-that apply to them.  Enforcement: ``ctx.quotas.check`` at submission.
+"block"|"warn"|"require_approval", "user_id"? | "role"?}`` and
+``DELETE /api/quotas/{id}`` (admin).  ``GET /api/quotas/me`` (and
+``/api/quotas/status``, SimpleTuner's name) shows the caller's usage against
+the quotas that apply to them; ``GET /api/quotas/types`` lists the types and
+actions.  SimpleTuner's CLI sends ``limit_value`` and the type names
+``cost_daily``/``cost_monthly``; both are accepted, and a created quota is
+answered as itself plus ``quota`` (what the CLI checks).  Enforcement:
+``ctx.quotas.check`` at submission.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Literal, Optional, Union
 
 from klein import Klein
@@ -28,13 +32,21 @@ BODY = 16 * 1024
 # -- request models (stdaemon.http.validation) -----------------------------------------------
 
 class CreateQuota(BodyModel):
+    """A quota; SimpleTuner's CLI sends ``limit_value`` for ``limit``, the type names
+    ``cost_daily``/``cost_monthly`` and (when given) ``team_id``/``org_id``, which stdaemon
+    refuses with a reason (it has no teams or organisations)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    quota_type: Literal[rules_core.QUOTA_TYPES]
-    limit: Union[int, float] = Field(ge=0, le=1e15)
+    quota_type: Literal[rules_core.QUOTA_TYPES + tuple(rules_core.QUOTA_TYPE_ALIASES)]
+    limit: Optional[Union[int, float]] = Field(None, ge=0, le=1e15)
+    limit_value: Optional[Union[int, float]] = Field(None, ge=0, le=1e15)
     action: Literal[rules_core.QUOTA_ACTIONS] = "block"
     user_id: Optional[int] = Field(None, ge=1, le=SQLITE_MAX_INT)
     role: Optional[Literal[rules_core.ROLES]] = None
+    team_id: Optional[int] = Field(None, ge=1, le=SQLITE_MAX_INT)
+    org_id: Optional[int] = Field(None, ge=1, le=SQLITE_MAX_INT)
+    level_id: Optional[int] = Field(None, ge=1, le=SQLITE_MAX_INT)
 
 
 class QuotasSurface(Surface):
@@ -50,11 +62,23 @@ class QuotasSurface(Surface):
     @route(app, "/api/quotas/me", access=VIEWER)
     async def my_quotas(self, request):
         """The quotas that apply to the caller and their usage."""
-        principal = request.principal
-        quotas = await self.ctx.db.run_read(store.quotas)
-        applicable = [asdict(q) for q in quotas if q.applies_to(principal.user_id, principal.role)]
-        usage = await self.ctx.quotas.usage(principal.user_id)
-        return {"quotas": applicable, "usage": asdict(usage)}
+        return await self.ctx.quotas.status(request.principal)
+
+    @route(app, "/api/quotas/status", access=VIEWER)
+    async def quota_status(self, request):
+        """SimpleTuner's ``quota status``: the same answer as ``/api/quotas/me``."""
+        return await self.ctx.quotas.status(request.principal)
+
+    @route(app, "/api/quotas/types", access=VIEWER)
+    async def quota_types(self, request):
+        """SimpleTuner's ``quota types``: the quota types and actions."""
+        aliases = {canonical: alias for alias, canonical in rules_core.QUOTA_TYPE_ALIASES.items()}
+        types = [{"name": name, "value": name, "description": description, "unit": unit,
+                  "alias": aliases.get(name)}
+                 for name, (description, unit) in rules_core.QUOTA_TYPE_INFO.items()]
+        actions = [{"value": name, "description": description}
+                   for name, description in rules_core.QUOTA_ACTION_INFO.items()]
+        return {"types": types, "quota_types": types, "actions": actions}
 
     @route(app, "/api/quotas", methods=["POST"], access=ADMIN, max_body=BODY, body=CreateQuota)
     async def add_quota(self, request, body: CreateQuota):
@@ -70,7 +94,7 @@ class QuotasSurface(Surface):
             raise invalid_field("user_id", "no such user") from None
         await record_audit(self.ctx, "quota.created", request, target=f"quota:{row['id']}",
                            action="create", details=quota)
-        return Response(row, status=201)
+        return Response(dict(row, quota=row), status=201)
 
     @route(app, "/api/quotas/<quota_id>", methods=["DELETE"], access=ADMIN)
     async def delete_quota(self, request, quota_id):

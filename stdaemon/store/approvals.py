@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from stdaemon.core.approvals import Quota, Rule
 from stdaemon.core.costs import period_start
+from stdaemon.core.timestamps import iso
 
 TERMINAL = ("completed", "failed", "cancelled")
 REQUEST_STATUSES = ("pending", "approved", "rejected", "expired")
@@ -22,9 +23,11 @@ REQUEST_STATUSES = ("pending", "approved", "rejected", "expired")
 # -- rules ----------------------------------------------------------------------
 
 def rule_dict(row: sqlite3.Row) -> dict:
+    """A rule as the API shows it; ``type`` and ``enabled`` are what SimpleTuner's
+    ``jobs approval rules`` prints."""
     return {"id": row["id"], "name": row["name"], "condition": row["condition"],
-            "value": json.loads(row["value_json"]), "created_at": row["created_at"],
-            "created_by": row["created_by"]}
+            "value": json.loads(row["value_json"]), "type": row["condition"], "enabled": True,
+            "created_at": iso(row["created_at"]), "created_by": row["created_by"]}
 
 
 def list_rules(conn: sqlite3.Connection) -> list[dict]:
@@ -50,13 +53,18 @@ def delete_rule(conn: sqlite3.Connection, rule_id: int) -> bool:
 # -- requests -------------------------------------------------------------------
 
 def request_dict(row: sqlite3.Row) -> dict:
+    """A request as the API shows it (times ISO 8601; ``requested_at`` and
+    ``config_name`` are what SimpleTuner's ``jobs approval list`` prints)."""
+    details = json.loads(row["details_json"])
     return {
         "id": row["id"], "job_id": row["job_id"], "provider": row["provider"],
         "user_id": row["user_id"], "username": row["username"], "rule_id": row["rule_id"],
         "rule_name": row["rule_name"], "reason": row["reason"], "estimate_usd": row["estimate_usd"],
-        "status": row["status"], "created_at": row["created_at"], "expires_at": row["expires_at"],
-        "decided_at": row["decided_at"], "decided_by": row["decided_by"],
-        "decision_reason": row["decision_reason"], "details": json.loads(row["details_json"]),
+        "status": row["status"], "created_at": iso(row["created_at"]),
+        "requested_at": iso(row["created_at"]), "expires_at": iso(row["expires_at"]),
+        "decided_at": iso(row["decided_at"]), "decided_by": row["decided_by"],
+        "decision_reason": row["decision_reason"], "details": details,
+        "config_name": details.get("config_name") if isinstance(details, dict) else None,
     }
 
 
@@ -144,9 +152,11 @@ def move_job(conn: sqlite3.Connection, job_id: str, to_status: str, now: float,
 # -- quotas ---------------------------------------------------------------------
 
 def quota_dict(row: sqlite3.Row) -> dict:
+    """A quota as the API shows it (``limit_value`` is SimpleTuner's name for ``limit``)."""
     return {"id": row["id"], "quota_type": row["quota_type"], "limit": row["limit_value"],
-            "action": row["action"], "user_id": row["user_id"], "role": row["role"],
-            "created_at": row["created_at"], "created_by": row["created_by"]}
+            "limit_value": row["limit_value"], "action": row["action"], "user_id": row["user_id"],
+            "role": row["role"], "is_global": row["user_id"] is None and row["role"] is None,
+            "created_at": iso(row["created_at"]), "created_by": row["created_by"]}
 
 
 def list_quotas(conn: sqlite3.Connection) -> list[dict]:

@@ -198,6 +198,28 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE sessions ADD COLUMN key_id INTEGER REFERENCES api_keys(id);
         """,
     ),
+    (
+        # A quota may hold a submission for approval (SimpleTuner's action
+        # ``require_approval``); SQLite cannot alter a CHECK, so the table is rebuilt.
+        "0044_quota_require_approval",
+        """
+        CREATE TABLE quotas_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            quota_type TEXT NOT NULL CHECK (quota_type IN ('concurrent_jobs', 'daily_cost_usd',
+                'monthly_cost_usd')),
+            limit_value REAL NOT NULL,
+            action TEXT NOT NULL CHECK (action IN ('block', 'warn', 'require_approval')),
+            user_id INTEGER,
+            role TEXT CHECK (role IS NULL OR role IN ('admin', 'operator', 'viewer')),
+            created_at REAL NOT NULL,
+            created_by TEXT
+        );
+        INSERT INTO quotas_new (id, quota_type, limit_value, action, user_id, role, created_at, created_by)
+            SELECT id, quota_type, limit_value, action, user_id, role, created_at, created_by FROM quotas;
+        DROP TABLE quotas;
+        ALTER TABLE quotas_new RENAME TO quotas;
+        """,
+    ),
 ]
 
 
