@@ -48,7 +48,7 @@ def build_surfaces(ctx: App) -> list:
     surfaces: list = [HealthSurface(ctx)]
     from stdaemon.http.admin_backups import AdminBackupsSurface
 
-    surfaces.append(AdminBackupsSurface(ctx))  # /api/admin/backups*, /api/admin/database
+    surfaces.append(AdminBackupsSurface(ctx))  # /api/admin/backups*, /api/admin/database, /api/backup*, /api/database/*
     from stdaemon.http.admin_secrets import AdminSecretsSurface
 
     surfaces.append(AdminSecretsSurface(ctx))  # /api/admin/secrets (states, never values)
@@ -78,9 +78,12 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.webhooks import WebhooksSurface
 
     surfaces += [AuditSurface(ctx), WebhooksSurface(ctx)]  # /api/audit*, /api/webhooks/<provider>; ctx.webhooks
+    from stdaemon.http.webhook_endpoints import WebhookEndpointsSurface
+
+    surfaces.append(WebhookEndpointsSurface(ctx))  # GET /api/webhooks* (SimpleTuner's `webhooks` commands)
     from stdaemon.http.metrics import MetricsSurface
 
-    surfaces.append(MetricsSurface(ctx))  # /api/cloud/metrics/prometheus, /api/cloud/metrics/config*
+    surfaces.append(MetricsSurface(ctx))  # /api/cloud/metrics/prometheus, /api/cloud/metrics/config*, /api/metrics/*
     return surfaces
 
 

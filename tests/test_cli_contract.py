@@ -8,8 +8,13 @@ needs.  The command each block stands for is named in a comment.
 
 from __future__ import annotations
 
-import pytest_twisted
+import json
 
+import pytest_twisted
+import treq
+from twisted.internet.task import Clock
+
+from stdaemon.core import webhook_signature as ws
 from tests.cli_client import CliClient, expect, is_iso
 from tests.replicate_env import start_env
 
@@ -365,5 +370,229 @@ async def test_a_require_approval_quota_holds_the_submission(make_daemon, tmp_pa
         pending = (await client.ok("GET", "/api/approvals?status=pending&limit=50"))["approvals"]
         assert [a["job_id"] for a in pending] == [second["job_id"]]
         assert "concurrent_jobs quota" in pending[0]["reason"]
+    finally:
+        await env.fake.stop()
+
+
+# -- simpletuner metrics … ---------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_group(make_daemon, tmp_path):
+    clock = Clock()
+    clock.advance(1_767_268_800)  # 2026-01-01T12:00:00Z
+    env = await start_env(make_daemon, tmp_path, clock=clock)
+    try:
+        client = cli(env.daemon)
+        response, job = await env.submit(hardware_profile="h100-x2")
+        external_id = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["external_id"]
+        env.fake.state.set_status(external_id, "processing")
+        await client.ok("GET", "/api/cloud/jobs?limit=20&sync_active=true")
+        clock.advance(1800)  # it runs for 30 minutes on two GPUs
+        env.fake.state.set_status(external_id, "succeeded", predict_time=1800.0)
+        await client.ok("GET", "/api/cloud/jobs?limit=20&sync_active=true")
+        cost = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["cost_usd"]
+        assert cost > 0
+
+        # metrics status
+        status = await client.ok("GET", "/api/metrics/status")
+        expect(status, enabled="bool", prometheus_enabled="bool", collectors="list")
+        assert status["enabled"] is False
+
+        # metrics prometheus --raw while disabled: an error with a detail (the hint).
+        code, detail = await client.error("GET", "/api/metrics/prometheus")
+        assert code == 404 and "prometheus_enabled" in detail
+        await client.ok("PUT", "/api/metrics/config", {"prometheus_enabled": True,
+                                                       "prometheus_categories": ["jobs", "health"]})
+        raw = await client.ok("GET", "/api/metrics/prometheus")
+        assert "simpletuner_jobs_total 1.0" in raw["metrics"]
+        # Prometheus itself (no JSON in Accept) gets the text exposition on the same path.
+        scraped = await treq.get(env.daemon.url + "/api/metrics/prometheus")
+        assert scraped.code == 200 and (await scraped.text()).startswith("# HELP")
+        assert scraped.headers.getRawHeaders("content-type")[0].startswith("text/plain")
+
+        # metrics prometheus (info)
+        info = await client.ok("GET", "/api/metrics/prometheus/info")
+        expect(info, endpoint="str", enabled="bool", metric_families="list")
+        assert "simpletuner_jobs_total" in info["metric_families"] and info["enabled"] is True
+
+        # metrics health: healthy + components {name: {healthy, detail}}
+        health = await client.ok("GET", "/api/metrics/health")
+        assert health["healthy"] is True and "database" in health["components"]
+        for component in health["components"].values():
+            expect(component, healthy="bool", detail="str")
+
+        # metrics costs --period month / usage --period day
+        costs = await client.ok("GET", "/api/metrics/costs?period=month")
+        expect(costs["summary"], total_cost="num", currency="str")
+        assert costs["summary"]["total_cost"] == cost and costs["by_provider"] == {"replicate": cost}
+        assert costs["recent_jobs"] == [{"job_id": job["job_id"], "cost": cost, "status": "completed",
+                                         "created_at": "2026-01-01T12:00:00.000Z"}]
+        for value in list(costs["by_provider"].values()) + list(costs["by_job_type"].values()):
+            assert isinstance(value, float)
+        usage = await client.ok("GET", "/api/metrics/usage?period=day")
+        expect(usage["gpu"], total_hours="num", by_type="dict")
+        assert usage["gpu"]["by_type"] == {"h100": 1.0}   # 30 minutes on two GPUs
+        assert usage["jobs"] == {"submitted": 1, "completed": 1, "failed": 0, "by_status": {"completed": 1}}
+        job_view = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]
+        assert job_view["duration_seconds"] == 1800.0
+        assert job_view["created_at"] == "2026-01-01T12:00:00.000Z"
+        code, detail = await client.error("GET", "/api/metrics/costs?period=year")
+        assert code == 400
+
+        # The preview in SimpleTuner's shape (text in content), GET and POST, on both paths.
+        preview = await client.ok("GET", "/api/cloud/metrics/config/preview?categories=jobs")
+        expect(preview, content="str", metric_count="int", categories_used="list")
+        assert preview["categories_used"] == ["jobs"] and "simpletuner_jobs_total" in preview["content"]
+        assert preview["metric_count"] == sum(1 for line in preview["content"].splitlines()
+                                              if line.startswith("simpletuner_"))
+        posted = await client.ok("POST", "/api/metrics/config/preview", {"categories": ["jobs"]})
+        assert posted["categories_used"] == ["jobs"] and posted["metric_count"] == preview["metric_count"]
+    finally:
+        await env.fake.stop()
+
+
+# -- simpletuner backup … / simpletuner database … ---------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_backup_and_database_groups(daemon):
+    client = cli(daemon)
+
+    # backup create --name nightly --description "…": success, backup_id, path, size_bytes, components
+    created = await client.ok("POST", "/api/backup", {"name": "nightly", "description": "before upgrade"})
+    expect(created, success="bool", backup_id="str", path="str", size_bytes="int", components="list")
+    assert created["backup_id"] == "jobs_backup_nightly.db" and created["size_bytes"] > 0
+    status, detail = await client.error("POST", "/api/backup", {"name": "nightly"})
+    assert status == 409
+    status, detail = await client.error("POST", "/api/backup", {"name": "../escape"})
+    assert status == 400
+    second = await client.ok("POST", "/api/backup", {})
+
+    # backup list --limit 50: id[:24], name[:19], size_bytes, components, created_at[:19]; totals
+    listing = await client.ok("GET", "/api/backup?limit=50")
+    for entry in listing["backups"]:
+        expect(entry, id="str", name="str", size_bytes="int", components="list", created_at="iso")
+    assert {e["id"] for e in listing["backups"]} == {created["backup_id"], second["backup_id"]}
+    assert listing["total_size_bytes"] == sum(e["size_bytes"] for e in listing["backups"])
+    assert isinstance(listing["backup_dir"], str) and listing["backup_dir"]
+    # the same files as stdaemon's own listing
+    own = await client.ok("GET", "/api/admin/backups")
+    assert {e["name"] for e in own["backups"]} == {e["id"] for e in listing["backups"]}
+
+    # backup get <id>
+    fetched = await client.ok("GET", f"/api/backup/{created['backup_id']}")
+    expect(fetched, id="str", name="str", created_at="iso", size_bytes="int", components="list")
+    await client.error("GET", "/api/backup/jobs_backup_missing.db")
+
+    # backup restore <id> --dry-run, then for real (--force)
+    await client.ok("POST", "/api/users", {"email": "late@example.test", "username": "late", "is_admin": False})
+    dry = await client.ok("POST", f"/api/backup/{created['backup_id']}/restore",
+                          {"backup_id": created["backup_id"], "dry_run": True})
+    assert dry["success"] is True and dry["dry_run"] is True and dry["restored_components"] == ["database"]
+    names = [u["username"] for u in (await client.ok("GET", "/api/users?limit=100&offset=0"))["users"]]
+    assert "late" in names   # nothing restored by the dry run
+    done = await client.ok("POST", f"/api/backup/{created['backup_id']}/restore",
+                           {"backup_id": created["backup_id"], "dry_run": False})
+    assert done["success"] is True and done["dry_run"] is False and isinstance(done["warnings"], list)
+    names = [u["username"] for u in (await client.ok("GET", "/api/users?limit=100&offset=0"))["users"]]
+    assert "late" not in names
+
+    # backup delete <id> --force
+    assert (await client.ok("DELETE", f"/api/backup/{second['backup_id']}"))["success"] is True
+    await client.error("DELETE", f"/api/backup/{second['backup_id']}")
+    kinds = {e["event_type"] for e in (await client.ok("GET", "/api/audit?limit=200&offset=0"))["entries"]}
+    assert {"backup.created", "backup.restored", "backup.deleted"} <= kinds
+
+    # database health: healthy, total_size_bytes, databases[{exists, name, size_bytes, table_count}]
+    health = await client.ok("GET", "/api/database/health")
+    assert health["healthy"] is True and health["issues"] == []
+    expect(health, total_size_bytes="int", databases="list")
+    for database in health["databases"]:
+        expect(database, name="str", exists="bool", size_bytes="int", table_count="int")
+
+    # database verify jobs|auth|approvals; notifications and webui do not exist here
+    verified = await client.ok("GET", "/api/database/verify/jobs")
+    assert verified["valid"] is True and verified["integrity_check"] == "ok"
+    assert verified["foreign_key_check"] == []
+    status, detail = await client.error("GET", "/api/database/verify/notifications")
+    assert status == 404 and "share one SQLite database" in detail
+
+    # database migrations [--database auth] / migrate --dry-run / vacuum (refused, with the reason)
+    migrations = await client.ok("GET", "/api/database/migrations?database=auth")
+    assert migrations["pending_migrations"] == [] and migrations["applied_migrations"]
+    for migration in migrations["applied_migrations"]:
+        expect(migration, version="int", name="str", applied_at="iso")
+    ran = await client.ok("POST", "/api/database/migrations/run?database=auth&dry_run=true")
+    assert ran["success"] is True and ran["dry_run"] is True and ran["pending"] == []
+    status, detail = await client.error("POST", "/api/database/vacuum/jobs")
+    assert status == 409 and "VACUUM" in detail
+
+    # database stats: {db: {exists, size_bytes, page_count, page_size, freelist_count, tables: {t: {row_count}}}}
+    stats = await client.ok("GET", "/api/database/stats")
+    for figures in stats.values():
+        expect(figures, exists="bool", size_bytes="int", page_count="int", page_size="int",
+               freelist_count="int", tables="dict")
+    assert stats["jobs"]["tables"]["users"]["row_count"] == 1
+
+
+# -- simpletuner jobs status (queue) / simpletuner webhooks … ----------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_queue_and_webhooks_groups(make_daemon, tmp_path):
+    env = await start_env(make_daemon, tmp_path)
+    try:
+        client = cli(env.daemon)
+        await client.ok("POST", "/api/quotas", {"quota_type": "concurrent_jobs", "limit_value": 4.0,
+                                                "action": "block"})
+        await client.ok("POST", "/api/approvals/rules", {"name": "big", "condition": "hardware_profile",
+                                                         "value": "h100-x8"})
+        response, job = await env.submit()
+        response, held = await env.submit(hardware_profile="h100-x8")
+
+        # jobs status: queue_depth, running, by_status{pending, completed, failed}, limits
+        stats = await client.ok("GET", "/api/queue/stats")
+        expect(stats, queue_depth="int", running="int", by_status="dict")
+        assert stats["queue_depth"] == 2 and stats["by_status"]["pending_approval"] == 1
+        assert stats["max_concurrent"] == 4 and stats["user_max_concurrent"] == 4
+        assert stats["local"] is None and stats["workers"] is None
+
+        # webhooks list / get 1 / events / history
+        hooks = (await client.ok("GET", "/api/webhooks"))["webhooks"]
+        assert [h["name"] for h in hooks] == ["replicate"]
+        for hook in hooks:
+            expect(hook, id="int", name="str", url="str", events="list", enabled="bool")
+        assert hooks[0]["url"] == "https://daemon.example.test/api/webhooks/replicate"
+        one = await client.ok("GET", "/api/webhooks/1")
+        assert one["name"] == "replicate" and isinstance(one["has_secret"], bool)
+        await client.error("GET", "/api/webhooks/7")
+        events = (await client.ok("GET", "/api/webhooks/events"))["events"]
+        assert events and all(isinstance(e["name"], str) for e in events)
+        assert (await client.ok("GET", "/api/webhooks/history?limit=20"))["deliveries"] == []
+
+        # a signed delivery shows up in the history
+        external_id = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["external_id"]
+        body = json.dumps({"id": external_id, "status": "processing"}).encode()
+        stamp = int(env.daemon.ctx.now())
+        headers = {"webhook-id": "msg_1", "webhook-timestamp": str(stamp),
+                   "webhook-signature": ws.sign(ws.decode_secret(env.fake.state.webhook_secret), "msg_1",
+                                                stamp, body),
+                   "content-type": "application/json"}
+        delivered = await treq.post(env.daemon.url + "/api/webhooks/replicate", data=body, headers=headers)
+        assert delivered.code == 200, await delivered.text()
+        history = (await client.ok("GET", "/api/webhooks/history?limit=20"))["deliveries"]
+        assert len(history) == 1
+        expect(history[0], timestamp="iso", webhook_id="int", event_type="str", success="bool")
+        assert history[0]["success"] is True and history[0]["job_id"] == job["job_id"]
+        assert (await client.ok("GET", "/api/webhooks/1/history?limit=20"))["deliveries"] == history
+        assert is_iso((await client.ok("GET", "/api/webhooks/1"))["last_triggered"])
+
+        # webhooks create/update/delete/test: refused with a detail the CLI prints
+        status, detail = await client.error("POST", "/api/webhooks", {"name": "x", "url": "https://x.test",
+                                                                     "enabled": True})
+        assert status == 409 and "does not send" in detail
+        for method, path, data in (("PATCH", "/api/webhooks/1", {"name": "y"}),
+                                   ("DELETE", "/api/webhooks/1", None),
+                                   ("POST", "/api/webhooks/1/test", {"event_type": "test"})):
+            status, detail = await client.error(method, path, data)
+            assert status == 409
     finally:
         await env.fake.stop()

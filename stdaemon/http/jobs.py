@@ -792,7 +792,7 @@ def _submit_cap(config) -> int:
 
 class JobsSurface(Surface):
     app = Klein()
-    prefixes = ("/api/cloud/jobs",)
+    prefixes = ("/api/cloud/jobs", "/api/queue")
 
     @property
     def jobs(self) -> JobService:
@@ -844,6 +844,30 @@ class JobsSurface(Surface):
     @route(app, "/api/cloud/jobs/<job_id>/logs", access=VIEWER)
     async def logs(self, request, job_id):
         return await self.jobs.logs(job_id)
+
+    @route(app, "/api/queue/stats", access=VIEWER)
+    async def queue_stats(self, request):
+        """SimpleTuner's ``jobs status``: the job figures the metrics use (kept in
+        memory, no table scan) as its queue view.  stdaemon runs jobs on the
+        provider, so there are no local GPUs or workers (``local``/``workers``
+        are null) and no queue of its own: ``queue_depth`` counts the jobs
+        waiting for the provider or for approval."""
+        from stdaemon.store import approvals as approvals_store
+
+        figures = self.jobs.metrics()
+        by_status = {status: count for status, count in figures["by_status"].items()}
+        waiting = sum(by_status.get(s, 0) for s in (st.PENDING, st.PENDING_APPROVAL, st.UPLOADING, st.QUEUED))
+        # Concurrency limits are the concurrent_jobs quotas: everyone's, and the caller's.
+        principal = request.principal
+        quotas = [q for q in await self.ctx.db.run_read(approvals_store.quotas)
+                  if q.quota_type == "concurrent_jobs"]
+        everyone = [q.limit for q in quotas if q.user_id is None and q.role is None]
+        mine = [q.limit for q in quotas if q.applies_to(principal.user_id, principal.role)]
+        return {"queue_depth": waiting, "running": by_status.get(st.RUNNING, 0), "by_status": by_status,
+                "active": figures["active"], "pending_approval": by_status.get(st.PENDING_APPROVAL, 0),
+                "max_concurrent": int(min(everyone)) if everyone else None,
+                "user_max_concurrent": int(min(mine)) if mine else None, "team_max_concurrent": None,
+                "avg_wait_seconds": None, "enable_fair_share": False, "local": None, "workers": None}
 
 
 def install(ctx: Any) -> JobService:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from stdaemon.core.timestamps import iso
 from stdaemon.store import schema
 
 BACKUP_PREFIX = "jobs_backup_"
@@ -124,7 +125,7 @@ def backup_entry(path: Path) -> dict:
         "name": path.name,
         "path": str(path),
         "size_bytes": st.st_size,
-        "created_at": datetime.fromtimestamp(st.st_mtime, tz=timezone.utc).isoformat().replace("+00:00", "Z"),
+        "created_at": iso(st.st_mtime),
         "compressed": path.name.endswith(".gz"),
         "kind": "safety" if path.name.startswith(SAFETY_PREFIX) else "backup",
     }

@@ -102,6 +102,31 @@ class BackupService(service.Service):
             raise RestoreRefused("invalid_path", "path must be a non-empty string")
         return Path(os.path.expanduser(path))
 
+    async def check(self, source: Path) -> dict:
+        """A dry run of :meth:`restore`: the same validation, nothing swapped."""
+        staging, facts = await self._in_pool(self.store.prepare_restore, source)
+        await self._in_pool(_unlink_quietly, staging)
+        return facts
+
+    async def delete(self, name: str) -> dict:
+        """Remove one backup file of the backup directory (by ``name``); the
+        entry it was.  Raises :class:`RestoreRefused` (``not_found``,
+        ``invalid_name``)."""
+        path = self.resolve(name=name)
+
+        def unlink() -> dict:
+            if not path.is_file() or path.parent != self.store.backup_dir:
+                raise RestoreRefused("not_found", f"backup {name} does not exist")
+            entry = backup_entry(path)
+            os.unlink(path)
+            return entry
+
+        await self.lock.acquire()
+        try:
+            return await self._in_pool(unlink)
+        finally:
+            self.lock.release()
+
     async def restore(self, source: Path) -> dict:
         """Validate, keep a safety copy, swap in on the writer thread, run hooks."""
         await self.lock.acquire()

@@ -187,3 +187,32 @@ def stats(conn) -> dict:
                        "WHERE completed_at IS NOT NULL AND started_at IS NOT NULL").fetchone()
     return {"by_status": by_status, "cost_usd_total": cost, "created_total": sum(by_status.values()),
             "durations": row[0], "duration_seconds_total": float(row[1])}
+
+
+def period_summary(conn, since: float, now: float, recent: int = 10) -> dict:
+    """Costs and usage of the jobs created since ``since`` (SimpleTuner's
+    ``metrics costs`` / ``metrics usage``): totals by provider and hardware
+    profile, GPU-seconds run, counts by status, the most recent costs."""
+    conn.row_factory = sqlite3.Row
+    by_provider: dict[str, float] = {}
+    by_profile: dict[str, dict] = {}
+    by_status: dict[str, int] = {}
+    for row in conn.execute(
+            "SELECT provider, hardware_type, status, count(*) AS n, COALESCE(SUM(cost_usd), 0) AS cost,"
+            " COALESCE(SUM(CASE WHEN started_at IS NOT NULL"
+            "   THEN MAX(0, COALESCE(completed_at, ?) - started_at) END), 0) AS seconds"
+            " FROM jobs WHERE created_at >= ? GROUP BY provider, hardware_type, status", (now, since)):
+        by_provider[row["provider"]] = by_provider.get(row["provider"], 0.0) + float(row["cost"])
+        profile = by_profile.setdefault(row["hardware_type"] or "unknown",
+                                        {"cost_usd": 0.0, "run_seconds": 0.0, "jobs": 0})
+        profile["cost_usd"] += float(row["cost"])
+        profile["run_seconds"] += float(row["seconds"])
+        profile["jobs"] += row["n"]
+        by_status[row["status"]] = by_status.get(row["status"], 0) + row["n"]
+    latest = [{"job_id": r["job_id"], "cost": float(r["cost_usd"] or 0.0), "status": r["status"],
+               "created_at": r["created_at"]}
+              for r in conn.execute("SELECT job_id, cost_usd, status, created_at FROM jobs"
+                                    " WHERE created_at >= ? ORDER BY created_at DESC LIMIT ?",
+                                    (since, recent))]
+    return {"by_provider": by_provider, "by_profile": by_profile, "by_status": by_status,
+            "recent_jobs": latest}

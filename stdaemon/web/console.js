@@ -675,7 +675,8 @@
       if (!result.ok) { text = detail(result); }
       else if (typeof data === "string") { text = data; }
       else if (data && typeof data === "object") {
-        text = data.preview || data.output || data.text || data.metrics || JSON.stringify(data, null, 2);
+        text = data.content || data.preview || data.output || data.text || data.metrics ||
+          JSON.stringify(data, null, 2);
         if (typeof text !== "string") { text = JSON.stringify(text, null, 2); }
       } else { text = ""; }
       $("metrics-preview").textContent = text;
