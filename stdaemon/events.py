@@ -28,10 +28,13 @@ from typing import Any, Optional
 
 from twisted.internet import defer, task
 
+from stdaemon.core.timestamps import with_iso
 from stdaemon.logs import get_logger
 
 log = get_logger("stdaemon.events")
 
+# Shown as ISO 8601 UTC with milliseconds (S18), whatever the publisher passed.
+TIME_FIELDS = ("created_at", "started_at", "completed_at")
 PUBLIC_JOB_FIELDS = ("job_id", "provider", "status", "config_name", "created_at", "started_at",
                      "completed_at", "cost_usd", "hardware_type", "error_message", "output_url",
                      "user_id", "external_id", "upload_progress", "previous_status", "progress")
@@ -139,7 +142,7 @@ class EventBus:
     def publish(self, job: dict, event_type: str = "job") -> str:
         """Record a job change and deliver it; returns the event id.  Never
         raises into the caller's path (a broken stream is closed)."""
-        data = {k: job[k] for k in PUBLIC_JOB_FIELDS if k in job}
+        data = with_iso({k: job[k] for k in PUBLIC_JOB_FIELDS if k in job}, TIME_FIELDS)
         self.seq += 1
         event = Event(f"{self.boot}-{self.seq}", self.seq, event_type, data, job.get("user_id"))
         self.backlog.append(event)

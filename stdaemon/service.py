@@ -71,6 +71,9 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.configs import ConfigsSurface
 
     surfaces.append(ConfigsSurface(ctx))  # /api/configs* (named training configs; ctx.configs)
+    from stdaemon.http.job_logs import JobLogsSurface
+
+    surfaces.append(JobLogsSurface(ctx))  # /api/cloud/jobs/<id>/logs/stream (SSE, `jobs logs --follow`)
     from stdaemon.http.storage import StorageSurface
 
     surfaces.append(StorageSurface(ctx))  # /api/cloud/storage (S3); ctx.upload_credentials, ctx.upload_progress

@@ -67,6 +67,31 @@ class CliClient:
         assert isinstance(body, dict) and isinstance(body.get("detail"), str) and body["detail"], body
         return status, body["detail"]
 
+    def _follow(self, endpoint: str, timeout: float) -> tuple[list[str], Optional[str]]:
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        if self.api_key:
+            headers["X-API-Key"] = self.api_key
+        request = urllib.request.Request(self.base_url + endpoint, headers=headers)
+        printed: list[str] = []
+        buffer = ""
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            while True:
+                chunk = response.read(1)
+                if not chunk:
+                    return printed, None
+                buffer += chunk.decode("utf-8", errors="replace")
+                while "\n\n" in buffer:
+                    message, buffer = buffer.split("\n\n", 1)
+                    data = [line[6:] for line in message.split("\n") if line.startswith("data: ")]
+                    if "event: done" in message:
+                        return printed, data[0] if data else None
+                    printed.extend(data)
+
+    async def follow(self, endpoint: str, timeout: float = 30) -> tuple[list[str], Optional[str]]:
+        """``jobs logs --follow``: the ``data:`` lines printed and the final status
+        of the ``event: done`` message (None if the stream ended without one)."""
+        return await threads.deferToThread(self._follow, endpoint, timeout)
+
 
 def is_iso(value: Any) -> bool:
     return isinstance(value, str) and bool(ISO_MS_UTC.match(value))

@@ -12,9 +12,11 @@ import json
 
 import pytest_twisted
 import treq
+from twisted.internet import reactor, task
 from twisted.internet.task import Clock
 
 from stdaemon.core import webhook_signature as ws
+from stdaemon.http.job_logs import JobLogsSurface
 from tests.cli_client import CliClient, expect, is_iso
 from tests.replicate_env import start_env
 
@@ -302,6 +304,17 @@ async def test_provider_config_cost_limit_and_status_groups(make_daemon, tmp_pat
                cost_limit_action="str", webhook_url="str", hardware_info="dict")
         for hardware in config["hardware_info"].values():
             expect(hardware, name="str", cost_per_second="num")
+
+        # cloud config set version_override <id> (and back to the newest version with null)
+        result = await client.ok("PUT", "/api/cloud/providers/replicate/config",
+                                 {"version_override": "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"})
+        assert result["config"]["version_override"].startswith("5c7d5dc6")
+        result = await client.ok("PUT", "/api/cloud/providers/replicate/config", {"version_override": None})
+        assert result["config"]["version_override"] == ""
+
+        # cloud jobs submit --dry-run: GET /api/cloud/replicate/validate
+        validated = await client.ok("GET", "/api/cloud/replicate/validate")
+        assert validated["valid"] is True and isinstance(validated["user_info"]["username"], str)
 
         # cloud config set webhook_url https://…: "config" not None
         result = await client.ok("PUT", "/api/cloud/providers/replicate/config",
@@ -594,5 +607,36 @@ async def test_queue_and_webhooks_groups(make_daemon, tmp_path):
                                    ("POST", "/api/webhooks/1/test", {"event_type": "test"})):
             status, detail = await client.error(method, path, data)
             assert status == 409
+    finally:
+        await env.fake.stop()
+
+
+# -- simpletuner jobs logs <id> --follow (SSE) -------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_jobs_logs_follow(make_daemon, tmp_path):
+    env = await start_env(make_daemon, tmp_path)
+    try:
+        client = cli(env.daemon)
+        surface = next(s for s in env.daemon.service.root.surfaces if isinstance(s, JobLogsSurface))
+        surface.poll_interval = 0.05
+        response, job = await env.submit()
+        external_id = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["external_id"]
+        env.fake.state.set_status(external_id, "processing", logs="step 1\nstep 2\nhalf a li")
+        following = client.follow(f"/api/cloud/jobs/{job['job_id']}/logs/stream")
+        await task.deferLater(reactor, 0.3, lambda: None)
+        env.fake.state.set_status(external_id, "succeeded", logs="step 1\nstep 2\nhalf a line\nstep 3\n",
+                                  predict_time=10.0)
+        await client.ok("GET", "/api/cloud/jobs?limit=20&sync_active=true")
+        printed, final = await following
+        assert printed == ["step 1", "step 2", "half a line", "step 3"]
+        assert final == "completed"
+        assert surface.followers == set()
+
+        # A finished job: its logs at once, then done.
+        printed, final = await client.follow(f"/api/cloud/jobs/{job['job_id']}/logs/stream")
+        assert printed == ["step 1", "step 2", "half a line", "step 3"] and final == "completed"
+        status, detail = await client.error("GET", "/api/cloud/jobs/nope/logs/stream")
+        assert status == 404
     finally:
         await env.fake.stop()

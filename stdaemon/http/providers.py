@@ -16,6 +16,9 @@ Every answer carries the effective values (``config``) and where each came
 from (``sources``: default, file, env or api).  Reading needs an operator,
 changing needs an admin.
 
+``GET /api/cloud/replicate/validate`` (``cloud jobs submit --dry-run``) says
+whether the API token works (``{valid, user_info: {username}, error}``).
+
 ``GET /api/cloud/replicate/status`` is what SimpleTuner's ``cloud status``
 asks for Replicate's state: stdaemon answers from its own live API check and
 circuit breaker (``operational``; a failing check is listed in
@@ -94,6 +97,22 @@ def _actor(request) -> str:
 class ProvidersSurface(Surface):
     app = Klein()
     prefixes = ("/api/cloud/providers", "/api/cloud/replicate")
+
+    @route(app, "/api/cloud/replicate/validate", access=OPERATOR)
+    async def replicate_validate(self, request):
+        """Does the Replicate API token work?  One account call through the
+        provider's client (proxy, CA bundle, breaker, retries)."""
+        try:
+            account = await self.ctx.providers.replicate.account()
+        except ProviderNotConfigured as exc:
+            return {"valid": False, "error": str(exc)}
+        except ProviderAPIError as exc:
+            return {"valid": False, "error": f"Replicate answered {exc.status}: {exc.message}"}
+        except (ProviderUnavailable, CircuitOpenError) as exc:
+            return {"valid": False, "error": str(exc)}
+        return {"valid": True, "error": None,
+                "user_info": {"username": account.get("username"), "name": account.get("name"),
+                              "type": account.get("type")}}
 
     @route(app, "/api/cloud/replicate/status", access=VIEWER)
     async def replicate_status(self, request):

@@ -36,6 +36,7 @@ from twisted.web.server import NOT_DONE_YET
 from stdaemon.core import s3_checksums, s3_xml, sigv4
 from stdaemon.core.aws_chunked import AwsChunkedDecoder, ChunkedError
 from stdaemon.core.s3_keys import InvalidKey, validate_key
+from stdaemon.core.timestamps import iso
 from stdaemon.http.request import BodyPolicy, RejectBody
 from stdaemon.http.s3_auth import AuthError, Caller, S3Authenticator, header_pairs
 from stdaemon.http.surface import PUBLIC, Response, Surface, route
@@ -163,7 +164,7 @@ class UploadProgress:
         return {
             "objects_completed": job["objects_completed"],
             "bytes_received": job["bytes_received"] + sum(e["bytes_received"] for e in job["in_flight"].values()),
-            "in_flight": [dict(e) for e in job["in_flight"].values()],
+            "in_flight": [dict(e, started_at=iso(e["started_at"])) for e in job["in_flight"].values()],
         }
 
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from klein import Klein
+from pydantic import Field
 
 from stdaemon.clients.replicate import DEFAULT_WEBHOOK_EVENTS
 from stdaemon.core import provider_settings as ps
 from stdaemon.core.timestamps import iso
 from stdaemon.http.errors import ApiError, not_found
-from stdaemon.http.surface import ADMIN, Surface, query_int, route
+from stdaemon.http.surface import ADMIN, Surface, route
+from stdaemon.http.validation import QueryModel
 from stdaemon.http.webhooks import secret_name
 
 NOT_SUPPORTED = ("stdaemon receives provider webhooks (POST /api/webhooks/<provider>) and does not send "
@@ -43,6 +45,10 @@ EVENTS = [
      "description": "Replicate: succeeded, failed or canceled (status, cost, output URL, error)"},
     {"name": "trainer.event", "description": "SimpleTuner trainer event (job_id, type, data.status)"},
 ]
+
+
+class HistoryQuery(QueryModel):
+    limit: int = Field(20, ge=1, le=1000)
 
 
 def _deliveries(conn: Any, provider: Optional[str], limit: int) -> list[dict]:
@@ -100,35 +106,41 @@ class WebhookEndpointsSurface(Surface):
 
     @route(app, "/api/webhooks", access=ADMIN)
     async def list_endpoints(self, request):
+        """The webhook endpoints stdaemon receives on (one per provider)."""
         return {"webhooks": [await self._describe(p) for p in ps.PROVIDERS]}
 
     @route(app, "/api/webhooks/events", access=ADMIN)
     async def events(self, request):
+        """The payloads the webhook endpoints accept."""
         return {"events": EVENTS}
 
-    @route(app, "/api/webhooks/history", access=ADMIN)
-    async def history(self, request):
-        limit = query_int(request, "limit", 20, minimum=1, maximum=1000)
-        return {"deliveries": await self.ctx.db.run_read(_deliveries, None, limit)}
+    @route(app, "/api/webhooks/history", access=ADMIN, query=HistoryQuery)
+    async def history(self, request, query: HistoryQuery):
+        """Recorded webhook deliveries, newest first."""
+        return {"deliveries": await self.ctx.db.run_read(_deliveries, None, query.limit)}
 
     @route(app, "/api/webhooks/<webhook_id>", access=ADMIN)
     async def get_endpoint(self, request, webhook_id):
+        """One webhook endpoint (1 = replicate, or the provider's name)."""
         return await self._describe(self._provider(webhook_id))
 
-    @route(app, "/api/webhooks/<webhook_id>/history", access=ADMIN)
-    async def endpoint_history(self, request, webhook_id):
+    @route(app, "/api/webhooks/<webhook_id>/history", access=ADMIN, query=HistoryQuery)
+    async def endpoint_history(self, request, webhook_id, query: HistoryQuery):
+        """Recorded deliveries of one endpoint, newest first."""
         provider = self._provider(webhook_id)
-        limit = query_int(request, "limit", 20, minimum=1, maximum=1000)
-        return {"deliveries": await self.ctx.db.run_read(_deliveries, provider, limit)}
+        return {"deliveries": await self.ctx.db.run_read(_deliveries, provider, query.limit)}
 
     @route(app, "/api/webhooks", methods=("POST",), access=ADMIN)
     async def create(self, request):
+        """Refused: stdaemon sends no webhooks."""
         raise ApiError(409, "not_supported", NOT_SUPPORTED)
 
     @route(app, "/api/webhooks/<webhook_id>", methods=("PATCH", "PUT", "DELETE"), access=ADMIN)
     async def change(self, request, webhook_id):
+        """Refused: stdaemon sends no webhooks."""
         raise ApiError(409, "not_supported", NOT_SUPPORTED)
 
     @route(app, "/api/webhooks/<webhook_id>/test", methods=("POST",), access=ADMIN)
     async def test(self, request, webhook_id):
+        """Refused: stdaemon sends no webhooks."""
         raise ApiError(409, "not_supported", NOT_SUPPORTED)
