@@ -99,3 +99,43 @@ async def test_aws_cli_cp_ls_sync_round_trip(make_daemon, tls, tmp_path, scheme)
     out, err, code = await _aws(["s3", "cp", str(tree / "a.txt"), "s3://outputs/job-8/a.txt", *endpoint], env)
     assert code != 0 and "AccessDenied" in err, (out, err)
     assert not os.path.exists(os.path.join(daemon.ctx.outputs_dir(), "job-8"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_aws_cli_acl_and_tagging_commands_leave_the_object_intact(make_daemon, tmp_path):
+    """``s3api put-object-acl`` once emptied the object, ``put-object-tagging`` replaced its bytes
+    with the tagging XML and ``delete-object-tagging`` deleted it."""
+    daemon = await make_daemon()
+    access_key, secret = await daemon.ctx.upload_credentials.issue("job-7")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        "HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(home / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    endpoint = ["--endpoint-url", daemon.url + "/api/cloud/storage"]
+    source = tmp_path / "model.bin"
+    source.write_bytes(os.urandom(100_000))
+    on_disk = os.path.join(daemon.ctx.outputs_dir(), "job-7", "model.bin")
+    out, err, code = await _aws(["s3", "cp", str(source), "s3://outputs/job-7/model.bin", *endpoint], env)
+    assert code == 0, (out, err)
+    target = ["--bucket", "outputs", "--key", "job-7/model.bin", *endpoint]
+    commands = [
+        (["s3api", "put-object-acl", "--acl", "public-read", *target], "NotImplemented"),
+        (["s3api", "put-object-acl", "--acl", "private", *target], None),
+        (["s3api", "put-object-tagging", "--tagging", "TagSet=[{Key=a,Value=b}]", *target], "NotImplemented"),
+        (["s3api", "delete-object-tagging", *target], "NotImplemented"),
+        (["s3api", "get-object-tagging", *target], None),
+        (["s3api", "get-object-acl", *target], None),
+    ]
+    for args, error in commands:
+        out, err, code = await _aws(args, env)
+        if error is None:
+            assert code == 0, (args, out, err)
+        else:
+            assert code != 0 and error in err, (args, out, err)
+        assert _sha_file(on_disk) == _sha_file(source), args
+    out, err, code = await _aws(["s3api", "get-object-acl", *target], env)
+    assert "FULL_CONTROL" in out, (out, err)

@@ -16,6 +16,7 @@ ERROR_STATUS = {
     "AccessDenied": 403,
     "AuthorizationHeaderMalformed": 400,
     "AuthorizationQueryParametersError": 400,
+    "BucketAlreadyOwnedByYou": 409,
     "BadDigest": 400,
     "EntityTooLarge": 400,
     "EntityTooSmall": 400,
@@ -43,6 +44,7 @@ ERROR_STATUS = {
     "RequestTimeTooSkewed": 403,
     "ServiceUnavailable": 503,
     "SignatureDoesNotMatch": 403,
+    "SlowDown": 503,
     "XAmzContentSHA256Mismatch": 400,
 }
 
@@ -249,3 +251,26 @@ def delete_result(deleted: Iterable[str], errors: Iterable[tuple[str, str, str]]
     body += "".join(f"<Error>{_el('Key', key)}{_el('Code', code)}{_el('Message', message)}</Error>"
                     for key, code, message in errors)
     return _doc("DeleteResult", body)
+
+
+def access_control_policy() -> bytes:
+    """The fixed ACL of every bucket and object: the owner has FULL_CONTROL, nobody else anything."""
+    grantee = ('<Grantee xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="CanonicalUser">'
+               f"{_el('ID', 'stdaemon')}{_el('DisplayName', 'stdaemon')}</Grantee>")
+    return _doc("AccessControlPolicy",
+                owner() + f"<AccessControlList><Grant>{grantee}{_el('Permission', 'FULL_CONTROL')}</Grant>"
+                "</AccessControlList>")
+
+
+def empty_tagging() -> bytes:
+    return _doc("Tagging", "<TagSet></TagSet>")
+
+
+def versioning_configuration() -> bytes:
+    """A bucket whose versioning was never enabled: an empty configuration, as S3 answers."""
+    return _doc("VersioningConfiguration", "")
+
+
+def location_constraint() -> bytes:
+    """``us-east-1`` is answered as an empty constraint, as S3 does."""
+    return _doc("LocationConstraint", "")

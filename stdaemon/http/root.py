@@ -162,7 +162,7 @@ class Root(Resource):
                     return
             await self._authorise(request, match)
         except ApiError as error:
-            self._write(request, render_error(request, error))
+            self._write(request, self.render_error(request, match, path, error))
             self._observe(request, match, method, started)
             return
         # The finish callback runs outside this request's context: log and
@@ -173,6 +173,24 @@ class Root(Resource):
         result = match.resource.render(request)
         if result is not NOT_DONE_YET:
             self._write(request, result)
+
+    def render_error(self, request: Any, match: Optional[RouteMatch], path: str, error: ApiError) -> bytes:
+        """JSON, unless the surface that owns the path speaks another error format (S3 XML): a
+        surface may define ``render_api_error(request, error) -> bytes``; it is used for what the
+        root itself answers there too (405, 429 from the rate limiter)."""
+        surface = match.surface if match is not None else self.surface_for(path)
+        renderer = getattr(surface, "render_api_error", None)
+        if renderer is not None:
+            return renderer(request, error)
+        return render_error(request, error)
+
+    def surface_for(self, path: str) -> Optional[Surface]:
+        """The surface whose ``prefixes`` own ``path`` (``None`` when none does)."""
+        for surface in self.surfaces:
+            for prefix in getattr(surface, "prefixes", ()) or ():
+                if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                    return surface
+        return None
 
     async def _authorise(self, request: Any, match: RouteMatch) -> None:
         required = match.info.access

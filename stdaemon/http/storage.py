@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 
-from stdaemon.core import s3_checksums, s3_xml, sigv4
+from stdaemon.core import s3_checksums, s3_subresources, s3_xml, sigv4
 from stdaemon.core.aws_chunked import AwsChunkedDecoder, ChunkedError
 from stdaemon.core.s3_keys import InvalidKey, validate_key
 from stdaemon.core.timestamps import iso
@@ -405,6 +405,22 @@ class _S3Headers(Headers):
             yield name, values
 
 
+#: S3 error codes for the statuses the root answers on S3 paths by itself.
+API_ERROR_CODES = {
+    400: "InvalidRequest", 401: "AccessDenied", 403: "AccessDenied", 404: "NoSuchKey",
+    405: "MethodNotAllowed", 413: "EntityTooLarge", 429: "SlowDown", 500: "InternalError",
+    503: "ServiceUnavailable",
+}
+
+
+def _splittable(raw_uri: bytes) -> bool:
+    try:
+        StorageSurface.split(raw_uri)
+    except S3Error:
+        return False
+    return True
+
+
 def _xml_error(request: Any, err: S3Error, resource: str = "") -> Response:
     body = s3_xml.error(err.code, err.message, getattr(request, "correlation_id", ""), resource, **err.extra)
     return Response(body=body, status=err.status, headers={"x-amz-request-id": getattr(request, "correlation_id", "")},
@@ -551,6 +567,10 @@ class StorageSurface(Surface):
         if not key:
             return small
         query = dict(sigv4.parse_query(raw_query))
+        names = [n.decode("latin-1") for n in query]
+        if s3_subresources.subresource_of(names) not in ("", "uploadId"):
+            # PutObjectAcl, PutObjectTagging, …: a small XML body, never an object upload
+            return small
         upload_id = query.get(b"uploadId")
         target = Target(bucket, key)
         error = None
@@ -627,6 +647,29 @@ class StorageSurface(Surface):
     def _denied(self, request: Any, reason: str, access_key: str = "", target: str = "") -> None:
         self.auth.denied(request, reason, access_key, target)
 
+    def render_api_error(self, request: Any, error: Any) -> bytes:
+        """What the root answers on S3 paths (405 for a method S3 does not have, 429 from the rate
+        limiter, …) as an S3 XML error that SDKs parse (and retry, for ``SlowDown``)."""
+        code = API_ERROR_CODES.get(error.status, "InvalidRequest" if error.status < 500 else "InternalError")
+        message = error.detail
+        extra = {}
+        if code == "MethodNotAllowed":
+            message = "The specified method is not allowed against this resource."
+            extra = {"Method": request.method.decode("latin-1", "replace")[:32], "ResourceType": "OBJECT"}
+        elif code == "SlowDown":
+            message = "Please reduce your request rate."
+        request.setResponseCode(error.status)
+        for name, value in error.headers.items():
+            request.setHeader(name, value)
+        request.setHeader("x-amz-request-id", getattr(request, "correlation_id", ""))
+        if request.method == b"HEAD":
+            request.setHeader("x-amz-error-code", code)
+            return b""
+        request.setHeader("Content-Type", "application/xml")
+        _, _, bucket, key = self.split(request.uri) if _splittable(request.uri) else ("", "", "", "")
+        resource = f"/{bucket}/{key}" if key else (f"/{bucket}" if bucket else "/")
+        return s3_xml.error(code, message, getattr(request, "correlation_id", ""), resource, **extra)
+
     # -- routes --------------------------------------------------------------------------------
 
     @route(app, PREFIX, methods=("GET", "HEAD"), access=PUBLIC)
@@ -637,15 +680,15 @@ class StorageSurface(Surface):
     async def list_buckets_slash(self, request: Any) -> Any:
         return await self._dispatch(request, self._list_buckets)
 
-    @route(app, PREFIX + "/<bucket>", methods=("GET", "HEAD", "POST"), access=PUBLIC)
+    @route(app, PREFIX + "/<bucket>", methods=s3_subresources.METHODS, access=PUBLIC)
     async def bucket(self, request: Any, bucket: str) -> Any:
         return await self._dispatch(request, self._bucket)
 
-    @route(app, PREFIX + "/<bucket>/", methods=("GET", "HEAD", "POST"), access=PUBLIC)
+    @route(app, PREFIX + "/<bucket>/", methods=s3_subresources.METHODS, access=PUBLIC)
     async def bucket_slash(self, request: Any, bucket: str) -> Any:
         return await self._dispatch(request, self._bucket)
 
-    @route(app, PREFIX + "/<bucket>/<path:key>", methods=("GET", "HEAD", "PUT", "POST", "DELETE"), access=PUBLIC)
+    @route(app, PREFIX + "/<bucket>/<path:key>", methods=s3_subresources.METHODS, access=PUBLIC)
     async def object(self, request: Any, bucket: str, key: str) -> Any:
         return await self._dispatch(request, self._object)
 
@@ -735,22 +778,34 @@ class StorageSurface(Surface):
         if bucket not in self.engine.buckets:
             raise S3Error("NoSuchBucket", "The specified bucket does not exist", BucketName=bucket)
         query = {n.decode("utf-8", "replace"): v.decode("utf-8", "replace") for n, v in sigv4.parse_query(raw_query)}
-        if request.method == b"POST":
-            if "delete" not in query:
-                raise S3Error("InvalidRequest", "This POST request is not supported")
+        op = s3_subresources.classify(s3_subresources.BUCKET, request.method.decode("latin-1"), query)
+        own_bucket = caller.kind == "operator" or caller.credential.bucket == bucket
+        if not op.implemented:
+            raise S3Error("NotImplemented", s3_subresources.not_implemented_message(op))
+        if op.method == "PUT" and not op.subresource:
+            # CreateBucket: buckets are configured, never created; S3 clients (rclone by default)
+            # create the bucket before their first upload and take this answer as success
+            if not own_bucket:
+                raise S3Error("AccessDenied", "Access Denied")
+            raise S3Error("BucketAlreadyOwnedByYou", "Your previous request to create the named bucket "
+                          "succeeded and you already own it.", BucketName=bucket)
+        if op.method == "POST":
             return await self._delete_objects(request, caller, bucket)
-        if request.method == b"HEAD":
-            if caller.kind == "job" and caller.credential.bucket != bucket:
+        if op.subresource in ("location", "acl", "versioning"):
+            if not own_bucket:
+                raise S3Error("AccessDenied", "Access Denied")
+            body = {"location": s3_xml.location_constraint, "acl": s3_xml.access_control_policy,
+                    "versioning": s3_xml.versioning_configuration}[op.subresource]()
+            return Response(body=body, content_type="application/xml")
+        if op.method == "HEAD":
+            if not own_bucket:
                 raise S3Error("AccessDenied", "Access Denied")
             return Response(body=b"", headers={"x-amz-bucket-region": "us-east-1"})
-        if "uploads" in query:
+        if op.subresource == "uploads":
             if caller.kind != "operator":
                 raise S3Error("AccessDenied", "Access Denied")
             uploads = await self.run(self.engine.list_uploads, bucket)
             return Response(body=s3_xml.list_uploads(bucket, uploads), content_type="application/xml")
-        if "location" in query:
-            return Response(body=s3_xml.HEADER + b'<LocationConstraint xmlns="%s"/>' % s3_xml.NS.encode(),
-                            content_type="application/xml")
         prefix = query.get("prefix", "")
         scope = None
         if caller.kind == "job":
@@ -811,23 +866,43 @@ class StorageSurface(Surface):
             if method in ("GET", "HEAD"):
                 raise S3Error("NoSuchKey", "The specified key does not exist.", Key=key) from None
             raise
+        op = s3_subresources.classify(s3_subresources.OBJECT, method, query)
+        if not op.implemented:
+            raise S3Error("NotImplemented", s3_subresources.not_implemented_message(op))
+        if op.subresource in ("acl", "tagging"):
+            return await self._object_subresource(request, caller, bucket, key, op)
         if method == "PUT":
             return await self._put(request, caller, bucket, key, query)
         if method == "POST":
-            if "uploads" in query:
+            if op.subresource == "uploads":
                 return await self._create_multipart(request, bucket, key)
-            if "uploadId" in query:
-                return await self._complete_multipart(request, caller, bucket, key, query["uploadId"])
-            raise S3Error("InvalidRequest", "This POST request is not supported")
+            return await self._complete_multipart(request, caller, bucket, key, query["uploadId"])
         if method == "DELETE":
-            if "uploadId" in query:
+            if op.subresource == "uploadId":
                 await self.run(self.engine.abort_multipart, bucket, key, query["uploadId"])
             else:
                 await self.run(self.engine.delete, bucket, key)
             return Response(body=b"", status=204)
-        if "uploadId" in query:
+        if op.subresource == "uploadId":
             return await self._list_parts(request, bucket, key, query)
         return await self._get(request, bucket, key, query)
+
+    async def _object_subresource(self, request: Any, caller: Caller, bucket: str, key: str,
+                                  op: s3_subresources.Operation) -> Any:
+        """The fixed ACL and empty tag set every object has; ``PUT ?acl`` accepts only the canned
+        ``private`` ACL (what every object already is) and changes nothing."""
+        await self.run(self.engine.head, bucket, key)  # NoSuchKey when absent
+        if op.method == "PUT":
+            body = self._read_small_body(request)
+            self._check_small_body(request, caller, body)
+            canned = (request.getHeader("x-amz-acl") or "").strip().lower()
+            grants = any(name.startswith("x-amz-grant-") for name, _ in _header_items(request.requestHeaders))
+            if canned != "private" or grants or body.strip():
+                raise S3Error("NotImplemented", "Only the canned 'private' ACL is supported; objects are private "
+                              "to their job and the operators. Nothing was changed.")
+            return Response(body=b"")
+        body = s3_xml.access_control_policy() if op.subresource == "acl" else s3_xml.empty_tagging()
+        return Response(body=body, content_type="application/xml")
 
     # -- uploads -------------------------------------------------------------------------------
 

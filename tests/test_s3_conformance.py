@@ -1,0 +1,190 @@
+"""S3 conformance with boto3: sub-resources the daemon does not implement change nothing (501),
+every error on S3 paths is S3 XML, and the S3 behaviours clients rely on (idempotent Complete,
+conditional writes, partNumber, metadata, folder markers, max-keys=0)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import xml.etree.ElementTree as ET
+
+import boto3
+import pytest
+import pytest_twisted
+import treq
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
+from twisted.internet.threads import deferToThread
+
+from tests.s3_helpers import raw_request, sign
+
+MIB = 1024 * 1024
+
+
+def _client(daemon, access_key, secret, **config):
+    return boto3.client("s3", endpoint_url=daemon.url + "/api/cloud/storage", aws_access_key_id=access_key,
+                        aws_secret_access_key=secret, region_name="us-east-1",
+                        config=BotoConfig(retries={"max_attempts": 1, "mode": "standard"}, **config))
+
+
+async def _start(make_daemon, job="job-1", settings=None):
+    daemon = await make_daemon(settings=settings)
+    access_key, secret = await daemon.ctx.upload_credentials.issue(job)
+    return daemon, _client(daemon, access_key, secret)
+
+
+def _on_disk(daemon, key):
+    with open(os.path.join(daemon.ctx.outputs_dir(), *key.split("/")), "rb") as fh:
+        return fh.read()
+
+
+async def _error(fn, **kwargs):
+    """(HTTP status, S3 error code) of a call that must fail."""
+    def call():
+        try:
+            fn(**kwargs)
+        except ClientError as exc:
+            return exc.response["ResponseMetadata"]["HTTPStatusCode"], exc.response["Error"]["Code"]
+        raise AssertionError(f"{fn.__name__} succeeded")
+    return await deferToThread(call)
+
+
+def _xml_code(body: bytes) -> str:
+    root = ET.fromstring(body)
+    assert root.tag == "Error", body
+    return root.findtext("Code")
+
+
+# --------------------------------------------------------------------------- data loss
+
+
+@pytest_twisted.ensureDeferred
+async def test_object_acl_and_tagging_requests_never_touch_the_object(make_daemon):
+    daemon, client = await _start(make_daemon)
+    data = os.urandom(50_000)
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/model.bin", Body=data)
+
+    # PutObjectAcl with a grant the daemon cannot honour: 501, bytes unchanged
+    assert await _error(client.put_object_acl, Bucket="outputs", Key="job-1/model.bin",
+                        ACL="public-read") == (501, "NotImplemented")
+    assert _on_disk(daemon, "job-1/model.bin") == data
+    # the canned private ACL is what every object has: accepted, nothing changes
+    await deferToThread(client.put_object_acl, Bucket="outputs", Key="job-1/model.bin", ACL="private")
+    acl = await deferToThread(client.get_object_acl, Bucket="outputs", Key="job-1/model.bin")
+    assert [g["Permission"] for g in acl["Grants"]] == ["FULL_CONTROL"]
+    assert acl["Owner"]["ID"] == acl["Grants"][0]["Grantee"]["ID"]
+
+    assert await _error(client.put_object_tagging, Bucket="outputs", Key="job-1/model.bin",
+                        Tagging={"TagSet": [{"Key": "a", "Value": "b"}]}) == (501, "NotImplemented")
+    assert _on_disk(daemon, "job-1/model.bin") == data
+    tags = await deferToThread(client.get_object_tagging, Bucket="outputs", Key="job-1/model.bin")
+    assert tags["TagSet"] == []
+    assert await _error(client.delete_object_tagging, Bucket="outputs",
+                        Key="job-1/model.bin") == (501, "NotImplemented")
+    assert _on_disk(daemon, "job-1/model.bin") == data
+
+    for call, kwargs in [
+        (client.put_object_retention, {"Retention": {"Mode": "GOVERNANCE", "RetainUntilDate": "2030-01-01"}}),
+        (client.put_object_legal_hold, {"LegalHold": {"Status": "ON"}}),
+        (client.get_object_attributes, {"ObjectAttributes": ["ETag"]}),
+        (client.restore_object, {"RestoreRequest": {"Days": 1}}),
+        (client.get_object_retention, {}),
+    ]:
+        assert await _error(call, Bucket="outputs", Key="job-1/model.bin", **kwargs) == (501, "NotImplemented")
+    assert _on_disk(daemon, "job-1/model.bin") == data
+    head = await deferToThread(client.head_object, Bucket="outputs", Key="job-1/model.bin")
+    assert head["ETag"] == '"%s"' % hashlib.md5(data).hexdigest()
+    # ACL of a key that does not exist
+    assert await _error(client.get_object_acl, Bucket="outputs", Key="job-1/nope") == (404, "NoSuchKey")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bucket_subresources_answer_or_refuse_never_list(make_daemon):
+    daemon, client = await _start(make_daemon)
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/a", Body=b"a")
+    versioning = await deferToThread(client.get_bucket_versioning, Bucket="outputs")
+    assert "Status" not in versioning
+    location = await deferToThread(client.get_bucket_location, Bucket="outputs")
+    assert location["LocationConstraint"] is None
+    acl = await deferToThread(client.get_bucket_acl, Bucket="outputs")
+    assert [g["Permission"] for g in acl["Grants"]] == ["FULL_CONTROL"]
+    for call, kwargs in [
+        (client.list_object_versions, {}),
+        (client.get_bucket_cors, {}),
+        (client.get_bucket_policy, {}),
+        (client.get_bucket_lifecycle_configuration, {}),
+        (client.get_bucket_website, {}),
+        (client.get_bucket_encryption, {}),
+        (client.get_bucket_tagging, {}),
+        (client.put_bucket_versioning, {"VersioningConfiguration": {"Status": "Enabled"}}),
+        (client.delete_bucket_policy, {}),
+        (client.delete_bucket, {}),
+    ]:
+        assert await _error(call, Bucket="outputs", **kwargs) == (501, "NotImplemented"), call
+    assert _on_disk(daemon, "job-1/a") == b"a"
+
+
+@pytest_twisted.ensureDeferred
+async def test_raw_subresource_puts_and_deletes_leave_the_object(make_daemon):
+    """Whatever sub-resource a client names, a PUT with a body or a DELETE changes nothing."""
+    from stdaemon.core import s3_subresources
+
+    daemon = await make_daemon()
+    access_key, secret = await daemon.ctx.upload_credentials.issue("job-1")
+    client = _client(daemon, access_key, secret)
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/x", Body=b"keep me")
+    port = int(daemon.url.rsplit(":", 1)[1])
+
+    for name in sorted(s3_subresources.SUBRESOURCES - {"uploadId", "uploads", "delete", "acl", "tagging"}):
+        for method in ("PUT", "DELETE"):
+            path = f"/api/cloud/storage/outputs/job-1/x?{name}"
+            headers = sign(daemon.url + path, method, access_key, secret, hashlib.sha256(b"junk").hexdigest())
+            status, _, body = await deferToThread(raw_request, port, method, path, headers, b"junk")
+            assert status == 501 and _xml_code(body) == "NotImplemented", (name, method, body)
+            assert _on_disk(daemon, "job-1/x") == b"keep me", (name, method)
+
+
+# --------------------------------------------------------------------------- XML errors
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_bucket_of_the_configured_bucket_is_already_owned(make_daemon):
+    daemon, client = await _start(make_daemon)
+    assert await _error(client.create_bucket, Bucket="outputs") == (409, "BucketAlreadyOwnedByYou")
+    assert await _error(client.create_bucket, Bucket="another") in ((403, "AccessDenied"),
+                                                                    (404, "NoSuchBucket"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_methods_s3_does_not_have_answer_xml_405(make_daemon):
+    daemon = await make_daemon()
+    for method, path in [("OPTIONS", "/api/cloud/storage/outputs/job-1/a"),
+                         ("PATCH", "/api/cloud/storage/outputs/job-1/a"),
+                         ("OPTIONS", "/api/cloud/storage/outputs"),
+                         ("PROPFIND", "/api/cloud/storage"),
+                         ("PUT", "/api/cloud/storage")]:
+        response = await treq.request(method, daemon.url + path)
+        body = await response.content()
+        assert response.code == 405, (method, path, response.code, body)
+        assert response.headers.getRawHeaders("content-type") == ["application/xml"], (method, path)
+        assert _xml_code(body) == "MethodNotAllowed", body
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limited_s3_requests_get_xml_slowdown_with_retry_after(make_daemon):
+    daemon, client = await _start(make_daemon, settings={"rate_limit": {
+        "exempt_loopback": False, "rules": [{"pattern": "^/api/cloud/storage", "calls": 2, "period": 60}]}})
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/a", Body=b"a")
+    await deferToThread(client.head_object, Bucket="outputs", Key="job-1/a")
+
+    def refused():
+        try:
+            client.get_object(Bucket="outputs", Key="job-1/a")
+        except ClientError as exc:
+            return exc.response
+        raise AssertionError("not refused")
+
+    response = await deferToThread(refused)
+    assert response["Error"]["Code"] == "SlowDown"
+    assert response["ResponseMetadata"]["HTTPStatusCode"] == 429
+    assert int(response["ResponseMetadata"]["HTTPHeaders"]["retry-after"]) > 0
