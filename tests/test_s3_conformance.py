@@ -188,3 +188,46 @@ async def test_rate_limited_s3_requests_get_xml_slowdown_with_retry_after(make_d
     assert response["Error"]["Code"] == "SlowDown"
     assert response["ResponseMetadata"]["HTTPStatusCode"] == 429
     assert int(response["ResponseMetadata"]["HTTPHeaders"]["retry-after"]) > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_downloads_closed_early_end_quietly(make_daemon):
+    """A client that hangs up mid-download (or right after asking) leaves no error in the log."""
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    daemon, client = await _start(make_daemon)
+    data = os.urandom(12 * MIB)
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/big.bin", Body=data)
+    url = client.generate_presigned_url("get_object", Params={"Bucket": "outputs", "Key": "job-1/big.bin"})
+    path = url.split(daemon.url, 1)[1]
+    port = int(daemon.url.rsplit(":", 1)[1])
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        def hang_up(read_bytes):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            got = 0
+            while got < read_bytes:
+                block = sock.recv(65536)
+                if not block:
+                    break
+                got += len(block)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.close()  # RST: the server sees the connection drop mid-response
+
+        for read_bytes in (0, 1, 100_000, 1 * MIB, 0, 300_000, 2 * MIB):
+            await deferToThread(hang_up, read_bytes)
+        await deferLater(reactor, 0.5, lambda: None)
+        # the daemon still serves the whole object
+        got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/big.bin")
+        assert hashlib.sha256(await deferToThread(got["Body"].read)).digest() == hashlib.sha256(data).digest()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    bad = [formatEvent(e) + str(e.get("log_failure", "")) for e in events
+           if e.get("log_level") in (LogLevel.error, LogLevel.critical) or e.get("log_failure") is not None]
+    assert bad == []

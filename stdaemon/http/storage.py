@@ -709,6 +709,10 @@ class StorageSurface(Surface):
             content = getattr(request, "content", None)
             if isinstance(content, UploadSink):
                 await content.discard()
+            if _gone(request):
+                # the client hung up (Klein cancels the handler): nobody to answer, nothing to log
+                log.debug("S3 request ended by the client: {error!r}", error=exc)
+                return NOT_DONE_YET
             try:
                 err = _from(exc)
             except Exception:
@@ -868,6 +872,8 @@ class StorageSurface(Surface):
             raise
         op = s3_subresources.classify(s3_subresources.OBJECT, method, query)
         if not op.implemented:
+            if op.method == "POST" and not op.subresource:
+                raise S3Error("InvalidRequest", "This POST request is not supported")
             raise S3Error("NotImplemented", s3_subresources.not_implemented_message(op))
         if op.subresource in ("acl", "tagging"):
             return await self._object_subresource(request, caller, bucket, key, op)
@@ -1079,7 +1085,7 @@ class StorageSurface(Surface):
             request.setHeader(name, value)
         request.setHeader("Content-Length", str(length))
         if request.method == b"HEAD" or length == 0:
-            if not request.finished:
+            if not request.finished and not _gone(request):
                 request.finish()
             return NOT_DONE_YET
         await self._stream(request, fh, start, length)
@@ -1110,11 +1116,14 @@ class StorageSurface(Surface):
         return None
 
     async def _stream(self, request: Any, fh: Any, start: int, length: int) -> None:
+        """Send ``length`` bytes from ``start``, pausing while the transport is full. A client that
+        hangs up ends the loop quietly: Twisted then drops ``request.channel`` (and Klein cancels
+        the handler), so every step checks the connection rather than a notification that may
+        arrive after the cancellation."""
+        if _gone(request):
+            return
         producer = _Producer()
         request.registerProducer(producer, True)
-        finished = request.notifyFinish()
-        gone = []
-        finished.addErrback(lambda f: gone.append(True))
 
         def read(offset: int, size: int) -> bytes:
             fh.seek(offset)
@@ -1122,24 +1131,28 @@ class StorageSurface(Surface):
 
         offset, remaining = start, length
         try:
-            while remaining > 0 and not gone:
+            while remaining > 0 and not _gone(request) and not producer.stopped:
                 data = await self.run(read, offset, min(READ_CHUNK, remaining))
-                if not data:
-                    break
-                if gone:
+                if not data or _gone(request):
                     break
                 request.write(data)
                 offset += len(data)
                 remaining -= len(data)
                 await producer.wait()
         finally:
-            if not gone:
+            if not _gone(request):
                 request.unregisterProducer()
                 if remaining > 0:
-                    # the file shrank under us: cut the connection rather than send a short body
-                    request.channel.transport.loseConnection() if request.channel else None
+                    # the file shrank under us (or the transport stopped us): cut the connection
+                    # rather than send a short body
+                    request.channel.transport.loseConnection()
                 elif not request.finished:
                     request.finish()
+
+
+def _gone(request: Any) -> bool:
+    """The client hung up: nothing more can be written to ``request``."""
+    return request.channel is None or getattr(request, "_disconnected", False)
 
 
 class _Producer:
@@ -1147,6 +1160,7 @@ class _Producer:
 
     def __init__(self) -> None:
         self._paused: Optional[defer.Deferred] = None
+        self.stopped = False
 
     def pauseProducing(self) -> None:
         if self._paused is None:
@@ -1158,6 +1172,7 @@ class _Producer:
             d.callback(None)
 
     def stopProducing(self) -> None:
+        self.stopped = True
         self.resumeProducing()
 
     async def wait(self) -> None:
