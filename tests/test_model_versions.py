@@ -203,3 +203,20 @@ def test_parse_versions_sorts_newest_first_and_skips_junk():
     assert mv.model_for("l40s", {}) == "simpletuner/advanced-trainer-l40s"
     with pytest.raises(ValueError):
         mv.parse_model_id("a/b/c")
+
+
+@pytest_twisted.ensureDeferred
+async def test_resolution_is_retried_and_counted_by_the_circuit_breaker(env):
+    env.fake.state.mode = "fail"  # 500 on every call
+    response, body = await env.submit()
+    assert response.code == 502, body
+    assert "fake replicate is failing" in body["detail"]
+    assert len(model_calls(env, H100)) == 3  # an idempotent GET: retried with backoff
+    response, body = await env.submit()
+    assert response.code in (502, 503), body
+    assert env.ctx.providers.breaker("replicate").state == "open"
+    response, body = await env.submit()
+    assert response.code == 503 and body["error"] == "circuit_open", body
+    assert int(response.headers.getRawHeaders("retry-after")[0]) >= 1
+    assert await count_rows(env, "jobs") == 0
+    assert env.fake.state.requests_to("POST", "/v1/predictions") == []

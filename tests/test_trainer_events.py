@@ -54,6 +54,7 @@ def status_event(job_id, status="running", step=50, loss=0.125, lr=1e-4, epoch=1
 async def job(env, job_id):
     response, body = await env.call("GET", f"/api/cloud/jobs/{job_id}")
     assert response.code == 200
+    assert body["progress"] == body["job"]["progress"]  # also beside upload_progress
     return body["job"]
 
 

@@ -831,7 +831,7 @@ class JobsSurface(Surface):
             raise not_found(f"Job {job_id} not found")
         public = self.jobs.public(job)
         public["upload_progress"] = self.jobs.upload_progress(job_id)
-        return {"job": public, "upload_progress": public["upload_progress"]}
+        return {"job": public, "upload_progress": public["upload_progress"], "progress": public["progress"]}
 
     @route(app, "/api/cloud/jobs/<job_id>/cancel", methods=("POST",), access=OPERATOR)
     async def cancel(self, request, job_id):
