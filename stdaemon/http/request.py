@@ -71,6 +71,53 @@ class RejectBody(Exception):
         self.body = body
 
 
+# Headers are bytes until proven text (S19). Twisted decodes a header as UTF-8 whenever code asks
+# for it by a ``str`` name, and raises on anything else: every header is checked once here, when the
+# headers are complete and before anything reads them. Advisory headers whose absence is safe are
+# dropped when they are not text (forwarding headers fall back to the peer address; a correlation
+# id is generated); any other undecodable header (credentials, cookies, signed S3 headers, …) is
+# refused with a 400 before the body is read.
+DROPPABLE_HEADERS = frozenset({
+    b"x-forwarded-for", b"x-real-ip", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
+    b"x-correlation-id", b"user-agent", b"referer", b"accept", b"accept-language", b"accept-encoding",
+    b"last-event-id", b"if-none-match", b"cache-control", b"pragma", b"dnt",
+})
+S3_PREFIX = b"/api/cloud/storage"
+
+
+def undecodable_header(headers: Any) -> Optional[str]:
+    """Drop advisory headers that are not UTF-8 text; the name of the first other header that is
+    not (or ``None``): the one decoding check of request headers."""
+    refused = None
+    for name, values in list(headers.getAllRawHeaders()):
+        try:
+            name.decode("ascii")
+        except UnicodeDecodeError:
+            headers.removeHeader(name)
+            refused = refused or name.decode("latin-1")
+            continue
+        try:
+            for value in values:
+                value.decode("utf-8")
+        except UnicodeDecodeError:
+            lower = name.lower()
+            if lower in DROPPABLE_HEADERS:
+                headers.removeHeader(name)
+            else:
+                refused = refused or name.decode("ascii")
+    return refused
+
+
+def invalid_header_body(name: str, path: bytes) -> tuple[bytes, bytes]:
+    detail = f"Header {name[:64]!r} is not valid UTF-8 text"
+    if path.startswith(S3_PREFIX):
+        from stdaemon.core import s3_xml
+
+        return b"application/xml", s3_xml.error("InvalidArgument", detail)
+    return b"application/json", json.dumps({"error": "invalid_header", "detail": detail,
+                                            "field": name[:64]}).encode()
+
+
 def json_too_large(max_bytes: int) -> tuple[bytes, bytes]:
     body = json.dumps({
         "error": "payload_too_large",
@@ -134,6 +181,11 @@ class StdaemonRequest(server.Request):
     _all_received = False
 
     def gotLength(self, length: Optional[int]) -> None:
+        refused = undecodable_header(self.requestHeaders)
+        if refused is not None:
+            content_type, body = invalid_header_body(refused, getattr(self.channel, "_path", b"/"))
+            self._reject_now(400, b"Bad Request", content_type, body)
+            return
         policy = self._policy()
         self._body_limit = policy.max_bytes
         self._too_large = policy.too_large or json_too_large
@@ -278,7 +330,7 @@ class StdaemonRequest(server.Request):
         dropping what the client may still be sending, bounded in bytes and time)."""
         self._rejected = True
         self._held = None
-        old = self.content
+        old = getattr(self, "content", None)
         self.content = _Discard()
         close = getattr(old, "close", None)
         if close is not None:

@@ -41,6 +41,10 @@ log = get_logger("stdaemon.http")
 
 _VALID_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
+# Methods any route may use. Anything else is a 405 that is not counted: the metrics label sets
+# stay bounded by the route table (METHOD_<template>, METHOD ∈ this set).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 @dataclass
 class RouteMatch:
@@ -86,12 +90,7 @@ class Root(Resource):
 
     def routes(self) -> list[tuple[str, tuple[str, ...], str, RouteInfo]]:
         """Every registered route: (template, methods, endpoint, info)."""
-        out = []
-        for _, _, url_map in self._mounted:
-            for rule in url_map.iter_rules():
-                methods = tuple(sorted(m for m in (rule.methods or ()) if m not in ("HEAD", "OPTIONS")))
-                out.append((rule.rule, methods, rule.endpoint, ROUTES[rule.endpoint]))
-        return out
+        return route_table(self.surfaces)
 
     def match(self, method: str, path: str) -> RouteMatch:
         allowed: set[str] = set()
@@ -151,6 +150,11 @@ class Root(Resource):
         method = request.method.decode("latin-1").upper()
         path = _request_path(request)
         match: Optional[RouteMatch] = None
+        if method not in KNOWN_METHODS:
+            error = ApiError(405, "method_not_allowed", f"Method {method[:32]!r} is not allowed here",
+                             headers={"Allow": ", ".join(sorted(KNOWN_METHODS - {"OPTIONS"}))})
+            self._write(request, render_error(request, error))
+            return
         try:
             match = self.match(method, path)
             request.route = match
@@ -266,6 +270,16 @@ class Root(Resource):
                 request.setHeader("Content-Type", "application/json")
                 request.write(b'{"error":"internal_error","detail":"Internal server error"}')
             request.finish()
+
+
+def route_table(surfaces: list[Surface]) -> list[tuple[str, tuple[str, ...], str, RouteInfo]]:
+    """Every route of ``surfaces``: (template, methods without HEAD/OPTIONS, endpoint, info)."""
+    out = []
+    for surface in surfaces:
+        for rule in surface.app.url_map.iter_rules():
+            methods = tuple(sorted(m for m in (rule.methods or ()) if m not in ("HEAD", "OPTIONS")))
+            out.append((rule.rule, methods, rule.endpoint, ROUTES[rule.endpoint]))
+    return out
 
 
 def _request_path(request: Any) -> str:
