@@ -228,6 +228,15 @@ def plan(kind: str, payload: Mapping[str, Any], job: Mapping[str, Any],
          prices: Optional[Mapping[str, float]], now: float) -> Plan:
     """The whole mapping: provider payload + current job row → guarded change."""
     new_status, fields = map_update(kind, payload, job, prices)
+    if new_status is not None and new_status == job["status"]:
+        # A repeat of the current status is answered "ignored" and changes no column: it may be a
+        # late delivery whose figures (cost, output, error) are older than the row's. Only a
+        # trainer event's progress is kept (answered "applied", as a progress-only event is).
+        progress = {"metadata": fields["metadata"]} if "metadata" in fields else {}
+        if progress and job["status"] not in st.TERMINAL:
+            kept = guard(job, job["status"], now, progress)
+            return Plan(None, False, "progress", job["status"], kept.changes)
+        return guard(job, new_status, now, {})
     if new_status is None and fields and job["status"] not in st.TERMINAL:
         # A trainer event with progress but no status: keep the progress.
         plan = guard(job, job["status"], now, fields)

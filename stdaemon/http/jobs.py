@@ -52,6 +52,9 @@ log = get_logger("stdaemon.jobs")
 
 MAX_SUBMIT_BODY = 8 * 1024 * 1024
 MAX_IDEMPOTENCY_KEY = 200
+# ``GET /api/cloud/jobs?sync_active=1`` refreshes active jobs from the provider at most this often
+# (seconds on the injected clock), whoever asks; viewers cannot trigger it at all.
+SYNC_MIN_INTERVAL = 15.0
 
 
 # -- request models (stdaemon.http.validation) -----------------------------------------------
@@ -143,6 +146,17 @@ class JobService:
         # A job held for approval is created as ``pending_approval`` with its
         # payload in ``metadata["request"]``; approval calls :meth:`dispatch`.
         self.submission_checks: list = []
+        self._last_sync: Optional[float] = None
+
+    async def sync_active(self) -> bool:
+        """A provider refresh of the active jobs on request, at most once per
+        :data:`SYNC_MIN_INTERVAL` (each refresh costs one provider call per active job)."""
+        now = self.ctx.clock.seconds()
+        if self._last_sync is not None and now - self._last_sync < SYNC_MIN_INTERVAL:
+            return False
+        self._last_sync = now
+        await self.poll_once()
+        return True
 
     # -- helpers ---------------------------------------------------------------
     def public(self, job: dict) -> dict:
@@ -817,8 +831,8 @@ class JobsSurface(Surface):
     @route(app, "/api/cloud/jobs", access=VIEWER, query=ListJobs)
     async def list_jobs(self, request, query: ListJobs):
         """List jobs (newest first) with the real total."""
-        if query.sync_active:
-            await self.jobs.poll_once()
+        if query.sync_active and request.principal.role in ("admin", "operator"):
+            await self.jobs.sync_active()
         rows, total = await self.ctx.db.run_read(store.list_jobs, status=query.status, provider=query.provider,
                                                  limit=query.limit, offset=query.offset)
         return {"jobs": [self.jobs.public(r) for r in rows], "total": total, "limit": query.limit,
