@@ -188,3 +188,33 @@ async def test_head_on_the_event_stream_finishes_and_takes_no_stream_slot(daemon
         assert status == 200 and headers["content-type"].startswith("text/event-stream")
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_protocol_errors_are_answered_in_json(daemon):
+    """What twisted.web refuses itself (malformed framing, over-long lines) is answered with the
+    same JSON error shape, not an empty 400 or a silent hang-up."""
+    cases = [
+        b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nBadHeaderNoColon\r\n\r\n",
+        b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n",
+        b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n",
+    ]
+
+    def run():
+        out = []
+        for raw in cases:
+            client = RawClient(daemon.port)
+            try:
+                client.sock.sendall(raw)
+                out.append((raw[:40],) + client.read_response())
+            finally:
+                client.close()
+        return out
+
+    for raw, status, headers, body in await in_thread(run):
+        assert status in (400, 431), (raw, status)
+        _assert_json_error(status, headers, body)

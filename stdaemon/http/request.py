@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 
 from stdaemon.logs import get_logger
 
@@ -392,8 +392,35 @@ class StdaemonRequest(server.Request):
         super().connectionLost(reason)
 
 
+def _protocol_error(status: bytes, code: str, detail: str) -> bytes:
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+
+
+class StdaemonChannel(http.HTTPChannel):
+    """twisted.web's HTTP/1.1 channel, answering its own protocol errors (malformed request line
+    or headers, bad Content-Length or Transfer-Encoding, over-long lines) with the JSON error shape
+    every other answer has, instead of an empty 400 or a silent hang-up."""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.transport.write(_protocol_error(b"400 Bad Request", "bad_request",
+                                             "The request is not valid HTTP/1.1"))
+        self.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.transport.write(_protocol_error(b"431 Request Header Fields Too Large", "header_too_large",
+                                             "The request line or a header line is too long"))
+        self.loseConnection()
+
+
 class StdaemonSite(server.Site):
     requestFactory = StdaemonRequest
+
+    def protocol(self) -> Any:
+        # Twisted's own factory (``http._genericHTTPChannelProtocolFactory``) with our channel;
+        # the wrapper keeps HTTP/2 negotiation as it is (no public hook for the channel class).
+        return http._GenericHTTPChannelProtocol(StdaemonChannel())
 
     def __init__(self, resource: Any, body_policy: Callable[[bytes, bytes, Any], BodyPolicy],
                  **kwargs: Any):
