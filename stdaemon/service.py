@@ -87,6 +87,9 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.http.metrics import MetricsSurface
 
     surfaces.append(MetricsSurface(ctx))  # /api/cloud/metrics/prometheus, /api/cloud/metrics/config*, /api/metrics/*
+    from stdaemon.http.openapi import OpenApiSurface
+
+    surfaces.append(OpenApiSurface(ctx, surfaces))  # /api/openapi.json, from the routes above (S19)
     return surfaces
 
 

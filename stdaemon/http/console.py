@@ -74,19 +74,20 @@ class ConsoleSurface(Surface):
             return Response(b"", status=304, headers=headers)
         return Response(body, headers=headers, content_type=content_type)
 
-    @route(app, "/", access=PUBLIC, rate_limited=False)
+    @route(app, "/", access=PUBLIC, rate_limited=False, produces=("text/html",))
     def index(self, request):
         return self._serve(request, "index.html")
 
-    @route(app, "/console", access=PUBLIC, rate_limited=False)
+    @route(app, "/console", access=PUBLIC, rate_limited=False, produces=("text/html",))
     def console_bare(self, request):
         return Response(b"", status=301, headers={"Location": "/console/"})
 
-    @route(app, "/console/", access=PUBLIC, rate_limited=False)
+    @route(app, "/console/", access=PUBLIC, rate_limited=False, produces=("text/html",))
     def console(self, request):
         return self._serve(request, "index.html")
 
-    @route(app, "/static/<name>", access=PUBLIC, rate_limited=False)
+    @route(app, "/static/<name>", access=PUBLIC, rate_limited=False,
+           produces=tuple(sorted({t.split(";")[0] for t in CONTENT_TYPES.values()})))
     def static(self, request, name):
         if name == "index.html":
             raise not_found(f"No console file {name}")

@@ -32,7 +32,8 @@ class EventsSurface(Surface):
     app = Klein()
     prefixes = ("/api/events",)
 
-    @route(app, "/api/events/stream", access=VIEWER, rate_limited=False, query=StreamQuery, stream=True)
+    @route(app, "/api/events/stream", access=VIEWER, rate_limited=False, query=StreamQuery, stream=True,
+           produces=("text/event-stream",))
     async def stream(self, request, query: StreamQuery):
         """Server-Sent Events of job changes the caller may see."""
         if request.method == b"HEAD":

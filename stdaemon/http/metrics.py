@@ -111,7 +111,8 @@ class MetricsSurface(Surface):
 
     # -- scrape ------------------------------------------------------------------------
 
-    @route(app, "/api/cloud/metrics/prometheus", access=PUBLIC)
+    @route(app, "/api/cloud/metrics/prometheus", access=PUBLIC,
+           produces=("text/plain", "application/openmetrics-text"))
     async def prometheus(self, request):
         """Prometheus exposition of the enabled categories."""
         return await self._scrape(request)

@@ -70,6 +70,7 @@ class RouteInfo:
     stream: bool = False             # answers a long-lived stream (HEAD answers headers only)
     error_extra: dict = field(default_factory=dict)   # added to every error body of the route
     path_ids: dict = field(default_factory=dict)      # path argument → what it names (404 if impossible)
+    produces: tuple[str, ...] = ("application/json",)  # content types of a success (OpenAPI)
     summary: str = ""
     # A cap read from its own config key (``config -> bytes``), which may exceed
     # server.max_body_bytes (job submissions: jobs.max_submit_bytes).
@@ -94,7 +95,8 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
           rate_limited: bool = True, body: Optional[type] = None, query: Optional[type] = None,
           body_required: bool = True, stream: bool = False,
           error_extra: Optional[dict] = None, path_ids: Optional[dict] = None,
-          max_body_from: Optional[Callable[[Any], int]] = None) -> Callable:
+          max_body_from: Optional[Callable[[Any], int]] = None,
+          produces: Iterable[str] = ("application/json",)) -> Callable:
     """Register a handler on ``app`` with an explicit access policy.
 
     ``body``/``query`` name the route's request models (``stdaemon.http.validation``): they are
@@ -106,7 +108,8 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
     (``{"user_id": "User"}``) names numeric path ids checked first: an id that cannot exist is a
     404 before the body is looked at. ``max_body`` may only lower ``server.max_body_bytes``;
     ``max_body_from`` (``config -> bytes``) takes a larger cap from the route's own config key
-    (job submissions: ``jobs.max_submit_bytes``).
+    (job submissions: ``jobs.max_submit_bytes``). ``produces`` lists the content types a success
+    answers with (for the OpenAPI document; JSON by default).
     """
 
     methods = tuple(m.upper() for m in methods)
@@ -117,6 +120,7 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
                          methods=methods, body=body, query=query, body_required=body_required,
                          stream=stream, error_extra=dict(error_extra or {}),
                          path_ids=dict(path_ids or {}), max_body_from=max_body_from,
+                         produces=tuple(produces),
                          summary=(inspect.getdoc(fn) or "").split("\n", 1)[0])
         ROUTES[endpoint] = info
 
