@@ -137,3 +137,22 @@ async def test_fields_the_cli_sends_are_tolerated(daemon):
     response, body = await call(daemon, "GET", "/api/cloud/jobs?limit=5&offset=0&unknown=1&status=", key=key)
     assert response.code == 200, body
     assert body["limit"] == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_webhook_bodies_are_400(daemon):
+    response, body = await call(daemon, "PUT", "/api/cloud/providers/replicate",
+                                {"webhook_require_signature": False}, key=daemon.admin_key)
+    assert response.code == 200, body
+    for raw in (DEEP, DEEP_OBJECT, b'{"id": "p", "status": "\\ud800"}', b"[1]", b"\xff"):
+        response, body = await call(daemon, "POST", "/api/webhooks/replicate", raw,
+                                    headers={"Content-Type": "application/json"})
+        assert_400(response, body)
+        assert body["error"] == "invalid_json", body
+    # A trainer event is authenticated by its job's token, after the body is looked at: still 400.
+    for path in ("/api/webhooks/simpletuner", "/api/webhooks/replicate"):
+        for raw in (DEEP, DEEP_OBJECT):
+            response, body = await call(daemon, "POST", path, raw,
+                                        headers={"Content-Type": "application/json", "X-API-Key": "st_x"})
+            assert response.code in (400, 401), (path, response.code, body)
+            assert body["error"] and body["detail"], body

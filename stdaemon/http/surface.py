@@ -71,6 +71,7 @@ class RouteInfo:
     error_extra: dict = field(default_factory=dict)   # added to every error body of the route
     path_ids: dict = field(default_factory=dict)      # path argument → what it names (404 if impossible)
     produces: tuple[str, ...] = ("application/json",)  # content types of a success (OpenAPI)
+    signed_body: bool = False        # the handler verifies the raw body's signature, then validates
     summary: str = ""
     # A cap read from its own config key (``config -> bytes``), which may exceed
     # server.max_body_bytes (job submissions: jobs.max_submit_bytes).
@@ -96,7 +97,7 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
           body_required: bool = True, stream: bool = False,
           error_extra: Optional[dict] = None, path_ids: Optional[dict] = None,
           max_body_from: Optional[Callable[[Any], int]] = None,
-          produces: Iterable[str] = ("application/json",)) -> Callable:
+          produces: Iterable[str] = ("application/json",), signed_body: bool = False) -> Callable:
     """Register a handler on ``app`` with an explicit access policy.
 
     ``body``/``query`` name the route's request models (``stdaemon.http.validation``): they are
@@ -109,7 +110,10 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
     404 before the body is looked at. ``max_body`` may only lower ``server.max_body_bytes``;
     ``max_body_from`` (``config -> bytes``) takes a larger cap from the route's own config key
     (job submissions: ``jobs.max_submit_bytes``). ``produces`` lists the content types a success
-    answers with (for the OpenAPI document; JSON by default).
+    answers with (for the OpenAPI document; JSON by default). ``signed_body=True``: the body is
+    signed (webhooks), so the handler checks the signature over the raw bytes first and then
+    validates the body with ``validation.validate_raw(raw, model)``; nothing of an unsigned body
+    is parsed.
     """
 
     methods = tuple(m.upper() for m in methods)
@@ -120,7 +124,7 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
                          methods=methods, body=body, query=query, body_required=body_required,
                          stream=stream, error_extra=dict(error_extra or {}),
                          path_ids=dict(path_ids or {}), max_body_from=max_body_from,
-                         produces=tuple(produces),
+                         produces=tuple(produces), signed_body=signed_body,
                          summary=(inspect.getdoc(fn) or "").split("\n", 1)[0])
         ROUTES[endpoint] = info
 
@@ -131,7 +135,7 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
                     path_id(kwargs[name], what)
                 if info.query is not None:
                     kwargs["query"] = validation.validate_query(request, info.query)
-                if info.body is not None:
+                if info.body is not None and not info.signed_body:
                     kwargs["body"] = validation.validate_body(request, info.body, info.body_required)
                 result = fn(self, request, **kwargs)
                 if inspect.isawaitable(result):

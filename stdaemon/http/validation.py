@@ -62,7 +62,10 @@ def read_body(request: Any) -> bytes:
 
 
 def validate_body(request: Any, model: type[BodyModel], required: bool = True) -> BodyModel:
-    raw = read_body(request)
+    return validate_raw(read_body(request), model, required)
+
+
+def validate_raw(raw: bytes, model: type[BodyModel], required: bool = True) -> BodyModel:
     if not raw.strip():
         if required:
             raise ApiError(400, "invalid_json", "A JSON body is required")

@@ -55,12 +55,14 @@ import sqlite3
 from typing import Any, Mapping, Optional
 
 from klein import Klein
+from pydantic import ConfigDict, Field
 from twisted.internet import defer
 
 from stdaemon.core import job_updates
 from stdaemon.core import webhook_signature as ws
 from stdaemon.core.client_ip import in_networks, parse_ip
 from stdaemon.http.errors import ApiError, bad_request, not_found
+from stdaemon.http import validation
 from stdaemon.http.surface import PUBLIC, Response, Surface, route
 from stdaemon.logs import get_logger
 from stdaemon.store import jobs as job_store
@@ -136,6 +138,26 @@ def _settings_from_table(conn: sqlite3.Connection, provider: str) -> dict:
         except ValueError:
             continue
     return out
+
+
+# -- request models (stdaemon.http.validation) -----------------------------------------------
+
+class WebhookPayload(validation.BodyModel):
+    """A Replicate prediction (``id``, ``status``, ``metrics``, ``output``, ``error``, ``logs``) or a
+    SimpleTuner trainer event (``job_id``, ``type``, ``data``). Validated after the signature; the
+    meaning of each field is :mod:`stdaemon.core.job_updates`' (which tolerates odd values)."""
+
+    model_config = ConfigDict(extra="allow", strict=False)
+
+    id: Any = Field(None, description="Replicate prediction id")
+    status: Any = None
+    job_id: Any = Field(None, description="SimpleTuner job id (trainer events)")
+    type: Any = None
+    data: Any = None
+    metrics: Any = None
+    output: Any = None
+    error: Any = None
+    logs: Any = None
 
 
 class WebhooksSurface(Surface):
@@ -228,8 +250,9 @@ class WebhooksSurface(Surface):
     # -- the endpoint ---------------------------------------------------------------------
 
     @route(app, "/api/webhooks/<provider>", methods=("POST",), access=PUBLIC,
-           max_body=MAX_WEBHOOK_BODY)
+           max_body=MAX_WEBHOOK_BODY, body=WebhookPayload, signed_body=True)
     async def receive(self, request: Any, provider: str) -> Any:
+        """A provider's status webhook (IP allowlist, Standard Webhooks signature) or a trainer event."""
         trainer_path = provider == TRAINER_PATH
         if provider not in _known_providers() and not trainer_path:
             raise not_found(f"No webhook endpoint for provider {provider[:64]!r}")
@@ -265,13 +288,10 @@ class WebhooksSurface(Surface):
                                    f"Webhook signature refused: {verification.reason}")
             webhook_id = verification.webhook_id
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            payload = validation.validate_raw(body, WebhookPayload).given()
+        except ApiError:
             self.counters["invalid"] += 1
-            raise bad_request("The body is not valid JSON", code="invalid_json") from None
-        if not isinstance(payload, dict):
-            self.counters["invalid"] += 1
-            raise bad_request("The JSON body must be an object", code="invalid_json")
+            raise
         kind = classify(payload)
         if kind is None:
             self.counters["invalid"] += 1
@@ -291,8 +311,8 @@ class WebhooksSurface(Surface):
     def _is_trainer_event(request: Any) -> bool:
         request.content.seek(0)
         try:
-            payload = json.loads(request.content.read())
-        except (ValueError, UnicodeDecodeError):
+            payload = validation.parse_json(request.content.read())
+        except ApiError:
             return False
         return isinstance(payload, dict) and classify(payload) == job_updates.TRAINER
 
@@ -306,11 +326,11 @@ class WebhooksSurface(Surface):
                                "Authorization: Bearer)")
         request.content.seek(0)
         try:
-            payload = json.loads(request.content.read())
-        except (ValueError, UnicodeDecodeError):
+            payload = validation.validate_raw(request.content.read(), WebhookPayload).given()
+        except ApiError:
             self.counters["invalid"] += 1
-            raise bad_request("The body is not valid JSON", code="invalid_json") from None
-        if not isinstance(payload, dict) or classify(payload) != job_updates.TRAINER:
+            raise
+        if classify(payload) != job_updates.TRAINER:
             self.counters["invalid"] += 1
             raise bad_request("Not a SimpleTuner trainer event (job_id with type or data)",
                               code="invalid_payload")
