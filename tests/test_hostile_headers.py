@@ -218,3 +218,35 @@ async def test_protocol_errors_are_answered_in_json(daemon):
     for raw, status, headers, body in await in_thread(run):
         assert status in (400, 431), (raw, status)
         _assert_json_error(status, headers, body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_on_every_get_route_answers_headers_only(daemon):
+    """HEAD on every GET route of the route table finishes with headers only: the next request on
+    the same keep-alive connection is answered (a body or an unfinished answer would break it)."""
+    import re
+
+    paths = []
+    for template, methods, _, _ in daemon.service.root.routes():
+        if "GET" in methods and not template.startswith("/api/cloud/storage"):
+            paths.append(re.sub(r"<(?:[a-z]+:)?[a-z_]+>", "1", template))
+    key = daemon.admin_key.encode()
+
+    def run():
+        client = RawClient(daemon.port)
+        answers = []
+        try:
+            for path in paths:
+                status, headers, _ = client.request(get(path, b"X-API-Key: " + key, method=b"HEAD"),
+                                                    head_only=True)
+                answers.append((path, status))
+            answers.append(("follow-up",) + client.request(get("/api/cloud/health/live"))[:1])
+        finally:
+            client.close()
+        return answers
+
+    answers = await in_thread(run)
+    assert len(answers) == len(paths) + 1 and len(paths) > 20
+    for path, status in answers[:-1]:
+        assert status < 500, (path, status)
+    assert answers[-1] == ("follow-up", 200)
