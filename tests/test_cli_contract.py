@@ -25,6 +25,14 @@ def cli(daemon, key=None) -> CliClient:
     return CliClient(daemon.url, key or daemon.admin_key)
 
 
+@pytest_twisted.async_yield_fixture
+async def env(make_daemon, tmp_path):
+    """A daemon wired to the TLS fake Replicate (tests/replicate_env.py)."""
+    environment = await start_env(make_daemon, tmp_path)
+    yield environment
+    await environment.fake.stop()
+
+
 # -- simpletuner auth users … -------------------------------------------------------------
 
 USER_FIELDS = dict(id="int", username="str", email="str", display_name="str?", is_admin="bool",
@@ -226,165 +234,153 @@ JOB_FIELDS = dict(job_id="str", status="str", config_name="str?", provider="str"
 
 
 @pytest_twisted.ensureDeferred
-async def test_jobs_and_approvals_groups(make_daemon, tmp_path):
-    env = await start_env(make_daemon, tmp_path)
-    try:
-        client = cli(env.daemon)
-        response, first = await env.submit()
-        assert response.code == 200, first
-        external_id = (await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}"))["job"]["external_id"]
-        env.fake.state.set_status(external_id, "processing", logs="step 1\n")
+async def test_jobs_and_approvals_groups(env):
+    client = cli(env.daemon)
+    response, first = await env.submit()
+    assert response.code == 200, first
+    external_id = (await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}"))["job"]["external_id"]
+    env.fake.state.set_status(external_id, "processing", logs="step 1\n")
 
-        # cloud jobs list --limit 20 [--status running] [--sync]; jobs list (metadata.run_name, duration)
-        jobs = (await client.ok("GET", "/api/cloud/jobs?limit=20"))["jobs"]
-        assert [j["job_id"] for j in jobs] == [first["job_id"]]
-        for job in jobs:
-            expect(job, **JOB_FIELDS)
-        assert jobs[0]["job_type"] == "cloud" and jobs[0]["is_active"] is True and jobs[0]["is_terminal"] is False
-        synced = (await client.ok("GET", "/api/cloud/jobs?limit=20&status=running&sync_active=true"))["jobs"]
-        assert [j["status"] for j in synced] == ["running"]
-
-        # cloud jobs get <id> / jobs get <id>: result["job"]
-        job = (await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}"))["job"]
+    # cloud jobs list --limit 20 [--status running] [--sync]; jobs list (metadata.run_name, duration)
+    jobs = (await client.ok("GET", "/api/cloud/jobs?limit=20"))["jobs"]
+    assert [j["job_id"] for j in jobs] == [first["job_id"]]
+    for job in jobs:
         expect(job, **JOB_FIELDS)
-        assert job["started_at"] is not None and job["duration_seconds"] is not None
+    assert jobs[0]["job_type"] == "cloud" and jobs[0]["is_active"] is True and jobs[0]["is_terminal"] is False
+    synced = (await client.ok("GET", "/api/cloud/jobs?limit=20&status=running&sync_active=true"))["jobs"]
+    assert [j["status"] for j in synced] == ["running"]
 
-        # cloud jobs logs <id>
-        logs = await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}/logs")
-        assert logs["logs"] == "step 1\n"
+    # cloud jobs get <id> / jobs get <id>: result["job"]
+    job = (await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}"))["job"]
+    expect(job, **JOB_FIELDS)
+    assert job["started_at"] is not None and job["duration_seconds"] is not None
 
-        # cloud jobs cancel <id> / delete <id> --force: "success"
-        assert (await client.ok("POST", f"/api/cloud/jobs/{first['job_id']}/cancel"))["success"] is True
-        job = (await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}"))["job"]
-        assert job["is_terminal"] is True and job["is_active"] is False and is_iso(job["finished_at"])
-        assert (await client.ok("DELETE", f"/api/cloud/jobs/{first['job_id']}"))["success"] is True
-        status, detail = await client.error("DELETE", f"/api/cloud/jobs/{first['job_id']}")
-        assert status == 404
+    # cloud jobs logs <id>
+    logs = await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}/logs")
+    assert logs["logs"] == "step 1\n"
 
-        # jobs approval rules: id, type, condition, enabled
-        await client.ok("POST", "/api/approvals/rules", {"name": "big", "condition": "hardware_profile",
-                                                         "value": "h100-x8"})
-        rules = (await client.ok("GET", "/api/approvals/rules"))["rules"]
-        expect(rules[0], id="int", type="str", enabled="bool")
+    # cloud jobs cancel <id> / delete <id> --force: "success"
+    assert (await client.ok("POST", f"/api/cloud/jobs/{first['job_id']}/cancel"))["success"] is True
+    job = (await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}"))["job"]
+    assert job["is_terminal"] is True and job["is_active"] is False and is_iso(job["finished_at"])
+    assert (await client.ok("DELETE", f"/api/cloud/jobs/{first['job_id']}"))["success"] is True
+    status, detail = await client.error("DELETE", f"/api/cloud/jobs/{first['job_id']}")
+    assert status == 404
 
-        # A held submission, then jobs approval list/pending/approve/reject.
-        response, held = await env.submit(hardware_profile="h100-x8")
-        assert held["status"] == "pending_approval"
-        response, second = await env.submit(hardware_profile="h100-x8", config_name="other")
-        listing = (await client.ok("GET", "/api/approvals?limit=50"))["approvals"]
-        assert len(listing) == 2
-        for item in listing:   # "(a.get('job_id') or '-')[:12]", "a.get('requested_at', '-')[:19]"
-            expect(item, id="int", job_id="str", status="str", config_name="str?", reason="str?",
-                   requested_at="iso")
-        pending = (await client.ok("GET", "/api/approvals?status=pending&limit=50"))["approvals"]
-        assert {a["job_id"] for a in pending} == {held["job_id"], second["job_id"]}
-        by_job = {a["job_id"]: a for a in pending}
-        approved = await client.ok("POST", f"/api/approvals/{by_job[held['job_id']]['id']}/approve",
-                                   {"reason": "ok"})
-        assert approved["success"] is True
-        rejected = await client.ok("POST", f"/api/approvals/{by_job[second['job_id']]['id']}/reject")
-        assert rejected["success"] is True
-        job = (await client.ok("GET", f"/api/cloud/jobs/{held['job_id']}"))["job"]
-        assert job["status"] == "queued"
-    finally:
-        await env.fake.stop()
+    # jobs approval rules: id, type, condition, enabled
+    await client.ok("POST", "/api/approvals/rules", {"name": "big", "condition": "hardware_profile",
+                                                     "value": "h100-x8"})
+    rules = (await client.ok("GET", "/api/approvals/rules"))["rules"]
+    expect(rules[0], id="int", type="str", enabled="bool")
+
+    # A held submission, then jobs approval list/pending/approve/reject.
+    response, held = await env.submit(hardware_profile="h100-x8")
+    assert held["status"] == "pending_approval"
+    response, second = await env.submit(hardware_profile="h100-x8", config_name="other")
+    listing = (await client.ok("GET", "/api/approvals?limit=50"))["approvals"]
+    assert len(listing) == 2
+    for item in listing:   # "(a.get('job_id') or '-')[:12]", "a.get('requested_at', '-')[:19]"
+        expect(item, id="int", job_id="str", status="str", config_name="str?", reason="str?",
+               requested_at="iso")
+    pending = (await client.ok("GET", "/api/approvals?status=pending&limit=50"))["approvals"]
+    assert {a["job_id"] for a in pending} == {held["job_id"], second["job_id"]}
+    by_job = {a["job_id"]: a for a in pending}
+    approved = await client.ok("POST", f"/api/approvals/{by_job[held['job_id']]['id']}/approve",
+                               {"reason": "ok"})
+    assert approved["success"] is True
+    rejected = await client.ok("POST", f"/api/approvals/{by_job[second['job_id']]['id']}/reject")
+    assert rejected["success"] is True
+    job = (await client.ok("GET", f"/api/cloud/jobs/{held['job_id']}"))["job"]
+    assert job["status"] == "queued"
 
 
 # -- simpletuner cloud config … / cloud cost-limit … / cloud status ----------------------------
 
 @pytest_twisted.ensureDeferred
-async def test_provider_config_cost_limit_and_status_groups(make_daemon, tmp_path):
-    env = await start_env(make_daemon, tmp_path)
-    try:
-        client = cli(env.daemon)
+async def test_provider_config_cost_limit_and_status_groups(env):
+    client = cli(env.daemon)
 
-        # cloud config show: result["config"], printed key by key; hardware_info for --dry-run.
-        config = (await client.ok("GET", "/api/cloud/providers/replicate/config"))["config"]
-        expect(config, cost_limit_enabled="bool", cost_limit_amount="num", cost_limit_period="str",
-               cost_limit_action="str", webhook_url="str", hardware_info="dict")
-        for hardware in config["hardware_info"].values():
-            expect(hardware, name="str", cost_per_second="num")
+    # cloud config show: result["config"], printed key by key; hardware_info for --dry-run.
+    config = (await client.ok("GET", "/api/cloud/providers/replicate/config"))["config"]
+    expect(config, cost_limit_enabled="bool", cost_limit_amount="num", cost_limit_period="str",
+           cost_limit_action="str", webhook_url="str", hardware_info="dict")
+    for hardware in config["hardware_info"].values():
+        expect(hardware, name="str", cost_per_second="num")
 
-        # cloud config set version_override <id> (and back to the newest version with null)
-        result = await client.ok("PUT", "/api/cloud/providers/replicate/config",
-                                 {"version_override": "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"})
-        assert result["config"]["version_override"].startswith("5c7d5dc6")
-        result = await client.ok("PUT", "/api/cloud/providers/replicate/config", {"version_override": None})
-        assert result["config"]["version_override"] == ""
+    # cloud config set version_override <id> (and back to the newest version with null)
+    result = await client.ok("PUT", "/api/cloud/providers/replicate/config",
+                             {"version_override": "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"})
+    assert result["config"]["version_override"].startswith("5c7d5dc6")
+    result = await client.ok("PUT", "/api/cloud/providers/replicate/config", {"version_override": None})
+    assert result["config"]["version_override"] == ""
 
-        # cloud jobs submit --dry-run: GET /api/cloud/replicate/validate
-        validated = await client.ok("GET", "/api/cloud/replicate/validate")
-        assert validated["valid"] is True and isinstance(validated["user_info"]["username"], str)
+    # cloud jobs submit --dry-run: GET /api/cloud/replicate/validate
+    validated = await client.ok("GET", "/api/cloud/replicate/validate")
+    assert validated["valid"] is True and isinstance(validated["user_info"]["username"], str)
 
-        # cloud config set webhook_url https://…: "config" not None
-        result = await client.ok("PUT", "/api/cloud/providers/replicate/config",
-                                 {"webhook_url": "https://hooks.example.test/in"})
-        assert result["config"]["webhook_url"] == "https://hooks.example.test/in"
-        status, detail = await client.error("PUT", "/api/cloud/providers/replicate/config",
-                                            {"webhook_url": "ftp://x"})
-        assert status == 400 and "webhook_url" in detail
-        response, job = await env.submit()
-        sent = env.fake.state.requests_to("POST", "/v1/predictions")[-1]
-        assert sent.body["webhook"] == "https://hooks.example.test/in"
+    # cloud config set webhook_url https://…: "config" not None
+    result = await client.ok("PUT", "/api/cloud/providers/replicate/config",
+                             {"webhook_url": "https://hooks.example.test/in"})
+    assert result["config"]["webhook_url"] == "https://hooks.example.test/in"
+    status, detail = await client.error("PUT", "/api/cloud/providers/replicate/config",
+                                        {"webhook_url": "ftp://x"})
+    assert status == 400 and "webhook_url" in detail
+    response, job = await env.submit()
+    sent = env.fake.state.requests_to("POST", "/v1/predictions")[-1]
+    assert sent.body["webhook"] == "https://hooks.example.test/in"
 
-        # cloud cost-limit set --amount 0.01 --period daily --action require_approval
-        result = await client.ok("PUT", "/api/cloud/providers/replicate/config",
-                                 {"cost_limit_enabled": True, "cost_limit_amount": 0.01,
-                                  "cost_limit_period": "daily", "cost_limit_action": "require_approval"})
-        assert result["config"]["cost_limit_action"] == "require_approval"
-        shown = (await client.ok("GET", "/api/cloud/providers/replicate/config"))["config"]
-        assert shown["cost_limit_amount"] == 0.01 and shown["cost_limit_period"] == "daily"
-        # Over the limit: held for approval, nothing sent to Replicate until approved.
-        before = len(env.fake.state.requests_to("POST", "/v1/predictions"))
-        response, held = await env.submit()
-        assert response.code == 200 and held["success"] is True and held["status"] == "pending_approval"
-        assert len(env.fake.state.requests_to("POST", "/v1/predictions")) == before
-        pending = (await client.ok("GET", "/api/approvals?status=pending&limit=50"))["approvals"]
-        assert [a["job_id"] for a in pending] == [held["job_id"]]
-        assert "cost limit" in pending[0]["reason"]
-        approved = await client.ok("POST", f"/api/approvals/{pending[0]['id']}/approve")
-        assert approved["success"] is True
-        assert len(env.fake.state.requests_to("POST", "/v1/predictions")) == before + 1
-        # cloud cost-limit disable
-        result = await client.ok("PUT", "/api/cloud/providers/replicate/config", {"cost_limit_enabled": False})
-        assert result["config"]["cost_limit_enabled"] is False
+    # cloud cost-limit set --amount 0.01 --period daily --action require_approval
+    result = await client.ok("PUT", "/api/cloud/providers/replicate/config",
+                             {"cost_limit_enabled": True, "cost_limit_amount": 0.01,
+                              "cost_limit_period": "daily", "cost_limit_action": "require_approval"})
+    assert result["config"]["cost_limit_action"] == "require_approval"
+    shown = (await client.ok("GET", "/api/cloud/providers/replicate/config"))["config"]
+    assert shown["cost_limit_amount"] == 0.01 and shown["cost_limit_period"] == "daily"
+    # Over the limit: held for approval, nothing sent to Replicate until approved.
+    before = len(env.fake.state.requests_to("POST", "/v1/predictions"))
+    response, held = await env.submit()
+    assert response.code == 200 and held["success"] is True and held["status"] == "pending_approval"
+    assert len(env.fake.state.requests_to("POST", "/v1/predictions")) == before
+    pending = (await client.ok("GET", "/api/approvals?status=pending&limit=50"))["approvals"]
+    assert [a["job_id"] for a in pending] == [held["job_id"]]
+    assert "cost limit" in pending[0]["reason"]
+    approved = await client.ok("POST", f"/api/approvals/{pending[0]['id']}/approve")
+    assert approved["success"] is True
+    assert len(env.fake.state.requests_to("POST", "/v1/predictions")) == before + 1
+    # cloud cost-limit disable
+    result = await client.ok("PUT", "/api/cloud/providers/replicate/config", {"cost_limit_enabled": False})
+    assert result["config"]["cost_limit_enabled"] is False
 
-        # cloud status --replicate: health with include_replicate, then /api/cloud/replicate/status.
-        health = await client.ok("GET", "/api/cloud/health?include_replicate=true")
-        expect(health, status="str", uptime_seconds="num", components="list", timestamp="iso")
-        names = {c["name"] for c in health["components"]}
-        assert "provider:replicate" in names
-        for component in health["components"]:
-            expect(component, name="str", status="str", message="str", latency_ms="num?")
-        plain = await client.ok("GET", "/api/cloud/health?")
-        assert "provider:replicate" not in {c["name"] for c in plain["components"]}
-        replicate = await client.ok("GET", "/api/cloud/replicate/status")
-        expect(replicate, operational="bool", ongoing_incidents="list", in_progress_maintenances="list",
-               scheduled_maintenances="list")
-        assert replicate["operational"] is True and "error" not in replicate
-        env.fake.state.mode = "fail"   # Replicate answers 500
-        replicate = await client.ok("GET", "/api/cloud/replicate/status")
-        assert replicate["operational"] is False and len(replicate["ongoing_incidents"]) == 1
-    finally:
-        await env.fake.stop()
+    # cloud status --replicate: health with include_replicate, then /api/cloud/replicate/status.
+    health = await client.ok("GET", "/api/cloud/health?include_replicate=true")
+    expect(health, status="str", uptime_seconds="num", components="list", timestamp="iso")
+    names = {c["name"] for c in health["components"]}
+    assert "provider:replicate" in names
+    for component in health["components"]:
+        expect(component, name="str", status="str", message="str", latency_ms="num?")
+    plain = await client.ok("GET", "/api/cloud/health?")
+    assert "provider:replicate" not in {c["name"] for c in plain["components"]}
+    replicate = await client.ok("GET", "/api/cloud/replicate/status")
+    expect(replicate, operational="bool", ongoing_incidents="list", in_progress_maintenances="list",
+           scheduled_maintenances="list")
+    assert replicate["operational"] is True and "error" not in replicate
+    env.fake.state.mode = "fail"   # Replicate answers 500
+    replicate = await client.ok("GET", "/api/cloud/replicate/status")
+    assert replicate["operational"] is False and len(replicate["ongoing_incidents"]) == 1
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_require_approval_quota_holds_the_submission(make_daemon, tmp_path):
-    env = await start_env(make_daemon, tmp_path)
-    try:
-        client = cli(env.daemon)
-        await client.ok("POST", "/api/quotas", {"quota_type": "concurrent_jobs", "limit_value": 1.0,
-                                                "action": "require_approval"})
-        response, first = await env.submit()
-        assert first["status"] == "queued"
-        response, second = await env.submit()
-        assert response.code == 200 and second["status"] == "pending_approval"
-        pending = (await client.ok("GET", "/api/approvals?status=pending&limit=50"))["approvals"]
-        assert [a["job_id"] for a in pending] == [second["job_id"]]
-        assert "concurrent_jobs quota" in pending[0]["reason"]
-    finally:
-        await env.fake.stop()
+async def test_a_require_approval_quota_holds_the_submission(env):
+    client = cli(env.daemon)
+    await client.ok("POST", "/api/quotas", {"quota_type": "concurrent_jobs", "limit_value": 1.0,
+                                            "action": "require_approval"})
+    response, first = await env.submit()
+    assert first["status"] == "queued"
+    response, second = await env.submit()
+    assert response.code == 200 and second["status"] == "pending_approval"
+    pending = (await client.ok("GET", "/api/approvals?status=pending&limit=50"))["approvals"]
+    assert [a["job_id"] for a in pending] == [second["job_id"]]
+    assert "concurrent_jobs quota" in pending[0]["reason"]
 
 
 # -- simpletuner metrics … ---------------------------------------------------------------------
@@ -550,93 +546,140 @@ async def test_backup_and_database_groups(daemon):
 # -- simpletuner jobs status (queue) / simpletuner webhooks … ----------------------------------
 
 @pytest_twisted.ensureDeferred
-async def test_queue_and_webhooks_groups(make_daemon, tmp_path):
-    env = await start_env(make_daemon, tmp_path)
-    try:
-        client = cli(env.daemon)
-        await client.ok("POST", "/api/quotas", {"quota_type": "concurrent_jobs", "limit_value": 4.0,
-                                                "action": "block"})
-        await client.ok("POST", "/api/approvals/rules", {"name": "big", "condition": "hardware_profile",
-                                                         "value": "h100-x8"})
-        response, job = await env.submit()
-        response, held = await env.submit(hardware_profile="h100-x8")
+async def test_queue_and_webhooks_groups(env):
+    client = cli(env.daemon)
+    await client.ok("POST", "/api/quotas", {"quota_type": "concurrent_jobs", "limit_value": 4.0,
+                                            "action": "block"})
+    await client.ok("POST", "/api/approvals/rules", {"name": "big", "condition": "hardware_profile",
+                                                     "value": "h100-x8"})
+    response, job = await env.submit()
+    response, held = await env.submit(hardware_profile="h100-x8")
 
-        # jobs status: queue_depth, running, by_status{pending, completed, failed}, limits
-        stats = await client.ok("GET", "/api/queue/stats")
-        expect(stats, queue_depth="int", running="int", by_status="dict")
-        assert stats["queue_depth"] == 2 and stats["by_status"]["pending_approval"] == 1
-        assert stats["max_concurrent"] == 4 and stats["user_max_concurrent"] == 4
-        assert stats["local"] is None and stats["workers"] is None
+    # jobs status: queue_depth, running, by_status{pending, completed, failed}, limits
+    stats = await client.ok("GET", "/api/queue/stats")
+    expect(stats, queue_depth="int", running="int", by_status="dict")
+    assert stats["queue_depth"] == 2 and stats["by_status"]["pending_approval"] == 1
+    assert stats["max_concurrent"] == 4 and stats["user_max_concurrent"] == 4
+    assert stats["local"] is None and stats["workers"] is None
 
-        # webhooks list / get 1 / events / history
-        hooks = (await client.ok("GET", "/api/webhooks"))["webhooks"]
-        assert [h["name"] for h in hooks] == ["replicate"]
-        for hook in hooks:
-            expect(hook, id="int", name="str", url="str", events="list", enabled="bool")
-        assert hooks[0]["url"] == "https://daemon.example.test/api/webhooks/replicate"
-        one = await client.ok("GET", "/api/webhooks/1")
-        assert one["name"] == "replicate" and isinstance(one["has_secret"], bool)
-        await client.error("GET", "/api/webhooks/7")
-        events = (await client.ok("GET", "/api/webhooks/events"))["events"]
-        assert events and all(isinstance(e["name"], str) for e in events)
-        assert (await client.ok("GET", "/api/webhooks/history?limit=20"))["deliveries"] == []
+    # webhooks list / get 1 / events / history
+    hooks = (await client.ok("GET", "/api/webhooks"))["webhooks"]
+    assert [h["name"] for h in hooks] == ["replicate"]
+    for hook in hooks:
+        expect(hook, id="int", name="str", url="str", events="list", enabled="bool")
+    assert hooks[0]["url"] == "https://daemon.example.test/api/webhooks/replicate"
+    one = await client.ok("GET", "/api/webhooks/1")
+    assert one["name"] == "replicate" and isinstance(one["has_secret"], bool)
+    await client.error("GET", "/api/webhooks/7")
+    events = (await client.ok("GET", "/api/webhooks/events"))["events"]
+    assert events and all(isinstance(e["name"], str) for e in events)
+    assert (await client.ok("GET", "/api/webhooks/history?limit=20"))["deliveries"] == []
 
-        # a signed delivery shows up in the history
-        external_id = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["external_id"]
-        body = json.dumps({"id": external_id, "status": "processing"}).encode()
-        stamp = int(env.daemon.ctx.now())
-        headers = {"webhook-id": "msg_1", "webhook-timestamp": str(stamp),
-                   "webhook-signature": ws.sign(ws.decode_secret(env.fake.state.webhook_secret), "msg_1",
-                                                stamp, body),
-                   "content-type": "application/json"}
-        delivered = await treq.post(env.daemon.url + "/api/webhooks/replicate", data=body, headers=headers)
-        assert delivered.code == 200, await delivered.text()
-        history = (await client.ok("GET", "/api/webhooks/history?limit=20"))["deliveries"]
-        assert len(history) == 1
-        expect(history[0], timestamp="iso", webhook_id="int", event_type="str", success="bool")
-        assert history[0]["success"] is True and history[0]["job_id"] == job["job_id"]
-        assert (await client.ok("GET", "/api/webhooks/1/history?limit=20"))["deliveries"] == history
-        assert is_iso((await client.ok("GET", "/api/webhooks/1"))["last_triggered"])
+    # a signed delivery shows up in the history
+    external_id = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["external_id"]
+    body = json.dumps({"id": external_id, "status": "processing"}).encode()
+    stamp = int(env.daemon.ctx.now())
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(stamp),
+               "webhook-signature": ws.sign(ws.decode_secret(env.fake.state.webhook_secret), "msg_1",
+                                            stamp, body),
+               "content-type": "application/json"}
+    delivered = await treq.post(env.daemon.url + "/api/webhooks/replicate", data=body, headers=headers)
+    assert delivered.code == 200, await delivered.text()
+    history = (await client.ok("GET", "/api/webhooks/history?limit=20"))["deliveries"]
+    assert len(history) == 1
+    expect(history[0], timestamp="iso", webhook_id="int", event_type="str", success="bool")
+    assert history[0]["success"] is True and history[0]["job_id"] == job["job_id"]
+    assert (await client.ok("GET", "/api/webhooks/1/history?limit=20"))["deliveries"] == history
+    assert is_iso((await client.ok("GET", "/api/webhooks/1"))["last_triggered"])
 
-        # webhooks create/update/delete/test: refused with a detail the CLI prints
-        status, detail = await client.error("POST", "/api/webhooks", {"name": "x", "url": "https://x.test",
-                                                                     "enabled": True})
-        assert status == 409 and "does not send" in detail
-        for method, path, data in (("PATCH", "/api/webhooks/1", {"name": "y"}),
-                                   ("DELETE", "/api/webhooks/1", None),
-                                   ("POST", "/api/webhooks/1/test", {"event_type": "test"})):
-            status, detail = await client.error(method, path, data)
-            assert status == 409
-    finally:
-        await env.fake.stop()
+    # webhooks create/update/delete/test: refused with a detail the CLI prints
+    status, detail = await client.error("POST", "/api/webhooks", {"name": "x", "url": "https://x.test",
+                                                                 "enabled": True})
+    assert status == 409 and "does not send" in detail
+    for method, path, data in (("PATCH", "/api/webhooks/1", {"name": "y"}),
+                               ("DELETE", "/api/webhooks/1", None),
+                               ("POST", "/api/webhooks/1/test", {"event_type": "test"})):
+        status, detail = await client.error(method, path, data)
+        assert status == 409
 
 
 # -- simpletuner jobs logs <id> --follow (SSE) -------------------------------------------------
 
 @pytest_twisted.ensureDeferred
-async def test_jobs_logs_follow(make_daemon, tmp_path):
-    env = await start_env(make_daemon, tmp_path)
-    try:
-        client = cli(env.daemon)
-        surface = next(s for s in env.daemon.service.root.surfaces if isinstance(s, JobLogsSurface))
-        surface.poll_interval = 0.05
-        response, job = await env.submit()
-        external_id = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["external_id"]
-        env.fake.state.set_status(external_id, "processing", logs="step 1\nstep 2\nhalf a li")
-        following = client.follow(f"/api/cloud/jobs/{job['job_id']}/logs/stream")
-        await task.deferLater(reactor, 0.3, lambda: None)
-        env.fake.state.set_status(external_id, "succeeded", logs="step 1\nstep 2\nhalf a line\nstep 3\n",
-                                  predict_time=10.0)
-        await client.ok("GET", "/api/cloud/jobs?limit=20&sync_active=true")
-        printed, final = await following
-        assert printed == ["step 1", "step 2", "half a line", "step 3"]
-        assert final == "completed"
-        assert surface.followers == set()
+async def test_jobs_logs_follow(env):
+    client = cli(env.daemon)
+    surface = next(s for s in env.daemon.service.root.surfaces if isinstance(s, JobLogsSurface))
+    surface.poll_interval = 0.05
+    response, job = await env.submit()
+    external_id = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["external_id"]
+    env.fake.state.set_status(external_id, "processing", logs="step 1\nstep 2\nhalf a li")
+    following = client.follow(f"/api/cloud/jobs/{job['job_id']}/logs/stream")
+    await task.deferLater(reactor, 0.3, lambda: None)
+    env.fake.state.set_status(external_id, "succeeded", logs="step 1\nstep 2\nhalf a line\nstep 3\n",
+                              predict_time=10.0)
+    await client.ok("GET", "/api/cloud/jobs?limit=20&sync_active=true")
+    printed, final = await following
+    assert printed == ["step 1", "step 2", "half a line", "step 3"]
+    assert final == "completed"
+    assert surface.followers == set()
 
-        # A finished job: its logs at once, then done.
-        printed, final = await client.follow(f"/api/cloud/jobs/{job['job_id']}/logs/stream")
-        assert printed == ["step 1", "step 2", "half a line", "step 3"] and final == "completed"
-        status, detail = await client.error("GET", "/api/cloud/jobs/nope/logs/stream")
-        assert status == 404
-    finally:
-        await env.fake.stop()
+    # A finished job: its logs at once, then done.
+    printed, final = await client.follow(f"/api/cloud/jobs/{job['job_id']}/logs/stream")
+    assert printed == ["step 1", "step 2", "half a line", "step 3"] and final == "completed"
+    status, detail = await client.error("GET", "/api/cloud/jobs/nope/logs/stream")
+    assert status == 404
+
+
+# -- simpletuner cloud jobs submit / retry, simpletuner jobs retry (named configs) ---------------
+
+SUBMIT_FIELDS = dict(success="bool", job_id="str", status="str", idempotent_hit="bool",
+                     cost_limit_warning="str?", quota_warnings="list")
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_and_retry_from_a_named_config(env):
+    client = cli(env.daemon)
+    await client.ok("PUT", "/api/configs/my-config",
+                    {"config": {"model_family": "flux", "max_train_steps": 100, "learning_rate": 1e-4},
+                     "dataloader_config": [{"id": "ds", "type": "local"}]})
+
+    # cloud jobs submit my-config --dry-run: the config's fields, the token check, the hardware
+    config = (await client.ok("GET", "/api/configs/my-config"))["config"]
+    assert config["max_train_steps"] == 100
+    validated = await client.ok("GET", "/api/cloud/replicate/validate")
+    assert validated["valid"] is True
+    hardware = (await client.ok("GET", "/api/cloud/providers/replicate/config"))["config"]["hardware_info"]
+    assert "h100-x2" in hardware
+
+    # cloud jobs submit my-config --hardware-profile h100-x2 --idempotency-key k1
+    body = {"config_name_to_load": "my-config", "idempotency_key": "k1", "hardware_profile": "h100-x2"}
+    first = await client.ok("POST", "/api/cloud/jobs/submit?provider=replicate", body)
+    expect(first, **SUBMIT_FIELDS)
+    assert first["success"] is True and first["idempotent_hit"] is False
+    again = await client.ok("POST", "/api/cloud/jobs/submit?provider=replicate", body)
+    assert again["job_id"] == first["job_id"] and again["idempotent_hit"] is True
+    assert (await client.ok("POST", f"/api/cloud/jobs/{first['job_id']}/cancel"))["success"] is True
+
+    # cloud jobs retry <id>: GET the job (config_name, provider), submit config_name_to_load
+    job = (await client.ok("GET", f"/api/cloud/jobs/{first['job_id']}"))["job"]
+    assert job["config_name"] == "my-config" and job["status"] == "cancelled"
+    retried = await client.ok("POST", f"/api/cloud/jobs/submit?provider={job['provider']}",
+                              {"config_name_to_load": job["config_name"]})
+    expect(retried, **SUBMIT_FIELDS)
+    assert retried["job_id"] != first["job_id"]
+
+    # jobs retry <id>: POST /api/cloud/jobs/{id}/retry (same profile, the config as stored now)
+    again = await client.ok("POST", f"/api/cloud/jobs/{first['job_id']}/retry")
+    expect(again, **SUBMIT_FIELDS)
+    assert again["success"] is True and again["retried_from"] == first["job_id"]
+    assert again["job"]["hardware_profile"] == "h100-x2" and again["job"]["config_name"] == "my-config"
+    sent = env.fake.state.requests_to("POST", "/v1/predictions")[-1]
+    assert json.loads(sent.body["input"]["config_json"])["max_train_steps"] == 100
+    status, detail = await client.error("POST", f"/api/cloud/jobs/{again['job_id']}/retry")
+    assert status == 409 and "only failed or cancelled" in detail
+    response, inline = await env.submit(config_name=None)
+    await client.ok("POST", f"/api/cloud/jobs/{inline['job_id']}/cancel")
+    status, detail = await client.error("POST", f"/api/cloud/jobs/{inline['job_id']}/retry")
+    assert status == 409 and "inline config" in detail
+    status, detail = await client.error("POST", "/api/cloud/jobs/nope/retry")
+    assert status == 404

@@ -24,10 +24,10 @@ from klein import Klein
 from pydantic import ConfigDict, Field
 
 from stdaemon.clients.providers import audit
+from stdaemon.core.timestamps import iso
 from stdaemon.http.errors import ApiError, not_found
 from stdaemon.http.surface import OPERATOR, Response, Surface, route
 from stdaemon.http.validation import BodyModel
-from stdaemon.http.jobs import iso
 from stdaemon.store import configs as store
 from stdaemon.threads import install_pool
 

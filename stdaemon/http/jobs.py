@@ -43,7 +43,7 @@ from stdaemon.core.breaker import OPEN
 from stdaemon.core.timestamps import iso
 from stdaemon.http.errors import ApiError, conflict, not_found
 from stdaemon.http.surface import OPERATOR, VIEWER, Response, Surface, route
-from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel
+from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel, validate
 from stdaemon.logs import LogContext, get_logger
 from stdaemon.store import credentials as creds
 from stdaemon.store import jobs as store
@@ -858,6 +858,30 @@ class JobsSurface(Surface):
     @route(app, "/api/cloud/jobs/<job_id>/logs", access=VIEWER)
     async def logs(self, request, job_id):
         return await self.jobs.logs(job_id)
+
+    @route(app, "/api/cloud/jobs/<job_id>/retry", methods=("POST",), access=OPERATOR,
+           error_extra={"success": False})
+    async def retry(self, request, job_id):
+        """Resubmit a failed or cancelled job from its named config (SimpleTuner's ``jobs retry``).
+
+        The new job is an ordinary submission of ``{"config_name_to_load": <the job's
+        config_name>, "hardware_profile": <its profile>}``: the same checks, quotas and
+        approvals; the config is read from ``/api/configs`` as it is now."""
+        job = await self.ctx.db.run_read(store.get_job, job_id)
+        if job is None:
+            raise not_found(f"Job {job_id} not found")
+        if job["status"] not in (st.FAILED, st.CANCELLED):
+            raise conflict(f"Job {job_id} is {job['status']}; only failed or cancelled jobs can be retried",
+                           code="job_not_retryable")
+        if not job["config_name"]:
+            raise conflict(f"Job {job_id} has no config name (it was submitted with an inline config); "
+                           "submit it again with its config", code="no_config_name")
+        profile = (job.get("metadata") or {}).get("hardware_profile") or job["hardware_type"]
+        submission = validate(SubmitJob, {"config_name_to_load": job["config_name"],
+                                          "hardware_profile": profile})
+        answer = await self.jobs.submit(job["provider"], submission, request.principal,
+                                        getattr(request, "client_ip", None))
+        return dict(answer, retried_from=job_id)
 
     @route(app, "/api/queue/stats", access=VIEWER)
     async def queue_stats(self, request):

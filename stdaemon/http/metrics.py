@@ -13,7 +13,8 @@
 * ``POST /api/cloud/metrics/config/templates/{minimal|standard|security|full}``
   — export the categories of a template (sets them and enables the export; admin).
 * ``GET /api/cloud/metrics/config/preview?categories=jobs&categories=health``
-  (also ``POST`` with ``{"categories": [...]}``, as SimpleTuner's web UI sends)
+  (also ``POST /api/metrics/config/preview`` with ``{"categories": [...]}``, as
+  SimpleTuner's web UI sends)
   — what a scrape would return with those categories, as ``{content,
   metric_count, categories_used}`` (SimpleTuner's shape; ``metrics`` is the
   same text); changes nothing.
@@ -344,12 +345,6 @@ class MetricsSurface(Surface):
         """What a scrape would return with these categories."""
         return await self._preview(request, query.categories)
 
-    @route(app, "/api/cloud/metrics/config/preview", methods=("POST",), access=OPERATOR,
-           query=PreviewQuery, body=PreviewBody, body_required=False)
-    async def preview_post(self, request, query: PreviewQuery, body: PreviewBody):
-        """The preview with the categories in the body (as SimpleTuner's web UI sends them)."""
-        return await self._preview(request, list(query.categories) + list(body.categories or []))
-
     @route(app, "/api/metrics/config/preview", access=OPERATOR, query=PreviewQuery)
     async def preview_alias(self, request, query: PreviewQuery):
         """The preview (SimpleTuner's path)."""
@@ -358,7 +353,7 @@ class MetricsSurface(Surface):
     @route(app, "/api/metrics/config/preview", methods=("POST",), access=OPERATOR,
            query=PreviewQuery, body=PreviewBody, body_required=False)
     async def preview_alias_post(self, request, query: PreviewQuery, body: PreviewBody):
-        """The preview with the categories in the body (SimpleTuner's path)."""
+        """The preview with the categories in the body, as SimpleTuner's web UI sends them."""
         return await self._preview(request, list(query.categories) + list(body.categories or []))
 
     async def _preview(self, request, raw: list):

@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Optional
 from twisted.application import service
 from twisted.internet import defer
 
+from stdaemon.core.timestamps import iso
 from stdaemon.threads import BlockingPool
 from stdaemon.logs import get_logger
 from stdaemon.store.backup import BackupError, JobStore, RestoreRefused, backup_entry
@@ -185,7 +186,7 @@ class BackupService(service.Service):
             "runs": self.runs,
             "failures": self.failures,
             "consecutive_failures": self.consecutive_failures,
-            "last_success_at": self.last_success_at,
+            "last_success_at": iso(self.last_success_at),
             "last_error": self.last_error,
             "last_backup": self.last_backup["name"] if self.last_backup else None,
         }
