@@ -3,9 +3,11 @@ builder, and a raw HTTP/1.1 client that frames bodies exactly (chunked, truncate
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
+import pytest_twisted
 import trustme
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -25,6 +27,27 @@ def tls(tmp_path_factory):
     cert.private_key_pem.write_to_path(str(key_path))
     ca.cert_pem.write_to_path(str(ca_path))
     return {"cert": str(cert_path), "key": str(key_path), "ca": str(ca_path)}
+
+
+@pytest.fixture
+def s3(make_daemon):
+    """A daemon and the upload credentials of job ``job-1``: ``(daemon, access_key, secret)``."""
+    from twisted.internet import defer
+
+    async def setup():
+        daemon = await make_daemon()
+        access_key, secret = await daemon.ctx.upload_credentials.issue("job-1")
+        return daemon, access_key, secret
+
+    return pytest_twisted.blockon(defer.ensureDeferred(setup()))
+
+
+def outputs_files(daemon):
+    """Every file under the outputs directory (temp files and sidecars included)."""
+    found = []
+    for root, _, names in os.walk(daemon.ctx.outputs_dir()):
+        found += [os.path.join(root, n) for n in names]
+    return found
 
 
 class _FixedPayload(S3SigV4Auth):

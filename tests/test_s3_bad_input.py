@@ -16,12 +16,12 @@ import boto3
 import pytest
 import pytest_twisted
 from botocore.exceptions import ClientError
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from stdaemon.core import s3_checksums
-from tests.s3_helpers import raw_request, sign
+from tests.s3_helpers import outputs_files, raw_request, s3, sign  # noqa: F401  (s3: fixture)
 
 
 def error_code(body):
@@ -34,22 +34,8 @@ def aws_chunked(data, crc_name="x-amz-checksum-crc32", crc=None, chunk=65536):
     return out + b"0\r\n%s:%s\r\n\r\n" % (crc_name.encode(), crc.encode())
 
 
-@pytest.fixture
-def s3(make_daemon):
-    return pytest_twisted.blockon(defer.ensureDeferred(_setup(make_daemon)))
-
-
-async def _setup(make_daemon):
-    daemon = await make_daemon()
-    access_key, secret = await daemon.ctx.upload_credentials.issue("job-1")
-    return daemon, access_key, secret
-
-
 def _files(daemon):
-    found = []
-    for root, _, names in os.walk(daemon.ctx.outputs_dir()):
-        found += [os.path.join(root, n) for n in names]
-    return [f for f in found if "/.stdaemon/meta/" not in f]
+    return [f for f in outputs_files(daemon) if "/.stdaemon/meta/" not in f]
 
 
 def _visible(daemon):

@@ -13,33 +13,13 @@ import socket
 import time
 import xml.etree.ElementTree as ET
 
-import pytest
 import pytest_twisted
-from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
-from tests.s3_helpers import raw_request, sign
+from tests.s3_helpers import outputs_files, raw_request, s3, sign  # noqa: F401  (s3: fixture)
 
 PATH = "/api/cloud/storage/outputs/job-1/obj.bin"
 DECLARED = 64 * 1024 * 1024
-
-
-@pytest.fixture
-def s3(make_daemon):
-    return pytest_twisted.blockon(defer.ensureDeferred(_setup(make_daemon)))
-
-
-async def _setup(make_daemon):
-    daemon = await make_daemon()
-    access_key, secret = await daemon.ctx.upload_credentials.issue("job-1")
-    return daemon, access_key, secret
-
-
-def _all_files(daemon):
-    found = []
-    for root, _, names in os.walk(daemon.ctx.outputs_dir()):
-        found += [os.path.join(root, n) for n in names]
-    return found
 
 
 def _head(port, path, headers, length=None, expect=False):
@@ -51,20 +31,21 @@ def _head(port, path, headers, length=None, expect=False):
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _answer(sock):
-    """Read one answer (status, body) until the daemon closes; None if it never answers."""
-    data = b""
+def _complete(data):
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep or head.startswith(b"HTTP/1.1 100") or b"content-length:" not in head.lower():
+        return False
+    return len(body) >= int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+
+
+def _answer(sock, data=b""):
+    """Read one answer (status, body), complete or until the daemon closes; None if none came."""
     try:
-        while True:
+        while not _complete(data):
             block = sock.recv(65536)
             if not block:
                 break
             data += block
-            head, sep, body = data.partition(b"\r\n\r\n")
-            if sep and b"content-length:" in head.lower():
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                if len(body) >= length and not head.startswith(b"HTTP/1.1 100"):
-                    break
     except (socket.timeout, ConnectionResetError):
         pass
     if not data:
@@ -99,18 +80,7 @@ def expect_answer(port, path, headers, length=1000):
         sock.sendall(_head(port, path, headers, length, expect=True))
         first = sock.recv(65536)
         assert first and not first.startswith(b"HTTP/1.1 100"), "the daemon asked for the body"
-        sock.settimeout(2)
-        data = first
-        try:
-            while True:
-                block = sock.recv(65536)
-                if not block:
-                    break
-                data += block
-        except (socket.timeout, ConnectionResetError):
-            pass
-        head, _, body = data.partition(b"\r\n\r\n")
-        return int(head.split()[1]), body
+        return _answer(sock, first)
     finally:
         sock.close()
 
@@ -144,10 +114,10 @@ async def test_refused_while_the_body_is_still_owed_and_nothing_is_stored(s3):
         for name, headers, status, expected in _refusals(daemon, access_key, secret):
             path = PATH if name != "other prefix" else "/api/cloud/storage/outputs/job-2/x"
             got, body, seen = await deferToThread(refused_mid_body, daemon.port, path, headers,
-                                                  lambda: _all_files(daemon), chunked)
+                                                  lambda: outputs_files(daemon), chunked)
             assert (got, code(body)) == (status, expected), (name, chunked, body)
             assert seen == [], (name, chunked, seen)
-    assert _all_files(daemon) == []
+    assert outputs_files(daemon) == []
     assert daemon.ctx.upload_progress("job-1") == {"objects_completed": 0, "bytes_received": 0, "in_flight": []}
     assert daemon.ctx.upload_progress.tracked_jobs() == 0
 
@@ -169,7 +139,7 @@ async def test_revoked_unknown_and_bad_token_never_get_100_continue(s3):
     for headers in (sign(url, "PUT", access_key, secret, digest), {"X-Upload-Token": secret}):
         got, body = await deferToThread(expect_answer, daemon.port, PATH, headers)
         assert got == 403 and code(body) in ("InvalidAccessKeyId", "AccessDenied"), body
-    assert _all_files(daemon) == []
+    assert outputs_files(daemon) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -297,11 +267,11 @@ async def test_signed_streaming_chunks_are_checked_as_they_arrive(s3):
 
         answer = await deferToThread(send)
         assert answer is not None and (answer[0], code(answer[1])) == (403, expected), answer
-    assert sorted(os.path.relpath(f, daemon.ctx.outputs_dir()) for f in _all_files(daemon)
+    assert sorted(os.path.relpath(f, daemon.ctx.outputs_dir()) for f in outputs_files(daemon)
                   if "/.stdaemon/" not in f) == ["job-1/obj.bin"]
     for _ in range(100):  # the refused uploads' temp files are removed by a worker thread
-        if not [f for f in _all_files(daemon) if "/.stdaemon/tmp/" in f]:
+        if not [f for f in outputs_files(daemon) if "/.stdaemon/tmp/" in f]:
             break
         await deferToThread(time.sleep, 0.05)
-    assert [f for f in _all_files(daemon) if "/.stdaemon/tmp/" in f] == []
+    assert [f for f in outputs_files(daemon) if "/.stdaemon/tmp/" in f] == []
     assert daemon.ctx.upload_progress("job-1")["in_flight"] == []

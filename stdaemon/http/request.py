@@ -126,27 +126,10 @@ def json_too_large(max_bytes: int) -> tuple[bytes, bytes]:
     return b"application/json", body
 
 
-class _Discard:
-    """Where the rest of a rejected body goes."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def seek(self, *args: Any) -> int:
-        return 0
-
-    def tell(self) -> int:
-        return 0
-
-    def read(self, *args: Any) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
-
-
-class _Held:
-    """``request.content`` while the admission is pending (the bytes are held by the request)."""
+class NullSink:
+    """A body sink that keeps nothing: where a rejected body goes, ``request.content`` while the
+    admission is pending (the request holds those bytes itself), and the base of sinks that
+    stream bodies elsewhere (they override ``write`` and ``close``)."""
 
     def write(self, data: bytes) -> None:
         pass
@@ -220,7 +203,7 @@ class StdaemonRequest(server.Request):
             self._open_sink(policy, length)
             return
         self._held = bytearray()
-        self.content = _Held()
+        self.content = NullSink()
         expect = b",".join(self.requestHeaders.getRawHeaders(b"expect") or []).lower()
         if b"100-continue" in expect:
             # Twisted sends 100 Continue as soon as this method returns: only admitted bodies get it.
@@ -239,7 +222,7 @@ class StdaemonRequest(server.Request):
             return
         if self._expect_continue:
             self.requestHeaders.setRawHeaders(b"expect", [b"100-continue"])
-            if not held and not self._all_received:
+            if not held and not self._all_received and getattr(self.channel, "_version", b"") == b"HTTP/1.1":
                 self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if held:
             self.content.write(bytes(held))
@@ -331,7 +314,7 @@ class StdaemonRequest(server.Request):
         self._rejected = True
         self._held = None
         old = getattr(self, "content", None)
-        self.content = _Discard()
+        self.content = NullSink()
         close = getattr(old, "close", None)
         if close is not None:
             close()

@@ -37,8 +37,8 @@ from stdaemon.core import s3_checksums, s3_subresources, s3_xml, sigv4
 from stdaemon.core.aws_chunked import AwsChunkedDecoder, ChunkedError
 from stdaemon.core.s3_keys import InvalidKey, validate_key
 from stdaemon.core.timestamps import iso
-from stdaemon.http.request import BodyPolicy, RejectBody
-from stdaemon.http.s3_auth import AuthError, Caller, S3Authenticator, header_pairs
+from stdaemon.http.request import BodyPolicy, NullSink, RejectBody
+from stdaemon.http.s3_auth import AuthError, Caller, S3Authenticator
 from stdaemon.http.surface import PUBLIC, Response, Surface, route
 from stdaemon.logs import get_logger
 from stdaemon.store import credentials as credentials_store
@@ -179,7 +179,7 @@ class Target:
     part_number: Optional[int] = None
 
 
-class UploadSink:
+class UploadSink(NullSink):
     """``request.content`` for uploads: decodes and writes the body off the reactor thread."""
 
     def __init__(self, surface: "StorageSurface", request: Any, length: Optional[int], target: Target,
@@ -253,15 +253,6 @@ class UploadSink:
                 transport.pauseProducing()
                 self._paused = True
         self._kick()
-
-    def seek(self, *args: Any) -> int:
-        return 0
-
-    def tell(self) -> int:
-        return 0
-
-    def read(self, *args: Any) -> bytes:
-        return b""
 
     def close(self) -> None:
         """Twisted closes ``content`` when the request ends or the connection is lost."""
