@@ -275,3 +275,29 @@ async def test_signed_streaming_chunks_are_checked_as_they_arrive(s3):
         await deferToThread(time.sleep, 0.05)
     assert [f for f in outputs_files(daemon) if "/.stdaemon/tmp/" in f] == []
     assert daemon.ctx.upload_progress("job-1")["in_flight"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_boto3_is_told_why_whatever_the_body_size(s3):
+    """A refused boto3 upload gets its S3 error, not a connection error: with Expect: 100-continue
+    (botocore sends it above 1 MB) the answer comes instead of 100 Continue; without it the rest of
+    the body is read and dropped so the client reads the answer. Nothing is stored."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    daemon, access_key, secret = s3
+    config = Config(retries={"max_attempts": 1}, s3={"payload_signing_enabled": False})
+    for key_id, key_secret, expected in ((access_key, "wrong", "SignatureDoesNotMatch"),
+                                         ("STUPFFFFFFFFFFFFFFFF", secret, "InvalidAccessKeyId")):
+        client = boto3.client("s3", endpoint_url=daemon.url + "/api/cloud/storage", region_name="us-east-1",
+                              aws_access_key_id=key_id, aws_secret_access_key=key_secret, config=config)
+        for size in (10, 300_000, 3 * 1024 * 1024):
+            try:
+                await deferToThread(client.put_object, Bucket="outputs", Key="job-1/refused.bin",
+                                    Body=os.urandom(size))
+            except ClientError as err:
+                assert err.response["Error"]["Code"] == expected, (size, err.response)
+            else:
+                raise AssertionError(f"a {size}-byte upload with bad credentials was accepted")
+    assert outputs_files(daemon) == []
