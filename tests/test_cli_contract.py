@@ -99,9 +99,28 @@ async def test_users_group(daemon):
     result = await client.ok("DELETE", f"/api/users/{boss['id']}")
     assert result["success"] is True
 
+    # auth users levels list: stdaemon's levels are its roles
+    levels = (await client.ok("GET", "/api/users/meta/levels"))["levels"]
+    assert [level["name"] for level in levels] == ["viewer", "operator", "admin"]
+    for level in levels:
+        expect(level, id="int", name="str", priority="int", is_system="bool", permissions="list")
+
+    # auth setup: never needed (the first admin exists from the start); the reason is the detail
+    setup = await client.ok("GET", "/api/auth/setup/status")
+    assert setup["needs_setup"] is False and setup["user_count"] == 3
+    status, detail = await CliClient(daemon.url, None).error("POST", "/api/auth/setup/first-admin",
+                                                     {"email": "a@example.test", "username": "a",
+                                                      "password": "a long passphrase"})
+    assert status == 409 and "setup link" in detail
+    assert len((await client.ok("GET", "/api/users?limit=100&offset=0"))["users"]) == 3
+
     # A non-admin reads only itself.
     response = await client.ok("POST", "/api/auth/api-keys", {"name": "k", "role": "operator",
-                                                              "user_id": created["id"]})
+                                                              "user_id": created["id"],
+                                                              "expires_days": 30})
+    assert is_iso(response["expires_at"])
+    for key in (await client.ok("GET", "/api/auth/api-keys"))["keys"]:   # S18: times as ISO
+        expect(key, created_at="iso", expires_at="iso?", revoked_at="iso?")
     own = cli(daemon, response["key"])
     assert (await own.ok("GET", f"/api/users/{created['id']}"))["id"] == created["id"]
     status, _ = await own.error("GET", "/api/users/1")
@@ -204,7 +223,7 @@ async def test_quota_group(daemon):
     quotas = (await client.ok("GET", "/api/quotas"))["quotas"]
     assert len(quotas) == 3
     for quota in quotas:
-        expect(quota, user_id="int?", **QUOTA_FIELDS)
+        expect(quota, user_id="int?", created_at="iso", **QUOTA_FIELDS)
     assert {q["action"] for q in quotas} == {"warn", "require_approval", "block"}
 
     # quota status: "current / limit_value", "{current:.2f} / {limit_value:.2f}".
@@ -271,7 +290,7 @@ async def test_jobs_and_approvals_groups(env):
     await client.ok("POST", "/api/approvals/rules", {"name": "big", "condition": "hardware_profile",
                                                      "value": "h100-x8"})
     rules = (await client.ok("GET", "/api/approvals/rules"))["rules"]
-    expect(rules[0], id="int", type="str", enabled="bool")
+    expect(rules[0], id="int", type="str", enabled="bool", created_at="iso")
 
     # A held submission, then jobs approval list/pending/approve/reject.
     response, held = await env.submit(hardware_profile="h100-x8")
@@ -556,6 +575,10 @@ async def test_queue_and_webhooks_groups(env):
     response, held = await env.submit(hardware_profile="h100-x8")
 
     # jobs status: queue_depth, running, by_status{pending, completed, failed}, limits
+    status, detail = await client.error("POST", "/api/queue/submit",   # jobs submit (local queue)
+                                        {"config_name": "x", "no_wait": False, "any_gpu": False,
+                                         "for_approval": False, "target": "auto"})
+    assert status == 409 and "cloud jobs submit" in detail
     stats = await client.ok("GET", "/api/queue/stats")
     expect(stats, queue_depth="int", running="int", by_status="dict")
     assert stats["queue_depth"] == 2 and stats["by_status"]["pending_approval"] == 1

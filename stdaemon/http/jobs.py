@@ -87,6 +87,13 @@ class SubmitQuery(QueryModel):
     provider: str = Field("replicate", max_length=64)
 
 
+class LocalSubmit(BodyModel):
+    """SimpleTuner's ``jobs submit`` body (the local queue, which stdaemon does not have)."""
+
+    config_name: Optional[str] = Field(None, max_length=200)
+    target: Optional[str] = Field(None, max_length=32)
+
+
 class ListJobs(QueryModel):
     status: Optional[JobStatus] = None
     provider: Optional[ProviderName] = None
@@ -882,6 +889,14 @@ class JobsSurface(Surface):
         answer = await self.jobs.submit(job["provider"], submission, request.principal,
                                         getattr(request, "client_ip", None))
         return dict(answer, retried_from=job_id)
+
+    @route(app, "/api/queue/submit", methods=("POST",), access=OPERATOR, body=LocalSubmit,
+           body_required=False)
+    async def queue_submit(self, request, body: LocalSubmit):
+        """SimpleTuner's ``jobs submit`` (local GPUs or workers): refused with the way to submit."""
+        raise ApiError(409, "not_supported", "stdaemon runs training on cloud providers only (no local GPUs "
+                       "or workers): save the config with PUT /api/configs/<name> and run "
+                       "'simpletuner cloud jobs submit <name>'", success=False)
 
     @route(app, "/api/queue/stats", access=VIEWER)
     async def queue_stats(self, request):

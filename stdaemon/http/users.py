@@ -23,7 +23,7 @@ from klein import Klein
 from pydantic import ConfigDict, Field
 
 from stdaemon.http.errors import ApiError, forbidden, invalid_field, not_found
-from stdaemon.http.surface import ADMIN, VIEWER, Response, Surface, path_id, route
+from stdaemon.http.surface import ADMIN, PUBLIC, VIEWER, Response, Surface, path_id, route
 from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel
 from stdaemon.sessions import record_audit
 from stdaemon.store import users
@@ -49,6 +49,26 @@ class UserFields(BodyModel):
     is_active: Optional[bool] = None
     display_name: Optional[str] = Field(None, max_length=MAX_DISPLAY_NAME)
     level_names: Optional[Annotated[list[Annotated[str, Field(max_length=32)]], Field(max_length=16)]] = None
+
+
+class FirstAdmin(BodyModel):
+    """SimpleTuner's ``auth setup`` body (refused: stdaemon has its first admin from the start)."""
+
+    email: Optional[str] = Field(None, max_length=320)
+    username: Optional[str] = Field(None, max_length=64)
+    password: Optional[str] = Field(None, max_length=users.MAX_PASSWORD)
+    display_name: Optional[str] = Field(None, max_length=MAX_DISPLAY_NAME)
+
+
+# SimpleTuner's CLI speaks of levels; stdaemon's levels are its three roles.
+LEVELS = (
+    ("viewer", "Reads jobs, health and its own API keys"),
+    ("operator", "Submits, cancels and retries jobs, decides approvals, reads configuration, audit and quotas"),
+    ("admin", "Everything: users, keys, providers, quotas, approval rules, metrics, backups"),
+)
+FIRST_ADMIN = ("stdaemon creates its first admin (user 'admin') when it first starts: open the one-time "
+               "setup link printed in its log, or use the API key in <state>/config/cloud/admin.key "
+               "(SIMPLETUNER_API_KEY); then add users with 'simpletuner auth users create'.")
 
 
 class ListUsers(QueryModel):
@@ -102,7 +122,7 @@ def _error(error: users.UserError) -> ApiError:
 
 class UsersSurface(Surface):
     app = Klein()
-    prefixes = ("/api/users",)
+    prefixes = ("/api/users", "/api/auth/setup")
 
     @route(app, "/api/users/me", access=VIEWER, rate_limited=False)
     async def me(self, request):
@@ -120,6 +140,25 @@ class UsersSurface(Surface):
         """What ``simpletuner auth status`` asks: authentication is always on."""
         rows = await self.ctx.db.run_read(users.list_users)
         return {"in_use": True, "user_count": len(rows), "has_external_providers": False}
+
+    @route(app, "/api/users/meta/levels", access=VIEWER)
+    async def levels(self, request):
+        """SimpleTuner's ``auth users levels list``: the roles, as levels."""
+        return {"levels": [{"id": rank + 1, "name": name, "description": description, "priority": rank,
+                            "is_system": True, "permissions": [description]}
+                           for rank, (name, description) in enumerate(LEVELS)]}
+
+    @route(app, "/api/auth/setup/status", access=VIEWER)
+    async def setup_status(self, request):
+        """SimpleTuner's ``auth setup`` first asks this: setup is never needed."""
+        rows = await self.ctx.db.run_read(users.list_users)
+        return {"needs_setup": False, "user_count": len(rows), "detail": FIRST_ADMIN}
+
+    @route(app, "/api/auth/setup/first-admin", methods=["POST"], access=PUBLIC, max_body=USER_BODY,
+           body=FirstAdmin, body_required=False)
+    async def first_admin(self, request, body: FirstAdmin):
+        """Refused with the way to the first admin (no account is created without a credential)."""
+        raise ApiError(409, "setup_not_needed", FIRST_ADMIN, success=False)
 
     @route(app, "/api/users", access=ADMIN, query=ListUsers)
     async def list_users(self, request, query: ListUsers):
