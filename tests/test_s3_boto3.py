@@ -210,10 +210,17 @@ async def test_list_objects_v1_markers_start_after_and_url_encoding(make_daemon,
         "job-1/a b.txt", "job-1/b+c.txt", "job-1/e&f<g>.txt", "job-1/z/", "job-1/\u00e9t\u00e9/"]
     after = await deferToThread(client.list_objects_v2, Bucket="outputs", Prefix="job-1/", StartAfter="job-1/b+c.txt")
     assert [o["Key"] for o in after["Contents"]] == ["job-1/e&f<g>.txt", "job-1/z/1", "job-1/\u00e9t\u00e9/d.txt"]
-    # a job credential cannot list outside its prefix
+    # a job credential cannot list outside its prefix; a listing of the bucket shows only its own keys
+    os.makedirs(os.path.join(daemon.ctx.outputs_dir(), "job-2"), exist_ok=True)
+    with open(os.path.join(daemon.ctx.outputs_dir(), "job-2", "secret"), "wb") as fh:
+        fh.write(b"not yours")
     with pytest.raises(ClientError) as err:
-        await deferToThread(client.list_objects_v2, Bucket="outputs", Prefix="")
+        await deferToThread(client.list_objects_v2, Bucket="outputs", Prefix="job-2/")
     assert err.value.response["Error"]["Code"] == "AccessDenied"
+    whole = await deferToThread(client.list_objects_v2, Bucket="outputs", Prefix="")
+    assert [o["Key"] for o in whole["Contents"]] == sorted(keys, key=lambda k: k.encode())
+    top = await deferToThread(client.list_objects_v2, Bucket="outputs", Delimiter="/")
+    assert [p["Prefix"] for p in top["CommonPrefixes"]] == ["job-1/"] and "Contents" not in top
     narrow = await deferToThread(client.list_objects_v2, Bucket="outputs", Prefix="job-1", Delimiter="/")
     assert [p["Prefix"] for p in narrow.get("CommonPrefixes", [])] == ["job-1/"]
 

@@ -231,3 +231,218 @@ async def test_downloads_closed_early_end_quietly(make_daemon):
     bad = [formatEvent(e) + str(e.get("log_failure", "")) for e in events
            if e.get("log_level") in (LogLevel.error, LogLevel.critical) or e.get("log_failure") is not None]
     assert bad == []
+
+
+# --------------------------------------------------------------------------- multipart
+
+
+def _crc32_b64(data: bytes) -> str:
+    from stdaemon.core import s3_checksums
+    return s3_checksums.checksum_b64("crc32", data)
+
+
+async def _multipart(client, key, chunks, checksum=True, **create):
+    extra = {"ChecksumAlgorithm": "CRC32"} if checksum else {}
+    upload = await deferToThread(client.create_multipart_upload, Bucket="outputs", Key=key, **extra, **create)
+    parts = []
+    for number, chunk in enumerate(chunks, 1):
+        answer = await deferToThread(client.upload_part, Bucket="outputs", Key=key, UploadId=upload["UploadId"],
+                                     PartNumber=number, Body=chunk, **extra)
+        part = {"PartNumber": number, "ETag": answer["ETag"]}
+        if checksum:
+            assert answer["ChecksumCRC32"] == _crc32_b64(chunk)
+            part["ChecksumCRC32"] = answer["ChecksumCRC32"]
+        parts.append(part)
+    return upload["UploadId"], parts
+
+
+@pytest_twisted.ensureDeferred
+async def test_complete_multipart_is_idempotent_with_composite_checksums(make_daemon):
+    import base64
+
+    daemon, client = await _start(make_daemon)
+    chunks = [os.urandom(5 * MIB), os.urandom(123_456)]
+    upload_id, parts = await _multipart(client, "job-1/ckpt.bin", chunks)
+    done = await deferToThread(client.complete_multipart_upload, Bucket="outputs", Key="job-1/ckpt.bin",
+                               UploadId=upload_id, MultipartUpload={"Parts": parts})
+    joined = b"".join(base64.b64decode(_crc32_b64(c)) for c in chunks)
+    assert done["ChecksumCRC32"] == f"{_crc32_b64(joined)}-2"
+    # an SDK retrying Complete after a timeout gets the same answer
+    again = await deferToThread(client.complete_multipart_upload, Bucket="outputs", Key="job-1/ckpt.bin",
+                                UploadId=upload_id, MultipartUpload={"Parts": parts})
+    assert again["ETag"] == done["ETag"]
+    assert _on_disk(daemon, "job-1/ckpt.bin") == b"".join(chunks)
+    head = await deferToThread(client.head_object, Bucket="outputs", Key="job-1/ckpt.bin", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32"] == done["ChecksumCRC32"]
+    got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/ckpt.bin", ChecksumMode="ENABLED")
+    assert await deferToThread(got["Body"].read) == b"".join(chunks)
+    # a part listed with a checksum it was not uploaded with
+    upload_id, parts = await _multipart(client, "job-1/other.bin", chunks)
+    parts[1]["ChecksumCRC32"] = _crc32_b64(b"something else")
+    assert await _error(client.complete_multipart_upload, Bucket="outputs", Key="job-1/other.bin",
+                        UploadId=upload_id, MultipartUpload={"Parts": parts}) == (400, "InvalidPart")
+    # an upload that never existed is still unknown
+    assert await _error(client.complete_multipart_upload, Bucket="outputs", Key="job-1/other.bin",
+                        UploadId="0" * 32, MultipartUpload={"Parts": parts}) == (404, "NoSuchUpload")
+
+
+@pytest_twisted.ensureDeferred
+async def test_complete_with_a_whole_object_checksum_header(make_daemon):
+    daemon, client = await _start(make_daemon)
+    chunks = [os.urandom(5 * MIB), os.urandom(1000)]
+    whole = b"".join(chunks)
+    upload_id, parts = await _multipart(client, "job-1/full.bin", chunks, checksum=False)
+    assert await _error(client.complete_multipart_upload, Bucket="outputs", Key="job-1/full.bin",
+                        UploadId=upload_id, MultipartUpload={"Parts": parts},
+                        ChecksumCRC32=_crc32_b64(b"not it")) == (400, "BadDigest")
+    assert not os.path.exists(os.path.join(daemon.ctx.outputs_dir(), "job-1", "full.bin"))
+    done = await deferToThread(client.complete_multipart_upload, Bucket="outputs", Key="job-1/full.bin",
+                               UploadId=upload_id, MultipartUpload={"Parts": parts},
+                               ChecksumCRC32=_crc32_b64(whole))
+    assert done["ChecksumCRC32"] == _crc32_b64(whole)
+    assert _on_disk(daemon, "job-1/full.bin") == whole
+    got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/full.bin", ChecksumMode="ENABLED")
+    assert got["ChecksumCRC32"] == _crc32_b64(whole)
+    assert await deferToThread(got["Body"].read) == whole
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_and_head_by_part_number(make_daemon):
+    daemon, client = await _start(make_daemon)
+    chunks = [os.urandom(5 * MIB), os.urandom(5 * MIB + 17), os.urandom(999)]
+    upload_id, parts = await _multipart(client, "job-1/parts.bin", chunks)
+    await deferToThread(client.complete_multipart_upload, Bucket="outputs", Key="job-1/parts.bin",
+                        UploadId=upload_id, MultipartUpload={"Parts": parts})
+    offset = 0
+    for number, chunk in enumerate(chunks, 1):
+        got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/parts.bin", PartNumber=number)
+        assert got["PartsCount"] == 3 and got["ContentLength"] == len(chunk)
+        assert got["ContentRange"] == f"bytes {offset}-{offset + len(chunk) - 1}/{sum(map(len, chunks))}"
+        assert await deferToThread(got["Body"].read) == chunk
+        head = await deferToThread(client.head_object, Bucket="outputs", Key="job-1/parts.bin", PartNumber=number)
+        assert head["ContentLength"] == len(chunk) and head["PartsCount"] == 3
+        offset += len(chunk)
+    assert await _error(client.get_object, Bucket="outputs", Key="job-1/parts.bin",
+                        PartNumber=4) == (416, "InvalidPartNumber")
+    # a single upload is one part
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/single", Body=b"single")
+    got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/single", PartNumber=1)
+    assert await deferToThread(got["Body"].read) == b"single"
+    assert await _error(client.get_object, Bucket="outputs", Key="job-1/single",
+                        PartNumber=2) == (416, "InvalidPartNumber")
+
+
+# --------------------------------------------------------------------------- conditional writes
+
+
+@pytest_twisted.ensureDeferred
+async def test_conditional_writes(make_daemon):
+    daemon, client = await _start(make_daemon)
+    first = await deferToThread(client.put_object, Bucket="outputs", Key="job-1/c", Body=b"one", IfNoneMatch="*")
+    assert await _error(client.put_object, Bucket="outputs", Key="job-1/c", Body=b"two",
+                        IfNoneMatch="*") == (412, "PreconditionFailed")
+    assert _on_disk(daemon, "job-1/c") == b"one"
+    assert await _error(client.put_object, Bucket="outputs", Key="job-1/c", Body=b"two",
+                        IfMatch='"0123456789abcdef0123456789abcdef"') == (412, "PreconditionFailed")
+    assert _on_disk(daemon, "job-1/c") == b"one"
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/c", Body=b"two", IfMatch=first["ETag"])
+    assert _on_disk(daemon, "job-1/c") == b"two"
+    assert await _error(client.put_object, Bucket="outputs", Key="job-1/absent", Body=b"x",
+                        IfMatch=first["ETag"]) == (404, "NoSuchKey")
+    # and on CompleteMultipartUpload
+    upload_id, parts = await _multipart(client, "job-1/c", [b"three"])
+    assert await _error(client.complete_multipart_upload, Bucket="outputs", Key="job-1/c", UploadId=upload_id,
+                        MultipartUpload={"Parts": parts}, IfNoneMatch="*") == (412, "PreconditionFailed")
+    assert _on_disk(daemon, "job-1/c") == b"two"
+    head = await deferToThread(client.head_object, Bucket="outputs", Key="job-1/c")
+    await deferToThread(client.complete_multipart_upload, Bucket="outputs", Key="job-1/c", UploadId=upload_id,
+                        MultipartUpload={"Parts": parts}, IfMatch=head["ETag"])
+    assert _on_disk(daemon, "job-1/c") == b"three"
+
+
+# --------------------------------------------------------------------------- metadata, keys, listings
+
+
+SYSTEM = {"CacheControl": "max-age=60", "ContentDisposition": 'attachment; filename="m.bin"',
+          "ContentEncoding": "gzip", "ContentLanguage": "en-GB", "ContentType": "application/x-model"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_system_and_user_metadata_round_trip(make_daemon):
+    import datetime
+
+    daemon, client = await _start(make_daemon)
+    expires = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    meta = {"step": "1000", "note": "best so far"}
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/m.bin", Body=b"x" * 10, Expires=expires,
+                        Metadata=meta, **SYSTEM)
+    upload = await deferToThread(client.create_multipart_upload, Bucket="outputs", Key="job-1/mp.bin",
+                                 Expires=expires, Metadata=meta, **SYSTEM)
+    part = await deferToThread(client.upload_part, Bucket="outputs", Key="job-1/mp.bin",
+                               UploadId=upload["UploadId"], PartNumber=1, Body=b"y" * 10)
+    await deferToThread(client.complete_multipart_upload, Bucket="outputs", Key="job-1/mp.bin",
+                        UploadId=upload["UploadId"],
+                        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]})
+    for key in ("job-1/m.bin", "job-1/mp.bin"):
+        for answer in (await deferToThread(client.head_object, Bucket="outputs", Key=key),
+                       await deferToThread(client.get_object, Bucket="outputs", Key=key)):
+            for name, value in SYSTEM.items():
+                assert answer[name] == value, (key, name)
+            assert answer["Expires"] == expires
+            assert answer["Metadata"] == meta
+
+
+@pytest_twisted.ensureDeferred
+async def test_utf8_header_values_sign_and_round_trip(make_daemon):
+    """A client that sends (and signs) raw UTF-8 header bytes, as most SDKs other than botocore do."""
+    daemon = await make_daemon()
+    access_key, secret = await daemon.ctx.upload_credentials.issue("job-1")
+    port = int(daemon.url.rsplit(":", 1)[1])
+    value = "日本語 ✓ café"
+    path = "/api/cloud/storage/outputs/job-1/utf8.txt"
+    headers = sign(daemon.url + path, "PUT", access_key, secret, hashlib.sha256(b"body").hexdigest(),
+                   {"x-amz-meta-title": value, "Content-Disposition": f"inline; filename*=UTF-8''{value}"})
+    # on the wire: the UTF-8 bytes (raw_request writes each character as one byte)
+    wire = {k: v.encode("utf-8").decode("latin-1") for k, v in headers.items()}
+    status, _, body = await deferToThread(raw_request, port, "PUT", path, wire, b"body")
+    assert status == 200, body
+    head = sign(daemon.url + path, "HEAD", access_key, secret, hashlib.sha256(b"").hexdigest())
+    status, answer, _ = await deferToThread(raw_request, port, "HEAD", path, head)
+    assert status == 200
+    assert answer["x-amz-meta-title"].encode("latin-1").decode("utf-8") == value
+
+
+@pytest_twisted.ensureDeferred
+async def test_folder_markers(make_daemon):
+    daemon, client = await _start(make_daemon)
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/folder/", Body=b"")
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/folder/inner/", Body=b"")
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/folder/a.txt", Body=b"a")
+    head = await deferToThread(client.head_object, Bucket="outputs", Key="job-1/folder/")
+    assert head["ContentLength"] == 0
+    top = await deferToThread(client.list_objects_v2, Bucket="outputs", Prefix="job-1/", Delimiter="/")
+    assert [p["Prefix"] for p in top["CommonPrefixes"]] == ["job-1/folder/"]
+    inside = await deferToThread(client.list_objects_v2, Bucket="outputs", Prefix="job-1/folder/", Delimiter="/")
+    assert [o["Key"] for o in inside["Contents"]] == ["job-1/folder/", "job-1/folder/a.txt"]
+    assert [p["Prefix"] for p in inside["CommonPrefixes"]] == ["job-1/folder/inner/"]
+    everything = await deferToThread(client.list_objects_v2, Bucket="outputs", Prefix="job-1/")
+    assert [o["Key"] for o in everything["Contents"]] == ["job-1/folder/", "job-1/folder/a.txt",
+                                                          "job-1/folder/inner/"]
+    await deferToThread(client.delete_object, Bucket="outputs", Key="job-1/folder/")
+    assert _on_disk(daemon, "job-1/folder/a.txt") == b"a"
+    assert await _error(client.head_object, Bucket="outputs", Key="job-1/folder/") == (404, "404")
+    # the marker's file name is not a key of its own
+    assert (await _error(client.put_object, Bucket="outputs", Key="job-1/x/.stdaemon-folder",
+                         Body=b"x"))[0] == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_keys_zero_is_an_empty_untruncated_page(make_daemon):
+    daemon, client = await _start(make_daemon)
+    for index in range(3):
+        await deferToThread(client.put_object, Bucket="outputs", Key=f"job-1/{index}", Body=b"x")
+    v2 = await deferToThread(client.list_objects_v2, Bucket="outputs", Prefix="job-1/", MaxKeys=0)
+    assert v2["IsTruncated"] is False and v2["KeyCount"] == 0 and "Contents" not in v2
+    assert "NextContinuationToken" not in v2
+    v1 = await deferToThread(client.list_objects, Bucket="outputs", Prefix="job-1/", MaxKeys=0)
+    assert v1["IsTruncated"] is False and "Contents" not in v1

@@ -28,7 +28,9 @@ ERROR_STATUS = {
     "InvalidBucketName": 400,
     "InvalidDigest": 400,
     "InvalidPart": 400,
+    "InvalidPartNumber": 416,
     "InvalidPartOrder": 400,
+    "MetadataTooLarge": 400,
     "InvalidRange": 416,
     "InvalidRequest": 400,
     "KeyTooLongError": 400,
@@ -160,11 +162,20 @@ def initiate_multipart(bucket: str, key: str, upload_id: str) -> bytes:
     return _doc("InitiateMultipartUploadResult", _el("Bucket", bucket) + _el("Key", key) + _el("UploadId", upload_id))
 
 
-def complete_multipart(location: str, bucket: str, key: str, etag: str) -> bytes:
-    return _doc(
-        "CompleteMultipartUploadResult",
-        _el("Location", location) + _el("Bucket", bucket) + _el("Key", key) + _el("ETag", etag),
-    )
+#: ``x-amz-checksum-<algorithm>`` → the element name S3 uses in XML documents.
+CHECKSUM_ELEMENTS = {"crc32": "ChecksumCRC32", "crc32c": "ChecksumCRC32C", "crc64nvme": "ChecksumCRC64NVME",
+                     "sha1": "ChecksumSHA1", "sha256": "ChecksumSHA256"}
+
+
+def complete_multipart(location: str, bucket: str, key: str, etag: str, checksums: Optional[dict] = None,
+                       checksum_type: str = "") -> bytes:
+    body = _el("Location", location) + _el("Bucket", bucket) + _el("Key", key) + _el("ETag", etag)
+    for algorithm, value in (checksums or {}).items():
+        if algorithm in CHECKSUM_ELEMENTS:
+            body += _el(CHECKSUM_ELEMENTS[algorithm], value)
+    if checksum_type:
+        body += _el("ChecksumType", checksum_type)
+    return _doc("CompleteMultipartUploadResult", body)
 
 
 def list_parts(bucket: str, key: str, upload_id: str, parts, max_parts: int, marker: int, truncated: bool,

@@ -472,6 +472,42 @@ def _compare(expected: str, given: str) -> bool:
     return hmac.compare_digest(expected.encode("utf-8", "replace"), given.encode("utf-8", "replace"))
 
 
+def _endpoint_readings(claim: AuthClaim, path_prefix: str):
+    """``(path, headers)`` as a client with an endpoint under ``path_prefix`` may have signed them.
+
+    Most clients (botocore, rclone, the AWS CLI) sign the path they send. s3fs-fuse (``url=`` with
+    a path) sends the full path but signs it without the prefix; s3cmd (``host_base =
+    host:port/prefix``) does the same and signs the prefix as part of the ``host`` value."""
+    yield claim.raw_path, claim.headers
+    if not path_prefix or not claim.raw_path.startswith(path_prefix + "/") or "host" not in claim.headers:
+        return
+    short = claim.raw_path[len(path_prefix):]
+    yield short, claim.headers
+    headers = dict(claim.headers)
+    headers["host"] = [value + path_prefix for value in claim.headers["host"]]
+    yield short, headers
+
+
+def _header_readings(headers: Mapping[str, Sequence[str]], signed: Sequence[str]):
+    """The ways a client may have turned non-ASCII header values into signed bytes.
+
+    Header values arrive here decoded as Latin-1 (one character per wire byte), and the canonical
+    request is hashed as UTF-8. That is what botocore does: it signs the UTF-8 of a ``str`` value
+    but sends it Latin-1 encoded (``http.client``), so ``é`` is signed as C3 A9 and sent as E9.
+    Most other SDKs (Go, JavaScript, Java, rclone) send UTF-8 on the wire and sign those very
+    bytes, as S3 itself canonicalises what it received: the second reading restores the wire
+    bytes. Only requests with a non-ASCII signed header value are checked twice."""
+    yield headers
+    values = [v for name in signed for v in headers.get(name, ())]
+    if all(v.isascii() for v in values):
+        return
+    try:
+        yield {name: [v.encode("latin-1").decode("utf-8", "surrogateescape") for v in vs]
+               for name, vs in headers.items()}
+    except UnicodeEncodeError:  # values not built from wire bytes: nothing else to try
+        return
+
+
 def verify_claim(claim: AuthClaim, secret: str, now: float, max_skew: float = MAX_SKEW_SECONDS,
                  path_prefix: str = "") -> ChunkSigner | None:
     """Check ``claim`` with the key's ``secret`` at time ``now``.
@@ -497,14 +533,18 @@ def verify_claim(claim: AuthClaim, secret: str, now: float, max_skew: float = MA
             if now > signed_at + claim.expires:
                 raise SignatureError("AccessDenied", "Request has expired")
             exclude = ("X-Amz-Signature",)
-        canonical = canonical_request(
-            claim.method, claim.raw_path, claim.raw_query, claim.headers, claim.signed_headers,
-            claim.payload_hash, exclude_query=exclude,
-        )
         scope = claim.credential.scope
         key = signing_key(secret, claim.credential.date, claim.credential.region, claim.credential.service)
-        expected = sign(key, string_to_sign(claim.amz_date, scope, canonical))
-        if not _compare(expected, claim.signature):
+        matched = False
+        for raw_path, signed_as in _endpoint_readings(claim, path_prefix):
+            for headers in _header_readings(signed_as, claim.signed_headers):
+                canonical = canonical_request(
+                    claim.method, raw_path, claim.raw_query, headers, claim.signed_headers,
+                    claim.payload_hash, exclude_query=exclude,
+                )
+                if _compare(sign(key, string_to_sign(claim.amz_date, scope, canonical)), claim.signature):
+                    matched = True
+        if not matched:
             raise SignatureError(
                 "SignatureDoesNotMatch",
                 "The request signature we calculated does not match the signature you provided. "

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 
-from stdaemon.core import s3_checksums, s3_subresources, s3_xml, sigv4
+from stdaemon.core import s3_checksums, s3_metadata, s3_subresources, s3_xml, sigv4
 from stdaemon.core.aws_chunked import AwsChunkedDecoder, ChunkedError
 from stdaemon.core.s3_keys import InvalidKey, validate_key
 from stdaemon.core.timestamps import iso
@@ -739,7 +739,7 @@ class StorageSurface(Surface):
             deleted.append(key)
         return Response(body=s3_xml.delete_result([] if quiet else deleted, errors), content_type="application/xml")
 
-    def _check_small_body(self, request: Any, caller: Caller, body: bytes) -> None:
+    def _check_small_body(self, request: Any, caller: Caller, body: bytes, checksums: bool = True) -> None:
         """Payload hash, Content-MD5 and x-amz-checksum-* of a small XML body."""
         claim = caller.claim
         if claim is not None and len(claim.payload_hash) == 64:
@@ -754,7 +754,7 @@ class StorageSurface(Surface):
                 raise S3Error("InvalidDigest", "The Content-MD5 you specified was invalid.") from None
             if not hmac.compare_digest(given, hashlib.md5(body).digest()):
                 raise S3Error("BadDigest", "The Content-MD5 you specified did not match what we received.")
-        for name, value in _header_items(request.requestHeaders):
+        for name, value in _header_items(request.requestHeaders) if checksums else ():
             algorithm = s3_checksums.algorithm_from_header(name)
             if algorithm and not hmac.compare_digest(value.strip().encode(),
                                                      s3_checksums.checksum_b64(algorithm, body).encode()):
@@ -805,6 +805,10 @@ class StorageSurface(Surface):
         scope = None
         if caller.kind == "job":
             scope = caller.list_scope(bucket, prefix)
+            if scope is None and bucket == caller.credential.bucket and caller.credential.prefix.startswith(prefix):
+                # a listing of a parent of the job's prefix ("", "job") shows only the job's own
+                # entries (s3fs checks the bucket with a listing of its root)
+                scope = caller.credential.prefix
             if scope is None:
                 raise S3Error("AccessDenied", "Access Denied")
         delimiter = query.get("delimiter", "")
@@ -830,8 +834,7 @@ class StorageSurface(Surface):
                         raise ValueError("empty continuation token")
                 except (ValueError, UnicodeError):
                     raise S3Error("InvalidArgument", "The continuation token provided is incorrect") from None
-            page = await self.run(self.engine.list_objects, bucket, prefix, delimiter, after, max_keys)
-            _scope_page(page, scope)
+            page = await self._list_page(bucket, prefix, delimiter, after, max_keys, scope)
             next_token = None
             if page["truncated"]:
                 next_token = base64.urlsafe_b64encode(page["next_marker"].encode("utf-8")).decode("ascii")
@@ -839,10 +842,33 @@ class StorageSurface(Surface):
                                           start_after, fetch_owner=query.get("fetch-owner") == "true")
         else:
             marker = query.get("marker", "")
-            page = await self.run(self.engine.list_objects, bucket, prefix, delimiter, marker, max_keys)
-            _scope_page(page, scope)
+            page = await self._list_page(bucket, prefix, delimiter, marker, max_keys, scope)
             body = s3_xml.list_objects_v1(bucket, page, prefix, delimiter, max_keys, url, marker)
         return Response(body=body, content_type="application/xml")
+
+    async def _list_page(self, bucket: str, prefix: str, delimiter: str, after: str, max_keys: int,
+                         scope: Optional[str]) -> dict:
+        """One listing page; for a job whose ``scope`` lies under ``prefix``, exactly what S3 would
+        list if the job's objects were the only ones in the bucket."""
+        if scope is None or prefix.startswith(scope):
+            page = await self.run(self.engine.list_objects, bucket, prefix, delimiter, after, max_keys)
+            _scope_page(page, scope)
+            return page
+        rest = scope[len(prefix):]
+        index = rest.find(delimiter) if delimiter else -1
+        if index < 0:
+            # every key the job may see starts with its scope, which starts with the prefix
+            page = await self.run(self.engine.list_objects, bucket, scope, delimiter, after, max_keys)
+            _scope_page(page, scope)
+            return page
+        common = prefix + rest[:index + len(delimiter)]
+        page: dict = {"contents": [], "prefixes": [], "truncated": False, "next_marker": ""}
+        if max_keys > 0 and (not after or common.encode("utf-8") > after.encode("utf-8", "surrogateescape")):
+            probe = await self.run(self.engine.list_objects, bucket, scope, "", "", 1)
+            if probe["contents"]:
+                page["prefixes"] = [common]
+                page["next_marker"] = common
+        return page
 
     async def _object(self, request, raw_path, raw_query, bucket, key) -> Any:
         method = request.method.decode("latin-1").upper()
@@ -903,12 +929,27 @@ class StorageSurface(Surface):
 
     # -- uploads -------------------------------------------------------------------------------
 
-    def _metadata(self, request: Any) -> dict:
-        meta = {}
-        for name, value in _header_items(request.requestHeaders):
-            if name.startswith("x-amz-meta-"):
-                meta[name[len("x-amz-meta-"):]] = value
-        return meta
+    @staticmethod
+    def _metadata(request: Any) -> tuple[Optional[str], dict, dict]:
+        """(content type, system headers, user metadata) to store with the object."""
+        try:
+            return s3_metadata.from_headers(_header_items(request.requestHeaders))
+        except s3_metadata.MetadataTooLarge as exc:
+            raise S3Error(exc.code, exc.message) from None
+
+    @staticmethod
+    def _write_conditions(request: Any) -> dict:
+        """``If-None-Match: *`` / ``If-Match: <etag>`` of a conditional write (PutObject, Complete)."""
+        conditions: dict = {}
+        if_none = request.getHeader("if-none-match")
+        if if_none is not None:
+            if if_none.strip() != "*":
+                raise S3Error("NotImplemented", "If-None-Match on writes supports only '*'")
+            conditions["if_none_match"] = True
+        if_match = request.getHeader("if-match")
+        if if_match is not None:
+            conditions["if_match"] = if_match
+        return conditions
 
     async def _put(self, request: Any, caller: Caller, bucket: str, key: str, query: dict) -> Any:
         sink = request.content
@@ -961,9 +1002,9 @@ class StorageSurface(Surface):
             sink.committed(part.size, object_completed=False)
             response_headers["ETag"] = part.etag
         else:
-            content_type = request.getHeader("content-type")
-            info = await self.run(self.engine.commit_put, bucket, key, pending, now, content_type,
-                                  self._metadata(request), checksums)
+            content_type, system, user = self._metadata(request)
+            info = await self.run(self.engine.commit_put, bucket, key, pending, now, content_type, user, checksums,
+                                  headers=system, **self._write_conditions(request))
             sink.committed(info.size, object_completed=True)
             response_headers["ETag"] = info.etag
         return Response(body=b"", headers=response_headers)
@@ -975,31 +1016,52 @@ class StorageSurface(Surface):
 
     async def _create_multipart(self, request: Any, bucket: str, key: str) -> Any:
         algorithm = request.getHeader("x-amz-checksum-algorithm")
+        if algorithm and algorithm.lower() not in s3_checksums.ALGORITHMS:
+            raise S3Error("InvalidArgument", "Checksum algorithm provided is unsupported.")
+        checksum_type = (request.getHeader("x-amz-checksum-type") or "").upper() or None
+        if checksum_type not in (None, "COMPOSITE", "FULL_OBJECT"):
+            raise S3Error("InvalidArgument", "Value for x-amz-checksum-type header is invalid.")
+        content_type, system, user = self._metadata(request)
         upload_id = await self.run(self.engine.create_multipart, bucket, key, self.ctx.clock.seconds(),
-                                   request.getHeader("content-type"), self._metadata(request),
-                                   algorithm.lower() if algorithm else None)
+                                   content_type, user, algorithm.lower() if algorithm else None,
+                                   headers=system, checksum_type=checksum_type)
         headers = {}
         if algorithm:
             headers["x-amz-checksum-algorithm"] = algorithm
+        if checksum_type:
+            headers["x-amz-checksum-type"] = checksum_type
         return Response(body=s3_xml.initiate_multipart(bucket, key, upload_id), headers=headers,
                         content_type="application/xml")
 
     async def _complete_multipart(self, request: Any, caller: Caller, bucket: str, key: str, upload_id: str) -> Any:
         body = self._read_small_body(request)
-        self._check_small_body(request, caller, body)
+        # x-amz-checksum-* on Complete describe the object, not this XML body
+        self._check_small_body(request, caller, body, checksums=False)
         try:
             parts = s3_xml.parse_complete_multipart(body)
         except s3_xml.MalformedXML:
             raise S3Error("MalformedXML", "The XML you provided was not well-formed or did not validate "
                           "against our published schema.") from None
-        info = await self.run(self.engine.complete_multipart, bucket, key, upload_id,
-                              [(n, etag) for n, etag, _ in parts], self.ctx.clock.seconds())
+        object_checksum = None
+        for name, value in _header_items(request.requestHeaders):
+            algorithm = s3_checksums.algorithm_from_header(name)
+            if algorithm:
+                object_checksum = (algorithm, value)
+        already = await self.run(self.engine.upload_exists, bucket, upload_id)
+        info = await self.run(self.engine.complete_multipart, bucket, key, upload_id, parts,
+                              self.ctx.clock.seconds(), object_checksum, **self._write_conditions(request))
         job_id = self.job_for(Target(bucket, key))
-        if job_id:
+        if job_id and already:
             self.progress.complete_object(job_id)
         location = f"{PREFIX}/{bucket}/{key}"
-        return Response(body=s3_xml.complete_multipart(location, bucket, key, info.etag),
-                        content_type="application/xml")
+        headers = {}
+        for algorithm, value in info.checksums.items():
+            headers[f"x-amz-checksum-{algorithm}"] = value
+        if info.checksum_type:
+            headers["x-amz-checksum-type"] = info.checksum_type
+        return Response(body=s3_xml.complete_multipart(location, bucket, key, info.etag, info.checksums,
+                                                       info.checksum_type),
+                        headers=headers, content_type="application/xml")
 
     async def _list_parts(self, request: Any, bucket: str, key: str, query: dict) -> Any:
         upload, parts = await self.run(self.engine.list_parts, bucket, key, query["uploadId"])
@@ -1025,12 +1087,14 @@ class StorageSurface(Surface):
             await self.run(fh.close)
 
     async def _send(self, request: Any, fh: Any, info: Any, query: dict) -> Any:
-        headers = {
+        headers: dict = {
             "ETag": info.etag,
             "Last-Modified": s3_xml.http_date(info.last_modified),
             "Accept-Ranges": "bytes",
-            "Content-Type": info.content_type or "binary/octet-stream",
+            "Content-Type": s3_metadata.wire(info.content_type or "binary/octet-stream"),
         }
+        for name, value in info.headers.items():
+            headers[name] = s3_metadata.wire(value)
         for param, header in RESPONSE_OVERRIDES.items():
             if param in query:
                 value = query[param]
@@ -1038,7 +1102,7 @@ class StorageSurface(Surface):
                     raise S3Error("InvalidArgument", f"{param} contains control characters")
                 headers[header] = value
         for name, value in info.metadata.items():
-            headers[f"x-amz-meta-{name}"] = value
+            headers[f"x-amz-meta-{name}"] = s3_metadata.wire(value)
         if info.parts:
             headers["x-amz-mp-parts-count"] = str(info.parts)
         status = self._conditional(request, info)
@@ -1053,7 +1117,13 @@ class StorageSurface(Surface):
         start, end = 0, info.size - 1
         range_header = request.getHeader("range")
         code = 200
-        if range_header and info.size >= 0:
+        part = _part_range(query.get("partNumber"), info, range_header)
+        if part is not None:
+            start, end = part
+            if info.part_sizes:
+                code = 206
+                headers["Content-Range"] = f"bytes {start}-{end}/{info.size}" if info.size else "bytes */0"
+        elif range_header and info.size >= 0:
             parsed = _parse_range(range_header, info.size)
             if parsed == "invalid":
                 request.setHeader("Content-Range", f"bytes */{info.size}")
@@ -1064,12 +1134,13 @@ class StorageSurface(Surface):
                 code = 206
                 headers["Content-Range"] = f"bytes {start}-{end}/{info.size}"
         mode = (request.getHeader("x-amz-checksum-mode") or "").upper()
-        if code == 200 and mode == "ENABLED" and not info.parts:
-            # full-object checksums of single uploads: clients validate what they read
+        if code == 200 and mode == "ENABLED":
+            # clients validate full-object checksums of what they read; composite ones
+            # ("<base64>-<N>" of a multipart object) they only report
             for algorithm, value in info.checksums.items():
                 headers[f"x-amz-checksum-{algorithm}"] = value
             if info.checksums:
-                headers["x-amz-checksum-type"] = "FULL_OBJECT"
+                headers["x-amz-checksum-type"] = info.checksum_type or "FULL_OBJECT"
         length = max(0, end - start + 1)
         request.setResponseCode(code)
         for name, value in headers.items():
@@ -1177,6 +1248,27 @@ def _scope_page(page: dict, scope: Optional[str]) -> None:
         return
     page["contents"] = [o for o in page["contents"] if o.key.startswith(scope)]
     page["prefixes"] = [p for p in page["prefixes"] if p.startswith(scope) or scope.startswith(p)]
+
+
+def _part_range(value: Optional[str], info: Any, range_header: Optional[str]) -> Optional[tuple[int, int]]:
+    """Byte range (inclusive) of ``?partNumber=N``: part N of a multipart object, or the whole of
+    any other object for N = 1 (as S3 does). ``None`` without the parameter."""
+    if value is None:
+        return None
+    if range_header:
+        raise S3Error("InvalidRequest", "Cannot specify both Range header and partNumber query parameter")
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= 10000:
+        raise S3Error("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive")
+    sizes = info.part_sizes or [info.size]
+    if number > len(sizes):
+        raise S3Error("InvalidPartNumber", "The requested partnumber is not satisfiable", 416,
+                      PartNumberRequested=number, ActualPartCount=len(sizes))
+    start = sum(sizes[:number - 1])
+    return start, start + sizes[number - 1] - 1
 
 
 def _parse_range(value: str, size: int):

@@ -40,6 +40,11 @@ MAX_PART_NUMBER = 10000
 MAX_PART_SIZE = 5 * 1024 ** 3
 MAX_OBJECT_SIZE = 5 * 1024 ** 4
 MAX_SEGMENT_BYTES = 255  # NAME_MAX of the usual Linux file systems
+#: File that holds a folder marker: the object ``a/b/`` is ``<bucket>/a/b/.stdaemon-folder``
+#: (a file and a directory cannot share the name ``b``). The name is reserved as a key segment.
+FOLDER_MARKER = ".stdaemon-folder"
+#: What a completed multipart upload leaves in its directory (answers repeated Completes).
+COMPLETED = "completed.json"
 
 
 class StorageError(Exception):
@@ -71,6 +76,18 @@ def no_such_upload(upload_id: str) -> StorageError:
     )
 
 
+def precondition_failed(condition: str) -> StorageError:
+    return StorageError("PreconditionFailed", "At least one of the pre-conditions you specified did not hold",
+                        412, Condition=condition)
+
+
+def etag_matches(header: str, etag: str) -> bool:
+    """``If-Match``/``If-None-Match`` semantics: a comma-separated ETag list or ``*``."""
+    tags = [t.strip() for t in header.split(",")]
+    tags = [t[2:] if t.startswith("W/") else t for t in tags]
+    return "*" in tags or etag.strip('"') in [t.strip('"') for t in tags]
+
+
 @dataclass
 class ObjectInfo:
     key: str
@@ -81,6 +98,9 @@ class ObjectInfo:
     metadata: dict = field(default_factory=dict)
     checksums: dict = field(default_factory=dict)  # {"crc32": base64, ...}
     parts: int = 0
+    headers: dict = field(default_factory=dict)  # system metadata: {"Cache-Control": ..., ...}
+    part_sizes: list = field(default_factory=list)  # sizes of the parts of a multipart object
+    checksum_type: str = ""  # "" (single upload), "COMPOSITE" or "FULL_OBJECT"
 
 
 @dataclass
@@ -193,10 +213,11 @@ class Bucket:
 
     def object_path(self, key: str) -> str:
         validate_key(key)
+        if key.split("/", 1)[0] == SYSTEM_DIR or key.rsplit("/", 1)[-1] == FOLDER_MARKER:
+            raise InvalidKey("This key is reserved")
         if key.endswith("/"):
-            raise InvalidKey("Object keys ending in '/' are not supported")
-        if key.split("/", 1)[0] == SYSTEM_DIR:
-            raise InvalidKey("This key prefix is reserved")
+            # a folder marker (s3fs, Hadoop S3A, "create folder" of consoles)
+            key = key + FOLDER_MARKER
         if any(len(part.encode("utf-8")) > MAX_SEGMENT_BYTES for part in key.split("/")):
             # each segment is a file or directory name on disk
             raise InvalidKey(f"Each '/'-separated part of a key must be at most {MAX_SEGMENT_BYTES} bytes",
@@ -220,6 +241,7 @@ class StorageEngine:
         self.buckets = {name: Bucket(name, path) for name, path in buckets.items()}
         self.created_at = created_at
         self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()  # conditional writes: check and rename as one step
         self._completing: set[str] = set()
         self.live_temp_files: set[str] = set()
 
@@ -269,7 +291,12 @@ class StorageEngine:
     def commit_put(self, bucket_name: str, key: str, pending: PendingWrite, now: float,
                    content_type: Optional[str] = None, metadata: Optional[dict] = None,
                    checksums: Optional[dict] = None, etag: Optional[str] = None,
-                   parts: int = 0) -> ObjectInfo:
+                   parts: int = 0, headers: Optional[dict] = None, part_sizes: Optional[list] = None,
+                   checksum_type: str = "", if_match: Optional[str] = None,
+                   if_none_match: bool = False) -> ObjectInfo:
+        """Place the object. ``if_none_match`` (``If-None-Match: *``) and ``if_match`` (an ETag
+        list or ``*``) make the write conditional: checked and placed under one lock, so two
+        conditional writers of one key cannot both succeed."""
         bucket = self.bucket(bucket_name)
         path = bucket.object_path(key)
         if not pending.closed:
@@ -277,10 +304,20 @@ class StorageEngine:
         info = ObjectInfo(
             key=key, size=pending.size, etag=etag or f'"{pending.md5.hexdigest()}"', last_modified=now,
             content_type=content_type or "binary/octet-stream", metadata=dict(metadata or {}),
-            checksums=dict(checksums or {}), parts=parts,
+            checksums=dict(checksums or {}), parts=parts, headers=dict(headers or {}),
+            part_sizes=list(part_sizes or []), checksum_type=checksum_type,
         )
+        conditional = if_none_match or if_match is not None
         try:
-            self._place(bucket, path, pending.path)
+            if conditional:
+                self._commit_lock.acquire()
+            try:
+                if conditional:
+                    self._check_write_conditions(bucket, key, path, if_match, if_none_match)
+                self._place(bucket, path, pending.path)
+            finally:
+                if conditional:
+                    self._commit_lock.release()
         except Exception:
             pending.abort()
             raise
@@ -289,6 +326,17 @@ class StorageEngine:
         meta["mtime_ns"] = os.stat(path).st_mtime_ns
         _write_json_atomic(bucket.meta_path(key), meta, bucket.tmp)
         return info
+
+    def _check_write_conditions(self, bucket: Bucket, key: str, path: str, if_match: Optional[str],
+                                if_none_match: bool) -> None:
+        exists = os.path.isfile(path)
+        if if_none_match and exists:
+            raise precondition_failed("If-None-Match")
+        if if_match is not None:
+            if not exists:
+                raise no_such_key(key)
+            if not etag_matches(if_match, self._info(bucket, key, path).etag):
+                raise precondition_failed("If-Match")
 
     def _place(self, bucket: Bucket, path: str, tmp_path: str) -> None:
         parent = os.path.dirname(path)
@@ -403,7 +451,9 @@ class StorageEngine:
             rel = os.path.relpath(dirpath, bucket.root)
             rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
             for name in filenames:
-                key = rel + name
+                key = rel if name == FOLDER_MARKER else rel + name
+                if not key:
+                    continue  # a marker at the root names no key
                 if key.startswith(prefix):
                     try:
                         key.encode("utf-8")
@@ -422,6 +472,9 @@ class StorageEngine:
         prefixes: list[str] = []
         truncated = False
         last = ""
+        if max_keys <= 0:
+            # S3 answers max-keys=0 with an empty, untruncated page (no token to follow)
+            return {"contents": contents, "prefixes": prefixes, "truncated": False, "next_marker": last}
         after = start_after.encode("utf-8", "surrogateescape")
         count = 0
         for key in self.iter_keys(bucket_name, prefix):
@@ -477,7 +530,8 @@ class StorageEngine:
         return path, upload
 
     def create_multipart(self, bucket_name: str, key: str, now: float, content_type: Optional[str] = None,
-                         metadata: Optional[dict] = None, checksum_algorithm: Optional[str] = None) -> str:
+                         metadata: Optional[dict] = None, checksum_algorithm: Optional[str] = None,
+                         headers: Optional[dict] = None, checksum_type: Optional[str] = None) -> str:
         bucket = self.bucket(bucket_name)
         bucket.object_path(key)
         upload_id = uuid.uuid4().hex
@@ -486,7 +540,8 @@ class StorageEngine:
         _write_json_atomic(
             os.path.join(path, "upload.json"),
             {"key": key, "initiated": now, "content_type": content_type or "binary/octet-stream",
-             "metadata": dict(metadata or {}), "checksum_algorithm": checksum_algorithm},
+             "metadata": dict(metadata or {}), "checksum_algorithm": checksum_algorithm,
+             "checksum_type": checksum_type, "headers": dict(headers or {})},
             bucket.tmp,
         )
         return upload_id
@@ -574,11 +629,30 @@ class StorageEngine:
                 continue
         return out
 
-    def complete_multipart(self, bucket_name: str, key: str, upload_id: str, parts: list[tuple[int, str]],
-                           now: float, checksums: Optional[dict] = None) -> ObjectInfo:
-        """Assemble ``parts`` (``[(part number, etag)]`` as the client lists them) into the object."""
+    def complete_multipart(self, bucket_name: str, key: str, upload_id: str, parts: list,
+                           now: float, object_checksum: Optional[tuple[str, str]] = None,
+                           if_match: Optional[str] = None, if_none_match: bool = False) -> ObjectInfo:
+        """Assemble ``parts`` into the object: ``[(part number, etag)]`` or ``[(part number, etag,
+        {"ChecksumCRC32": value, ...})]`` as the client lists them.
+
+        Checksums as S3 defines them: a part checksum the client lists must be the one the part
+        was uploaded with; when every part carries the upload's checksum algorithm the object gets
+        the composite checksum (the checksum of the parts' binary checksums, ``<base64>-<N>``).
+        ``object_checksum`` (``(algorithm, value)`` from the request's ``x-amz-checksum-*``
+        header) is checked against that composite when it has the ``-N`` form, else against the
+        whole assembled object (a ``FULL_OBJECT`` checksum).
+
+        A repeated Complete of an upload that was completed answers the same object (SDKs retry
+        Complete after a timeout): the upload leaves a small record behind for ``max_age``."""
         bucket = self.bucket(bucket_name)
-        path, upload = self._upload(bucket, upload_id, key)
+        try:
+            path, upload = self._upload(bucket, upload_id, key)
+        except StorageError:
+            done = self._completed(bucket, upload_id, key)
+            if done is None:
+                raise
+            return done
+        parts = [(p[0], p[1], p[2] if len(p) > 2 else {}) for p in parts]
         with self._lock:
             if upload_id in self._completing:
                 raise StorageError("OperationAborted", "A conflicting operation is in progress on this upload", 409)
@@ -587,15 +661,16 @@ class StorageEngine:
             if not parts:
                 raise StorageError("MalformedXML", "The XML you provided was not well-formed or did not validate "
                                    "against our published schema.")
-            numbers = [n for n, _ in parts]
+            numbers = [n for n, _, _ in parts]
             if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
                 raise StorageError("InvalidPartOrder", "The list of parts was not in ascending order. The parts "
                                    "list must be specified in order by part number.")
             metas = []
-            for index, (number, etag) in enumerate(parts):
+            for index, (number, etag, listed) in enumerate(parts):
                 meta = self._read_part_meta(path, number)
                 given = etag.strip().strip('"').lower()
-                if meta is None or not given or meta["md5"] != given:
+                if meta is None or not given or meta["md5"] != given \
+                        or not _part_checksums_match(listed, meta.get("checksums") or {}):
                     raise StorageError("InvalidPart", "One or more of the specified parts could not be found. The "
                                        "part may not have been uploaded, or the specified entity tag may not match "
                                        "the part's entity tag.", PartNumber=number)
@@ -615,15 +690,86 @@ class StorageEngine:
                 pending.abort()
                 raise
             etag = f'"{digest.hexdigest()}-{len(metas)}"'
+            try:
+                checksums, checksum_type = self._object_checksums(upload, metas, object_checksum, pending)
+            except Exception:
+                pending.abort()
+                raise
             info = self.commit_put(
                 bucket_name, key, pending, now, content_type=upload.get("content_type"),
                 metadata=upload.get("metadata"), checksums=checksums, etag=etag, parts=len(metas),
+                headers=upload.get("headers"), part_sizes=[m["size"] for m in metas], checksum_type=checksum_type,
+                if_match=if_match, if_none_match=if_none_match,
             )
-            shutil.rmtree(path, ignore_errors=True)
+            self._retire_upload(bucket, path, info, now)
             return info
         finally:
             with self._lock:
                 self._completing.discard(upload_id)
+
+    @staticmethod
+    def _object_checksums(upload: dict, metas: list, object_checksum: Optional[tuple[str, str]],
+                          pending: PendingWrite) -> tuple[dict, str]:
+        """``({algorithm: value}, checksum type)`` of an assembled multipart object."""
+        algorithm = (upload.get("checksum_algorithm") or "").lower()
+        if object_checksum is not None:
+            algorithm = object_checksum[0]
+        composite = None
+        if algorithm in s3_checksums.ALGORITHMS and metas \
+                and all(algorithm in (m.get("checksums") or {}) for m in metas):
+            try:
+                joined = b"".join(base64.b64decode(m["checksums"][algorithm], validate=True) for m in metas)
+            except ValueError:
+                joined = None
+            if joined is not None:
+                composite = f"{s3_checksums.checksum_b64(algorithm, joined)}-{len(metas)}"
+        if object_checksum is None:
+            return ({algorithm: composite}, "COMPOSITE") if composite else ({}, "")
+        given = object_checksum[1].strip()
+        if "-" in given:
+            if composite is None or given != composite:
+                raise StorageError("BadDigest", f"The {algorithm.upper()} you specified did not match the "
+                                   "calculated checksum.")
+            return {algorithm: composite}, "COMPOSITE"
+        # a FULL_OBJECT checksum: computed over the assembled bytes before they become visible
+        state = s3_checksums.new_checksum(algorithm)
+        pending._fh.flush()
+        with open(pending.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1024 * 1024), b""):
+                state.update(block)
+        computed = s3_checksums.b64(state.digest())
+        if computed != given:
+            raise StorageError("BadDigest", f"The {algorithm.upper()} you specified did not match the "
+                               "calculated checksum.")
+        return {algorithm: computed}, "FULL_OBJECT"
+
+    def _retire_upload(self, bucket: Bucket, path: str, info: ObjectInfo, now: float) -> None:
+        """After Complete: keep only ``completed.json`` (what a repeated Complete answers)."""
+        record = {"key": info.key, "etag": info.etag, "size": info.size, "last_modified": info.last_modified,
+                  "checksums": info.checksums, "checksum_type": info.checksum_type, "parts": info.parts,
+                  "completed_at": now}
+        _write_json_atomic(os.path.join(path, COMPLETED), record, bucket.tmp)
+        for name in os.listdir(path):
+            if name != COMPLETED:
+                try:
+                    os.unlink(os.path.join(path, name))
+                except OSError:
+                    pass
+        _fsync_dir(path)
+
+    def _completed(self, bucket: Bucket, upload_id: str, key: str) -> Optional[ObjectInfo]:
+        if not upload_id or len(upload_id) != 32 or not all(c in "0123456789abcdef" for c in upload_id):
+            return None
+        try:
+            with open(os.path.join(bucket.multipart, upload_id, COMPLETED), encoding="utf-8") as fh:
+                record = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("key") != key:
+            return None
+        return ObjectInfo(key=key, size=record.get("size", 0), etag=record.get("etag", ""),
+                          last_modified=record.get("last_modified", 0.0), checksums=record.get("checksums") or {},
+                          checksum_type=record.get("checksum_type", ""), parts=record.get("parts", 0))
 
     def abort_multipart(self, bucket_name: str, key: str, upload_id: str) -> None:
         bucket = self.bucket(bucket_name)
@@ -643,6 +789,23 @@ class StorageEngine:
                 if now - float(upload.get("initiated", now)) > max_age and upload_id not in self._completing:
                     shutil.rmtree(os.path.join(bucket.multipart, upload_id), ignore_errors=True)
                     removed += 1
+            # records of completed uploads (answers to repeated Completes) expire too
+            try:
+                names = os.listdir(bucket.multipart)
+            except OSError:
+                names = []
+            for upload_id in names:
+                record_path = os.path.join(bucket.multipart, upload_id, COMPLETED)
+                if os.path.exists(os.path.join(bucket.multipart, upload_id, "upload.json")) \
+                        or not os.path.exists(record_path):
+                    continue
+                try:
+                    with open(record_path, encoding="utf-8") as fh:
+                        completed_at = float(json.load(fh).get("completed_at", 0.0))
+                except (OSError, ValueError, TypeError, AttributeError):
+                    completed_at = 0.0  # unreadable or missing: nothing worth keeping
+                if now - completed_at > max_age and upload_id not in self._completing:
+                    shutil.rmtree(os.path.join(bucket.multipart, upload_id), ignore_errors=True)
             # temp files older than max_age belong to nothing alive
             try:
                 for tmp in os.listdir(bucket.tmp):
@@ -657,6 +820,17 @@ class StorageEngine:
             except OSError:
                 pass
         return removed
+
+
+def _part_checksums_match(listed: Mapping[str, str], stored: Mapping[str, str]) -> bool:
+    """Checksums a Complete lists for a part (``ChecksumCRC32`` …) against what it was uploaded with."""
+    for element, value in listed.items():
+        algorithm = element[len("Checksum"):].lower()
+        if algorithm not in s3_checksums.ALGORITHMS or not value:
+            continue  # ChecksumType and friends: not a part checksum
+        if stored.get(algorithm) != value.strip():
+            return False
+    return True
 
 
 def _copy_file(src, dst, size: int) -> None:
