@@ -153,7 +153,7 @@ class Root(Resource):
         if method not in KNOWN_METHODS:
             error = ApiError(405, "method_not_allowed", f"Method {method[:32]!r} is not allowed here",
                              headers={"Allow": ", ".join(sorted(KNOWN_METHODS - {"OPTIONS"}))})
-            self._write(request, render_error(request, error))
+            self._write(request, self.render_error(request, None, path, error))
             return
         try:
             match = self.match(method, path)
