@@ -20,7 +20,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from stdaemon.events import TooManyStreams
 from stdaemon.http.errors import ApiError
-from stdaemon.http.surface import VIEWER, Response, Surface, route
+from stdaemon.http.surface import VIEWER, Surface, route
 from stdaemon.http.validation import QueryModel
 
 
@@ -35,10 +35,7 @@ class EventsSurface(Surface):
     @route(app, "/api/events/stream", access=VIEWER, rate_limited=False, query=StreamQuery, stream=True,
            produces=("text/event-stream",))
     async def stream(self, request, query: StreamQuery):
-        """Server-Sent Events of job changes the caller may see."""
-        if request.method == b"HEAD":
-            # Headers only: no stream is opened (none of the caller's stream slots is taken).
-            return Response(b"", content_type="text/event-stream")
+        """Server-Sent Events of job changes the caller may see (HEAD: headers only, see ``stream``)."""
         bus = self.ctx.events
         last_id = request.getHeader("last-event-id") or query.last_event_id
         if last_id is not None and len(last_id) > 64:

@@ -137,6 +137,9 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
                     kwargs["query"] = validation.validate_query(request, info.query)
                 if info.body is not None and not info.signed_body:
                     kwargs["body"] = validation.validate_body(request, info.body, info.body_required)
+                if info.stream and request.method == b"HEAD":
+                    # Headers only: the stream is not opened (no slot, no task left behind).
+                    return render_result(request, Response(b"", content_type=info.produces[0]))
                 result = fn(self, request, **kwargs)
                 if inspect.isawaitable(result):
                     result = await result
