@@ -156,3 +156,12 @@ async def test_hostile_webhook_bodies_are_400(daemon):
                                         headers={"Content-Type": "application/json", "X-API-Key": "st_x"})
             assert response.code in (400, 401), (path, response.code, body)
             assert body["error"] and body["detail"], body
+
+
+@pytest_twisted.ensureDeferred
+async def test_numbers_out_of_range_are_400(daemon):
+    for raw in (b'{"config": {"lr": 1e400}}', b'{"config": {"steps": ' + b"9" * 5000 + b"}}",
+                b'{"config": {"x": [1, -1e999]}}'):
+        response, body = await call(daemon, "POST", "/api/cloud/jobs/submit", raw, key=daemon.admin_key)
+        assert_400(response, body)
+        assert body["error"] == "invalid_json"

@@ -15,6 +15,7 @@ offending value itself is never echoed.
 
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any, Mapping
 
@@ -50,9 +51,27 @@ def parse_json(raw: bytes) -> Any:
     """A JSON document as Python values, or a 400 ``invalid_json``: the one JSON parser for request
     bodies (bounded depth, no lone surrogates, no NaN)."""
     try:
-        return pydantic_core.from_json(raw, allow_inf_nan=False)
+        value = pydantic_core.from_json(raw, allow_inf_nan=False)
     except ValueError as exc:
         raise ApiError(400, "invalid_json", f"The body is not valid JSON: {_short(str(exc))}") from None
+    if not _all_finite(value):
+        # 1e400 parses as infinity: no JSON encoder downstream (audit, providers) accepts it back.
+        raise ApiError(400, "invalid_json", "The body is not valid JSON: a number is out of range")
+    return value
+
+
+def _all_finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def read_body(request: Any) -> bytes:
