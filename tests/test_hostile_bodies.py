@@ -93,6 +93,13 @@ async def test_over_long_restore_names_and_paths_are_400(daemon):
     response, body = await call(daemon, "POST", "/api/admin/backups", {"path": "/" + "d" * 5000 + ".db"},
                                 key=daemon.admin_key)
     assert_400(response, body, field="path")
+    response, body = await call(daemon, "POST", "/api/admin/backups", {}, key=daemon.admin_key)
+    assert response.code == 201, body   # the backup directory exists: names reach the file system
+    for method, path in (("DELETE", "/api/backup/" + "e" * 3000), ("GET", "/api/backup/" + "f" * 300),
+                         ("POST", "/api/backup/" + "g" * 300 + "/restore")):
+        response, body = await call(daemon, method, path, key=daemon.admin_key)
+        assert response.code in (400, 404), (method, response.code, body)
+        assert body["error"] and body["detail"]
 
 
 @pytest_twisted.ensureDeferred

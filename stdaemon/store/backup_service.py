@@ -96,11 +96,12 @@ class BackupService(service.Service):
         """A backup by ``name`` (a file in the backup dir, no separators) or ``path``."""
         if name is not None:
             if not isinstance(name, str) or not name or "/" in name or os.sep in name or name in (".", "..") \
-                    or "\x00" in name:
+                    or "\x00" in name or not _fits(name):
                 raise RestoreRefused("invalid_name", "name must be a backup file name from GET /api/admin/backups")
             return self.store.backup_dir / name
-        if not isinstance(path, str) or not path or "\x00" in path:
-            raise RestoreRefused("invalid_path", "path must be a non-empty string")
+        if not isinstance(path, str) or not path or "\x00" in path \
+                or not all(_fits(part) for part in path.split("/")):
+            raise RestoreRefused("invalid_path", "path must be a non-empty string naming a file")
         return Path(os.path.expanduser(path))
 
     async def check(self, source: Path) -> dict:
@@ -232,3 +233,8 @@ def install(ctx: Any) -> BackupService:
         ctx.add_timer("backup", cfg.interval, svc.scheduled)
         ctx.health.register("backup", svc.health)
     return svc
+
+
+def _fits(name: str) -> bool:
+    """A file name the file system can hold (255 bytes): longer ones would fail in the OS."""
+    return len(name.encode("utf-8", "surrogatepass")) <= 255
