@@ -301,3 +301,25 @@ async def test_boto3_is_told_why_whatever_the_body_size(s3):
             else:
                 raise AssertionError(f"a {size}-byte upload with bad credentials was accepted")
     assert outputs_files(daemon) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_before_the_body_are_audited_with_the_client_address(make_daemon):
+    """Behind a trusted proxy the audit names the client (S6 rules), not the proxy, even though
+    the refusal comes before the root has seen the request."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    daemon = await make_daemon(settings={"server": {"trusted_proxies": ["127.0.0.1/32"]}})
+    _, secret = await daemon.ctx.upload_credentials.issue("job-1")
+    headers = {**sign(daemon.url + PATH, "PUT", "STUPFFFFFFFFFFFFFFFF", secret, "UNSIGNED-PAYLOAD"),
+               "X-Forwarded-For": "203.0.113.7"}
+    got, body = await deferToThread(expect_answer, daemon.port, PATH, headers)
+    assert (got, code(body)) == (403, "InvalidAccessKeyId")
+    entries = []
+    for _ in range(50):  # audit writes are fire-and-forget: wait for them, bounded
+        entries = (await daemon.ctx.audit.query(event_type="upload.denied"))["entries"]
+        if entries:
+            break
+        await deferLater(reactor, 0.02, lambda: None)
+    assert [(e["ip"], e["details"]["reason"]) for e in entries] == [("203.0.113.7", "unknown access key")]

@@ -222,14 +222,7 @@ class Root(Resource):
             return None
 
     def client_ip(self, request: Any) -> str:
-        peer = request.getClientAddress()
-        host = getattr(peer, "host", None) or "unknown"
-        return derive_client_ip(
-            host,
-            request.requestHeaders.getRawHeaders("x-forwarded-for", []),
-            request.getHeader("x-real-ip"),
-            self.ctx.trusted_proxies,
-        )
+        return client_ip(request, self.ctx.trusted_proxies)
 
     def _write(self, request: Any, body: Any) -> None:
         if request.finished or getattr(request, "_disconnected", False):
@@ -280,6 +273,18 @@ def route_table(surfaces: list[Surface]) -> list[tuple[str, tuple[str, ...], str
             methods = tuple(sorted(m for m in (rule.methods or ()) if m not in ("HEAD", "OPTIONS")))
             out.append((rule.rule, methods, rule.endpoint, ROUTES[rule.endpoint]))
     return out
+
+
+def client_ip(request: Any, trusted_proxies: Any) -> str:
+    """The caller's address by the S6 rules (also usable before the body, from the head)."""
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", None) or "unknown"
+    return derive_client_ip(
+        host,
+        request.requestHeaders.getRawHeaders("x-forwarded-for", []),
+        request.getHeader("x-real-ip"),
+        trusted_proxies,
+    )
 
 
 def _request_path(request: Any) -> str:

@@ -29,6 +29,7 @@ from twisted.internet import defer
 
 from stdaemon.core import sigv4
 from stdaemon.core.s3_keys import key_under_prefix
+from stdaemon.http.root import client_ip
 from stdaemon.logs import get_logger
 
 log = get_logger("stdaemon.http.s3_auth")
@@ -189,7 +190,8 @@ class S3Authenticator:
         """Audit a refused request (``upload.denied``), sampled so a flood stays bounded."""
         ip = getattr(request, "client_ip", "") or None
         if ip is None and getattr(request, "channel", None) is not None:
-            ip = getattr(request.getClientAddress(), "host", None)  # before the root derived it
+            # before the body: the root has not derived it yet
+            ip = client_ip(request, getattr(self.ctx, "trusted_proxies", ()))
         log.info("S3 request refused: {reason}", reason=reason, ip=ip)
         audit = getattr(self.ctx, "audit", None)
         if audit is None:

@@ -442,7 +442,6 @@ class StorageSurface(Surface):
                 ctx.upload_credentials, credentials_store.UploadCredentials):
             credentials_store.install(ctx)
         self._cleaned_at_start = False
-        self._warmed = False
         ctx.add_timer("s3-multipart-cleanup", cleanup_interval, self.cleanup, now=True)
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -495,20 +494,6 @@ class StorageSurface(Surface):
         current = self.engine.buckets.get(credentials_store.UPLOAD_BUCKET)
         if current is None or current.root != root:
             self.engine.buckets[credentials_store.UPLOAD_BUCKET] = Bucket(credentials_store.UPLOAD_BUCKET, root)
-
-    def _warm(self) -> None:
-        """Load live credentials into memory once the daemon serves requests (never during start-up,
-        while the database migrates), so bad signatures are refused before their body is sent."""
-        self._warmed = True
-        loader = getattr(self.credentials, "load_active", None)
-        if loader is None:
-            return
-
-        def failed(failure: Failure) -> None:
-            self._warmed = False
-            log.info("Upload credential cache not warmed: {error}", error=failure.getErrorMessage())
-
-        defer.ensureDeferred(loader()).addErrback(failed)
 
     def job_for(self, target: Target) -> Optional[str]:
         if target.bucket == credentials_store.UPLOAD_BUCKET and "/" in target.key:
@@ -689,8 +674,6 @@ class StorageSurface(Surface):
         request.setHeader("x-amz-request-id", getattr(request, "correlation_id", ""))
         if not isinstance(getattr(request, "content", None), UploadSink):
             self.refresh_buckets()
-        if not self._warmed:
-            self._warm()
         resource = ""
         try:
             raw_path, raw_query, bucket, key = self.split(request.uri)

@@ -217,28 +217,6 @@ class UploadCredentials:
             self._cache.clear()
         self._cache[cred.access_key_id] = cred
 
-    def cached(self, access_key_id: str) -> Optional[UploadCredential]:
-        """The credential if this process knows it (no I/O): used to refuse bad uploads early."""
-        return self._cache.get(access_key_id)
-
-    async def load_active(self) -> int:
-        """Warm the cache with every live credential (start-up)."""
-        now = self.ctx.clock.seconds()
-
-        def rows(conn: sqlite3.Connection) -> list:
-            return [tuple(r) for r in conn.execute(
-                "SELECT c.access_key_id, c.job_id, c.bucket, c.prefix, c.secret_enc, c.expires_at, c.revoked_at,"
-                " j.status FROM upload_credentials c LEFT JOIN jobs j ON j.job_id = c.job_id"
-                " WHERE c.revoked_at IS NULL AND c.expires_at > ? LIMIT 10000", (now,))]
-
-        count = 0
-        for row in await self.ctx.db.run_read(rows):
-            cred = self._decode(row)
-            if cred is not None and cred.active(now) and row[7] not in TERMINAL:
-                self._remember(cred)
-                count += 1
-        return count
-
     async def lookup_token(self, token: str) -> Optional[UploadCredential]:
         """The credential whose secret is ``token`` (the plain header form)."""
         if not token or len(token) > 256:
