@@ -22,8 +22,8 @@ PATH = "/api/cloud/storage/outputs/job-1/obj.bin"
 DECLARED = 64 * 1024 * 1024
 
 
-def _head(port, path, headers, length=None, expect=False):
-    lines = [f"PUT {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+def _head(port, path, headers, length=None, expect=False, method="PUT"):
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
     lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in ("host", "content-length")]
     lines.append(f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked")
     if expect:
@@ -54,12 +54,12 @@ def _answer(sock, data=b""):
     return int(head.split()[1]), body
 
 
-def refused_mid_body(port, path, headers, files, chunked=False):
+def refused_mid_body(port, path, headers, files, chunked=False, method="PUT", declared=DECLARED):
     """Send the head of a 64 MiB upload and 256 KiB of its body, then wait (without sending the
     rest) for the answer. Returns (status, body, files seen while the body was held back)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
-        sock.sendall(_head(port, path, headers, None if chunked else DECLARED))
+        sock.sendall(_head(port, path, headers, None if chunked else declared, method=method))
         piece = b"x" * (256 * 1024)
         try:
             sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
@@ -120,6 +120,45 @@ async def test_refused_while_the_body_is_still_owed_and_nothing_is_stored(s3):
     assert outputs_files(daemon) == []
     assert daemon.ctx.upload_progress("job-1") == {"objects_completed": 0, "bytes_received": 0, "in_flight": []}
     assert daemon.ctx.upload_progress.tracked_jobs() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_xml_bodies_of_strangers_are_refused_before_they_are_read(s3):
+    """DeleteObjects and CompleteMultipartUpload carry bodies too (up to 4 MiB): a stranger's is
+    refused from the head, whether framed by length or chunked."""
+    daemon, access_key, secret = s3
+    for path in ("/api/cloud/storage/outputs?delete", PATH + "?uploadId=" + "0" * 32):
+        for chunked in (False, True):
+            got, body, _ = await deferToThread(refused_mid_body, daemon.port, path, {}, lambda: [], chunked,
+                                               "POST", 3 * 1024 * 1024)
+            assert (got, code(body)) == (403, "AccessDenied"), (path, chunked, body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_alive_after_an_admitted_upload(s3):
+    """The head-first admission pauses and resumes reading: the connection stays usable, even when
+    the next request arrives in the same packet as the upload (pipelined)."""
+    daemon, access_key, secret = s3
+    data = os.urandom(50_000)
+    upload = _head(daemon.port, PATH, {"X-Upload-Token": secret}, len(data)) + data
+    read = (f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\nX-Upload-Token: {secret}\r\n"
+            "Connection: close\r\n\r\n").encode()
+
+    def exchange():
+        sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+        with sock:
+            sock.sendall(upload + read)
+            answers = b""
+            while True:
+                block = sock.recv(65536)
+                if not block:
+                    return answers
+                answers += block
+
+    answers = await deferToThread(exchange)
+    first, _, rest = answers.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200"), answers[:300]
+    assert b"HTTP/1.1 200" in rest and rest.endswith(data)
 
 
 @pytest_twisted.ensureDeferred
