@@ -583,15 +583,14 @@ class StorageSurface(Surface):
         method = getattr(channel, "_command", b"PUT")
         try:
             raw_path, raw_query, bucket, key = self.split(raw_uri)
-            where = f"{raw_path}"
             principal = await self.auth.principal_from_head(request, method)
             caller = await self.auth.authenticate(request, method.decode("latin-1"), raw_path, raw_query,
-                                                  principal, target=where)
+                                                  principal, target=raw_path)
             if target is not None:
                 if bucket not in self.engine.buckets:
                     raise S3Error("NoSuchBucket", "The specified bucket does not exist", BucketName=bucket)
                 if not caller.allowed(bucket, key, write=True) or not caller.can_write:
-                    self.auth.denied(request, "key outside the credential's prefix", target=where)
+                    self.auth.denied(request, "key outside the credential's prefix", target=raw_path)
                     raise S3Error("AccessDenied", "Access Denied")
                 if error is not None:
                     raise error
