@@ -12,7 +12,7 @@ import json
 
 import pytest_twisted
 import treq
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
 
 from stdaemon.core import webhook_signature as ws
@@ -628,6 +628,16 @@ async def test_queue_and_webhooks_groups(env):
 
 # -- simpletuner jobs logs <id> --follow (SSE) -------------------------------------------------
 
+async def open_follower(surface):
+    """The stream's follower once it is open and has sent the logs of its first poll."""
+    for _ in range(200):
+        followers = list(surface.followers)
+        if followers and followers[0].sent_chars:
+            return followers[0]
+        await task.deferLater(reactor, 0.025, lambda: None)
+    raise AssertionError("the log stream did not open")
+
+
 @pytest_twisted.ensureDeferred
 async def test_jobs_logs_follow(env):
     client = cli(env.daemon)
@@ -636,8 +646,9 @@ async def test_jobs_logs_follow(env):
     response, job = await env.submit()
     external_id = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["external_id"]
     env.fake.state.set_status(external_id, "processing", logs="step 1\nstep 2\nhalf a li")
-    following = client.follow(f"/api/cloud/jobs/{job['job_id']}/logs/stream")
-    await task.deferLater(reactor, 0.3, lambda: None)
+    following = defer.ensureDeferred(client.follow(f"/api/cloud/jobs/{job['job_id']}/logs/stream"))
+    follower = await open_follower(surface)
+    assert follower.sent_chars == len("step 1\nstep 2\nhalf a li") and follower.pending == "half a li"
     env.fake.state.set_status(external_id, "succeeded", logs="step 1\nstep 2\nhalf a line\nstep 3\n",
                               predict_time=10.0)
     await client.ok("GET", "/api/cloud/jobs?limit=20&sync_active=true")
@@ -706,3 +717,20 @@ async def test_submit_and_retry_from_a_named_config(env):
     assert status == 409 and "inline config" in detail
     status, detail = await client.error("POST", "/api/cloud/jobs/nope/retry")
     assert status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_open_log_stream_ends_when_the_daemon_stops(env):
+    client = cli(env.daemon)
+    surface = next(s for s in env.daemon.service.root.surfaces if isinstance(s, JobLogsSurface))
+    surface.poll_interval = 0.05
+    response, job = await env.submit()
+    external_id = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["external_id"]
+    env.fake.state.set_status(external_id, "processing", logs="step 1\n")
+    following = defer.ensureDeferred(client.follow(f"/api/cloud/jobs/{job['job_id']}/logs/stream"))
+    await open_follower(surface)
+    started = reactor.seconds()
+    await env.daemon.service.stopService()
+    printed, final = await following
+    assert printed == ["step 1"] and final is None   # ended without a done event
+    assert surface.followers == set() and reactor.seconds() - started < 5

@@ -50,22 +50,25 @@ class LogFollower:
         self.sent_chars = 0
         self.pending = ""          # a last line without its newline yet
         self.done: defer.Deferred = defer.Deferred()
+        self.closed = False
         self._sleep: Optional[defer.Deferred] = None
 
     def write(self, data: bytes) -> None:
-        if not self.done.called:
+        if not self.closed:
             self.request.write(data)
 
     def close(self) -> None:
-        if self.done.called:
+        """End the stream (job ended, client gone, daemon draining); once."""
+        if self.closed:
             return
-        if self._sleep is not None and not self._sleep.called:
-            self._sleep.cancel()
+        self.closed = True   # first: cancelling the sleep below resumes run(), which closes too
         try:
             if not self.request.finished and not getattr(self.request, "_disconnected", False):
                 self.request.finish()
         except Exception:
             pass
+        if self._sleep is not None and not self._sleep.called:
+            self._sleep.cancel()
         self.done.callback(None)
 
     def _push(self, text: str, final: bool) -> None:
@@ -83,7 +86,7 @@ class LogFollower:
     async def run(self) -> None:
         ctx = self.surface.ctx
         try:
-            while not self.done.called:
+            while not self.closed:
                 job = await ctx.db.run_read(store.get_job, self.job_id)
                 if job is None:
                     self.write(b"event: done\ndata: deleted\n\n")
