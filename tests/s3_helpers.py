@@ -4,6 +4,7 @@ builder, and a raw HTTP/1.1 client that frames bodies exactly (chunked, truncate
 from __future__ import annotations
 
 import os
+import hashlib
 import socket
 
 import pytest
@@ -135,3 +136,12 @@ def _parse(data):
     return status, headers, body
 
 
+
+
+def file_sha256(path) -> str:
+    """SHA-256 (hex) of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 
@@ -11,7 +10,7 @@ import pytest_twisted
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.services import require_binary
-from tests.s3_helpers import tls  # noqa: F401 (fixture)
+from tests.s3_helpers import file_sha256, tls  # noqa: F401 (fixture)
 
 MIB = 1024 * 1024
 
@@ -23,12 +22,14 @@ def _aws_binary() -> str:
     return require_binary("aws")
 
 
-def _sha_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(MIB), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _env(home, access_key, secret) -> dict:
+    """The AWS CLI with only these credentials: no config file, no instance metadata."""
+    return {
+        "HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(home / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
 
 async def _aws(args, env):
@@ -44,12 +45,7 @@ async def test_aws_cli_cp_ls_sync_round_trip(make_daemon, tls, tmp_path, scheme)
     access_key, secret = await daemon.ctx.upload_credentials.issue("job-7")
     home = tmp_path / "home"
     home.mkdir()
-    env = {
-        "HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(home / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "none"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
+    env = _env(home, access_key, secret)
     if scheme == "https":
         env["AWS_CA_BUNDLE"] = tls["ca"]
     endpoint = ["--endpoint-url", daemon.url + "/api/cloud/storage"]
@@ -79,12 +75,12 @@ async def test_aws_cli_cp_ls_sync_round_trip(make_daemon, tls, tmp_path, scheme)
     back = tmp_path / "back.bin"
     out, err, code = await _aws(["s3", "cp", "s3://outputs/job-7/big.bin", str(back), *endpoint], env)
     assert code == 0, (out, err)
-    assert _sha_file(back) == _sha_file(big)
+    assert file_sha256(back) == file_sha256(big)
     copy = tmp_path / "copy"
     out, err, code = await _aws(["s3", "sync", "s3://outputs/job-7/tree/", str(copy), *endpoint], env)
     assert code == 0, (out, err)
     for rel in ("a.txt", "sub/b.bin", "sub/space name.txt"):
-        assert _sha_file(copy / rel) == _sha_file(tree / rel)
+        assert file_sha256(copy / rel) == file_sha256(tree / rel)
     # a second sync has nothing to do
     out, err, code = await _aws(["s3", "sync", str(tree), "s3://outputs/job-7/tree/", *endpoint], env)
     assert code == 0 and "upload:" not in out, (out, err)
@@ -109,12 +105,7 @@ async def test_aws_cli_acl_and_tagging_commands_leave_the_object_intact(make_dae
     access_key, secret = await daemon.ctx.upload_credentials.issue("job-7")
     home = tmp_path / "home"
     home.mkdir()
-    env = {
-        "HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(home / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "none"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
+    env = _env(home, access_key, secret)
     endpoint = ["--endpoint-url", daemon.url + "/api/cloud/storage"]
     source = tmp_path / "model.bin"
     source.write_bytes(os.urandom(100_000))
@@ -136,6 +127,6 @@ async def test_aws_cli_acl_and_tagging_commands_leave_the_object_intact(make_dae
             assert code == 0, (args, out, err)
         else:
             assert code != 0 and error in err, (args, out, err)
-        assert _sha_file(on_disk) == _sha_file(source), args
+        assert file_sha256(on_disk) == file_sha256(source), args
     out, err, code = await _aws(["s3api", "get-object-acl", *target], env)
     assert "FULL_CONTROL" in out, (out, err)

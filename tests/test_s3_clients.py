@@ -15,17 +15,10 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
+from tests.s3_helpers import file_sha256
 from tests.services import require_binary
 
 MIB = 1024 * 1024
-
-
-def _sha(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(MIB), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _env(home) -> dict:
@@ -78,7 +71,7 @@ async def test_rclone_with_a_default_provider_other_config(make_daemon, tmp_path
     assert code == 0, (out, err)
     assert sorted(line for line in out.splitlines() if not line.endswith("/")) == sorted(files)
     for rel in files:
-        assert _sha(tmp_path / "src" / rel) == _sha(os.path.join(daemon.ctx.outputs_dir(), "job-3", "run", rel))
+        assert file_sha256(tmp_path / "src" / rel) == file_sha256(os.path.join(daemon.ctx.outputs_dir(), "job-3", "run", rel))
     # check (hashes: MD5 of single uploads, rclone's X-Amz-Meta-Md5chksum of multipart ones)
     out, err, code = await _run(rclone, [*base, "check", str(tmp_path / "src"), "stdaemon:outputs/job-3/run"], env)
     assert code == 0, (out, err)
@@ -89,7 +82,7 @@ async def test_rclone_with_a_default_provider_other_config(make_daemon, tmp_path
     out, err, code = await _run(rclone, [*base, "copy", "stdaemon:outputs/job-3/run", str(tmp_path / "back")], env)
     assert code == 0, (out, err)
     for rel in files:
-        assert _sha(tmp_path / "src" / rel) == _sha(tmp_path / "back" / rel)
+        assert file_sha256(tmp_path / "src" / rel) == file_sha256(tmp_path / "back" / rel)
     # mkdir + rmdir of a "directory", deletes
     out, err, code = await _run(rclone, [*base, "delete", "stdaemon:outputs/job-3/run/sub"], env)
     assert code == 0, (out, err)
@@ -136,7 +129,7 @@ async def test_s3cmd_put_get_ls_sync_del(make_daemon, tmp_path):
     out, err, code = await _run(s3cmd, [*base, "sync", str(tmp_path / "src") + "/", "s3://outputs/job-5/tree/"], env)
     assert code == 0, (out, err)
     for rel in files:
-        assert _sha(tmp_path / "src" / rel) == _sha(os.path.join(daemon.ctx.outputs_dir(), "job-5", "tree", rel))
+        assert file_sha256(tmp_path / "src" / rel) == file_sha256(os.path.join(daemon.ctx.outputs_dir(), "job-5", "tree", rel))
     out, err, code = await _run(s3cmd, [*base, "ls", "--recursive", "s3://outputs/job-5/"], env)
     assert code == 0, (out, err)
     listed = sorted(line.split("s3://outputs/", 1)[1] for line in out.splitlines() if "s3://" in line)
@@ -146,7 +139,7 @@ async def test_s3cmd_put_get_ls_sync_del(make_daemon, tmp_path):
     back = tmp_path / "back.bin"
     out, err, code = await _run(s3cmd, [*base, "get", "s3://outputs/job-5/tree/sub/big.bin", str(back)], env)
     assert code == 0, (out, err)
-    assert _sha(back) == _sha(tmp_path / "src" / "sub" / "big.bin")
+    assert file_sha256(back) == file_sha256(tmp_path / "src" / "sub" / "big.bin")
     out, err, code = await _run(s3cmd, [*base, "del", "--recursive", "--force", "s3://outputs/job-5/tree/"], env)
     assert code == 0, (out, err)
     out, err, code = await _run(s3cmd, [*base, "ls", "--recursive", "s3://outputs/job-5/"], env)
@@ -239,7 +232,7 @@ async def test_s3fs_mount_write_read_list(make_daemon, tmp_path):
         answer = json.loads(result.stdout)
         assert answer == {"listing": ["dir", "notes.txt"], "same": True, "after": ["dir"]}
         root = os.path.join(daemon.ctx.outputs_dir(), "job-2")
-        assert _sha(os.path.join(root, "dir", "model.bin")) == hashlib.sha256(data).hexdigest()
+        assert file_sha256(os.path.join(root, "dir", "model.bin")) == hashlib.sha256(data).hexdigest()
         assert not os.path.exists(os.path.join(root, "notes.txt"))
     finally:
         await deferToThread(stop, process)

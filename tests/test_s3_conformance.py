@@ -9,7 +9,6 @@ import os
 import xml.etree.ElementTree as ET
 
 import boto3
-import pytest
 import pytest_twisted
 import treq
 from botocore.config import Config as BotoConfig
@@ -446,3 +445,25 @@ async def test_max_keys_zero_is_an_empty_untruncated_page(make_daemon):
     assert "NextContinuationToken" not in v2
     v1 = await deferToThread(client.list_objects, Bucket="outputs", Prefix="job-1/", MaxKeys=0)
     assert v1["IsTruncated"] is False and "Contents" not in v1
+
+
+@pytest_twisted.ensureDeferred
+async def test_version_ids_other_than_null_change_nothing(make_daemon):
+    """Versioning is never enabled: deleting a named version must not delete the object."""
+    daemon, client = await _start(make_daemon)
+    await deferToThread(client.put_object, Bucket="outputs", Key="job-1/v", Body=b"kept")
+    assert await _error(client.delete_object, Bucket="outputs", Key="job-1/v",
+                        VersionId="3HL4kqtJlcpXroDTDmjVBH40Nrjfkd") == (400, "InvalidArgument")
+    assert _on_disk(daemon, "job-1/v") == b"kept"
+    got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/v", VersionId="null")
+    assert await deferToThread(got["Body"].read) == b"kept"
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_parts_reports_part_checksums(make_daemon):
+    daemon, client = await _start(make_daemon)
+    chunks = [os.urandom(5 * MIB), b"tail"]
+    upload_id, parts = await _multipart(client, "job-1/lp.bin", chunks)
+    listed = await deferToThread(client.list_parts, Bucket="outputs", Key="job-1/lp.bin", UploadId=upload_id)
+    assert [(p["PartNumber"], p["ETag"], p["ChecksumCRC32"]) for p in listed["Parts"]] == [
+        (p["PartNumber"], p["ETag"], p["ChecksumCRC32"]) for p in parts]

@@ -187,7 +187,9 @@ def list_parts(bucket: str, key: str, upload_id: str, parts, max_parts: int, mar
     for part in parts:
         body.append(
             "<Part>" + _el("PartNumber", part.part_number) + _el("LastModified", iso8601(part.last_modified))
-            + _el("ETag", part.etag) + _el("Size", part.size) + "</Part>"
+            + _el("ETag", part.etag) + _el("Size", part.size)
+            + "".join(_el(CHECKSUM_ELEMENTS[a], v) for a, v in (part.checksums or {}).items() if a in CHECKSUM_ELEMENTS)
+            + "</Part>"
         )
     return _doc("ListPartsResult", "".join(body))
 

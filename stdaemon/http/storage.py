@@ -869,6 +869,11 @@ class StorageSurface(Surface):
             if method in ("GET", "HEAD"):
                 raise S3Error("NoSuchKey", "The specified key does not exist.", Key=key) from None
             raise
+        if query.get("versionId", "null") != "null":
+            # versioning is never enabled: "null" is the only version an object has, and a
+            # DeleteObject naming another version must not delete the current one
+            raise S3Error("InvalidArgument", "Invalid version id specified", ArgumentName="versionId",
+                          ArgumentValue=query["versionId"][:128])
         op = s3_subresources.classify(s3_subresources.OBJECT, method, query)
         if not op.implemented:
             if op.method == "POST" and not op.subresource:
