@@ -38,6 +38,19 @@ def _tree(base):
     return ["a.txt", "sub/big.bin", "sub/space name é.txt"]
 
 
+async def _configured(make_daemon, tmp_path, job_id, name, template):
+    """(daemon, home, config file) for a client configured from ``template`` with a job's
+    credentials (``{access_key}``, ``{secret}``, ``{endpoint}``, ``{host}`` are filled in)."""
+    daemon = await make_daemon()
+    access_key, secret = await daemon.ctx.upload_credentials.issue(job_id)
+    home = tmp_path / "home"
+    home.mkdir()
+    config = home / name
+    config.write_text(template.format(access_key=access_key, secret=secret, endpoint=daemon.url + "/api/cloud/storage",
+                                      host=daemon.url.split("://", 1)[1]))
+    return daemon, home, config
+
+
 # --------------------------------------------------------------------------- rclone
 
 
@@ -53,13 +66,7 @@ endpoint = {endpoint}
 @pytest_twisted.ensureDeferred
 async def test_rclone_with_a_default_provider_other_config(make_daemon, tmp_path):
     rclone = require_binary("rclone")
-    daemon = await make_daemon()
-    access_key, secret = await daemon.ctx.upload_credentials.issue("job-3")
-    home = tmp_path / "home"
-    home.mkdir()
-    config = home / "rclone.conf"
-    config.write_text(RCLONE_CONFIG.format(access_key=access_key, secret=secret,
-                                           endpoint=daemon.url + "/api/cloud/storage"))
+    daemon, home, config = await _configured(make_daemon, tmp_path, "job-3", "rclone.conf", RCLONE_CONFIG)
     base = ["--config", str(config), "--retries", "1", "--low-level-retries", "1"]
     files = _tree(tmp_path / "src")
     env = _env(home)
@@ -112,13 +119,7 @@ bucket_location = us-east-1
 @pytest_twisted.ensureDeferred
 async def test_s3cmd_put_get_ls_sync_del(make_daemon, tmp_path):
     s3cmd = require_binary("s3cmd")
-    daemon = await make_daemon()
-    access_key, secret = await daemon.ctx.upload_credentials.issue("job-5")
-    home = tmp_path / "home"
-    home.mkdir()
-    config = home / ".s3cfg"
-    config.write_text(S3CMD_CONFIG.format(access_key=access_key, secret=secret,
-                                          host=daemon.url.split("://", 1)[1]))
+    daemon, home, config = await _configured(make_daemon, tmp_path, "job-5", ".s3cfg", S3CMD_CONFIG)
     base = ["-c", str(config), "--no-progress"]
     files = _tree(tmp_path / "src")
     env = _env(home)
