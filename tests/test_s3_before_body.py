@@ -362,3 +362,26 @@ async def test_refusals_before_the_body_are_audited_with_the_client_address(make
             break
         await deferLater(reactor, 0.02, lambda: None)
     assert [(e["ip"], e["details"]["reason"]) for e in entries] == [("203.0.113.7", "unknown access key")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_before_the_body_count_against_the_rate_limit(make_daemon):
+    """Refused at admission, a request never reaches the root's rate limiter: the refusal counts
+    all the same, and past the limit the answer is SlowDown (429, Retry-After)."""
+    daemon = await make_daemon(settings={"rate_limit": {
+        "exempt_loopback": False, "rules": [{"pattern": "^/api/cloud/storage", "calls": 3, "period": 60}]}})
+    answers = []
+    for _ in range(5):
+        sock_answer = await deferToThread(refused_mid_body, daemon.port, PATH, {}, lambda: [], False, "PUT",
+                                          1024 * 1024)
+        answers.append((sock_answer[0], code(sock_answer[1])))
+    assert answers == [(403, "AccessDenied")] * 3 + [(429, "SlowDown")] * 2
+
+    def retry_after():
+        sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+        with sock:
+            sock.sendall(_head(daemon.port, PATH, {}, 1000, expect=True))
+            return sock.recv(65536)
+
+    head = await deferToThread(retry_after)
+    assert head.startswith(b"HTTP/1.1 429") and b"\r\nRetry-After: " in head, head

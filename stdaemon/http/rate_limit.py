@@ -170,6 +170,7 @@ def install(ctx: Any, root: Any) -> RateLimitMiddleware:
                                      exempt_loopback=config.exempt_loopback)
     root.middlewares.insert(0, middleware)
     root.rate_limit = middleware
+    ctx.rate_limit_middleware = middleware  # surfaces that refuse before the body count those too
     ctx.health.register("rate_limiter", limiting.health)
     metrics = ctx.metrics
     if hasattr(metrics, "rate_limit_tracked_clients"):

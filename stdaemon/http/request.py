@@ -63,12 +63,14 @@ class RejectBody(Exception):
     the client is already sending), and ``100 Continue`` is never sent. S3 uses it to refuse
     strangers and bad signatures without storing what they send."""
 
-    def __init__(self, status: int, reason: bytes, content_type: bytes, body: bytes):
+    def __init__(self, status: int, reason: bytes, content_type: bytes, body: bytes,
+                 headers: Optional[dict] = None):
         super().__init__(status)
         self.status = status
         self.reason = reason
         self.content_type = content_type
         self.body = body
+        self.headers = headers or {}  # extra response headers (Retry-After, …)
 
 
 # Headers are bytes until proven text (S19). Twisted decodes a header as UTF-8 whenever code asks
@@ -260,7 +262,7 @@ class StdaemonRequest(server.Request):
 
     def _refuse(self, refusal: RejectBody) -> None:
         self._reject_now(refusal.status, refusal.reason, refusal.content_type, refusal.body,
-                         linger=not self._expect_continue)
+                         linger=not self._expect_continue, headers=refusal.headers)
 
     def _pause(self) -> None:
         transport = getattr(self.channel, "transport", None)
@@ -308,7 +310,7 @@ class StdaemonRequest(server.Request):
         self._reject_now(413, b"Payload Too Large", content_type, body)
 
     def _reject_now(self, status: int, reason: bytes, content_type: bytes, body: bytes,
-                    linger: bool = False) -> None:
+                    linger: bool = False, headers: Optional[dict] = None) -> None:
         """Answer now, before (more of) the body is read, and hang up (``linger``: after reading and
         dropping what the client may still be sending, bounded in bytes and time)."""
         self._rejected = True
@@ -326,6 +328,7 @@ class StdaemonRequest(server.Request):
             b"Content-Length: " + str(len(body)).encode(),
             b"Connection: close",
         ]
+        head += [f"{name}: {value}".encode("latin-1") for name, value in (headers or {}).items()]
         transport = self.channel.transport
         transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self.channel.persistent = False

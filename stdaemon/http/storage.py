@@ -38,6 +38,8 @@ from stdaemon.core.aws_chunked import AwsChunkedDecoder, ChunkedError
 from stdaemon.core.s3_keys import InvalidKey, validate_key
 from stdaemon.core.timestamps import iso
 from stdaemon.http.request import BodyPolicy, NullSink, RejectBody
+from stdaemon.http.errors import ApiError
+from stdaemon.http.root import client_ip
 from stdaemon.http.s3_auth import AuthError, Caller, S3Authenticator
 from stdaemon.http.surface import PUBLIC, Response, Surface, route
 from stdaemon.logs import get_logger
@@ -70,8 +72,8 @@ RESPONSE_OVERRIDES = {
 }
 
 
-_REASONS = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 500: b"Internal Server Error",
-            501: b"Not Implemented"}
+_REASONS = {400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found", 429: b"Too Many Requests",
+            500: b"Internal Server Error", 501: b"Not Implemented"}
 
 
 class S3Error(Exception):
@@ -530,7 +532,7 @@ class StorageSurface(Surface):
         def admit_small(request: Any, length: Optional[int]) -> Optional[defer.Deferred]:
             if length == 0:
                 return None  # nothing to store: the handler authenticates
-            return defer.ensureDeferred(self.admit(request, raw_path, None, None, length))
+            return defer.ensureDeferred(self.admit(request, raw_path, None, None, length, match))
 
         small = BodyPolicy(max_bytes=SMALL_BODY, too_large=too_large, admit=admit_small)
         if method.upper() != b"PUT":
@@ -565,7 +567,7 @@ class StorageSurface(Surface):
         limit = (MAX_PART_SIZE if upload_id is not None else self.max_put_bytes) + CHUNK_OVERHEAD
 
         def admit(request: Any, length: Optional[int]) -> defer.Deferred:
-            return defer.ensureDeferred(self.admit(request, raw_path, target, error, length))
+            return defer.ensureDeferred(self.admit(request, raw_path, target, error, length, match))
 
         def sink(request: Any, length: Optional[int]) -> UploadSink:
             return UploadSink(self, request, length, target, None, getattr(request, "s3_caller", None))
@@ -575,10 +577,12 @@ class StorageSurface(Surface):
     # -- authentication ------------------------------------------------------------------------
 
     async def admit(self, request: Any, raw_uri: bytes, target: Optional[Target], error: Optional[S3Error],
-                    length: Optional[int]) -> None:
+                    length: Optional[int], match: Any = None) -> None:
         """Before the body: authenticate the caller from the head and, for an upload, check what is
         certain to fail (scope, key, size). Raises ``RejectBody`` (S3 XML) to refuse; otherwise the
-        caller is kept as ``request.s3_caller`` for the handler."""
+        caller is kept as ``request.s3_caller`` for the handler. A refusal counts against the
+        client's rate limit as the request would have after its body (the root never sees it);
+        once over the limit the answer is ``SlowDown`` (429) instead."""
         channel = request.channel
         method = getattr(channel, "_command", b"PUT")
         try:
@@ -606,9 +610,34 @@ class StorageSurface(Surface):
             except Exception:
                 log.failure("S3 admission failed")
                 err = S3Error("InternalError", "We encountered an internal error. Please try again.")
+            headers = {}
+            if err.status < 500:
+                slow_down = await self._count_refusal(request, raw_uri, match)
+                if slow_down is not None:
+                    err, headers = slow_down
             body = s3_xml.error(err.code, err.message, "", "", **err.extra)
-            raise RejectBody(err.status, _REASONS.get(err.status, b"Error"), b"application/xml", body) from None
+            raise RejectBody(err.status, _REASONS.get(err.status, b"Error"), b"application/xml", body,
+                             headers) from None
         request.s3_caller = caller
+
+    async def _count_refusal(self, request: Any, raw_uri: bytes, match: Any) -> Optional[tuple]:
+        """Count a refused request with the rate limiter; ``(S3Error, headers)`` when over the limit."""
+        limiter = getattr(self.ctx, "rate_limit_middleware", None)
+        if limiter is None or match is None:
+            return None
+        # what the limiter reads, before the request line was handed to the request
+        request.path = raw_uri.split(b"?", 1)[0]
+        request.args = {}
+        request.client_ip = request.client_ip or client_ip(request, getattr(self.ctx, "trusted_proxies", ()))
+        try:
+            await limiter(request, match)
+        except ApiError as exc:
+            if exc.status != 429:
+                return None
+            return S3Error("SlowDown", "Please reduce your request rate.", 429), dict(exc.headers)
+        except Exception:
+            log.failure("Rate limiting a refused S3 request failed")
+        return None
 
     async def authenticate(self, request: Any, raw_path: str, raw_query: str) -> Caller:
         """The caller of a request: admitted before its body (``request.s3_caller``) or
