@@ -89,6 +89,11 @@ async def test_users_group(daemon):
     assert result["success"] is True and result["user"]["is_active"] is True
     result = await client.ok("POST", f"/api/users/{ops['id']}/deactivate")
     assert result["success"] is True and result["user"]["is_active"] is False
+    # auth users list [--include-inactive]
+    listed = {u["username"] for u in (await client.ok("GET", "/api/users?limit=100&offset=0"))["users"]}
+    assert "ops" not in listed and "ada" in listed
+    listed = (await client.ok("GET", "/api/users?limit=100&offset=0&include_inactive=true"))["users"]
+    assert {"ops", "ada"} <= {u["username"] for u in listed}
 
     # auth users auth-status / auth status
     status_body = await client.ok("GET", "/api/users/meta/auth-status")
@@ -112,7 +117,7 @@ async def test_users_group(daemon):
                                                      {"email": "a@example.test", "username": "a",
                                                       "password": "a long passphrase"})
     assert status == 409 and "setup link" in detail
-    assert len((await client.ok("GET", "/api/users?limit=100&offset=0"))["users"]) == 3
+    assert len((await client.ok("GET", "/api/users?limit=100&offset=0&include_inactive=true"))["users"]) == 3
 
     # A non-admin reads only itself.
     response = await client.ok("POST", "/api/auth/api-keys", {"name": "k", "role": "operator",

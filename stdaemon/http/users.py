@@ -72,6 +72,8 @@ FIRST_ADMIN = ("stdaemon creates its first admin (user 'admin') when it first st
 
 
 class ListUsers(QueryModel):
+    # As SimpleTuner's ``auth users list``: disabled users only with ``--include-inactive``.
+    include_inactive: bool = False
     limit: int = Field(1000, ge=1, le=10000)
     offset: int = Field(0, ge=0, le=SQLITE_MAX_INT)
 
@@ -162,9 +164,11 @@ class UsersSurface(Surface):
 
     @route(app, "/api/users", access=ADMIN, query=ListUsers)
     async def list_users(self, request, query: ListUsers):
-        """Users (paged)."""
+        """Users (paged); disabled ones only with ``include_inactive=true``."""
         limit, offset = query.limit, query.offset
         rows = await self.ctx.db.run_read(users.list_users)
+        if not query.include_inactive:
+            rows = [row for row in rows if not row["disabled"]]
         return {"users": rows[offset:offset + limit], "total": len(rows), "limit": limit,
                 "offset": offset}
 

@@ -686,7 +686,7 @@
   // -- admin: users -------------------------------------------------------------------------------
 
   function loadUsers() {
-    api("GET", "/api/users").then(function (result) {
+    api("GET", "/api/users?include_inactive=true").then(function (result) {
       var body = $("users-table").querySelector("tbody");
       clear(body);
       if (!result.ok) { flash(detail(result)); return; }
