@@ -172,3 +172,19 @@ async def test_numbers_out_of_range_are_400(daemon):
         response, body = await call(daemon, "POST", "/api/cloud/jobs/submit", raw, key=daemon.admin_key)
         assert_400(response, body)
         assert body["error"] == "invalid_json"
+
+
+
+def test_query_models_read_the_url_only():
+    """twisted.web merges a form-encoded POST body into ``request.args``: query models read the
+    URL's query string only."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from stdaemon.http import validation
+    from stdaemon.http.jobs import ListJobs
+
+    request = DummyRequest([b"api", b"cloud", b"jobs"])
+    request.uri = b"/api/cloud/jobs?limit=5&status="
+    request.args = {b"limit": [b"7"], b"offset": [b"3"], b"status": [b"running"]}   # as a form body adds
+    query = validation.validate_query(request, ListJobs)
+    assert (query.limit, query.offset, query.status) == (5, 0, None)

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, ValidationError
+from twisted.web.http import parse_qs
 
 from stdaemon.http.errors import ApiError
 
@@ -95,8 +96,18 @@ def validate_raw(raw: bytes, model: type[BodyModel], required: bool = True) -> B
     return validate(model, data, code="invalid_field")
 
 
+def query_string_args(request: Any) -> Mapping[bytes, list]:
+    """The URL's query parameters only (twisted.web's ``request.args`` also holds the fields of a
+    form-encoded body, which must not stand in for query parameters)."""
+    uri = getattr(request, "uri", None)
+    if not isinstance(uri, bytes):
+        return getattr(request, "args", None) or {}
+    _, sep, query = uri.partition(b"?")
+    return parse_qs(query, 1) if sep else {}
+
+
 def validate_query(request: Any, model: type[QueryModel]) -> QueryModel:
-    args: Mapping[bytes, list] = getattr(request, "args", None) or {}
+    args = query_string_args(request)
     data: dict[str, Any] = {}
     listed = _list_fields(model)
     for name, info in model.model_fields.items():
