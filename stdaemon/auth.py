@@ -16,8 +16,15 @@ from stdaemon.store.api_keys import Principal
 
 Strategy = Callable[[Any], Awaitable[Optional[Principal]]]
 
-_CACHE_SECONDS = 5.0
+# Verified keys are kept in memory (by SHA-256 of the key, never the key): a request with a known
+# key reads nothing from SQLite. An entry ends at the key's own expiry, after _CACHE_SECONDS at
+# most, and at once when anything can have withdrawn rights: ``invalidate()`` in this process
+# (revocation, user changes, a restore), and a change of the database's ``auth_generation`` counter
+# (bumped by triggers on api_keys/users, so another instance or stdaemon-admin is seen too),
+# polled every GENERATION_POLL_SECONDS on a reader thread by the ``auth-generation`` timer.
+_CACHE_SECONDS = 60.0
 _CACHE_MAX = 10_000
+GENERATION_POLL_SECONDS = 1.0
 
 
 def presented_api_key(request: Any) -> Optional[str]:
@@ -36,16 +43,25 @@ class Authenticator:
         self.db = db
         self.clock = clock
         self.strategies: list[Strategy] = [self._api_key]
-        # hash → (principal, cached_at); short-lived so a scrape or a busy
-        # client does not hit SQLite on every request.  Revocation calls
-        # ``invalidate()``.
+        # sha256(key) → (principal, valid_until); bounded (oldest entries dropped first).
         self._cache: dict[str, tuple[Principal, float]] = {}
+        self._epoch = 0                        # bumped by invalidate(): lookups begun before it are not cached
+        self._db_generation: Optional[int] = None
 
     def add_strategy(self, strategy: Strategy) -> None:
         self.strategies.append(strategy)
 
     def invalidate(self) -> None:
         self._cache.clear()
+        self._epoch += 1
+
+    async def poll_generation(self) -> None:
+        """One cheap read of the database's ``auth_generation``; a change empties the cache."""
+        value = await self.db.run_read(api_keys.auth_generation)
+        if value != self._db_generation:
+            if self._db_generation is not None:
+                self.invalidate()
+            self._db_generation = value
 
     async def authenticate(self, request: Any) -> Optional[Principal]:
         for strategy in self.strategies:
@@ -61,13 +77,17 @@ class Authenticator:
         now = self.clock.seconds()
         digest = api_keys.hash_key(key)
         cached = self._cache.get(digest)
-        if cached is not None and now - cached[1] < _CACHE_SECONDS:
-            return cached[0]
-        principal = await self.db.run_read(api_keys.lookup, key, now)
-        if principal is not None:
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()
-            self._cache[digest] = (principal, now)
-        else:
-            self._cache.pop(digest, None)
+        if cached is not None:
+            if now < cached[1]:
+                return cached[0]
+            del self._cache[digest]
+        epoch = self._epoch
+        principal, expires_at = await self.db.run_read(api_keys.lookup_with_expiry, key, now)
+        if principal is not None and epoch == self._epoch:
+            while len(self._cache) >= _CACHE_MAX:
+                del self._cache[next(iter(self._cache))]
+            until = now + _CACHE_SECONDS
+            if expires_at is not None:
+                until = min(until, expires_at)
+            self._cache[digest] = (principal, until)
         return principal

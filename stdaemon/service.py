@@ -128,11 +128,23 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     events.install(ctx)  # ctx.events: publish(job_dict) → SSE streams; closed by ctx.drain_hooks
     approvals.install(ctx)  # ctx.approvals (evaluate/hold/set_handlers), ctx.quotas (check); "approval-expiry" timer; a ctx.jobs submission check
     # State cached from the database is reloaded after a restore swaps it.
-    ctx.backups.after_restore.extend([ctx.providers.load, ctx.jobs.load])
+    ctx.backups.after_restore.extend([ctx.providers.load, ctx.jobs.load, _forget_verified_keys(ctx)])
+
+
+def _forget_verified_keys(ctx: App) -> Any:
+    async def forget() -> None:
+        ctx.auth.invalidate()
+    return forget
 
 
 async def start_capabilities(ctx: App) -> None:
     """Start-up work that needs the open database (runs before ``ready``)."""
+    from stdaemon.auth import GENERATION_POLL_SECONDS
+
+    await ctx.auth.poll_generation()
+    # Key/user changes by another instance or stdaemon-admin empty the verified-key cache.
+    ctx.add_timer("auth-generation", GENERATION_POLL_SECONDS,
+                  lambda: defer.ensureDeferred(ctx.auth.poll_generation()))
     await ctx.audit.start()  # audit HMAC key (secrets or 0600 key file) and counters
     await ctx.providers.load()  # provider settings saved through the API
     await ctx.jobs.load()  # running job totals for metrics (ctx.jobs.metrics())

@@ -283,7 +283,8 @@ class StdaemonRequest(server.Request):
         path = getattr(self.channel, "_path", b"/")
         if chooser is None:
             return BodyPolicy(max_bytes=MEBIBYTE)
-        return chooser(command, path, self.requestHeaders)
+        # The root keeps the route it matched here on the request: the handler runs with it.
+        return chooser(command, path, self.requestHeaders, request=self)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:

@@ -3,13 +3,18 @@
 Pipeline per request (in its own ``contextvars`` context so log lines and
 outbound calls carry its correlation id):
 
-1. correlation id: a valid incoming ``X-Correlation-ID`` or a new one, echoed;
-2. route match across the surfaces (404/405 JSON when nothing matches);
+1. correlation id: a valid incoming ``X-Correlation-ID`` or a new one (a per-process prefix and a
+   counter), echoed;
+2. route match, ONCE per request: :class:`Dispatch` is built at start-up from every surface's
+   routes (static paths in a dict, one combined werkzeug ``Map`` for the rest); the match taken
+   when the headers arrive (for the body policy) is the one the handler runs with (404/405 JSON
+   when nothing matches);
 3. client IP derivation (S6 rules, one function for every surface);
 4. middlewares (rate limiting, …), each may answer instead of the handler;
 5. authentication and authorisation from the matched route's access policy
    (``stdaemon.http.surface.route``) — nothing reaches a handler otherwise;
-6. the surface's Klein resource renders the request;
+6. the matched handler runs (the surface's Klein app declares and executes it; Klein's own
+   routing is not run again);
 7. metrics: request count, errors and latency per ``METHOD_<route template>``.
 
 Body limits are enforced earlier, while the body arrives
@@ -19,17 +24,18 @@ Body limits are enforced earlier, while the body arrives
 from __future__ import annotations
 
 import contextvars
+import itertools
+import os
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
+from urllib.parse import unquote
 
-from klein.resource import KleinResource
 from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
-from werkzeug.routing import RequestRedirect
+from werkzeug.routing import Map, RequestRedirect
 
 from stdaemon.core.client_ip import derive_client_ip
 from stdaemon.http.errors import ApiError, forbidden, unauthorized
@@ -49,7 +55,7 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 @dataclass
 class RouteMatch:
     surface: Surface
-    resource: KleinResource
+    app: Any               # the surface's bound Klein app (executes the endpoint)
     endpoint: str
     template: str          # the route template, e.g. /api/cloud/jobs/<job_id>
     args: dict
@@ -59,6 +65,87 @@ class RouteMatch:
     def label(self) -> str:
         """Bounded-cardinality metrics label: ``METHOD_<route template>``."""
         return self.template
+
+
+@dataclass(frozen=True)
+class _Route:
+    surface: Surface
+    app: Any
+    endpoint: str
+    template: str
+    info: RouteInfo
+
+
+class Dispatch:
+    """The route table of every surface, built once: match a (method, path) in one step.
+
+    Paths without converters are looked up in a dict (``path → {method: route}``); the others go
+    through ONE werkzeug ``Map`` holding every surface's rules. Surfaces keep their Klein apps to
+    declare routes; the root runs the matched endpoint through its app without Klein routing the
+    request a second time. Where two surfaces' rules could match the same path, the surface listed
+    first wins, as when each surface's map was tried in turn (``tests/test_dispatch.py``)."""
+
+    def __init__(self, surfaces: list[Surface]):
+        self.static: dict[str, dict[str, _Route]] = {}
+        self.routes: dict[str, _Route] = {}
+        rules = []
+        for surface in surfaces:
+            app = surface.app
+            for rule in app.url_map.iter_rules():
+                if rule.endpoint not in ROUTES:
+                    raise UnprotectedRoute(
+                        f"{type(surface).__name__}: route {rule.rule} has no access policy; "
+                        "register it with stdaemon.http.surface.route")
+                entry = _Route(surface, app, rule.endpoint, rule.rule, ROUTES[rule.endpoint])
+                self.routes[rule.endpoint] = entry
+                rules.append(rule.empty())
+                if not rule.arguments:
+                    by_method = self.static.setdefault(rule.rule, {})
+                    for method in rule.methods or ():
+                        by_method.setdefault(method, entry)
+        self.map = Map(rules)
+        self.adapter = self.map.bind("localhost")
+        self._check_precedence(surfaces)
+
+    def _check_precedence(self, surfaces: list[Surface]) -> None:
+        """A static path served by an earlier surface's dynamic rule must keep going there: such
+        paths are taken out of the static dict (rare; none in the daemon's own table)."""
+        for path, by_method in list(self.static.items()):
+            for method, entry in list(by_method.items()):
+                for surface in surfaces:
+                    if surface is entry.surface:
+                        break
+                    try:
+                        rule, _ = surface.app.url_map.bind("localhost").match(
+                            path, method, return_rule=True)
+                    except Exception:
+                        continue
+                    if rule.endpoint != entry.endpoint:
+                        del by_method[method]
+                        break
+
+    def match(self, method: str, path: str) -> RouteMatch:
+        by_method = self.static.get(path)
+        if by_method is not None:
+            entry = by_method.get(method)
+            if entry is not None:
+                return RouteMatch(entry.surface, entry.app, entry.endpoint, entry.template, {},
+                                  entry.info)
+        try:
+            rule, args = self.adapter.match(path, method, return_rule=True)
+        except MethodNotAllowed as e:
+            raise ApiError(405, "method_not_allowed", f"Method {method} is not allowed here",
+                           headers={"Allow": ", ".join(sorted(e.valid_methods or ()))}) from None
+        except (NotFound, RequestRedirect):
+            raise ApiError(404, "not_found", f"No route for {path}") from None
+        entry = self.routes[rule.endpoint]
+        return RouteMatch(entry.surface, entry.app, entry.endpoint, entry.template, args, entry.info)
+
+
+# Correlation ids generated here: 32 hex digits (as uuid4().hex was), a random per-process prefix
+# and a counter: distinct across processes and restarts, no uuid formatting per request.
+_CID_PREFIX = os.urandom(8).hex()
+_cid_counter = itertools.count(1)
 
 
 Middleware = Callable[[Any, RouteMatch], Awaitable[Optional[bytes]]]
@@ -76,15 +163,7 @@ class Root(Resource):
         self.ctx = ctx
         self.surfaces = surfaces
         self.middlewares: list[Middleware] = []
-        self._mounted: list[tuple[Surface, KleinResource, Any]] = []
-        for surface in surfaces:
-            app = surface.app
-            for rule in app.url_map.iter_rules():
-                if rule.endpoint not in ROUTES:
-                    raise UnprotectedRoute(
-                        f"{type(surface).__name__}: route {rule.rule} has no access policy; "
-                        "register it with stdaemon.http.surface.route")
-            self._mounted.append((surface, KleinResource(app), app.url_map))
+        self.dispatch = Dispatch(surfaces)
 
     # -- routing --------------------------------------------------------------
 
@@ -93,30 +172,38 @@ class Root(Resource):
         return route_table(self.surfaces)
 
     def match(self, method: str, path: str) -> RouteMatch:
-        allowed: set[str] = set()
-        for surface, resource, url_map in self._mounted:
-            adapter = url_map.bind("localhost", path_info=path, default_method=method)
-            try:
-                rule, args = adapter.match(return_rule=True)
-            except NotFound:
-                continue
-            except MethodNotAllowed as e:
-                allowed.update(e.valid_methods or ())
-                continue
-            except RequestRedirect:
-                continue
-            return RouteMatch(surface, resource, rule.endpoint, rule.rule, args, ROUTES[rule.endpoint])
-        if allowed:
-            raise ApiError(405, "method_not_allowed", f"Method {method} is not allowed here",
-                           headers={"Allow": ", ".join(sorted(allowed))})
-        raise ApiError(404, "not_found", f"No route for {path}")
+        return self.dispatch.match(method, path)
 
-    def body_policy(self, method: bytes, raw_path: bytes, headers: Any) -> BodyPolicy:
-        default = self.ctx.config.server.max_body_bytes
-        path = raw_path.split(b"?", 1)[0].decode("latin-1")
+    def match_request(self, request: Any) -> RouteMatch:
+        """The request's route, matched once: the match taken for the body policy when the headers
+        arrived is reused (raises the same ``ApiError`` for 400/404/405)."""
+        taken = request.__dict__.get("_stdaemon_match")
+        if taken is not None and taken[0] == request.method and taken[1] == request.uri:
+            result = taken[2]
+        else:
+            result = self._match_raw(request.method, request.uri)
+        if isinstance(result, ApiError):
+            raise result
+        return result
+
+    def _match_raw(self, method: bytes, uri: bytes) -> Any:
+        """A RouteMatch, or the ApiError that answers the request."""
         try:
-            match = self.match(method.decode("latin-1").upper(), _unquote_path(path))
-        except ApiError:
+            path = _unquote_path(uri.split(b"?", 1)[0].decode("latin-1"))
+        except UnicodeDecodeError:
+            return ApiError(400, "invalid_path", "The request path is not valid UTF-8 once decoded")
+        try:
+            return self.dispatch.match(method.decode("latin-1").upper(), path)
+        except ApiError as error:
+            return error
+
+    def body_policy(self, method: bytes, raw_path: bytes, headers: Any,
+                    request: Any = None) -> BodyPolicy:
+        default = self.ctx.config.server.max_body_bytes
+        match = self._match_raw(method, raw_path)
+        if request is not None:
+            request._stdaemon_match = (method, raw_path, match)
+        if isinstance(match, ApiError):
             return BodyPolicy(max_bytes=default)
         chooser = getattr(match.surface, "body_policy", None)
         if chooser is not None:
@@ -136,7 +223,10 @@ class Root(Resource):
 
     def _start(self, request: Any) -> None:
         incoming = request.getHeader("x-correlation-id")
-        cid = incoming if incoming and _VALID_CORRELATION_ID.match(incoming) else uuid.uuid4().hex
+        if incoming and _VALID_CORRELATION_ID.match(incoming):
+            cid = incoming
+        else:
+            cid = f"{_CID_PREFIX}{next(_cid_counter):016x}"
         correlation_id_var.set(cid)
         request.correlation_id = cid
         request.setHeader("X-Correlation-ID", cid)
@@ -156,7 +246,7 @@ class Root(Resource):
             self._write(request, self.render_error(request, None, path, error))
             return
         try:
-            match = self.match(method, path)
+            match = self.match_request(request)
             request.route = match
             request.client_ip = self.client_ip(request)
             for middleware in self.middlewares:
@@ -174,9 +264,34 @@ class Root(Resource):
         context = contextvars.copy_context()
         request.notifyFinish().addBoth(
             lambda _: context.run(self._observe, request, match, method, started))
-        result = match.resource.render(request)
-        if result is not NOT_DONE_YET:
-            self._write(request, result)
+        self._run_endpoint(request, match)
+
+    def _run_endpoint(self, request: Any, match: RouteMatch) -> None:
+        """Run the matched endpoint through its surface's Klein app (what Klein's resource does
+        after its own match, without matching again): a client gone cancels the handler; the
+        result (bytes, or ``NOT_DONE_YET`` when the handler wrote itself) finishes the request."""
+        gone = request.notifyFinish()
+        d = defer.maybeDeferred(match.app.execute_endpoint, match.endpoint, request, **match.args)
+        gone.addErrback(lambda _: d.cancel())
+        d.addCallbacks(self._finish_endpoint, self._endpoint_failed, callbackArgs=(request,),
+                       errbackArgs=(request,))
+
+    def _finish_endpoint(self, result: Any, request: Any) -> None:
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        if isinstance(result, str):
+            result = result.encode("utf-8")
+        if isinstance(result, bytes) and result:
+            request.write(result)
+        # NOT_DONE_YET: the handler wrote to the request itself and has returned (a stream that
+        # ended); it is finished here, as Klein did.
+        request.finish()
+
+    def _endpoint_failed(self, failure: Any, request: Any) -> None:
+        if failure.check(defer.CancelledError) and (
+                request.finished or getattr(request, "_disconnected", False)):
+            return None
+        self._crashed(failure, request)
 
     def render_error(self, request: Any, match: Optional[RouteMatch], path: str, error: ApiError) -> bytes:
         """JSON, unless the surface that owns the path speaks another error format (S3 XML): a
@@ -292,12 +407,17 @@ def _request_path(request: Any) -> str:
     from ``postpath`` to ``prepath``)."""
     cached = getattr(request, "_stdaemon_path", None)
     if cached is None:
-        cached = _unquote_path(request.path.decode("latin-1"))
+        raw = request.path.decode("latin-1")
+        try:
+            cached = _unquote_path(raw)
+        except UnicodeDecodeError:   # answered 400 invalid_path; kept for logs and error bodies
+            cached = unquote(raw, errors="replace")
         request._stdaemon_path = cached
     return cached
 
 
 def _unquote_path(path: str) -> str:
-    from urllib.parse import unquote
-
-    return unquote(path)
+    """Percent-decoded path text; ``UnicodeDecodeError`` when the escapes are not UTF-8."""
+    if "%" not in path:
+        return path
+    return unquote(path, errors="strict")

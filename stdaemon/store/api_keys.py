@@ -54,18 +54,31 @@ def create_key(conn: sqlite3.Connection, user_id: int, name: str, role: str, now
 def lookup(conn: sqlite3.Connection, key: str, now: float) -> Optional[Principal]:
     """The principal for a presented key, or None (unknown, revoked, expired,
     disabled user).  Lookup is by hash, so no timing oracle on key bytes."""
+    return lookup_with_expiry(conn, key, now)[0]
+
+
+def lookup_with_expiry(conn: sqlite3.Connection, key: str,
+                       now: float) -> tuple[Optional[Principal], Optional[float]]:
+    """``lookup`` and the key's ``expires_at`` (for a cache that must stop at the expiry)."""
     if not key.startswith(KEY_PREFIX) or len(key) > 200:
-        return None
+        return None, None
     row = conn.execute(
         "SELECT k.id, k.role, k.expires_at, k.revoked_at, u.id AS user_id, u.username,"
         " u.disabled FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = ?",
         (hash_key(key),)).fetchone()
     if row is None or row["revoked_at"] is not None or row["disabled"]:
-        return None
+        return None, None
     if row["expires_at"] is not None and row["expires_at"] <= now:
-        return None
+        return None, None
     return Principal(user_id=row["user_id"], username=row["username"], role=row["role"],
-                     key_id=row["id"])
+                     key_id=row["id"]), row["expires_at"]
+
+
+def auth_generation(conn: sqlite3.Connection) -> int:
+    """The counter bumped by every change to keys or users that can withdraw rights (triggers of
+    migration ``0045_auth_generation``)."""
+    row = conn.execute("SELECT value FROM auth_generation WHERE id = 1").fetchone()
+    return int(row[0]) if row is not None else 0
 
 
 def ensure_admin_key(conn: sqlite3.Connection, key_path: str, now: float) -> Optional[str]:

@@ -220,6 +220,29 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE quotas_new RENAME TO quotas;
         """,
     ),
+    (
+        # A counter every change that can withdraw a key's rights bumps, whoever makes it (this
+        # daemon, another instance on the same database, stdaemon-admin): the in-memory cache of
+        # verified keys (stdaemon/auth.py) polls this one row instead of reading keys per request.
+        "0045_auth_generation",
+        """
+        CREATE TABLE auth_generation (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            value INTEGER NOT NULL
+        );
+        INSERT INTO auth_generation (id, value) VALUES (1, 0);
+        CREATE TRIGGER auth_generation_key_update
+            AFTER UPDATE OF revoked_at, role, expires_at, user_id, key_hash ON api_keys
+            BEGIN UPDATE auth_generation SET value = value + 1 WHERE id = 1; END;
+        CREATE TRIGGER auth_generation_key_delete AFTER DELETE ON api_keys
+            BEGIN UPDATE auth_generation SET value = value + 1 WHERE id = 1; END;
+        CREATE TRIGGER auth_generation_user_update
+            AFTER UPDATE OF role, disabled, username ON users
+            BEGIN UPDATE auth_generation SET value = value + 1 WHERE id = 1; END;
+        CREATE TRIGGER auth_generation_user_delete AFTER DELETE ON users
+            BEGIN UPDATE auth_generation SET value = value + 1 WHERE id = 1; END;
+        """,
+    ),
 ]
 
 

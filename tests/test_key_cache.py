@@ -1,0 +1,117 @@
+"""Verified API keys are served from memory, and stop working the moment their rights are withdrawn
+(revocation here, a change by another process on the same database, expiry)."""
+
+from __future__ import annotations
+
+import pytest_twisted
+import treq
+
+from stdaemon.store import api_keys
+from stdaemon.store.database import connect
+
+
+def count_reads(ctx):
+    """Wrap ctx.db.run_read to record the functions read with; returns the list."""
+    calls = []
+    original = ctx.db.run_read
+
+    def run_read(fn, *args, **kwargs):
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return original(fn, *args, **kwargs)
+
+    ctx.db.run_read = run_read
+    return calls
+
+
+async def make_key(daemon, role="viewer", **extra):
+    response = await treq.post(f"{daemon.url}/api/auth/api-keys", json={"name": "cached", "role": role, **extra},
+                               headers=daemon.admin_headers)
+    assert response.code == 201
+    return await response.json()
+
+
+async def status(daemon, key, path="/api/auth/api-keys"):
+    response = await treq.get(daemon.url + path, headers={"X-API-Key": key})
+    await response.content()
+    return response.code
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_known_key_reads_nothing_from_sqlite(daemon):
+    created = await make_key(daemon)
+    assert await status(daemon, created["key"], "/api/cloud/health/ready") == 200
+    assert await status(daemon, created["key"], "/api/cloud/metrics/config") == 403   # viewer < admin
+    calls = count_reads(daemon.ctx)
+    try:
+        for _ in range(3):
+            assert await status(daemon, created["key"], "/api/cloud/metrics/config") == 403
+    finally:
+        del daemon.ctx.db.run_read
+    assert "lookup_with_expiry" not in calls and "lookup" not in calls
+
+
+@pytest_twisted.ensureDeferred
+async def test_revocation_through_the_api_is_seen_at_once(daemon):
+    created = await make_key(daemon)
+    assert await status(daemon, created["key"]) == 200
+    response = await treq.delete(f"{daemon.url}/api/auth/api-keys/{created['id']}", headers=daemon.admin_headers)
+    assert response.code == 200
+    await response.content()
+    assert await status(daemon, created["key"]) == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_by_another_process_is_seen_at_the_next_generation_poll(daemon):
+    created = await make_key(daemon)
+    demoted = await make_key(daemon, role="operator")
+    assert await status(daemon, created["key"]) == 200
+    assert await status(daemon, demoted["key"], "/api/approvals/rules") == 200
+    # Another instance (or stdaemon-admin) on the same database: a plain connection.
+    conn = connect(daemon.ctx.db.path)
+    try:
+        with conn:
+            conn.execute("UPDATE api_keys SET revoked_at = 1 WHERE id = ?", (created["id"],))
+            conn.execute("UPDATE api_keys SET role = 'viewer' WHERE id = ?", (demoted["id"],))
+    finally:
+        conn.close()
+    # Until the poll the entries may still be served from memory; the poll (every second on the
+    # daemon's clock) sees the counter the triggers bumped.
+    await daemon.ctx.auth.poll_generation()
+    assert await status(daemon, created["key"]) == 401
+    assert await status(daemon, demoted["key"], "/api/approvals/rules") == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_generation_counter_follows_every_rights_change(daemon):
+    conn = connect(daemon.ctx.db.path)
+    try:
+        before = api_keys.auth_generation(conn)
+        with conn:
+            conn.execute("UPDATE api_keys SET last_used_at = 5")       # not a rights change
+        assert api_keys.auth_generation(conn) == before
+        with conn:
+            conn.execute("UPDATE users SET disabled = 0")
+        assert api_keys.auth_generation(conn) == before + 1
+        with conn:
+            conn.execute("UPDATE api_keys SET expires_at = NULL")
+        assert api_keys.auth_generation(conn) == before + 2
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cached_key_stops_at_its_expiry(daemon):
+    created = await make_key(daemon, expires_days=1)
+    assert await status(daemon, created["key"]) == 200
+    digest = api_keys.hash_key(created["key"])
+    principal, until = daemon.ctx.auth._cache[digest]
+    assert until <= daemon.ctx.now() + 86400.0
+    # The entry ends at the key's expiry even when that is sooner than the cache's own bound.
+    daemon.ctx.auth._cache[digest] = (principal, daemon.ctx.now() - 1)
+    conn = connect(daemon.ctx.db.path)
+    try:
+        with conn:
+            conn.execute("UPDATE api_keys SET expires_at = 1 WHERE id = ?", (created["id"],))
+    finally:
+        conn.close()
+    assert await status(daemon, created["key"]) == 401
