@@ -6,13 +6,19 @@ Capabilities register their components once, here::
 
 ``check_all()`` runs every check concurrently, each bounded by a timeout, and
 turns a failing or hanging check into an ``unhealthy`` component rather than
-an error.  Readiness (``starting``/``ready``/``stopping`` + database) is kept
+an error.  A component's result is kept for ``cache_seconds`` of the injected
+clock and requests arriving while a check runs wait for that one run, so a
+busy health endpoint costs one round of checks per interval, not one per
+request (``invalidate()`` forgets the results at once; the root calls it after
+every request that may change state, so what the API just changed shows in the
+next report).  Optional components (live provider checks) are never kept, only
+shared between concurrent requests.  Readiness (``starting``/``ready``/``stopping`` + database) is kept
 apart from the components.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Awaitable, Callable, Optional
 
 from twisted.internet import defer
@@ -46,26 +52,64 @@ def overall(components: list[Component]) -> str:
 Check = Callable[[], Awaitable[Component]]
 
 
+#: How long a component's result is reused (seconds of the injected clock).
+CACHE_SECONDS = 1.0
+
+
 class HealthRegistry:
-    def __init__(self, clock: Any, timeout: float = 5.0):
+    def __init__(self, clock: Any, timeout: float = 5.0, cache_seconds: float = CACHE_SECONDS):
         self.clock = clock
         self.timeout = timeout
+        self.cache_seconds = cache_seconds
         self._checks: dict[str, tuple[Check, bool]] = {}
+        self._results: dict[str, tuple[Component, float]] = {}       # name → (result, finished at)
+        self._running: dict[str, list[defer.Deferred]] = {}          # name → waiters of the run
         self.phase = "starting"       # starting | ready | stopping
         self.not_ready_reason: Optional[str] = "starting"
 
     def register(self, name: str, check: Check, optional: bool = False) -> None:
         """``optional`` components run only when asked for (providers)."""
         self._checks[name] = (check, optional)
+        self._results.pop(name, None)
+
+    def invalidate(self) -> None:
+        """Forget the kept results: the next report runs every check."""
+        self._results.clear()
 
     def names(self, include_optional: bool = False) -> list[str]:
         return [n for n, (_, opt) in self._checks.items() if include_optional or not opt]
 
     async def check_all(self, include_optional: bool = False) -> list[Component]:
         names = self.names(include_optional)
-        results = await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(self._run(name)) for name in names])
-        return list(results)
+        now = self.clock.seconds()
+        pending = []
+        for name in names:
+            kept = self._results.get(name)
+            if kept is not None and now - kept[1] < self.cache_seconds and not self._checks[name][1]:
+                pending.append(defer.succeed(kept[0]))
+            else:
+                pending.append(self._shared_run(name))
+        results = await defer.gatherResults(pending)
+        # copies: a caller may not change what the next caller gets
+        return [replace(component) for component in results]
+
+    def _shared_run(self, name: str) -> defer.Deferred:
+        """The result of the check run in progress for ``name`` (one is started if none is)."""
+        waiter: defer.Deferred = defer.Deferred()
+        waiters = self._running.get(name)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._running[name] = [waiter]
+
+        def done(component: Component) -> None:
+            self._results[name] = (component, self.clock.seconds())
+            for each in self._running.pop(name, []):
+                each.callback(component)
+
+        # _run never fails (a failing check is an unhealthy component)
+        defer.Deferred.fromCoroutine(self._run(name)).addCallback(done)
+        return waiter
 
     async def _run(self, name: str) -> Component:
         check, _ = self._checks[name]

@@ -68,6 +68,50 @@ def test_the_one_table_matches_like_each_surface_in_turn(daemon):
     assert checked > 500
 
 
+def test_where_surfaces_overlap_the_first_surface_keeps_the_path():
+    from klein import Klein
+
+    from stdaemon.http.root import Root
+    from stdaemon.http.surface import PUBLIC, Surface, route
+    from tests.test_surface import FakeCtx
+
+    class First(Surface):
+        app = Klein()
+
+        @route(app, "/x/<path:rest>", methods=["GET", "PUT"], access=PUBLIC)
+        def anything(self, request, rest):
+            return {}
+
+        @route(app, "/y/<name>", access=PUBLIC)
+        def y(self, request, name):
+            return {}
+
+    class Second(Surface):
+        app = Klein()
+
+        @route(app, "/x/<bucket>/<path:key>", methods=["GET", "PUT", "DELETE"], access=PUBLIC)
+        def specific(self, request, bucket, key):
+            return {}
+
+        @route(app, "/x/fixed", access=PUBLIC)
+        def fixed(self, request):
+            return {}
+
+        @route(app, "/y/<int:number>", methods=["GET", "POST"], access=PUBLIC)
+        def y_number(self, request, number):
+            return {}
+
+    ctx = FakeCtx()
+    surfaces = [First(ctx), Second(ctx)]
+    root = Root(ctx, surfaces)
+    for path in ("/x/a/b", "/x/fixed", "/x/a", "/y/7", "/y/a", "/x/", "/z"):
+        for method in ("GET", "PUT", "DELETE", "POST"):
+            assert one_table(root, method, path) == surface_by_surface(surfaces, method, path), \
+                (method, path)
+    assert root.match("PUT", "/x/a/b").endpoint.endswith("First.anything")
+    assert root.match("DELETE", "/x/a/b").endpoint.endswith("Second.specific")
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_match_taken_with_the_headers_is_the_one_the_handler_runs_with(daemon):
     root = daemon.service.root

@@ -50,6 +50,7 @@ _VALID_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Methods any route may use. Anything else is a 405 that is not counted: the metrics label sets
 # stay bounded by the route table (METHOD_<template>, METHOD ∈ this set).
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass
@@ -88,6 +89,10 @@ class Dispatch:
     def __init__(self, surfaces: list[Surface]):
         self.static: dict[str, dict[str, _Route]] = {}
         self.routes: dict[str, _Route] = {}
+        self._order = {id(surface): index for index, surface in enumerate(surfaces)}
+        # per surface: its own adapter and the literal beginnings of its rules with converters,
+        # to tell when an earlier surface could claim a path the combined map gave a later one
+        self._earlier: list[tuple[tuple[str, ...], Any]] = []
         rules = []
         for surface in surfaces:
             app = surface.app
@@ -105,6 +110,10 @@ class Dispatch:
                         by_method.setdefault(method, entry)
         self.map = Map(rules)
         self.adapter = self.map.bind("localhost")
+        for surface in surfaces:
+            prefixes = tuple(rule.rule.split("<", 1)[0] for rule in surface.app.url_map.iter_rules()
+                             if rule.arguments)
+            self._earlier.append((prefixes, surface.app.url_map.bind("localhost")))
         self._check_precedence(surfaces)
 
     def _check_precedence(self, surfaces: list[Surface]) -> None:
@@ -139,6 +148,16 @@ class Dispatch:
         except (NotFound, RequestRedirect):
             raise ApiError(404, "not_found", f"No route for {path}") from None
         entry = self.routes[rule.endpoint]
+        # werkzeug ranks rules of one map by how specific they are; surfaces are ranked by their
+        # order: an earlier surface whose own rule matches too keeps the path.
+        for prefixes, adapter in self._earlier[:self._order[id(entry.surface)]]:
+            if prefixes and path.startswith(prefixes):
+                try:
+                    rule, args = adapter.match(path, method, return_rule=True)
+                except (NotFound, MethodNotAllowed, RequestRedirect):
+                    continue
+                entry = self.routes[rule.endpoint]
+                break
         return RouteMatch(entry.surface, entry.app, entry.endpoint, entry.template, args, entry.info)
 
 
@@ -349,6 +368,11 @@ class Root(Resource):
         request.finish()
 
     def _observe(self, request: Any, match: Optional[RouteMatch], method: str, started: float) -> None:
+        if method not in _READ_METHODS:
+            # what the request changed shows in the next health report (kept results forgotten)
+            invalidate = getattr(getattr(self.ctx, "health", None), "invalidate", None)
+            if invalidate is not None:
+                invalidate()
         label = f"{method}_{match.label if match else 'unmatched'}"
         latency_ms = (self.ctx.clock.seconds() - started) * 1000.0
         status = request.code

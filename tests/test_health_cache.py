@@ -1,0 +1,53 @@
+"""Component checks are shared and kept briefly (injected clock), never stale after a change."""
+
+from __future__ import annotations
+
+import pytest_twisted
+import treq
+from twisted.internet import defer, reactor, task
+
+from stdaemon.health import HEALTHY, Component
+
+
+async def report(daemon):
+    response = await treq.get(daemon.url + "/api/cloud/health")
+    assert response.code == 200
+    body = await response.json()
+    return {c["name"]: c for c in body["components"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_checks_are_kept_for_the_interval_and_shared_by_concurrent_requests(make_daemon):
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    daemon = await make_daemon(clock=clock)
+    runs = []
+    gate = [None]
+
+    async def probe():
+        runs.append(clock.seconds())
+        if gate[0] is not None:
+            await gate[0]
+        return Component("probe", HEALTHY, f"run {len(runs)}")
+
+    daemon.ctx.health.register("probe", probe)
+    assert (await report(daemon))["probe"]["message"] == "run 1"
+    assert (await report(daemon))["probe"]["message"] == "run 1"      # kept
+    clock.advance(daemon.ctx.health.cache_seconds)
+    assert (await report(daemon))["probe"]["message"] == "run 2"      # interval over
+    # A request that may change state: the next report runs the checks again.
+    response = await treq.post(daemon.url + "/api/auth/logout", headers=daemon.admin_headers)
+    await response.content()
+    assert (await report(daemon))["probe"]["message"] == "run 3"
+    # Concurrent requests while a check runs wait for that one run.
+    clock.advance(daemon.ctx.health.cache_seconds)
+    gate[0] = defer.Deferred()
+    pending = [defer.ensureDeferred(report(daemon)) for _ in range(5)]
+    for _ in range(500):
+        if len(runs) == 4:
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    await task.deferLater(reactor, 0.2, lambda: None)   # all five are waiting
+    gate[0].callback(None)
+    results = await defer.gatherResults(pending)
+    assert {r["probe"]["message"] for r in results} == {"run 4"} and len(runs) == 4
