@@ -5,15 +5,21 @@ authentication, metrics or correlation ids), i.e. the framework limit.
 * ``GET /live``         → ``{"status": "ok"}`` (as ``/api/cloud/health/live``);
 * ``GET /jobs/<id>``    → the job row read from the daemon's SQLite database on a
   thread (one connection per thread, like the daemon's readers) as JSON, 404 when absent;
-* ``GET /klein/live``   → the same JSON from a bare Klein route;
+* ``GET /klein/live``   → the same JSON from a bare Klein route (the "minimal Klein app");
+* ``GET /keyjob/<id>``  → with ``--job-body FILE --key-hash HEX``: checks ``X-API-Key`` (SHA-256
+  against the hash, constant-time compare; 401 otherwise) and answers the bytes of stdaemon's own
+  answer to ``GET /api/cloud/jobs/<id>`` (the job-GET peer: authentication and the same bytes,
+  nothing else);
 * ``GET /ready``        → 200 once listening (start-to-serving time).
 
-Usage: ``python -m bench.peer --port N [--db PATH]``.
+Usage: ``python -m bench.peer --port N [--db PATH] [--job-body FILE --key-hash HEX]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
 import sqlite3
 import threading
@@ -75,6 +81,23 @@ class Jobs(resource.Resource):
         return server.NOT_DONE_YET
 
 
+class KeyJob(resource.Resource):
+    """Checks the API key and answers fixed bytes: the framework limit of an authenticated GET."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes, key_hash: str):
+        super().__init__()
+        self.body = body
+        self.key_hash = key_hash.encode()
+
+    def render_GET(self, request):
+        key = request.getHeader(b"x-api-key") or b""
+        if not hmac.compare_digest(hashlib.sha256(key).hexdigest().encode(), self.key_hash):
+            return _json(request, b'{"error":"unauthorized"}', 401)
+        return _json(request, self.body)
+
+
 klein_app = Klein()
 
 
@@ -88,12 +111,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", default=None)
+    parser.add_argument("--job-body", default=None, help="file with stdaemon's job GET answer")
+    parser.add_argument("--key-hash", default=None, help="SHA-256 hex of the accepted X-API-Key")
     args = parser.parse_args()
     root = resource.Resource()
     root.putChild(b"live", Live())
     root.putChild(b"ready", Live())
     root.putChild(b"jobs", Jobs(args.db))
     root.putChild(b"klein", klein_app.resource())
+    if args.job_body and args.key_hash:
+        with open(args.job_body, "rb") as fh:
+            root.putChild(b"keyjob", KeyJob(fh.read(), args.key_hash))
     site = server.Site(root)
     site.displayTracebacks = False
     reactor.listenTCP(args.port, site, interface="127.0.0.1")

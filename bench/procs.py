@@ -260,13 +260,17 @@ class Processes:
         with open(state_paths(proc.extra["state"])["admin_key"]) as fh:
             return fh.read().strip()
 
-    def peer(self, db: Optional[str] = None) -> Proc:
-        """The bare twisted.web peer (``bench/peer.py``)."""
+    def peer(self, db: Optional[str] = None, job_body: Optional[str] = None,
+             key_hash: Optional[str] = None, name: str = "peer") -> Proc:
+        """The bare twisted.web peer (``bench/peer.py``); with ``job_body``/``key_hash`` it also
+        serves ``/keyjob/<id>`` (key check + those bytes)."""
         port = free_port()
         argv = [sys.executable, "-m", "bench.peer", "--port", str(port)]
         if db:
             argv += ["--db", db]
-        proc = self._spawn("peer", argv, port, dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
+        if job_body and key_hash:
+            argv += ["--job-body", job_body, "--key-hash", key_hash]
+        proc = self._spawn(name, argv, port, dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
         self.wait_http(proc, "/ready")
         return proc
 

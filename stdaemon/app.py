@@ -76,6 +76,15 @@ class App:
         timer.setServiceParent(self.services)
         return timer
 
+    async def poll_change_counters(self) -> None:
+        """One read of the database's change counters (bumped by triggers, whoever writes): the
+        verified-key cache and the kept job rows forget what another process may have changed."""
+        from stdaemon.store.api_keys import change_counters
+
+        counters = await self.db.run_read(change_counters)
+        self.auth.saw_generation(counters.get("auth", 0))
+        self.db.saw_counter("jobs", counters.get("jobs", 0))
+
     last_db_latency_ms: Optional[float] = None
 
     def outputs_dir(self) -> str:

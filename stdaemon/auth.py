@@ -19,9 +19,10 @@ Strategy = Callable[[Any], Awaitable[Optional[Principal]]]
 # Verified keys are kept in memory (by SHA-256 of the key, never the key): a request with a known
 # key reads nothing from SQLite. An entry ends at the key's own expiry, after _CACHE_SECONDS at
 # most, and at once when anything can have withdrawn rights: ``invalidate()`` in this process
-# (revocation, user changes, a restore), and a change of the database's ``auth_generation`` counter
+# (revocation, user changes, a restore), and a change of the database's ``auth`` change counter
 # (bumped by triggers on api_keys/users, so another instance or stdaemon-admin is seen too),
-# polled every GENERATION_POLL_SECONDS on a reader thread by the ``auth-generation`` timer.
+# read every GENERATION_POLL_SECONDS on a reader thread by the ``change-counters`` timer
+# (``App.poll_change_counters``).
 _CACHE_SECONDS = 60.0
 _CACHE_MAX = 10_000
 GENERATION_POLL_SECONDS = 1.0
@@ -55,9 +56,8 @@ class Authenticator:
         self._cache.clear()
         self._epoch += 1
 
-    async def poll_generation(self) -> None:
-        """One cheap read of the database's ``auth_generation``; a change empties the cache."""
-        value = await self.db.run_read(api_keys.auth_generation)
+    def saw_generation(self, value: int) -> None:
+        """The database's ``auth`` change counter as just read; a change empties the cache."""
         if value != self._db_generation:
             if self._db_generation is not None:
                 self.invalidate()

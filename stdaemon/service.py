@@ -141,10 +141,11 @@ async def start_capabilities(ctx: App) -> None:
     """Start-up work that needs the open database (runs before ``ready``)."""
     from stdaemon.auth import GENERATION_POLL_SECONDS
 
-    await ctx.auth.poll_generation()
-    # Key/user changes by another instance or stdaemon-admin empty the verified-key cache.
-    ctx.add_timer("auth-generation", GENERATION_POLL_SECONDS,
-                  lambda: defer.ensureDeferred(ctx.auth.poll_generation()))
+    await ctx.poll_change_counters()
+    # Key/user and job changes by another instance or stdaemon-admin: verified keys and kept job
+    # rows are forgotten within a second.
+    ctx.add_timer("change-counters", GENERATION_POLL_SECONDS,
+                  lambda: defer.ensureDeferred(ctx.poll_change_counters()))
     await ctx.audit.start()  # audit HMAC key (secrets or 0600 key file) and counters
     await ctx.providers.load()  # provider settings saved through the API
     await ctx.jobs.load()  # running job totals for metrics (ctx.jobs.metrics())

@@ -1,5 +1,6 @@
-"""Verified API keys are served from memory, and stop working the moment their rights are withdrawn
-(revocation here, a change by another process on the same database, expiry)."""
+"""Verified API keys and hot job rows are served from memory, and what is kept is forgotten the moment
+it may have changed (revocation or a write here, a change by another process on the same database,
+expiry)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest_twisted
 import treq
 
 from stdaemon.store import api_keys
+from stdaemon.store import jobs as job_store
 from stdaemon.store.database import connect
 
 
@@ -76,7 +78,7 @@ async def test_a_change_by_another_process_is_seen_at_the_next_generation_poll(d
         conn.close()
     # Until the poll the entries may still be served from memory; the poll (every second on the
     # daemon's clock) sees the counter the triggers bumped.
-    await daemon.ctx.auth.poll_generation()
+    await daemon.ctx.poll_change_counters()
     assert await status(daemon, created["key"]) == 401
     assert await status(daemon, demoted["key"], "/api/approvals/rules") == 403
 
@@ -86,6 +88,7 @@ async def test_the_generation_counter_follows_every_rights_change(daemon):
     conn = connect(daemon.ctx.db.path)
     try:
         before = api_keys.auth_generation(conn)
+        jobs_before = api_keys.change_counters(conn)["jobs"]
         with conn:
             conn.execute("UPDATE api_keys SET last_used_at = 5")       # not a rights change
         assert api_keys.auth_generation(conn) == before
@@ -95,6 +98,7 @@ async def test_the_generation_counter_follows_every_rights_change(daemon):
         with conn:
             conn.execute("UPDATE api_keys SET expires_at = NULL")
         assert api_keys.auth_generation(conn) == before + 2
+        assert api_keys.change_counters(conn)["jobs"] == jobs_before
     finally:
         conn.close()
 
@@ -115,3 +119,54 @@ async def test_a_cached_key_stops_at_its_expiry(daemon):
     finally:
         conn.close()
     assert await status(daemon, created["key"]) == 401
+
+
+def insert_job(path, job_id, status="running"):
+    conn = connect(path)
+    try:
+        with conn:
+            job_store.insert_job(conn, {"job_id": job_id, "provider": "replicate", "status": status,
+                                        "created_at": 1_700_000_000.0, "user_id": 1, "metadata": {}})
+    finally:
+        conn.close()
+
+
+async def get_job(daemon, job_id):
+    response = await treq.get(f"{daemon.url}/api/cloud/jobs/{job_id}", headers=daemon.admin_headers)
+    body = await response.json()
+    assert response.code == 200, body
+    return body["job"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hot_job_row_is_read_once_and_forgotten_on_any_write(daemon):
+    insert_job(daemon.ctx.db.path, "hotjob")
+    await daemon.ctx.poll_change_counters()
+    assert (await get_job(daemon, "hotjob"))["status"] == "running"
+    calls = count_reads(daemon.ctx)
+    try:
+        for _ in range(3):
+            assert (await get_job(daemon, "hotjob"))["status"] == "running"
+        assert "get_job" not in calls
+        # A change through the daemon's one writer (the cancel path) is seen by the next GET.
+        response = await treq.post(f"{daemon.url}/api/cloud/jobs/hotjob/cancel", headers=daemon.admin_headers)
+        await response.content()
+        assert (await get_job(daemon, "hotjob"))["status"] == "cancelled"
+        assert "get_job" in calls
+    finally:
+        del daemon.ctx.db.run_read
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_changed_by_another_process_is_seen_after_the_counter_poll(daemon):
+    insert_job(daemon.ctx.db.path, "elsewhere")
+    await daemon.ctx.poll_change_counters()
+    assert (await get_job(daemon, "elsewhere"))["status"] == "running"
+    conn = connect(daemon.ctx.db.path)
+    try:
+        with conn:
+            conn.execute("UPDATE jobs SET status = 'failed', error_message = 'x' WHERE job_id = 'elsewhere'")
+    finally:
+        conn.close()
+    await daemon.ctx.poll_change_counters()
+    assert (await get_job(daemon, "elsewhere"))["status"] == "failed"

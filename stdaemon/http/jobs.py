@@ -101,6 +101,7 @@ class ListJobs(QueryModel):
     offset: int = Field(0, ge=0, le=SQLITE_MAX_INT)
     sync_active: bool = False
 POLL_BATCH = 50
+ROW_CACHE_SIZE = 256        # hot job rows kept in memory (JobService.get_row)
 S3_REGION = "us-east-1"
 # Job metadata key of the SHA-256 of the trainer's per-job webhook token
 # (stdaemon/http/webhooks.py checks it; never shown).
@@ -188,6 +189,30 @@ class JobService:
         out["hardware_profile"] = metadata.get("hardware_profile", job.get("hardware_type"))
         out.pop("idempotency_key", None)
         return out
+
+    # -- hot job rows ---------------------------------------------------------------------------
+    async def get_row(self, job_id: str) -> Optional[dict]:
+        """The job row, from memory when nothing was written since it was read.
+
+        A row read on a reader thread is kept while ``ctx.db.write_epoch`` stays what it was when
+        the read started: any write of this process (each job change goes through the one writer,
+        ``write_update`` included), a restore, or a job change by another process seen by the
+        ``change-counters`` timer (triggers bump it) moves the epoch, and the next read goes to
+        SQLite again. Bounded (``ROW_CACHE_SIZE`` ids, oldest dropped first). The row is shared:
+        callers must not change it (``public`` copies)."""
+        db = self.ctx.db
+        epoch = db.write_epoch
+        rows = self.__dict__.setdefault("_rows", {})
+        kept = rows.get(job_id)
+        if kept is not None and kept[0] == epoch:
+            return kept[1]
+        row = await db.run_read(store.get_job, job_id)
+        if row is not None and db.write_epoch == epoch:
+            rows.pop(job_id, None)
+            while len(rows) >= ROW_CACHE_SIZE:
+                del rows[next(iter(rows))]
+            rows[job_id] = (epoch, row)
+        return row
 
     # -- incrementally kept figures for metrics (no table scan per scrape) ------
     async def load(self) -> None:
@@ -847,7 +872,7 @@ class JobsSurface(Surface):
 
     @route(app, "/api/cloud/jobs/<job_id>", access=VIEWER)
     async def get_job(self, request, job_id):
-        job = await self.ctx.db.run_read(store.get_job, job_id)
+        job = await self.jobs.get_row(job_id)
         if job is None:
             raise not_found(f"Job {job_id} not found")
         public = self.jobs.public(job)

@@ -35,7 +35,7 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
-from werkzeug.routing import Map, RequestRedirect
+from werkzeug.routing import Map, RequestRedirect, Rule
 
 from stdaemon.core.client_ip import derive_client_ip
 from stdaemon.http.errors import ApiError, forbidden, unauthorized
@@ -66,6 +66,21 @@ class RouteMatch:
     def label(self) -> str:
         """Bounded-cardinality metrics label: ``METHOD_<route template>``."""
         return self.template
+
+
+class _MatchOnlyRule(Rule):
+    """A copy of a surface's rule for the combined map, which only matches: werkzeug compiles two
+    URL builders per rule (Python ``compile``), the larger part of building a map; the surfaces'
+    own maps keep theirs."""
+
+    def _compile_builder(self, append_unknown: bool = True) -> Any:
+        def unused(self: Any, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError("the dispatch table does not build URLs")
+        return unused
+
+
+def _match_only(rule: Rule) -> Rule:
+    return _MatchOnlyRule(rule.rule, **rule.get_empty_kwargs())   # what Rule.empty() copies
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,7 @@ class Dispatch:
                         "register it with stdaemon.http.surface.route")
                 entry = _Route(surface, app, rule.endpoint, rule.rule, ROUTES[rule.endpoint])
                 self.routes[rule.endpoint] = entry
-                rules.append(rule.empty())
+                rules.append(_match_only(rule))
                 if not rule.arguments:
                     by_method = self.static.setdefault(rule.rule, {})
                     for method in rule.methods or ():

@@ -74,11 +74,15 @@ def lookup_with_expiry(conn: sqlite3.Connection, key: str,
                      key_id=row["id"]), row["expires_at"]
 
 
+def change_counters(conn: sqlite3.Connection) -> dict:
+    """``{name: value}`` of the counters triggers bump (migration ``0045_change_counters``):
+    ``auth`` on every change to keys or users that can withdraw rights, ``jobs`` on every job row
+    change."""
+    return {name: int(value) for name, value in conn.execute("SELECT name, value FROM change_counters")}
+
+
 def auth_generation(conn: sqlite3.Connection) -> int:
-    """The counter bumped by every change to keys or users that can withdraw rights (triggers of
-    migration ``0045_auth_generation``)."""
-    row = conn.execute("SELECT value FROM auth_generation WHERE id = 1").fetchone()
-    return int(row[0]) if row is not None else 0
+    return change_counters(conn).get("auth", 0)
 
 
 def ensure_admin_key(conn: sqlite3.Connection, key_path: str, now: float) -> Optional[str]:

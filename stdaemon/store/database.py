@@ -110,7 +110,12 @@ class Database:
                 swap()
             schema.migrate(self._connection())
 
-        return deferToThreadPool(self._reactor, self._writer, on_writer)
+        def ended(outcome: Any) -> Any:
+            self.write_epoch += 1
+            return outcome
+
+        self.write_epoch += 1
+        return deferToThreadPool(self._reactor, self._writer, on_writer).addBoth(ended)
 
     def _forget(self, conn: sqlite3.Connection) -> None:
         with self._lock:
@@ -144,11 +149,28 @@ class Database:
                 self._connections.append(local.conn)
         return local.conn
 
+    # -- what the daemon keeps in memory from the database ---------------------------------------
+    #: Bumped when a write is submitted and when it ends, on a restore and when another process
+    #: changed job rows (``saw_counter``): a value read from the database may be kept in memory
+    #: while ``write_epoch`` is what it was before the read started (``JobService.get_row``).
+    write_epoch = 0
+
+    def changed(self) -> None:
+        self.write_epoch += 1
+
+    def saw_counter(self, name: str, value: int) -> None:
+        """A change counter of the database as just read (another process's writes)."""
+        counters = self.__dict__.setdefault("_counters", {})
+        if counters.get(name, value) != value:
+            self.changed()
+        counters[name] = value
+
     def run_write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
         if not self._running:
             from twisted.internet.defer import fail
 
             return fail(DatabaseClosed("database is closed"))
+        self.write_epoch += 1
 
         def in_transaction() -> T:
             conn = self._connection()
@@ -161,7 +183,11 @@ class Database:
             conn.execute("COMMIT")
             return result
 
-        return deferToThreadPool(self._reactor, self._writer, in_transaction)
+        def ended(outcome: Any) -> Any:
+            self.write_epoch += 1
+            return outcome
+
+        return deferToThreadPool(self._reactor, self._writer, in_transaction).addBoth(ended)
 
     def run_read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
         if not self._running:

@@ -221,26 +221,33 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
-        # A counter every change that can withdraw a key's rights bumps, whoever makes it (this
-        # daemon, another instance on the same database, stdaemon-admin): the in-memory cache of
-        # verified keys (stdaemon/auth.py) polls this one row instead of reading keys per request.
-        "0045_auth_generation",
+        # Counters bumped by triggers whoever writes (this daemon, another instance on the same
+        # database, stdaemon-admin): ``auth`` by every change that can withdraw a key's rights,
+        # ``jobs`` by every job row change. What the daemon keeps in memory (verified keys, hot job
+        # rows) is checked against them by one cheap read a second (``change-counters`` timer).
+        "0045_change_counters",
         """
-        CREATE TABLE auth_generation (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
+        CREATE TABLE change_counters (
+            name TEXT PRIMARY KEY,
             value INTEGER NOT NULL
         );
-        INSERT INTO auth_generation (id, value) VALUES (1, 0);
-        CREATE TRIGGER auth_generation_key_update
+        INSERT INTO change_counters (name, value) VALUES ('auth', 0), ('jobs', 0);
+        CREATE TRIGGER change_counters_key_update
             AFTER UPDATE OF revoked_at, role, expires_at, user_id, key_hash ON api_keys
-            BEGIN UPDATE auth_generation SET value = value + 1 WHERE id = 1; END;
-        CREATE TRIGGER auth_generation_key_delete AFTER DELETE ON api_keys
-            BEGIN UPDATE auth_generation SET value = value + 1 WHERE id = 1; END;
-        CREATE TRIGGER auth_generation_user_update
+            BEGIN UPDATE change_counters SET value = value + 1 WHERE name = 'auth'; END;
+        CREATE TRIGGER change_counters_key_delete AFTER DELETE ON api_keys
+            BEGIN UPDATE change_counters SET value = value + 1 WHERE name = 'auth'; END;
+        CREATE TRIGGER change_counters_user_update
             AFTER UPDATE OF role, disabled, username ON users
-            BEGIN UPDATE auth_generation SET value = value + 1 WHERE id = 1; END;
-        CREATE TRIGGER auth_generation_user_delete AFTER DELETE ON users
-            BEGIN UPDATE auth_generation SET value = value + 1 WHERE id = 1; END;
+            BEGIN UPDATE change_counters SET value = value + 1 WHERE name = 'auth'; END;
+        CREATE TRIGGER change_counters_user_delete AFTER DELETE ON users
+            BEGIN UPDATE change_counters SET value = value + 1 WHERE name = 'auth'; END;
+        CREATE TRIGGER change_counters_job_insert AFTER INSERT ON jobs
+            BEGIN UPDATE change_counters SET value = value + 1 WHERE name = 'jobs'; END;
+        CREATE TRIGGER change_counters_job_update AFTER UPDATE ON jobs
+            BEGIN UPDATE change_counters SET value = value + 1 WHERE name = 'jobs'; END;
+        CREATE TRIGGER change_counters_job_delete AFTER DELETE ON jobs
+            BEGIN UPDATE change_counters SET value = value + 1 WHERE name = 'jobs'; END;
         """,
     ),
 ]
