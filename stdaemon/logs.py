@@ -277,10 +277,23 @@ class StructuredObserver:
                 output.reopen()
 
 
+_debug_wanted = False
+
+
+def debug_enabled() -> bool:
+    """Does an observer built here keep debug lines?  Per-request debug lines (the request log
+    line of every answered request) are skipped when none does, instead of being built and dropped
+    by the filter."""
+    return _debug_wanted
+
+
 def make_observer(level: str = "INFO", json_output: bool = False, log_file: Optional[str] = None,
                   stream: Optional[TextIO] = None) -> FilteringLogObserver:
     """Build the filtering observer; ``.structured`` is the inner observer
     (for ``reopen()``)."""
+    global _debug_wanted
+    if _LEVELS.get(level.upper(), LogLevel.info) is LogLevel.debug:
+        _debug_wanted = True
     outputs: list = [stream if stream is not None else sys.stdout]
     if log_file:
         outputs.append(ReopenableFile(log_file))

@@ -154,3 +154,25 @@ async def test_generated_correlation_ids_are_distinct_and_an_incoming_one_is_ech
     response = await treq.get(f"{daemon.url}/health", headers={"X-Correlation-ID": "abc-123"})
     await response.content()
     assert response.headers.getRawHeaders("x-correlation-id") == ["abc-123"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_request_debug_line_is_built_only_when_an_observer_keeps_debug(daemon, monkeypatch):
+    from twisted.logger import globalLogPublisher
+
+    from stdaemon import logs
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for wanted in (False, True):
+            monkeypatch.setattr(logs, "_debug_wanted", wanted)
+            response = await treq.get(f"{daemon.url}/api/cloud/health/live?w={int(wanted)}")
+            await response.content()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if e.get("log_namespace") == "stdaemon.http" and e.get("status") == 200
+             and "/api/cloud/health/live" in str(e.get("path", ""))]
+    assert len(lines) == 1 and lines[0]["log_level"].name == "debug"
+    # and with debug kept, make_observer says so
+    assert logs.make_observer("DEBUG") is not None and logs.debug_enabled()

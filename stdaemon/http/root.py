@@ -41,7 +41,7 @@ from stdaemon.core.client_ip import derive_client_ip
 from stdaemon.http.errors import ApiError, forbidden, unauthorized
 from stdaemon.http.request import BodyPolicy
 from stdaemon.http.surface import ROUTES, Access, RouteInfo, Surface, render_error
-from stdaemon.logs import correlation_id_var, get_logger
+from stdaemon.logs import correlation_id_var, debug_enabled, get_logger
 
 log = get_logger("stdaemon.http")
 
@@ -198,6 +198,7 @@ class Root(Resource):
         self.surfaces = surfaces
         self.middlewares: list[Middleware] = []
         self.dispatch = Dispatch(surfaces)
+        self._labels: dict[tuple[str, str], str] = {}    # (method, template) → metrics label
 
     # -- routing --------------------------------------------------------------
 
@@ -388,7 +389,10 @@ class Root(Resource):
             invalidate = getattr(getattr(self.ctx, "health", None), "invalidate", None)
             if invalidate is not None:
                 invalidate()
-        label = f"{method}_{match.label if match else 'unmatched'}"
+        template = match.label if match else "unmatched"
+        label = self._labels.get((method, template))
+        if label is None:   # bounded: methods of KNOWN_METHODS × route templates
+            label = self._labels[(method, template)] = f"{method}_{template}"
         latency_ms = (self.ctx.clock.seconds() - started) * 1000.0
         status = request.code
         try:
@@ -405,7 +409,7 @@ class Root(Resource):
         elif status >= 500:
             log.error("{method} {path} -> {status}", method=method, path=_request_path(request),
                       status=status, latency_ms=round(latency_ms, 3))
-        else:
+        elif debug_enabled():
             log.debug("{method} {path} -> {status}", method=method, path=_request_path(request),
                       status=status, latency_ms=round(latency_ms, 3))
 
