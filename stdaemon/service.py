@@ -129,6 +129,8 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     approvals.install(ctx)  # ctx.approvals (evaluate/hold/set_handlers), ctx.quotas (check); "approval-expiry" timer; a ctx.jobs submission check
     # State cached from the database is reloaded after a restore swaps it.
     ctx.backups.after_restore.extend([ctx.providers.load, ctx.jobs.load, _forget_verified_keys(ctx)])
+    if getattr(ctx, "webhooks", None) is not None:
+        ctx.backups.after_restore.append(ctx.webhooks.forget_recent)
 
 
 def _forget_verified_keys(ctx: App) -> Any:

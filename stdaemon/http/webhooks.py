@@ -71,6 +71,7 @@ log = get_logger("stdaemon.webhooks")
 
 MAX_WEBHOOK_BODY = 1024 * 1024
 DELIVERY_RETENTION = 7 * 86400.0
+RECENT_DELIVERIES = 10_000   # committed delivery ids answered from memory as duplicates
 SECRET_REFETCH_INTERVAL = 60.0
 KNOWN_PROVIDERS = ("replicate",)
 # The path SimpleTuner's trainer posts its own events to (token-authenticated).
@@ -172,8 +173,33 @@ class WebhooksSurface(Surface):
         self._fetching: dict[str, defer.Deferred] = {}
         self.counters = {"received": 0, "applied": 0, "duplicates": 0, "unknown_job": 0,
                          "ignored": 0, "rejected_ip": 0, "rejected_signature": 0, "invalid": 0}
+        # (provider, webhook_id) → (received_at, job_id) of committed deliveries, newest last: a
+        # replay of one of them is answered without the writer; the table stays the truth.
+        self._recent: dict[tuple[str, str], tuple[float, Optional[str]]] = {}
         ctx.webhooks = self
         ctx.add_timer("webhook-deliveries-sweep", 3600.0, self.sweep)
+
+    # -- replay check, memory first ---------------------------------------------------------
+
+    def _recent_duplicate(self, provider: str, webhook_id: Optional[str]) -> Optional[dict]:
+        if webhook_id is None:
+            return None
+        seen = self._recent.get((provider, webhook_id))
+        if seen is None or self.ctx.now() - seen[0] >= DELIVERY_RETENTION:
+            return None
+        return {"status": "duplicate", "job_id": seen[1]}
+
+    def _remember(self, provider: str, webhook_id: Optional[str], outcome: dict) -> None:
+        """After the commit: a delivery the table now holds (a row was written or found)."""
+        if webhook_id is None or outcome.get("reason") == "unknown_job" or "job_id" not in outcome:
+            return
+        while len(self._recent) >= RECENT_DELIVERIES:
+            del self._recent[next(iter(self._recent))]
+        self._recent[(provider, webhook_id)] = (self.ctx.now(), outcome.get("job_id"))
+
+    async def forget_recent(self) -> None:
+        """After a restore the table is the only truth again."""
+        self._recent.clear()
 
     # -- settings and secrets -----------------------------------------------------------
 
@@ -300,8 +326,12 @@ class WebhooksSurface(Surface):
         if webhook_id is not None and len(webhook_id) > ws.MAX_ID:
             webhook_id = webhook_id[:ws.MAX_ID]
         prices = settings.get("gpu_prices") or {}
-        outcome = await self.ctx.db.run_write(self._apply, provider, kind, payload, webhook_id,
-                                              client_ip, prices, self.ctx.now())
+        outcome = self._recent_duplicate(provider, webhook_id)
+        if outcome is None:
+            # group commit: deliveries arriving together share one transaction (one fsync)
+            outcome = await self.ctx.db.run_write_grouped(self._apply, provider, kind, payload, webhook_id,
+                                                          client_ip, prices, self.ctx.now())
+            self._remember(provider, webhook_id, outcome)
         if outcome.get("applied") is not None:
             # The same counters, metrics figures and live event as the poller's updates.
             await self.ctx.jobs.committed(outcome["applied"])
@@ -336,7 +366,7 @@ class WebhooksSurface(Surface):
                               code="invalid_payload")
         settings = await self.settings(provider)
         client_ip = getattr(request, "client_ip", None) or ""
-        outcome = await self.ctx.db.run_write(
+        outcome = await self.ctx.db.run_write_grouped(
             self._apply, provider, job_updates.TRAINER, payload, None, client_ip,
             settings.get("gpu_prices") or {}, self.ctx.now(), token_hash(token))
         if outcome.get("status") == "unauthorized":
