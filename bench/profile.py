@@ -70,6 +70,8 @@ def profile_path(name: str, seconds: int, top: int, base: str) -> str:
     stats.sort_stats("tottime").print_stats(top)
     text.write("\n### by cumulative time\n")
     stats.sort_stats("cumulative").print_stats(top)
+    text.write("\n### what the root's pipeline calls (root.py _handle, _run_endpoint, _observe)\n")
+    stats.sort_stats("cumulative").print_callees(r"root.py:\d+\((_handle|_run_endpoint|_observe|_authorise)\)")
     return text.getvalue()
 
 

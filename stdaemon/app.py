@@ -33,7 +33,7 @@ class App:
         self.clock = clock if clock is not None else reactor
         self.started_at = self.clock.seconds()
         self.db = db or Database(self.database_path, reactor)
-        self.health = HealthRegistry(self.clock)
+        self.health = HealthRegistry(self.clock, cache_seconds=config.server.health_cache_seconds)
         self.metrics = Metrics(self.clock)
         self.auth = Authenticator(self.db, self.clock)
         self.trusted_proxies = parse_networks(config.server.trusted_proxies)

@@ -6,10 +6,10 @@ Capabilities register their components once, here::
 
 ``check_all()`` runs every check concurrently, each bounded by a timeout, and
 turns a failing or hanging check into an ``unhealthy`` component rather than
-an error.  A component's result is kept for ``cache_seconds`` of the injected
-clock and requests arriving while a check runs wait for that one run, so a
-busy health endpoint costs one round of checks per interval, not one per
-request (``invalidate()`` forgets the results at once; the root calls it after
+an error.  Requests arriving while a check runs wait for that one run, and
+with ``server.health_cache_seconds`` a component's result is kept that long
+on the injected clock, so a busy health endpoint costs one round of checks
+per run or interval, not one per request (``invalidate()`` forgets the results at once; the root calls it after
 every request that may change state, so what the API just changed shows in the
 next report).  Optional components (live provider checks) are never kept, only
 shared between concurrent requests.  Readiness (``starting``/``ready``/``stopping`` + database) is kept
@@ -52,8 +52,9 @@ def overall(components: list[Component]) -> str:
 Check = Callable[[], Awaitable[Component]]
 
 
-#: How long a component's result is reused (seconds of the injected clock).
-CACHE_SECONDS = 1.0
+#: How long a component's result is reused (seconds of the injected clock; config
+#: ``server.health_cache_seconds``). 0: only concurrent reports share a run.
+CACHE_SECONDS = 0.0
 
 
 class HealthRegistry:

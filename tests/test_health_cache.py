@@ -1,4 +1,5 @@
-"""Component checks are shared and kept briefly (injected clock), never stale after a change."""
+"""Component checks are shared by concurrent reports and, when configured, kept briefly (injected
+clock); never stale after a state-changing request."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ async def report(daemon):
 async def test_checks_are_kept_for_the_interval_and_shared_by_concurrent_requests(make_daemon):
     clock = task.Clock()
     clock.advance(1_800_000_000)
-    daemon = await make_daemon(clock=clock)
+    daemon = await make_daemon({"server": {"health_cache_seconds": 1.5}}, clock=clock)
+    assert daemon.ctx.health.cache_seconds == 1.5
     runs = []
     gate = [None]
 
@@ -51,3 +53,16 @@ async def test_checks_are_kept_for_the_interval_and_shared_by_concurrent_request
     gate[0].callback(None)
     results = await defer.gatherResults(pending)
     assert {r["probe"]["message"] for r in results} == {"run 4"} and len(runs) == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_by_default_every_report_runs_the_checks(daemon):
+    runs = []
+
+    async def probe():
+        runs.append(1)
+        return Component("probe", HEALTHY, f"run {len(runs)}")
+
+    daemon.ctx.health.register("probe", probe)
+    assert (await report(daemon))["probe"]["message"] == "run 1"
+    assert (await report(daemon))["probe"]["message"] == "run 2"

@@ -304,6 +304,7 @@ VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "server.trusted_proxies": _check_cidrs,
     "server.max_body_bytes": _check_positive,
     "server.shutdown_timeout": _check_positive,
+    "server.health_cache_seconds": _check_non_negative,
     "logging.level": _check_choice(_LOG_LEVELS, upper=True),
     "logging.format": _check_choice(("json", "text")),
     "rate_limit.calls": _check_non_negative,
