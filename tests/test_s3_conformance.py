@@ -467,3 +467,15 @@ async def test_list_parts_reports_part_checksums(make_daemon):
     listed = await deferToThread(client.list_parts, Bucket="outputs", Key="job-1/lp.bin", UploadId=upload_id)
     assert [(p["PartNumber"], p["ETag"], p["ChecksumCRC32"]) for p in listed["Parts"]] == [
         (p["PartNumber"], p["ETag"], p["ChecksumCRC32"]) for p in parts]
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_object_checksum_type_asked_for_on_create(make_daemon):
+    daemon, client = await _start(make_daemon)
+    chunks = [os.urandom(5 * MIB), b"end"]
+    upload_id, parts = await _multipart(client, "job-1/fo.bin", chunks, ChecksumType="FULL_OBJECT")
+    done = await deferToThread(client.complete_multipart_upload, Bucket="outputs", Key="job-1/fo.bin",
+                               UploadId=upload_id, MultipartUpload={"Parts": parts})
+    assert done["ChecksumCRC32"] == _crc32_b64(b"".join(chunks)) and done["ChecksumType"] == "FULL_OBJECT"
+    head = await deferToThread(client.head_object, Bucket="outputs", Key="job-1/fo.bin", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32"] == done["ChecksumCRC32"] and head["ChecksumType"] == "FULL_OBJECT"

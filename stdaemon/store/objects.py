@@ -723,22 +723,24 @@ class StorageEngine:
                 joined = None
             if joined is not None:
                 composite = f"{s3_checksums.checksum_b64(algorithm, joined)}-{len(metas)}"
-        if object_checksum is None:
+        full_object = (upload.get("checksum_type") or "").upper() == "FULL_OBJECT"
+        if object_checksum is None and not (full_object and algorithm in s3_checksums.ALGORITHMS):
             return ({algorithm: composite}, "COMPOSITE") if composite else ({}, "")
-        given = object_checksum[1].strip()
-        if "-" in given:
+        given = object_checksum[1].strip() if object_checksum is not None else None
+        if given is not None and "-" in given:
             if composite is None or given != composite:
                 raise StorageError("BadDigest", f"The {algorithm.upper()} you specified did not match the "
                                    "calculated checksum.")
             return {algorithm: composite}, "COMPOSITE"
-        # a FULL_OBJECT checksum: computed over the assembled bytes before they become visible
+        # a FULL_OBJECT checksum (given on Complete, or asked for on Create): computed over the
+        # assembled bytes before they become visible
         state = s3_checksums.new_checksum(algorithm)
         pending._fh.flush()
         with open(pending.path, "rb") as fh:
             for block in iter(lambda: fh.read(1024 * 1024), b""):
                 state.update(block)
         computed = s3_checksums.b64(state.digest())
-        if computed != given:
+        if given is not None and computed != given:
             raise StorageError("BadDigest", f"The {algorithm.upper()} you specified did not match the "
                                "calculated checksum.")
         return {algorithm: computed}, "FULL_OBJECT"
