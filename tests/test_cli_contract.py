@@ -633,26 +633,28 @@ async def test_queue_and_webhooks_groups(env):
 
 # -- simpletuner jobs logs <id> --follow (SSE) -------------------------------------------------
 
-async def open_follower(surface):
-    """The stream's follower once it is open and has sent the logs of its first poll."""
+async def follow_running_job(env, logs):
+    """A running job with ``logs`` and ``jobs logs --follow`` on it, once its stream is open
+    and has sent the first poll: ``(client, surface, job, external_id, follower, following)``."""
+    client = cli(env.daemon)
+    surface = next(s for s in env.daemon.service.root.surfaces if isinstance(s, JobLogsSurface))
+    surface.poll_interval = 0.05
+    response, job = await env.submit()
+    external_id = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["external_id"]
+    env.fake.state.set_status(external_id, "processing", logs=logs)
+    following = defer.ensureDeferred(client.follow(f"/api/cloud/jobs/{job['job_id']}/logs/stream"))
     for _ in range(200):
         followers = list(surface.followers)
         if followers and followers[0].sent_chars:
-            return followers[0]
+            return client, surface, job, external_id, followers[0], following
         await task.deferLater(reactor, 0.025, lambda: None)
     raise AssertionError("the log stream did not open")
 
 
 @pytest_twisted.ensureDeferred
 async def test_jobs_logs_follow(env):
-    client = cli(env.daemon)
-    surface = next(s for s in env.daemon.service.root.surfaces if isinstance(s, JobLogsSurface))
-    surface.poll_interval = 0.05
-    response, job = await env.submit()
-    external_id = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["external_id"]
-    env.fake.state.set_status(external_id, "processing", logs="step 1\nstep 2\nhalf a li")
-    following = defer.ensureDeferred(client.follow(f"/api/cloud/jobs/{job['job_id']}/logs/stream"))
-    follower = await open_follower(surface)
+    client, surface, job, external_id, follower, following = await follow_running_job(
+        env, "step 1\nstep 2\nhalf a li")
     assert follower.sent_chars == len("step 1\nstep 2\nhalf a li") and follower.pending == "half a li"
     env.fake.state.set_status(external_id, "succeeded", logs="step 1\nstep 2\nhalf a line\nstep 3\n",
                               predict_time=10.0)
@@ -726,14 +728,7 @@ async def test_submit_and_retry_from_a_named_config(env):
 
 @pytest_twisted.ensureDeferred
 async def test_an_open_log_stream_ends_when_the_daemon_stops(env):
-    client = cli(env.daemon)
-    surface = next(s for s in env.daemon.service.root.surfaces if isinstance(s, JobLogsSurface))
-    surface.poll_interval = 0.05
-    response, job = await env.submit()
-    external_id = (await client.ok("GET", f"/api/cloud/jobs/{job['job_id']}"))["job"]["external_id"]
-    env.fake.state.set_status(external_id, "processing", logs="step 1\n")
-    following = defer.ensureDeferred(client.follow(f"/api/cloud/jobs/{job['job_id']}/logs/stream"))
-    await open_follower(surface)
+    client, surface, job, external_id, follower, following = await follow_running_job(env, "step 1\n")
     started = reactor.seconds()
     await env.daemon.service.stopService()
     printed, final = await following
