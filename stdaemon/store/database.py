@@ -113,12 +113,8 @@ class Database:
                 swap()
             schema.migrate(self._connection())
 
-        def ended(outcome: Any) -> Any:
-            self.write_epoch += 1
-            return outcome
-
         self.write_epoch += 1
-        return deferToThreadPool(self._reactor, self._writer, on_writer).addBoth(ended)
+        return deferToThreadPool(self._reactor, self._writer, on_writer).addBoth(self._write_ended)
 
     def _forget(self, conn: sqlite3.Connection) -> None:
         with self._lock:
@@ -174,23 +170,26 @@ class Database:
 
             return fail(DatabaseClosed("database is closed"))
         self.write_epoch += 1
+        work = deferToThreadPool(self._reactor, self._writer, self._transaction,
+                                 lambda conn: fn(conn, *args, **kwargs))
+        return work.addBoth(self._write_ended)
 
-        def in_transaction() -> T:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn, *args, **kwargs)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work(conn)`` inside ``BEGIN IMMEDIATE … COMMIT`` on the writer thread (rollback on
+        any exception)."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
 
-        def ended(outcome: Any) -> Any:
-            self.write_epoch += 1
-            return outcome
-
-        return deferToThreadPool(self._reactor, self._writer, in_transaction).addBoth(ended)
+    def _write_ended(self, outcome: Any) -> Any:
+        self.write_epoch += 1
+        return outcome
 
     #: Most writes one group transaction carries.
     GROUP_MAX = 64
@@ -224,30 +223,21 @@ class Database:
         self._group_running = True
         self.write_epoch += 1
 
-        def in_transaction() -> list:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
+        def each_in_a_savepoint(conn: sqlite3.Connection) -> list:
             outcomes: list = []
-            try:
-                for fn, args, kwargs, _ in batch:
-                    conn.execute("SAVEPOINT grouped_write")
-                    try:
-                        value = fn(conn, *args, **kwargs)
-                    except Exception:
-                        conn.execute("ROLLBACK TO grouped_write")
-                        conn.execute("RELEASE grouped_write")
-                        outcomes.append((False, Failure()))
-                    else:
-                        conn.execute("RELEASE grouped_write")
-                        outcomes.append((True, value))
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            for fn, args, kwargs, _ in batch:
+                conn.execute("SAVEPOINT grouped_write")
+                try:
+                    value = fn(conn, *args, **kwargs)
+                except Exception:
+                    conn.execute("ROLLBACK TO grouped_write")
+                    outcomes.append((False, Failure()))
+                else:
+                    outcomes.append((True, value))
+                conn.execute("RELEASE grouped_write")
             return outcomes
 
         def committed(outcomes: list) -> None:
-            self.write_epoch += 1
             for (ok, value), (*_, d) in zip(outcomes, batch):
                 if ok:
                     d.callback(value)
@@ -255,11 +245,11 @@ class Database:
                     d.errback(value)
 
         def failed(failure: Failure) -> None:
-            self.write_epoch += 1
             for *_, d in batch:
                 d.errback(failure)
 
-        work = deferToThreadPool(self._reactor, self._writer, in_transaction)
+        work = deferToThreadPool(self._reactor, self._writer, self._transaction, each_in_a_savepoint)
+        work.addBoth(self._write_ended)
         work.addCallbacks(committed, failed)
         work.addBoth(lambda _: self._next_group())
 
