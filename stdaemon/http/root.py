@@ -136,13 +136,14 @@ class Dispatch:
         paths are taken out of the static dict (rare; none in the daemon's own table)."""
         for path, by_method in list(self.static.items()):
             for method, entry in list(by_method.items()):
-                for surface in surfaces:
+                for surface, (prefixes, adapter) in zip(surfaces, self._earlier):
                     if surface is entry.surface:
                         break
+                    if not (prefixes and path.startswith(prefixes)):
+                        continue   # only its rules with converters could claim the path first
                     try:
-                        rule, _ = surface.app.url_map.bind("localhost").match(
-                            path, method, return_rule=True)
-                    except Exception:
+                        rule, _ = adapter.match(path, method, return_rule=True)
+                    except (NotFound, MethodNotAllowed, RequestRedirect):
                         continue
                     if rule.endpoint != entry.endpoint:
                         del by_method[method]
