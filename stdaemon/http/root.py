@@ -200,6 +200,7 @@ class Root(Resource):
         self.middlewares: list[Middleware] = []
         self.dispatch = Dispatch(surfaces)
         self._labels: dict[tuple[str, str], str] = {}    # (method, template) → metrics label
+        self._peer_ips: dict[str, str] = {}               # peer host → client IP (no forwarding headers)
 
     # -- routing --------------------------------------------------------------
 
@@ -373,6 +374,17 @@ class Root(Resource):
             return None
 
     def client_ip(self, request: Any) -> str:
+        if not request.requestHeaders.hasHeader(b"x-forwarded-for") \
+                and not request.requestHeaders.hasHeader(b"x-real-ip"):
+            # Without forwarding headers the answer depends on the peer alone: kept per peer
+            # host (bounded), so the address is not parsed again for every request.
+            host = getattr(request.getClientAddress(), "host", None) or "unknown"
+            known = self._peer_ips.get(host)
+            if known is None:
+                if len(self._peer_ips) >= 4096:
+                    self._peer_ips.clear()
+                known = self._peer_ips[host] = client_ip(request, self.ctx.trusted_proxies)
+            return known
         return client_ip(request, self.ctx.trusted_proxies)
 
     def _write(self, request: Any, body: Any) -> None:
