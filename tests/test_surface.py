@@ -7,13 +7,21 @@ import json
 import pytest
 from klein import Klein
 from treq.testing import StubTreq
+from pydantic import ConfigDict
 from twisted.internet import task
 
 from stdaemon.http.errors import ApiError, invalid_field
 from stdaemon.http.root import Root, UnprotectedRoute
-from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, json_object, route
+from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, route
+from stdaemon.http.validation import BodyModel
 from stdaemon.metrics import Metrics
 from stdaemon.store.api_keys import Principal
+
+
+class Echo(BodyModel):
+    """Any JSON object (extra fields are kept by ``given()``)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
 
 
 class Sample(Surface):
@@ -24,12 +32,12 @@ class Sample(Surface):
     def public(self, request):
         return {"principal": request.principal.username if request.principal else None}
 
-    @route(app, "/sample/echo", methods=["POST"], access=VIEWER)
-    def echo(self, request):
-        body = json_object(request)
-        if "bad" in body:
+    @route(app, "/sample/echo", methods=["POST"], access=VIEWER, body=Echo)
+    def echo(self, request, body):
+        given = body.given()
+        if "bad" in given:
             raise invalid_field("bad", "must not be present")
-        return Response({"got": body, "by": request.principal.username}, status=201)
+        return Response({"got": given, "by": request.principal.username}, status=201)
 
     @route(app, "/sample/admin", methods=["DELETE"])
     def admin_only(self, request):

@@ -34,7 +34,7 @@ from klein import Klein
 from twisted.web.server import NOT_DONE_YET
 
 from stdaemon.http import validation
-from stdaemon.http.errors import ApiError, bad_request
+from stdaemon.http.errors import ApiError
 from stdaemon.logs import get_logger
 
 log = get_logger("stdaemon.http")
@@ -188,59 +188,6 @@ def render_error(request: Any, error: ApiError) -> bytes:
     return json.dumps(error.body()).encode()
 
 
-def json_body(request: Any, required: bool = True) -> Any:
-    """The request body parsed as JSON, or a 400 that says why."""
-    request.content.seek(0)
-    raw = request.content.read()
-    if not raw.strip():
-        if required:
-            raise bad_request("A JSON body is required", code="invalid_json")
-        return {}
-    return validation.parse_json(raw)
-
-
-def json_object(request: Any, required: bool = True) -> dict:
-    body = json_body(request, required=required)
-    if not isinstance(body, dict):
-        raise bad_request("The JSON body must be an object", code="invalid_json")
-    return body
-
-
-def query_arg(request: Any, name: str, default: Optional[str] = None) -> Optional[str]:
-    values = request.args.get(name.encode())
-    if not values:
-        return default
-    try:
-        return values[0].decode("utf-8")
-    except UnicodeDecodeError:
-        raise bad_request(f"Query parameter {name} is not valid UTF-8") from None
-
-
-def query_args(request: Any, name: str) -> list[str]:
-    try:
-        return [v.decode("utf-8") for v in request.args.get(name.encode(), [])]
-    except UnicodeDecodeError:
-        raise bad_request(f"Query parameter {name} is not valid UTF-8") from None
-
-
-def query_int(request: Any, name: str, default: int, minimum: int = 0,
-              maximum: Optional[int] = None) -> int:
-    raw = query_arg(request, name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise bad_request(f"{name} must be an integer", code="invalid_query") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f" and at most {maximum}" if maximum is not None else ""
-        raise bad_request(f"{name} must be at least {minimum}{bound}", code="invalid_query")
-    return value
-
-
-SQLITE_MAX_INT = 2 ** 63 - 1
-
-
 def path_id(value: Any, what: str) -> int:
     """A numeric id from a path or body: a positive integer SQLite can hold,
     else 404 (an id that cannot exist is simply not found)."""
@@ -250,7 +197,7 @@ def path_id(value: Any, what: str) -> int:
         number = int(str(value), 10)
     except ValueError:
         raise not_found(f"{what} {str(value)[:64]} not found") from None
-    if not 0 < number <= SQLITE_MAX_INT:
+    if not 0 < number <= validation.SQLITE_MAX_INT:
         raise not_found(f"{what} {str(value)[:64]} not found")
     return number
 
