@@ -48,6 +48,7 @@ from urllib.parse import quote
 
 from stdaemon.core.timestamps import iso
 from stdaemon.store import schema
+from stdaemon.store.files import fsync_dir, fsync_path
 
 BACKUP_PREFIX = "jobs_backup_"
 SAFETY_PREFIX = "jobs_pre_restore_"
@@ -83,21 +84,6 @@ class RestoreRefused(BackupError):
 
 def _timestamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y%m%d_%H%M%S")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_path(path)
-    except OSError:  # some filesystems cannot fsync a directory
-        pass
 
 
 def _connect(path: Path | str, readonly: bool = False) -> sqlite3.Connection:
@@ -233,14 +219,14 @@ class JobStore:
                         filename=db_target.name, mode="wb", fileobj=raw, compresslevel=6
                     ) as dst:
                         shutil.copyfileobj(src, dst, _COPY_CHUNK)
-                    _fsync_path(zipped)
+                    fsync_path(zipped)
                     os.replace(zipped, target)
                 finally:
                     if zipped.exists():
                         zipped.unlink()
             else:
                 os.replace(partial, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         finally:
             if partial.exists():
                 partial.unlink()
@@ -268,7 +254,7 @@ class JobStore:
             dst.close()
             if own:
                 src.close()
-        _fsync_path(partial)
+        fsync_path(partial)
 
     # -- listing and info ----------------------------------------------------
 
@@ -377,7 +363,7 @@ class JobStore:
                 raise RestoreRefused("corrupt", f"{candidate} cannot be read ({exc})") from None
             finally:
                 conn.close()
-            _fsync_path(staging)
+            fsync_path(staging)
             return staging, facts
         except BaseException:
             if staging.exists():

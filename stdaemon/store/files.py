@@ -12,10 +12,26 @@ import os
 import tempfile
 
 
-def fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: "str | os.PathLike[str]") -> None:
+    """Flush a file's data (and metadata) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: "str | os.PathLike[str]") -> None:
+    """Make a rename or an unlink in ``directory`` durable.  Best effort: some file systems
+    cannot open or fsync a directory, and there the rename is as durable as they allow."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

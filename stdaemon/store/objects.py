@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from stdaemon.core import s3_checksums
 from stdaemon.core.s3_keys import InvalidKey, validate_key
+from stdaemon.store.files import fsync_dir
 
 SYSTEM_DIR = ".stdaemon"
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -112,19 +113,6 @@ class PartInfo:
     checksums: dict = field(default_factory=dict)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: str, data: Any, tmp_dir: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.json")
@@ -133,7 +121,7 @@ def _write_json_atomic(path: str, data: Any, tmp_dir: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
 class PendingWrite:
@@ -359,7 +347,7 @@ class StorageEngine:
                 # a concurrent delete pruned the (then empty) parent directory: make it again
                 if attempt == 2 or not os.path.exists(tmp_path):
                     raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
 
     def head(self, bucket_name: str, key: str) -> ObjectInfo:
         bucket = self.bucket(bucket_name)
@@ -428,7 +416,7 @@ class StorageEngine:
             except OSError:
                 break
             parent = os.path.dirname(parent)
-        _fsync_dir(os.path.dirname(path) if os.path.isdir(os.path.dirname(path)) else bucket.root)
+        fsync_dir(os.path.dirname(path) if os.path.isdir(os.path.dirname(path)) else bucket.root)
 
     def iter_keys(self, bucket_name: str, prefix: str = "") -> list[str]:
         """Every object key of the bucket that starts with ``prefix``, in S3 (UTF-8 byte) order."""
@@ -589,7 +577,7 @@ class StorageEngine:
             pending.abort()
             raise no_such_upload(upload_id) from None
         pending.release()
-        _fsync_dir(path)
+        fsync_dir(path)
         old = self._read_part_meta(path, part_number)
         _write_json_atomic(part_path + ".json", meta, bucket.tmp)
         if old and old.get("data") and old["data"] != data_name:
@@ -757,7 +745,7 @@ class StorageEngine:
                     os.unlink(os.path.join(path, name))
                 except OSError:
                     pass
-        _fsync_dir(path)
+        fsync_dir(path)
 
     def _completed(self, bucket: Bucket, upload_id: str, key: str) -> Optional[ObjectInfo]:
         if not upload_id or len(upload_id) != 32 or not all(c in "0123456789abcdef" for c in upload_id):
