@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.s3_helpers import file_sha256
-from tests.services import require_binary
+from tests.services import missing, require_binary
 
 MIB = 1024 * 1024
 
@@ -189,7 +189,7 @@ async def test_s3fs_mount_write_read_list(make_daemon, tmp_path):
     fusermount = require_binary("fusermount")
     if not _fuse_usable():
         # a container without FUSE: the client is installed (checked above), mounting cannot work
-        pytest.skip("/dev/fuse is not usable here: s3fs cannot mount")
+        missing("/dev/fuse is not usable here: s3fs cannot mount")
     daemon = await make_daemon()
     access_key, secret = await daemon.ctx.upload_credentials.issue("job-2")
     passwd = tmp_path / "passwd"
