@@ -101,3 +101,14 @@ def daemon(make_daemon):
     from twisted.internet import defer
 
     return pytest_twisted.blockon(defer.ensureDeferred(make_daemon()))
+
+
+@pytest_twisted.async_yield_fixture
+async def env(make_daemon, tmp_path):
+    """A daemon wired to the TLS fake Replicate (tests/replicate_env.py), stopped afterwards.
+    A test module that needs other settings defines its own ``env``."""
+    from tests.replicate_env import start_env
+
+    environment = await start_env(make_daemon, tmp_path)
+    yield environment
+    await environment.fake.stop()

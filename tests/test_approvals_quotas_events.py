@@ -84,13 +84,6 @@ def test_event_bus_resume_and_visibility():
 
 # -- end to end ---------------------------------------------------------------------------
 
-@pytest_twisted.async_yield_fixture
-async def env(make_daemon, tmp_path):
-    environment = await start_env(make_daemon, tmp_path)
-    yield environment
-    await environment.fake.stop()
-
-
 async def operator_key(env, name="oscar"):
     user = await create_user(env.daemon, name, "operator")
     return user, await user_key(env.daemon, user["id"], "operator")

@@ -25,14 +25,6 @@ def cli(daemon, key=None) -> CliClient:
     return CliClient(daemon.url, key or daemon.admin_key)
 
 
-@pytest_twisted.async_yield_fixture
-async def env(make_daemon, tmp_path):
-    """A daemon wired to the TLS fake Replicate (tests/replicate_env.py)."""
-    environment = await start_env(make_daemon, tmp_path)
-    yield environment
-    await environment.fake.stop()
-
-
 # -- simpletuner auth users … -------------------------------------------------------------
 
 USER_FIELDS = dict(id="int", username="str", email="str", display_name="str?", is_admin="bool",

@@ -15,13 +15,6 @@ from tests.replicate_env import PUBLIC_URL, audit_events, start_env
 from tests.tinyproxy_fixture import tinyproxy  # noqa: F401 (fixture)
 
 
-@pytest_twisted.async_yield_fixture
-async def env(make_daemon, tmp_path):
-    environment = await start_env(make_daemon, tmp_path)
-    yield environment
-    await environment.fake.stop()
-
-
 async def job_row(env, job_id):
     return await env.ctx.db.run_read(store.get_job, job_id)
 

@@ -20,15 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 
-from tests.replicate_env import start_env
 from tests.s3_helpers import sign
-
-
-@pytest_twisted.async_yield_fixture
-async def env(make_daemon, tmp_path):
-    environment = await start_env(make_daemon, tmp_path)
-    yield environment
-    await environment.fake.stop()
 
 
 async def _submitted(env):

@@ -21,14 +21,6 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 from twisted.internet.threads import deferToThread
 
-from tests.replicate_env import start_env
-
-
-@pytest_twisted.async_yield_fixture
-async def env(make_daemon, tmp_path):
-    environment = await start_env(make_daemon, tmp_path)
-    yield environment
-    await environment.fake.stop()
 
 
 async def _submit(env, **fields):

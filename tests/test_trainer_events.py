@@ -12,14 +12,7 @@ import pytest_twisted
 import treq
 
 from stdaemon.store import jobs as store
-from tests.replicate_env import PUBLIC_URL, audit_events, start_env
-
-
-@pytest_twisted.async_yield_fixture
-async def env(make_daemon, tmp_path):
-    environment = await start_env(make_daemon, tmp_path)
-    yield environment
-    await environment.fake.stop()
+from tests.replicate_env import PUBLIC_URL, audit_events
 
 
 async def submitted(env):
