@@ -132,7 +132,7 @@ def _insert_credential(conn, key_path: str, job_id: str, now: float) -> dict:
 
     from cryptography.fernet import Fernet
 
-    from stdaemon.store import credentials
+    from stdaemon.s3 import credentials
 
     fernet = Fernet(credentials.load_or_create_key(key_path))
     access_key = credentials.ACCESS_KEY_PREFIX + pysecrets.token_hex(8).upper()

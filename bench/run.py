@@ -162,7 +162,7 @@ class Bench:
             try:
                 state = os.path.join(self.base, "main", "state")
                 self.seed = P.seed_state(state, webhook_jobs=self.profile.webhook_deliveries if
-                                         feature("stdaemon/http/webhooks.py") else 0,
+                                         feature("stdaemon/webhooks/http.py") else 0,
                                          get_job=GET_JOB, upload_job=UPLOAD_JOB)
                 main = self.procs.daemon("main", {"rate_limit": {"enabled": False}}, state=state)
                 main.extra["key"] = self.procs.admin_key(main)
@@ -182,7 +182,7 @@ class Bench:
                 P.seed_state(state, get_job=GET_JOB)
             job_body = key_hash = None
             main = self._main
-            if main is not None and feature("stdaemon/http/jobs.py"):
+            if main is not None and feature("stdaemon/jobs/http.py"):
                 status, body = P.http_get(main.port, f"/api/cloud/jobs/{GET_JOB}",
                                           {"X-API-Key": main.extra["key"]})
                 if status == 200:
@@ -230,7 +230,7 @@ def fig_small_get(b: Bench) -> list[Row]:
         return [na("get_live", "small JSON GET /api/cloud/health/live vs bare twisted.web", method,
                    "n/a (wrk not installed)")]
     main, peer = b.main(), b.peer()
-    jobs = feature("stdaemon/http/jobs.py")
+    jobs = feature("stdaemon/jobs/http.py")
     targets = {"live": (main.url("/api/cloud/health/live"), None), "peer_live": (peer.url("/live"), None),
                "klein_live": (peer.url("/klein/live"), None), "health": (main.url("/api/cloud/health"), None)}
     if jobs:
@@ -279,7 +279,7 @@ def fig_small_get(b: Bench) -> list[Row]:
 
 
 def _webhook_requests(port: int, count: int) -> list[bytes]:
-    from stdaemon.core.webhook_signature import decode_secret, sign
+    from stdaemon.webhooks.signature import decode_secret, sign
 
     key = decode_secret(P.WEBHOOK_SECRET)
     now = int(time.time())
@@ -304,7 +304,7 @@ def fig_webhook(b: Bench) -> list[Row]:
               f"transaction with synchronous=FULL), bounded by {p.webhook_seconds} s and that many "
               f"deliveries; compared with the small GETs measured above in the same run")
     figure = "signed webhook ingestion (commit included) vs bare GET"
-    if not feature("stdaemon/http/webhooks.py", "stdaemon/core/webhook_signature.py"):
+    if not feature("stdaemon/webhooks/http.py", "stdaemon/webhooks/signature.py"):
         return [na("webhook", figure, method)]
     if not wrk.available():
         return [na("webhook", figure, method, "n/a (wrk not installed)")]
@@ -394,7 +394,7 @@ def fig_s3_put(b: Bench) -> list[Row]:
               f"{p.put_seconds:.0f} s, whichever first; stdaemon with a job's SigV4 upload credentials vs "
               f"moto_server (in-memory, no durability) with the same client code")
     figure = "S3 PutObject 4 KiB, concurrency 16, vs moto_server"
-    if not feature("stdaemon/http/storage.py"):
+    if not feature("stdaemon/s3/http.py"):
         return [na("s3_put", figure, method)]
     moto = b.procs.moto()
     if moto is None:
@@ -449,7 +449,7 @@ def fig_s3_large(b: Bench) -> list[Row]:
                 f"{p.rss_mib} MiB boto3 multipart upload; growth = peak - value before; VmHWM reported too")
     m_fig = f"S3 multipart upload {p.multipart_mib} MiB (boto3) vs raw loopback+disk"
     r_fig = f"daemon RSS growth during a {p.rss_mib} MiB upload"
-    if not feature("stdaemon/http/storage.py"):
+    if not feature("stdaemon/s3/http.py"):
         return [na("s3_multipart", m_fig, m_method), na("s3_rss", r_fig, r_method)]
     main = b.main()
     s3 = b.seed["s3"]
@@ -510,11 +510,11 @@ def fig_metrics(b: Bench) -> list[Row]:
               f"(sequential scrapes over one keep-alive connection), best of {max(2, p.rounds)} interleaved runs "
               f"of {p.scrape_requests} scrapes or {p.scrape_seconds} s; ratio of mean scrape times")
     figure = f"metrics scrape time, {large:,} vs {small:,} jobs"
-    if not feature("stdaemon/metrics.py", "stdaemon/http/metrics.py"):
+    if not feature("stdaemon/metrics/service.py", "stdaemon/metrics/http.py"):
         return [na("metrics_scrape", figure, method)]
     if not wrk.available():
         return [na("metrics_scrape", figure, method, "n/a (wrk not installed)")]
-    from stdaemon.metrics import CATEGORIES
+    from stdaemon.metrics.service import CATEGORIES
 
     daemons = {}
     for size in (small, large):
@@ -555,7 +555,7 @@ def fig_rate_limit(b: Bench) -> list[Row]:
               f"{p.rounds} interleaved runs of {p.wrk_seconds} s / {p.wrk_requests} responses")
     fig_m, fig_r = "throughput with rate limiting (memory) vs off", "throughput with rate limiting (redis) vs off"
     fig_s = "throughput with rate limiting (sqlite) vs off"
-    if not feature("stdaemon/ratelimit.py", "stdaemon/http/rate_limit.py"):
+    if not feature("stdaemon/ratelimit/service.py", "stdaemon/ratelimit/http.py"):
         return [na("rate_limit_memory", fig_m, method), na("rate_limit_redis", fig_r, method)]
     if not wrk.available():
         return [na("rate_limit_memory", fig_m, method, "n/a (wrk not installed)"),

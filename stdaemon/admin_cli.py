@@ -12,7 +12,7 @@ SQLite's online backup API and a restore replaces the pages in one
 transaction that the daemon's connections see at once (the HTTP endpoint
 ``POST /api/admin/backups/restore`` also reloads the daemon's cached
 settings).  Both are recorded in the audit log when the audit writer offers a
-direct entry point (``stdaemon.store.audit.append_from_tool``).
+direct entry point (``stdaemon.audit.service.append_from_tool``).
 
 Exit codes: 0 done, 1 failed, 2 bad usage or configuration, 3 restore refused.
 """
@@ -62,13 +62,13 @@ def _audit(config: Any, store: Any, event_type: str, target: str, action: str, d
     (else the audit module's key file).  When a secrets store cannot answer,
     no entry is written (a guessed key would break the chain): say so."""
     try:
-        from stdaemon.store import audit as audit_module
+        from stdaemon.audit import service as audit_module
     except ImportError:
         return
     append = getattr(audit_module, "append_from_tool", None)
     if append is None:
         return
-    from stdaemon.clients.secrets import resolve_blocking
+    from stdaemon.secrets.service import resolve_blocking
 
     value, problems = resolve_blocking(config, "AUDIT_HMAC_KEY")
     if value is None and problems:
@@ -88,7 +88,7 @@ def _audit(config: Any, store: Any, event_type: str, target: str, action: str, d
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from stdaemon.config import ConfigError, load_config
-    from stdaemon.store.backup import BackupError, JobStore, RestoreRefused, backup_entry
+    from stdaemon.backup.store import BackupError, JobStore, RestoreRefused, backup_entry
 
     try:
         result = load_config(args.config)

@@ -13,11 +13,11 @@ from typing import Any, Callable, Optional
 from twisted.application.service import MultiService
 
 from stdaemon import __version__
-from stdaemon.auth import Authenticator
+from stdaemon.users.auth import Authenticator
 from stdaemon.config import Config, state_path
-from stdaemon.core.client_ip import parse_networks
-from stdaemon.health import HealthRegistry
-from stdaemon.metrics import Metrics
+from stdaemon.http.client_ip import parse_networks
+from stdaemon.health.service import HealthRegistry
+from stdaemon.metrics.service import Metrics
 from stdaemon.store.database import Database
 from stdaemon.timers import SafeTimerService
 
@@ -79,7 +79,7 @@ class App:
     async def poll_change_counters(self) -> None:
         """One read of the database's change counters (bumped by triggers, whoever writes): the
         verified-key cache and the kept job rows forget what another process may have changed."""
-        from stdaemon.store.api_keys import change_counters
+        from stdaemon.users.api_keys import change_counters
 
         counters = await self.db.run_read(change_counters)
         self.auth.saw_generation(counters.get("auth", 0))

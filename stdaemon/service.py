@@ -26,7 +26,7 @@ from twisted.python.components import Componentized
 
 from stdaemon.app import App
 from stdaemon.config import Config
-from stdaemon.http.health import HealthSurface
+from stdaemon.health.http import HealthSurface
 from stdaemon.http.request import StdaemonSite
 from stdaemon.http.root import Root
 from stdaemon.logs import (
@@ -36,7 +36,7 @@ from stdaemon.logs import (
     reopen_log_files,
     track_observer,
 )
-from stdaemon.store import api_keys, users
+from stdaemon.users import api_keys, store as users
 
 log = get_logger("stdaemon.service")
 
@@ -46,45 +46,45 @@ SETUP_LINK_TTL = 30 * 60.0  # seconds the first sign-in link stays valid (inject
 def build_surfaces(ctx: App) -> list:
     """Every HTTP surface, composed under one root.  Add new surfaces here."""
     surfaces: list = [HealthSurface(ctx)]
-    from stdaemon.http.admin_backups import AdminBackupsSurface
+    from stdaemon.backup.http import AdminBackupsSurface
 
     surfaces.append(AdminBackupsSurface(ctx))  # /api/admin/backups*, /api/admin/database, /api/backup*, /api/database/*
-    from stdaemon.http.admin_secrets import AdminSecretsSurface
+    from stdaemon.secrets.http import AdminSecretsSurface
 
     surfaces.append(AdminSecretsSurface(ctx))  # /api/admin/secrets (states, never values)
-    from stdaemon.http.auth_api import AuthSurface
-    from stdaemon.http.users import UsersSurface
+    from stdaemon.users.http_auth import AuthSurface
+    from stdaemon.users.http import UsersSurface
 
     surfaces += [AuthSurface(ctx), UsersSurface(ctx)]  # /api/auth/*, /api/users*
-    from stdaemon.http.approvals import ApprovalsSurface
-    from stdaemon.http.events import EventsSurface
-    from stdaemon.http.quotas import QuotasSurface
+    from stdaemon.approvals.http import ApprovalsSurface
+    from stdaemon.events.http import EventsSurface
+    from stdaemon.approvals.http_quotas import QuotasSurface
 
     surfaces += [ApprovalsSurface(ctx), QuotasSurface(ctx), EventsSurface(ctx)]  # /api/approvals*, /api/quotas*, /api/events/stream
-    from stdaemon.http.console import ConsoleSurface
+    from stdaemon.console.http import ConsoleSurface
 
     surfaces.append(ConsoleSurface(ctx))  # web console: /, /console/, /static/<name> (S15)
-    from stdaemon.http.jobs import JobsSurface
-    from stdaemon.http.providers import ProvidersSurface
+    from stdaemon.jobs.http import JobsSurface
+    from stdaemon.providers.http import ProvidersSurface
 
     surfaces += [ProvidersSurface(ctx), JobsSurface(ctx)]  # /api/cloud/providers*, /api/cloud/jobs*
-    from stdaemon.http.configs import ConfigsSurface
+    from stdaemon.configs.http import ConfigsSurface
 
     surfaces.append(ConfigsSurface(ctx))  # /api/configs* (named training configs; ctx.configs)
-    from stdaemon.http.job_logs import JobLogsSurface
+    from stdaemon.jobs.http_logs import JobLogsSurface
 
     surfaces.append(JobLogsSurface(ctx))  # /api/cloud/jobs/<id>/logs/stream (SSE, `jobs logs --follow`)
-    from stdaemon.http.storage import StorageSurface
+    from stdaemon.s3.http import StorageSurface
 
     surfaces.append(StorageSurface(ctx))  # /api/cloud/storage (S3); ctx.upload_credentials, ctx.upload_progress
-    from stdaemon.http.audit import AuditSurface
-    from stdaemon.http.webhooks import WebhooksSurface
+    from stdaemon.audit.http import AuditSurface
+    from stdaemon.webhooks.http import WebhooksSurface
 
     surfaces += [AuditSurface(ctx), WebhooksSurface(ctx)]  # /api/audit*, /api/webhooks/<provider>; ctx.webhooks
-    from stdaemon.http.webhook_endpoints import WebhookEndpointsSurface
+    from stdaemon.webhooks.http_endpoints import WebhookEndpointsSurface
 
     surfaces.append(WebhookEndpointsSurface(ctx))  # GET /api/webhooks* (SimpleTuner's `webhooks` commands)
-    from stdaemon.http.metrics import MetricsSurface
+    from stdaemon.metrics.http import MetricsSurface
 
     surfaces.append(MetricsSurface(ctx))  # /api/cloud/metrics/prometheus, /api/cloud/metrics/config*, /api/metrics/*
     from stdaemon.http.openapi import OpenApiSurface
@@ -97,33 +97,34 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     """Attach capabilities that are not surfaces (middlewares, auth strategies,
     health components, timers) to the context and root.  Runs before the
     database is open; anything needing the database goes in ``start_capabilities``."""
-    from stdaemon import metrics
+    from stdaemon.metrics import service as metrics
 
     metrics.install(ctx)  # ctx.metrics settings from config; uptime/db-latency sources (hooks: docs/ARCHITECTURE.md)
-    from stdaemon.clients import secrets
+    from stdaemon.secrets import service as secrets
 
     secrets.install(ctx)  # ctx.secrets: await ctx.secrets.get("REPLICATE_API_TOKEN")
-    from stdaemon.store import audit
+    from stdaemon.audit import service as audit
 
     audit.install(ctx)  # ctx.audit: record/record_soon/sampled/append; audit-* timers (S7)
-    from stdaemon.store import backup_service
+    from stdaemon.backup import service as backup_service
 
     backup_service.install(ctx)  # ctx.backups; "backup" timer + health when backup.enabled
-    from stdaemon.http import rate_limit
+    from stdaemon.ratelimit import http as rate_limit
 
     rate_limit.install(ctx, root)  # ctx.rate_limiter; first middleware; health "rate_limiter"
-    from stdaemon import sessions
+    from stdaemon.users import sessions
 
     sessions.install(ctx)  # ctx.sessions: st_session strategy + CSRF, password pool, sweep timer
-    from stdaemon.clients import providers
-    from stdaemon.http import jobs
+    from stdaemon.providers import service as providers
+    from stdaemon.jobs import http as jobs
 
     providers.install(ctx)  # ctx.providers, ctx.http_clients, ctx.breakers; circuit_breaker:/provider: health
     jobs.install(ctx)  # ctx.jobs: the one job-update path (write_update/committed) for webhooks and the poller; "jobs.poll" timer
-    from stdaemon.http import configs
+    from stdaemon.configs import http as configs
 
     configs.install(ctx)  # ctx.configs: <state>/configs/<name>/{config,multidatabackend}.json, own thread pool
-    from stdaemon import approvals, events
+    from stdaemon.approvals import service as approvals
+    from stdaemon.events import service as events
 
     events.install(ctx)  # ctx.events: publish(job_dict) → SSE streams; closed by ctx.drain_hooks
     approvals.install(ctx)  # ctx.approvals (evaluate/hold/set_handlers), ctx.quotas (check); "approval-expiry" timer; a ctx.jobs submission check
@@ -141,7 +142,7 @@ def _forget_verified_keys(ctx: App) -> Any:
 
 async def start_capabilities(ctx: App) -> None:
     """Start-up work that needs the open database (runs before ``ready``)."""
-    from stdaemon.auth import GENERATION_POLL_SECONDS
+    from stdaemon.users.auth import GENERATION_POLL_SECONDS
 
     await ctx.poll_change_counters()
     # Key/user and job changes by another instance or stdaemon-admin: verified keys and kept job
@@ -152,7 +153,7 @@ async def start_capabilities(ctx: App) -> None:
     await ctx.providers.load()  # provider settings saved through the API
     await ctx.jobs.load()  # running job totals for metrics (ctx.jobs.metrics())
     await ctx.approvals.load()  # approval request counts for metrics
-    from stdaemon import metrics
+    from stdaemon.metrics import service as metrics
 
     await metrics.start(ctx)  # metrics settings; job figures (one aggregate query) unless ctx.jobs provides them
 

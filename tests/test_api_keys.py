@@ -7,7 +7,8 @@ import stat
 
 import pytest
 
-from stdaemon.store import api_keys, schema
+from stdaemon.users import api_keys
+from stdaemon.store import schema
 from stdaemon.store.database import connect
 
 

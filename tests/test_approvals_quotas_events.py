@@ -10,10 +10,10 @@ import treq
 from twisted.internet import reactor, task
 from twisted.internet.task import Clock
 
-from stdaemon.core import approvals as core
-from stdaemon.events import EventBus, can_see_job
-from stdaemon.store import jobs as jobs_store
-from stdaemon.store.api_keys import Principal
+from stdaemon.approvals import rules as core
+from stdaemon.events.service import EventBus, can_see_job
+from stdaemon.jobs import store as jobs_store
+from stdaemon.users.api_keys import Principal
 from tests.authhelpers import create_user, user_key
 from tests.replicate_env import start_env
 

@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from stdaemon.store import audit
+from stdaemon.audit import service as audit
 from stdaemon.store.database import Database, connect
 from stdaemon.store.schema import migrate
 

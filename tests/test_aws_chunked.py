@@ -9,8 +9,8 @@ import os
 import pytest
 from botocore.httpchecksum import AwsChunkedWrapper, Crc32Checksum, Sha256Checksum
 
-from stdaemon.core import s3_checksums, sigv4
-from stdaemon.core.aws_chunked import AwsChunkedDecoder, ChunkedError
+from stdaemon.s3 import checksums as s3_checksums, sigv4
+from stdaemon.s3.aws_chunked import AwsChunkedDecoder, ChunkedError
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 SEED = "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9"

@@ -12,7 +12,7 @@ import pytest
 from twisted.internet import task
 
 from stdaemon.store import schema
-from stdaemon.store.backup import SAFETY_PREFIX, JobStore, RestoreRefused
+from stdaemon.backup.store import SAFETY_PREFIX, JobStore, RestoreRefused
 from stdaemon.store.database import connect
 
 BATCH = 10
@@ -228,7 +228,7 @@ def test_prune_by_count_and_days(store, clock):
 
 
 def test_registered_append_only_tables_survive_a_restore(store, db, monkeypatch):
-    from stdaemon.store import backup as backup_module
+    from stdaemon.backup import store as backup_module
 
     monkeypatch.setattr(backup_module, "PRESERVED_TABLES", set())
     backup_module.preserve_across_restore("history_test")

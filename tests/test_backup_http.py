@@ -10,7 +10,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task
 
-from stdaemon.store.backup import SAFETY_PREFIX
+from stdaemon.backup.store import SAFETY_PREFIX
 
 
 def _insert(conn, ids, status="completed"):

@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from stdaemon.core.breaker import (
-    CLOSED,
-    HALF_OPEN,
-    OPEN,
-    BreakerRegistry,
-    BreakerSettings,
-    CircuitBreaker,
-    CircuitOpenError,
+from stdaemon.outbound.breaker import (
+    CLOSED, HALF_OPEN, OPEN, BreakerRegistry, BreakerSettings, CircuitBreaker, CircuitOpenError,
     is_failure_status,
 )
-from stdaemon.core.retry import RetryPolicy, backoff_delay, next_delay, parse_retry_after
+from stdaemon.outbound.retry import RetryPolicy, backoff_delay, next_delay, parse_retry_after
 
 
 def make(**settings):

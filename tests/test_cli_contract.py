@@ -15,8 +15,8 @@ import treq
 from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
 
-from stdaemon.core import webhook_signature as ws
-from stdaemon.http.job_logs import JobLogsSurface
+from stdaemon.webhooks import signature as ws
+from stdaemon.jobs.http_logs import JobLogsSurface
 from tests.cli_client import CliClient, expect, is_iso
 from tests.replicate_env import start_env
 

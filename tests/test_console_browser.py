@@ -286,7 +286,7 @@ async def test_console_at_390px_and_only_admins_can_change_settings(daemon, brow
 
 @pytest_twisted.ensureDeferred
 async def test_jobs_list_updates_live_from_the_event_stream(daemon, browser):
-    from stdaemon.store import jobs as jobs_store
+    from stdaemon.jobs import store as jobs_store
 
     await create_user(daemon, "erin", "operator", PASSWORD)
     page = await browser.run(open_and_login_with_keyboard, browser, daemon.url, "erin")

@@ -158,7 +158,7 @@ async def test_admin_key_file_is_private_and_works(daemon):
     path = daemon.ctx.path("config", "cloud", "admin.key")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert daemon.admin_key.startswith("st_")
-    from stdaemon.store import api_keys
+    from stdaemon.users import api_keys
 
     principal = await daemon.ctx.db.run_read(api_keys.lookup, daemon.admin_key, daemon.ctx.now())
     assert principal.role == "admin"

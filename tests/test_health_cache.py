@@ -7,7 +7,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task
 
-from stdaemon.health import HEALTHY, Component
+from stdaemon.health.service import HEALTHY, Component
 
 
 async def report(daemon):

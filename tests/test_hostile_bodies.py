@@ -181,7 +181,7 @@ def test_query_models_read_the_url_only():
     from twisted.web.test.requesthelper import DummyRequest
 
     from stdaemon.http import validation
-    from stdaemon.http.jobs import ListJobs
+    from stdaemon.jobs.http import ListJobs
 
     request = DummyRequest([b"api", b"cloud", b"jobs"])
     request.uri = b"/api/cloud/jobs?limit=5&status="

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest_twisted
 import treq
 
-from stdaemon.store import jobs as jobs_store
+from stdaemon.jobs import store as jobs_store
 from tests.authhelpers import create_user, user_key
 from tests.replicate_env import start_env
 from tests.test_job_updates import _signed

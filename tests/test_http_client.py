@@ -17,16 +17,9 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from stdaemon import __version__
-from stdaemon.clients.http import (
-    HTTPClientFactory,
-    OutboundProxyError,
-    OutboundSettings,
-    OutboundTimeoutError,
-    OutboundTLSError,
-    outbound_settings,
-    parse_proxy_url,
-    proxy_bypassed,
-    redact_url,
+from stdaemon.outbound.http import (
+    HTTPClientFactory, OutboundProxyError, OutboundSettings, OutboundTimeoutError,
+    OutboundTLSError, outbound_settings, parse_proxy_url, proxy_bypassed, redact_url,
     split_pem_certificates,
 )
 from tests.fake_replicate import FakeReplicate

@@ -1,4 +1,4 @@
-"""One job-update path (S4, S6): the pure mapping in stdaemon/core/job_updates.py, and proof that a
+"""One job-update path (S4, S6): the pure mapping in stdaemon/jobs/updates.py, and proof that a
 signed webhook and the poller, given the same sequence of provider updates, leave the same job row,
 the same counters and metrics figures, the same audit trail and the same live events."""
 
@@ -14,9 +14,9 @@ import treq
 from standardwebhooks.webhooks import Webhook
 from twisted.internet.task import Clock
 
-from stdaemon.core import costs
-from stdaemon.core import job_updates as ju
-from stdaemon.store import jobs as jobs_store
+from stdaemon.jobs import costs
+from stdaemon.jobs import updates as ju
+from stdaemon.jobs import store as jobs_store
 from tests.replicate_env import audit_events, start_env
 from tests.test_metrics import value
 

@@ -25,7 +25,7 @@ from twisted.internet.ssl import Certificate
 from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
-from stdaemon.core import costs
+from stdaemon.jobs import costs
 from tests.fake_replicate import FakeReplicateState
 from tests.replicate_env import start_env
 from tests.s3_helpers import tls  # noqa: F401  (module-scoped fixture: test CA and a 127.0.0.1 certificate)
@@ -80,7 +80,7 @@ async def journey_env(request, make_daemon, tmp_path, monkeypatch, tls):  # noqa
     scheme = request.param
     port = free_port()
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
-    # The secrets chain reads the process environment (stdaemon/clients/secrets.py), as under twistd;
+    # The secrets chain reads the process environment (stdaemon/secrets/service.py), as under twistd;
     # it differs from the secret the fake Replicate would hand out, so only this one can verify.
     monkeypatch.setenv("REPLICATE_WEBHOOK_SECRET", secret)
     assert secret != FakeReplicateState.webhook_secret

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest_twisted
 import treq
 
-from stdaemon.store import api_keys
-from stdaemon.store import jobs as job_store
+from stdaemon.users import api_keys
+from stdaemon.jobs import store as job_store
 from stdaemon.store.database import connect
 
 

@@ -11,9 +11,9 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from twisted.internet.task import Clock
 
-from stdaemon import metrics as m
-from stdaemon.metrics import CATEGORIES, TEMPLATES, Metrics, SettingsError, SpendTracker
-from stdaemon.store import jobs as jobs_store
+from stdaemon.metrics import service as m
+from stdaemon.metrics.service import CATEGORIES, TEMPLATES, Metrics, SettingsError, SpendTracker
+from stdaemon.jobs import store as jobs_store
 from stdaemon.store.database import connect
 from stdaemon.store.schema import migrate
 from tests.services import require_binary

@@ -15,8 +15,8 @@ import treq
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from standardwebhooks.webhooks import Webhook
 
-from stdaemon.core import costs
-from stdaemon.store import jobs as jobs_store
+from stdaemon.jobs import costs
+from stdaemon.jobs import store as jobs_store
 from tests.authhelpers import call, create_user, user_key
 from tests.replicate_env import audit_events, start_env
 from tests.test_metrics import FAMILIES, GUIDE_NAME_LINTS, OPENMETRICS, family_names, promtool_problems, value

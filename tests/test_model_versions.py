@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from stdaemon.core import model_versions as mv
+from stdaemon.providers import model_versions as mv
 from tests.replicate_env import start_env
 
 H100 = "simpletuner/advanced-trainer-h100"

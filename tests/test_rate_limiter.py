@@ -8,16 +8,10 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from stdaemon import ratelimit
-from stdaemon.ratelimit import (
-    BackendUnavailable,
-    MemoryBackend,
-    RateLimiting,
-    SQLiteBackend,
-    get_rate_limiter,
-    make_rate_limiting,
-    s3_rate_limiter,
-    webhook_rate_limiter,
+from stdaemon.ratelimit import service as ratelimit
+from stdaemon.ratelimit.service import (
+    BackendUnavailable, MemoryBackend, RateLimiting, SQLiteBackend, get_rate_limiter,
+    make_rate_limiting, s3_rate_limiter, webhook_rate_limiter,
 )
 
 
@@ -256,7 +250,7 @@ async def test_sqlite_unusable_file_fails_open_not_500(tmp_path, clock):
 
 def test_make_rate_limiting_picks_the_configured_backend(tmp_path, clock):
     from stdaemon.config.schema import RateLimitConfig
-    from stdaemon.clients.redis_limiter import RedisBackend
+    from stdaemon.ratelimit.redis_backend import RedisBackend
 
     assert isinstance(make_rate_limiting(RateLimitConfig(), clock).backend, MemoryBackend)
     lim = make_rate_limiting(RateLimitConfig(backend="sqlite"), clock, state_dir=str(tmp_path))
@@ -269,7 +263,7 @@ def test_make_rate_limiting_picks_the_configured_backend(tmp_path, clock):
 
 CHILD = """
 import sys
-from stdaemon.ratelimit import SQLiteBackend
+from stdaemon.ratelimit.service import SQLiteBackend
 backend = SQLiteBackend(sys.argv[1], clock=None, reactor=object())
 now = float(sys.argv[2])
 # the key limiter "x" of the parent uses for "k"

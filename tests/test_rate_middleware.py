@@ -207,7 +207,7 @@ async def test_custom_rules_from_config(make_daemon, probed):
 def test_malformed_rules_are_rejected_at_start_with_the_key_path(tmp_path, rules, path):
     with pytest.raises(ConfigError) as excinfo:
         config = build_config(tmp_path, {"rate_limit": {"rules": rules}})
-        from stdaemon.http.rate_limit import install
+        from stdaemon.ratelimit.http import install
 
         class Ctx:  # reached only if the loader let the rule through
             pass

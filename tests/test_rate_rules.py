@@ -2,13 +2,7 @@
 
 import pytest
 
-from stdaemon.core.rate_rules import (
-    DEFAULT_RULES,
-    RuleError,
-    build_rule_set,
-    normalize_path,
-    parse_rules,
-)
+from stdaemon.ratelimit.rules import DEFAULT_RULES, RuleError, build_rule_set, normalize_path, parse_rules
 
 RULES = build_rule_set()
 
@@ -152,7 +146,7 @@ def test_every_default_rule_has_a_distinct_bucket_name():
 
 
 def test_client_key_groups_ipv6_by_64():
-    from stdaemon.core.rate_rules import client_key
+    from stdaemon.ratelimit.rules import client_key
 
     assert client_key("203.0.113.9") == "203.0.113.9"
     assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:ffff::9") == \

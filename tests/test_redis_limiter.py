@@ -8,8 +8,8 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from stdaemon.clients.redis_limiter import RedisBackend, parse_redis_url
-from stdaemon.ratelimit import MemoryBackend, RateLimiting
+from stdaemon.ratelimit.redis_backend import RedisBackend, parse_redis_url
+from stdaemon.ratelimit.service import MemoryBackend, RateLimiting
 from tests.redis_fixture import redis_server, wait_until  # noqa: F401 (fixture)
 
 

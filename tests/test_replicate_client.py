@@ -8,16 +8,15 @@ from twisted.internet import reactor, task
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from stdaemon.clients.http import HTTPClientFactory, OutboundResponse, OutboundTimeoutError, outbound_settings
-from stdaemon.clients.replicate import (
-    CircuitOpenError,
-    ProviderAPIError,
-    ProviderNotConfigured,
-    ProviderUnavailable,
+from stdaemon.outbound.http import (
+    HTTPClientFactory, OutboundResponse, OutboundTimeoutError, outbound_settings,
+)
+from stdaemon.providers.replicate import (
+    CircuitOpenError, ProviderAPIError, ProviderNotConfigured, ProviderUnavailable,
     ReplicateClient,
 )
-from stdaemon.core.breaker import CLOSED, HALF_OPEN, OPEN, BreakerSettings, CircuitBreaker
-from stdaemon.core.retry import RetryPolicy
+from stdaemon.outbound.breaker import CLOSED, HALF_OPEN, OPEN, BreakerSettings, CircuitBreaker
+from stdaemon.outbound.retry import RetryPolicy
 from tests.fake_replicate import FakeReplicate
 
 FAST_RETRY = RetryPolicy(base_delay=0.01, max_delay=0.05, max_retry_after=0.5)
@@ -191,7 +190,7 @@ def test_connection_errors_on_get_back_off_then_give_up():
 def test_tls_and_proxy_auth_errors_do_not_trip_the_breaker():
     from twisted.internet import defer
 
-    from stdaemon.clients.http import OutboundProxyError, OutboundTLSError
+    from stdaemon.outbound.http import OutboundProxyError, OutboundTLSError
 
     clock = Clock()
     stub = StubHTTP([OutboundTLSError("certificate verify failed")] * 5

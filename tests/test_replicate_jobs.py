@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from stdaemon.store import jobs as store
+from stdaemon.jobs import store
 from tests.replicate_env import PUBLIC_URL, audit_events, start_env
 from tests.tinyproxy_fixture import tinyproxy  # noqa: F401 (fixture)
 

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from stdaemon.core import costs, status
+from stdaemon.jobs import costs, status
 
 
 def ts(text: str) -> float:
@@ -80,7 +80,7 @@ def test_cost_limit_warn_and_block():
 
 
 def test_provider_file_values_from_ini_strings_are_normalised():
-    from stdaemon.core import provider_settings as ps
+    from stdaemon.providers import settings as ps
 
     values, errors = ps.normalise_file_values({
         "ssl_verify": "false", "http_timeout": "45", "webhook_allowed_ips": "10.0.0.0/8, 1.2.3.4",
@@ -95,7 +95,7 @@ def test_provider_file_values_from_ini_strings_are_normalised():
 
 
 def test_effective_layering_default_file_env_api():
-    from stdaemon.core import provider_settings as ps
+    from stdaemon.providers import settings as ps
 
     eff = ps.effective({"http_timeout": 10.0, "hardware_profile": "l40s"},
                        {"SIMPLETUNER_HTTP_TIMEOUT": "20", "HTTPS_PROXY": "http://p:1"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stdaemon.store import jobs as store
+from stdaemon.jobs import store
 from stdaemon.store.database import connect
 from stdaemon.store.schema import migrate
 

@@ -20,7 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from stdaemon.core import s3_checksums
+from stdaemon.s3 import checksums as s3_checksums
 from tests.s3_helpers import outputs_files, raw_request, s3, sign  # noqa: F401  (s3: fixture)
 
 
@@ -360,8 +360,8 @@ def expect_refused(port, path, headers, length):
 
 @pytest_twisted.ensureDeferred
 async def test_oversize_parts_are_refused(s3, monkeypatch):
-    from stdaemon.http import storage
-    from stdaemon.store import objects
+    from stdaemon.s3 import http as storage
+    from stdaemon.s3 import objects
 
     daemon, access_key, secret = s3
     monkeypatch.setattr(storage, "MAX_PART_SIZE", 100_000)

@@ -257,7 +257,7 @@ async def test_dates_in_the_year_99999_are_s3_4xx(s3):
 def _streaming(daemon, access_key, secret, sizes, declared_sizes=None, corrupt_at=None):
     """Headers and body of a signed streaming upload (STREAMING-AWS4-HMAC-SHA256-PAYLOAD) whose
     chunks have the given sizes; ``declared_sizes`` is what the headers announce."""
-    from stdaemon.core import sigv4
+    from stdaemon.s3 import sigv4
 
     declared = sum(declared_sizes or sizes)
     headers = sign(daemon.url + PATH, "PUT", access_key, secret, "STREAMING-AWS4-HMAC-SHA256-PAYLOAD",

@@ -15,7 +15,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 from twisted.internet.threads import deferToThread
 
-from stdaemon.core import s3_checksums
+from stdaemon.s3 import checksums as s3_checksums
 from tests.s3_helpers import tls  # noqa: F401 (fixture)
 
 MIB = 1024 * 1024
@@ -245,7 +245,7 @@ async def test_presigned_put_and_signed_streaming_chunks(make_daemon, tls):
     assert await deferToThread(got["Body"].read) == data
 
     # STREAMING-AWS4-HMAC-SHA256-PAYLOAD: seed signature from botocore's signer, chunk chain per AWS
-    from stdaemon.core import sigv4
+    from stdaemon.s3 import sigv4
     from tests.s3_helpers import raw_request, sign
 
     path = "/api/cloud/storage/outputs/job-1/signed-chunks.bin"
@@ -307,7 +307,7 @@ async def test_full_object_checksum_is_returned_and_validated_by_botocore(make_d
 @pytest_twisted.ensureDeferred
 async def test_requested_checksum_algorithms_header_and_trailer(make_daemon, tls, scheme, algorithm,
                                                                  monkeypatch):
-    from stdaemon.http import storage
+    from stdaemon.s3 import http as storage
 
     decoders = []
 

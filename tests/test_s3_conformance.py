@@ -126,7 +126,7 @@ async def test_bucket_subresources_answer_or_refuse_never_list(make_daemon):
 @pytest_twisted.ensureDeferred
 async def test_raw_subresource_puts_and_deletes_leave_the_object(make_daemon):
     """Whatever sub-resource a client names, a PUT with a body or a DELETE changes nothing."""
-    from stdaemon.core import s3_subresources
+    from stdaemon.s3 import subresources as s3_subresources
 
     daemon = await make_daemon()
     access_key, secret = await daemon.ctx.upload_credentials.issue("job-1")
@@ -236,7 +236,7 @@ async def test_downloads_closed_early_end_quietly(make_daemon):
 
 
 def _crc32_b64(data: bytes) -> str:
-    from stdaemon.core import s3_checksums
+    from stdaemon.s3 import checksums as s3_checksums
     return s3_checksums.checksum_b64("crc32", data)
 
 

@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 
-from stdaemon.store.credentials import UPLOAD_BUCKET, upload_prefix
+from stdaemon.s3.credentials import UPLOAD_BUCKET, upload_prefix
 
 
 @pytest_twisted.ensureDeferred
@@ -45,7 +45,7 @@ async def test_secret_encrypted_at_rest_key_file_0600_and_expiry_timer(make_daem
     assert cred.revoked_at is not None
 
     # a new process (new store object) reads the same secret back with the key file
-    from stdaemon.store.credentials import UploadCredentials
+    from stdaemon.s3.credentials import UploadCredentials
 
     again = UploadCredentials(daemon.ctx)
     access_key2, secret2 = await creds.issue("job-43")

@@ -7,11 +7,11 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stdaemon.core import sigv4
-from stdaemon.core.aws_chunked import AwsChunkedDecoder, ChunkedError
-from stdaemon.core.s3_keys import InvalidKey, validate_key
-from stdaemon.core.s3_xml import MalformedXML, parse_complete_multipart, parse_delete
-from stdaemon.store.objects import Bucket
+from stdaemon.s3 import sigv4
+from stdaemon.s3.aws_chunked import AwsChunkedDecoder, ChunkedError
+from stdaemon.s3.keys import InvalidKey, validate_key
+from stdaemon.s3.xml_documents import MalformedXML, parse_complete_multipart, parse_delete
+from stdaemon.s3.objects import Bucket
 
 text = st.text(max_size=200)
 

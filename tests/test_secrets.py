@@ -11,15 +11,8 @@ from twisted.internet import reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from stdaemon.threads import BlockingPool
 
-from stdaemon.clients.secrets import (
-    ABSENT,
-    DOWN,
-    NOT_FOUND,
-    OK,
-    REFUSED,
-    REPLICATE_TOKEN,
-    SecretsManager,
-    SecretsService,
+from stdaemon.secrets.service import (
+    ABSENT, DOWN, NOT_FOUND, OK, REFUSED, REPLICATE_TOKEN, SecretsManager, SecretsService,
 )
 from stdaemon.config.schema import Config, SecretsConfig, ServerConfig
 from tests.secret_stores import BaoServer, MotoServer
@@ -401,7 +394,7 @@ async def test_vault_stopped_keeps_value_and_store_down_falls_through(state_dir,
 
 
 def test_blocking_resolution_for_tools(state_dir):
-    from stdaemon.clients.secrets import resolve_blocking
+    from stdaemon.secrets.service import resolve_blocking
 
     server = BaoServer().start()
     try:

@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from stdaemon.clients.secrets import REPLICATE_TOKEN
+from stdaemon.secrets.service import REPLICATE_TOKEN
 from tests.fake_replicate import FakeReplicateState
 from tests.replicate_env import start_env
 from tests.secret_stores import BaoServer, MotoServer

@@ -11,8 +11,8 @@ from botocore.auth import HmacV1Auth, HmacV1QueryAuth, S3SigV4Auth, S3SigV4Query
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from stdaemon.core import sigv4
-from stdaemon.core.sigv4 import SignatureError
+from stdaemon.s3 import sigv4
+from stdaemon.s3.sigv4 import SignatureError
 
 SUITE_KEY = "AKIDEXAMPLE"
 SUITE_SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"

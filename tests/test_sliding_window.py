@@ -5,12 +5,8 @@ from collections import deque
 from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 
-from stdaemon.core.sliding_window import (
-    SampledCounter,
-    SlidingWindow,
-    SlidingWindowTable,
-    decide,
-    evaluate,
+from stdaemon.ratelimit.sliding_window import (
+    SampledCounter, SlidingWindow, SlidingWindowTable, decide, evaluate,
 )
 
 
@@ -159,7 +155,7 @@ def test_sampler_global_cap_holds_against_many_addresses():
 
 
 def test_recent_keys_gauge_is_bounded_and_swept():
-    from stdaemon.core.sliding_window import RecentKeys
+    from stdaemon.ratelimit.sliding_window import RecentKeys
 
     clock = Clock()
     recent = RecentKeys(horizon=60, max_keys=3)

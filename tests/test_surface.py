@@ -14,8 +14,8 @@ from stdaemon.http.errors import ApiError, invalid_field
 from stdaemon.http.root import Root, UnprotectedRoute
 from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, route
 from stdaemon.http.validation import BodyModel
-from stdaemon.metrics import Metrics
-from stdaemon.store.api_keys import Principal
+from stdaemon.metrics.service import Metrics
+from stdaemon.users.api_keys import Principal
 
 
 class Echo(BodyModel):

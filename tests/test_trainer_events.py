@@ -11,7 +11,7 @@ import json
 import pytest_twisted
 import treq
 
-from stdaemon.store import jobs as store
+from stdaemon.jobs import store
 from tests.replicate_env import PUBLIC_URL, audit_events
 
 

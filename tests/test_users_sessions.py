@@ -8,8 +8,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import task
 
-from stdaemon.core import csrf
-from stdaemon.store import users
+from stdaemon.users import csrf
+from stdaemon.users import store as users
 from tests.authhelpers import call, create_user, login, user_key
 
 

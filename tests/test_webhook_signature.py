@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 from standardwebhooks import Webhook
 
-from stdaemon.core import webhook_signature as ws
+from stdaemon.webhooks import signature as ws
 
 SECRET = "whsec_" + base64.b64encode(b"stdaemon-test-webhook-secret-32b").decode()
 OTHER = "whsec_" + base64.b64encode(b"another-secret-for-rotation-test").decode()

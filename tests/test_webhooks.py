@@ -18,7 +18,7 @@ import treq
 from standardwebhooks import Webhook
 from twisted.internet import defer, reactor
 
-from stdaemon.store import jobs as job_store
+from stdaemon.jobs import store as job_store
 from stdaemon.store.database import connect
 
 SECRET = "whsec_" + base64.b64encode(b"stdaemon-e2e-webhook-secret-0001").decode()

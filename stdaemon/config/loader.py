@@ -289,7 +289,7 @@ def _check_rules(path: str, value: tuple) -> tuple:
             {"pattern": pattern, "calls": calls, "period": period, "methods": methods}))
     # The rate limiter's own parser has the remaining limits (bounds on calls
     # and period, method names): run it now so --check-config sees them too.
-    from stdaemon.core.rate_rules import RuleError, parse_rules
+    from stdaemon.ratelimit.rules import RuleError, parse_rules
 
     try:
         parse_rules([dict(rule) for rule in checked], path)
@@ -333,7 +333,7 @@ PROVIDER_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {}
 
 
 def _register_provider_validators() -> None:
-    from stdaemon.core.provider_settings import register_config_validators
+    from stdaemon.providers.settings import register_config_validators
 
     register_config_validators(PROVIDER_VALIDATORS)
 
@@ -472,7 +472,7 @@ def load_config(
         if checked.get("ssl_ca_bundle"):
             # A CA bundle that cannot be used would only fail at the first
             # provider call: refuse it at start-up instead.
-            from stdaemon.clients.http import CABundleError, load_ca_bundle
+            from stdaemon.outbound.http import CABundleError, load_ca_bundle
 
             try:
                 load_ca_bundle(os.path.expanduser(checked["ssl_ca_bundle"]))

@@ -113,7 +113,7 @@ def undecodable_header(headers: Any) -> Optional[str]:
 def invalid_header_body(name: str, path: bytes) -> tuple[bytes, bytes]:
     detail = f"Header {name[:64]!r} is not valid UTF-8 text"
     if path.startswith(S3_PREFIX):
-        from stdaemon.core import s3_xml
+        from stdaemon.s3 import xml_documents as s3_xml
 
         return b"application/xml", s3_xml.error("InvalidArgument", detail)
     return b"application/json", json.dumps({"error": "invalid_header", "detail": detail,

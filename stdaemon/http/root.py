@@ -37,7 +37,7 @@ from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import Map, RequestRedirect, Rule
 
-from stdaemon.core.client_ip import derive_client_ip
+from stdaemon.http.client_ip import derive_client_ip
 from stdaemon.http.errors import ApiError, forbidden, unauthorized
 from stdaemon.http.request import BodyPolicy
 from stdaemon.http.surface import ROUTES, Access, RouteInfo, Surface, render_error

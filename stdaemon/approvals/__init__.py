@@ -1,0 +1,1 @@
+"""Approval rules and requests, and quotas."""

@@ -1,0 +1,1 @@
+"""Database backups: online copies, scheduled backups, restore."""

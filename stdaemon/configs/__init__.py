@@ -1,0 +1,1 @@
+"""Named training configs stored under the state directory."""

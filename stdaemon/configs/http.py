@@ -1,0 +1,154 @@
+"""Named training configurations (S18): ``/api/configs``.
+
+SimpleTuner's WebUI keeps each training configuration as a directory with
+``config.json`` and ``multidatabackend.json``; stdaemon keeps the same layout
+under ``<state>/configs/<name>/`` (:mod:`stdaemon.configs.store`, run in a
+small thread pool), so ``simpletuner cloud submit <name>`` -- which sends
+``{"config_name_to_load": name}`` -- and its ``--dry-run`` (``GET
+/api/configs/{name}``) work unmodified.
+
+* ``GET /api/configs`` → ``{configs: [{name, updated_at, has_dataloader}], total}``
+* ``GET /api/configs/{name}`` → ``{name, config, dataloader_config, updated_at}``
+* ``PUT /api/configs/{name}`` body ``{"config": {...}, "dataloader_config": [...]}``
+  → the stored config (201 when new); audited ``config.saved``
+* ``DELETE /api/configs/{name}`` → ``{success, name}``; audited ``config.deleted``
+
+Operators and admins (the roles that submit jobs) read and write them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from klein import Klein
+from pydantic import ConfigDict, Field
+
+from stdaemon.providers.service import audit
+from stdaemon.timestamps import iso
+from stdaemon.http.errors import ApiError, not_found
+from stdaemon.http.surface import OPERATOR, Response, Surface, route
+from stdaemon.http.validation import BodyModel
+from stdaemon.configs import store
+from stdaemon.threads import install_pool
+
+
+# -- request models ---------------------------------------------------------------------------
+
+class SaveConfig(BodyModel):
+    """``PUT /api/configs/{name}``: the training config and its dataloader config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: dict[str, Any]
+    dataloader_config: Union[list[Any], dict[str, Any]] = Field(default_factory=list)
+    name: Optional[str] = Field(None, max_length=128)  # tolerated (the path names the config)
+
+
+def _invalid_name(exc: ValueError) -> ApiError:
+    return ApiError(400, "invalid_field", f"name: {exc}", field="name", success=False)
+
+
+class ConfigService:
+    """``ctx.configs``: named configs on disk, read and written off the reactor."""
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        self.store = store.ConfigStore(ctx.path("configs"))
+        self.pool = install_pool(ctx, "stdaemon-configs", maxthreads=2)
+
+    async def list(self) -> list[dict]:
+        return await self.pool.run(self.store.list)
+
+    async def get(self, name: str) -> Optional[dict]:
+        """The stored config or None; raises ValueError for a bad name and
+        :class:`stdaemon.configs.store.ConfigError` for an unreadable file."""
+        store.check_name(name)
+        return await self.pool.run(self.store.get, name)
+
+    async def put(self, name: str, config: dict, dataloader: Any) -> bool:
+        store.check_name(name)
+        return await self.pool.run(self.store.put, name, config, dataloader)
+
+    async def delete(self, name: str) -> bool:
+        store.check_name(name)
+        return await self.pool.run(self.store.delete, name)
+
+
+def public(entry: dict) -> dict:
+    out = dict(entry)
+    out["updated_at"] = iso(entry.get("updated_at"))
+    return out
+
+
+def _actor(request) -> str:
+    principal = getattr(request, "principal", None)
+    return principal.actor if principal is not None else "system"
+
+
+class ConfigsSurface(Surface):
+    app = Klein()
+    prefixes = ("/api/configs",)
+
+    @property
+    def configs(self) -> ConfigService:
+        return self.ctx.configs
+
+    @route(app, "/api/configs", access=OPERATOR)
+    async def list_configs(self, request):
+        entries = await self.configs.list()
+        return {"configs": [public(e) for e in entries], "total": len(entries)}
+
+    @route(app, "/api/configs/<name>", access=OPERATOR)
+    async def get_config(self, request, name):
+        try:
+            entry = await self.configs.get(name)
+        except ValueError as exc:
+            raise _invalid_name(exc) from None
+        except store.ConfigError as exc:
+            raise ApiError(409, "config_unreadable", str(exc)) from None
+        if entry is None:
+            raise ApiError(404, "not_found", f"Config {name[:128]} not found", success=False)
+        return public(entry)
+
+    @route(app, "/api/configs/<name>", methods=("PUT",), access=OPERATOR, body=SaveConfig)
+    async def put_config(self, request, name, body: SaveConfig):
+        try:
+            store.check_name(name)
+        except ValueError as exc:
+            raise _invalid_name(exc) from None
+        config, dataloader = body.config, body.dataloader_config
+        for field, value in (("config", config), ("dataloader_config", dataloader)):
+            try:
+                store.encode(value)
+            except ValueError:
+                raise ApiError(400, "invalid_field", f"{field}: must be plain JSON (no NaN or "
+                               "Infinity, valid Unicode)", field=field) from None
+        try:
+            created = await self.configs.put(name, config, dataloader)
+        except store.ConfigError as exc:
+            raise ApiError(409, "config_unwritable", str(exc)) from None
+        await audit(self.ctx, "config.saved", actor=_actor(request),
+                    ip=getattr(request, "client_ip", None), target=name,
+                    action="create" if created else "update", details={"name": name})
+        entry = await self.configs.get(name)
+        return Response(public(entry), status=201 if created else 200)
+
+    @route(app, "/api/configs/<name>", methods=("DELETE",), access=OPERATOR)
+    async def delete_config(self, request, name):
+        try:
+            deleted = await self.configs.delete(name)
+        except ValueError as exc:
+            raise _invalid_name(exc) from None
+        if not deleted:
+            raise ApiError(404, "not_found", f"Config {name[:128]} not found", success=False)
+        await audit(self.ctx, "config.deleted", actor=_actor(request),
+                    ip=getattr(request, "client_ip", None), target=name, action="delete",
+                    details={"name": name})
+        return {"success": True, "name": name}
+
+
+def install(ctx: Any) -> ConfigService:
+    service = ConfigService(ctx)
+    ctx.configs = service
+    return service
+

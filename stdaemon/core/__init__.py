@@ -1,1 +1,0 @@
-"""Pure logic: no Twisted I/O, no clock reads, no file or network access."""

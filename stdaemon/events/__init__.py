@@ -1,0 +1,1 @@
+"""Live job events to SSE clients."""

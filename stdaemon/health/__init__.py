@@ -1,0 +1,1 @@
+"""Health: the component registry and the /health surfaces."""

@@ -1,0 +1,1 @@
+"""Prometheus metrics: figures kept in memory and the scrape surface."""

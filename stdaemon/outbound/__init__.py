@@ -1,0 +1,1 @@
+"""Outbound HTTP: the one client factory (proxy, CA bundle, TLS), CONNECT tunnels, breakers, retries."""

@@ -1,0 +1,1 @@
+"""Providers: the Replicate client, provider settings and model versions."""

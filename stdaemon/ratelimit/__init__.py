@@ -1,0 +1,1 @@
+"""Rate limiting: rules, the sliding window, the SQLite/Redis backends, the middleware."""

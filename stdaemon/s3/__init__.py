@@ -1,0 +1,1 @@
+"""The S3-compatible endpoint: authentication, uploads, the object store, credentials."""

@@ -1,0 +1,215 @@
+"""Who calls the S3 surface, decided from the request head alone (S8, S19).
+
+Everything an S3 request is authenticated with is in its head: the SigV4 ``Authorization`` header
+(its seed signature covers the headers and the declared payload hash), a presigned V4 or V2 query
+string, a V2 ``Authorization: AWS key:sig`` header, the plain ``X-Upload-Token`` /
+``X-SimpleTuner-Secret`` header, or an operator's API key. So the storage surface decides *before
+the body is read* (``StorageSurface.body_policy`` → ``admit``) and refuses strangers without storing
+a byte of what they send; only what can be checked as bytes arrive (the payload hash, chunk
+signatures, checksums) is left to the upload itself.
+
+:class:`S3Authenticator` is used both before the body (uploads and other requests with a body) and
+by the handlers of body-less requests, so the rules live in one place:
+
+* an operator principal (API key, or a console session) with role ``operator``/``admin`` reads
+  everything; ``admin`` also writes;
+* a job's upload credential (SigV4/SigV2, or the plain secret header) is valid only while the job
+  is live, for its own prefix, plus read-only access to the prefix of the job it resumes from;
+* SimpleTuner's publisher signs with the placeholder access key ``local`` *and* sends the secret in
+  ``X-SimpleTuner-Secret``: when the secret header is present it authenticates, and a signature by
+  a key that was never issued is ignored (a signature by another issued key is refused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from twisted.internet import defer
+
+from stdaemon.s3 import sigv4
+from stdaemon.s3.keys import key_under_prefix
+from stdaemon.http.root import client_ip
+from stdaemon.logs import get_logger
+
+log = get_logger("stdaemon.http.s3_auth")
+
+TOKEN_HEADERS = ("x-upload-token", "x-simpletuner-secret")
+
+
+class AuthError(Exception):
+    """A refusal with an S3 error code (the surface turns it into its ``S3Error``)."""
+
+    def __init__(self, code: str, message: str, **extra: Any):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+def access_denied() -> AuthError:
+    return AuthError("AccessDenied", "Access Denied")
+
+
+def unknown_key(access_key: str) -> AuthError:
+    return AuthError("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.",
+                     AWSAccessKeyId=access_key)
+
+
+@dataclass
+class Caller:
+    kind: str  # "job" | "operator"
+    credential: Any = None
+    #: the verified signature claim (``None`` for operators and for the plain secret header)
+    claim: Optional[sigv4.AuthClaim] = None
+    #: verifies the chunk-signature chain of a signed streaming body
+    signer: Optional[sigv4.ChunkSigner] = None
+    can_write: bool = False
+    #: prefixes of the job's bucket it may also read (the job it resumes from)
+    read_prefixes: tuple = ()
+
+    @property
+    def job_id(self) -> Optional[str]:
+        return self.credential.job_id if self.kind == "job" else None
+
+    def allowed(self, bucket: str, key: str, write: bool = False) -> bool:
+        if self.kind == "operator":
+            return True
+        if bucket != self.credential.bucket:
+            return False
+        if key_under_prefix(key, self.credential.prefix):
+            return True
+        return not write and any(key_under_prefix(key, prefix) for prefix in self.read_prefixes)
+
+    def list_scope(self, bucket: str, prefix: str) -> Optional[str]:
+        """The readable prefix a job's listing of ``prefix`` stays inside (its own, or the one of the
+        job it resumes from), ``None`` when it may not list there. ``job-1`` (no slash) is allowed
+        and filtered to ``job-1/``."""
+        if self.kind == "operator":
+            return ""
+        if bucket != self.credential.bucket:
+            return None
+        for scope in (self.credential.prefix, *self.read_prefixes):
+            if prefix.startswith(scope) or (prefix and scope.startswith(prefix) and len(prefix) >= len(scope) - 1):
+                return scope
+        return None
+
+
+def _first(headers: Any, name: bytes) -> Optional[str]:
+    values = headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None
+
+
+def header_pairs(headers: Any):
+    for name, values in headers.getAllRawHeaders():
+        for value in values:
+            yield name.decode("latin-1").lower(), value.decode("latin-1")
+
+
+def presents_principal(headers: Any) -> bool:
+    """The head carries what an operator authenticates with (API key, bearer token, session cookie)."""
+    if headers.getRawHeaders(b"x-api-key") or headers.getRawHeaders(b"cookie"):
+        return True
+    authorization = (_first(headers, b"authorization") or "").strip()
+    return authorization[:7].lower() == "bearer "
+
+
+class S3Authenticator:
+    """The S3 surface's authentication rules (``StorageSurface.auth``)."""
+
+    def __init__(self, ctx: Any, path_prefix: str):
+        self.ctx = ctx
+        self.path_prefix = path_prefix
+
+    @property
+    def credentials(self) -> Any:
+        return self.ctx.upload_credentials
+
+    async def principal_from_head(self, request: Any, method: bytes) -> Any:
+        """The operator principal of a request whose body has not been read (the root has not
+        authenticated it yet). ``None`` when it presents none or a wrong one."""
+        if not presents_principal(request.requestHeaders):
+            return None
+        request.method = method  # not set before the body; the session strategy checks CSRF by it
+        try:
+            return await self.ctx.auth.authenticate(request)
+        except Exception:  # a CSRF refusal, a bad cookie: not an operator
+            return None
+
+    async def authenticate(self, request: Any, method: str, raw_path: str, raw_query: str,
+                           principal: Any = None, target: str = "") -> Caller:
+        """The caller, or ``AuthError``/``sigv4.SignatureError`` (audited as ``upload.denied``)."""
+        if principal is not None:
+            if principal.role not in ("admin", "operator"):
+                raise access_denied()
+            return Caller("operator", can_write=principal.role == "admin")
+        headers = request.requestHeaders
+        claim = sigv4.parse_request_auth(method, raw_path, raw_query, sigv4.headers_from_pairs(header_pairs(headers)))
+        now = self.ctx.clock.seconds()
+        token = next((value for value in (_first(headers, name.encode()) for name in TOKEN_HEADERS) if value), None)
+        if token:
+            cred = await self.credentials.lookup_token(token.strip())
+            if cred is None or not cred.active(now) or not await self.credentials.check_job_active(cred):
+                self.denied(request, "bad upload token", target=target)
+                raise access_denied()
+            verified, signer = None, None
+            if claim is not None:
+                if claim.access_key == cred.access_key_id:
+                    verified, signer = claim, self._verify(request, claim, cred, now, target)
+                elif await self.credentials.lookup(claim.access_key) is not None:
+                    self.denied(request, "signed by another credential than the upload token", claim.access_key,
+                                target)
+                    raise access_denied()
+                # else: a placeholder key (SimpleTuner signs with "local"); the secret proved possession
+            return await self._job_caller(cred, verified, signer)
+        if claim is None:
+            raise access_denied()
+        cred = await self.credentials.lookup(claim.access_key)
+        if cred is None:
+            self.denied(request, "unknown access key", claim.access_key, target)
+            raise unknown_key(claim.access_key)
+        if not cred.active(now) or not await self.credentials.check_job_active(cred):
+            self.denied(request, "revoked or expired credentials", claim.access_key, target)
+            raise unknown_key(claim.access_key)
+        signer = self._verify(request, claim, cred, now, target)
+        return await self._job_caller(cred, claim, signer)
+
+    def _verify(self, request: Any, claim: sigv4.AuthClaim, cred: Any, now: float, target: str) -> Any:
+        try:
+            return sigv4.verify_claim(claim, cred.secret, now, path_prefix=self.path_prefix)
+        except sigv4.SignatureError as exc:
+            self.denied(request, f"signature: {exc.code}", claim.access_key, target)
+            raise
+
+    async def _job_caller(self, cred: Any, claim: Optional[sigv4.AuthClaim], signer: Any) -> Caller:
+        reader = getattr(self.credentials, "read_prefixes", None)
+        extra = tuple(await reader(cred)) if reader is not None else ()
+        return Caller("job", credential=cred, claim=claim, signer=signer, can_write=True, read_prefixes=extra)
+
+    def denied(self, request: Any, reason: str, access_key: str = "", target: str = "") -> None:
+        """Audit a refused request (``upload.denied``), sampled so a flood stays bounded."""
+        ip = getattr(request, "client_ip", "") or None
+        if ip is None and getattr(request, "channel", None) is not None:
+            # before the body: the root has not derived it yet
+            ip = client_ip(request, getattr(self.ctx, "trusted_proxies", ()))
+        log.info("S3 request refused: {reason}", reason=reason, ip=ip)
+        audit = getattr(self.ctx, "audit", None)
+        if audit is None:
+            return
+        channel = getattr(request, "channel", None)
+        method = getattr(request, "method", None) or getattr(channel, "_command", b"PUT")
+        if not target:
+            path = getattr(request, "path", None) or getattr(channel, "_path", b"") or b""
+            target = path.decode("latin-1", "replace")
+        fields = dict(actor="anonymous", ip=ip, target=target[:200], action=method.decode("latin-1", "replace"),
+                      details={"reason": reason, "access_key_id": access_key[:64]})
+        try:
+            sampled = getattr(audit, "sampled", None)
+            result = sampled("upload.denied", **fields) if sampled is not None else audit.record("upload.denied",
+                                                                                                   **fields)
+            if hasattr(result, "__await__") and not isinstance(result, defer.Deferred):
+                result = defer.ensureDeferred(result)
+            if isinstance(result, defer.Deferred):
+                result.addErrback(lambda f: log.failure("audit of a refused upload failed", failure=f))
+        except Exception:
+            log.failure("audit of a refused upload failed")

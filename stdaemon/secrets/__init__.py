@@ -1,0 +1,1 @@
+"""Secrets from the environment, a file, AWS Secrets Manager and Vault."""

@@ -1,0 +1,1 @@
+"""Users, API keys, sessions, sign-in and CSRF."""

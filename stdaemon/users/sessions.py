@@ -1,0 +1,175 @@
+"""Browser sessions: the ``st_session`` cookie strategy, CSRF and expiry (S12).
+
+``install(ctx)`` (called from ``wire_capabilities``) sets ``ctx.sessions`` to a
+:class:`SessionManager` which
+
+- registers the session strategy with ``ctx.auth.add_strategy`` (after the
+  API-key strategy, so a request with a key is authenticated by the key and
+  is exempt from CSRF);
+- refuses (403) a state-changing session request whose ``X-CSRF-Token`` does
+  not match its ``st_csrf`` cookie and session, or whose ``Origin`` is not the
+  daemon's own origin or ``server.public_url`` (see ``stdaemon.users.csrf``);
+- owns a small thread pool for Argon2 (memory-hard: at most two hashes at a
+  time, never on the reactor thread);
+- sweeps expired sessions with a reactor timer (``session-sweep``).  Lookups
+  also check expiry, so a session is dead the moment it expires.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+from twisted.internet.threads import deferToThreadPool
+
+from stdaemon.users import csrf
+from stdaemon.http.errors import ApiError
+from stdaemon.logs import get_logger
+from stdaemon.users import store as users
+from stdaemon.users.api_keys import Principal
+from stdaemon.threads import BlockingPool, install_pool
+
+log = get_logger("stdaemon.sessions")
+
+SESSION_COOKIE = "st_session"
+CSRF_COOKIE = "st_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+SWEEP_INTERVAL = 60.0
+
+
+def cookie(request: Any, name: str) -> Optional[str]:
+    value = request.getCookie(name.encode())
+    if not value:
+        return None
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def request_is_https(request: Any, public_url: str = "") -> bool:
+    if request.isSecure():
+        return True
+    # Behind a TLS-terminating proxy the public URL says https.
+    proto = (request.getHeader("x-forwarded-proto") or "").lower()
+    return proto == "https" and public_url.lower().startswith("https://")
+
+
+async def record_audit(ctx: Any, event_type: str, request: Any = None, *,
+                       actor: Optional[str] = None, target: Optional[str] = None,
+                       action: Optional[str] = None, details: Optional[dict] = None,
+                       sampled: bool = False) -> None:
+    """Write one audit entry when the audit writer is installed; a failed
+    write is logged and never fails the request that caused it.  ``sampled``
+    is for events anyone can trigger at will (failed logins): the writer
+    bounds them per IP and window."""
+    audit = getattr(ctx, "audit", None)
+    if audit is None:
+        return
+    if actor is None and request is not None:
+        principal = getattr(request, "principal", None)
+        actor = principal.actor if principal is not None else "anonymous"
+    ip = getattr(request, "client_ip", None) if request is not None else None
+    try:
+        write = audit.sampled if sampled and hasattr(audit, "sampled") else audit.record
+        result = write(event_type, actor=actor or "system", ip=ip, target=target,
+                       action=action, details=details or {})
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.failure("Could not write audit entry {event_type}", event_type=event_type)
+
+
+class SessionManager:
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        self.ttl = float(ctx.config.auth.session_ttl)
+        self.public_url = ctx.config.server.public_url
+        self._pool: Optional[BlockingPool] = None
+        self.swept = 0
+
+    def install(self) -> None:
+        self.ctx.auth.add_strategy(self.authenticate)
+        self._new_pool()
+        self.ctx.add_timer("session-sweep", min(SWEEP_INTERVAL, max(self.ttl, 1.0)), self.sweep)
+
+    def _new_pool(self) -> None:
+        self._pool = install_pool(self.ctx, "stdaemon-passwords", maxthreads=2)
+
+    # -- passwords (off the reactor thread) -------------------------------------
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        if self._pool is None:
+            # Not installed (tool use): still keep Argon2 off the reactor thread.
+            return deferToThreadPool(self.ctx.reactor, self.ctx.reactor.getThreadPool(), fn, *args)
+        return self._pool.run(fn, *args)
+
+    def hash_password(self, password: str) -> Any:
+        return self._run(users.hash_password, password)
+
+    def verify_password(self, password_hash: Optional[str], password: str) -> Any:
+        return self._run(users.verify_password, password_hash, password)
+
+    # -- the strategy ------------------------------------------------------------
+
+    async def authenticate(self, request: Any) -> Optional[Principal]:
+        token = cookie(request, SESSION_COOKIE)
+        if not token:
+            return None
+        info = await self.ctx.db.run_read(users.lookup_session, token, self.ctx.now())
+        if info is None:
+            return None
+        method = request.method.decode("latin-1").upper()
+        if method not in csrf.SAFE_METHODS:
+            self.check_csrf(request, info.csrf_hash)
+        return info.principal
+
+    def allowed_origins(self, request: Any) -> set[str]:
+        return csrf.allowed_origins(request.getHeader("host"),
+                                    request_is_https(request, self.public_url), self.public_url)
+
+    def check_origin(self, request: Any) -> None:
+        if not csrf.origin_allowed(request.getHeader("origin"), request.getHeader("referer"),
+                                   self.allowed_origins(request)):
+            raise ApiError(403, "csrf_origin", "Cross-origin request refused: the Origin is not "
+                                               "this daemon's origin or server.public_url")
+
+    def check_csrf(self, request: Any, csrf_hash: str) -> None:
+        self.check_origin(request)
+        if not csrf.token_matches(request.getHeader(CSRF_HEADER), cookie(request, CSRF_COOKIE),
+                                  csrf_hash):
+            raise ApiError(403, "csrf_failed", f"Missing or invalid {CSRF_HEADER} header; it must "
+                                               f"equal the {CSRF_COOKIE} cookie set at login")
+
+    # -- cookies -----------------------------------------------------------------
+
+    def set_cookies(self, request: Any, session: users.NewSession) -> None:
+        secure = request_is_https(request, self.public_url)
+        max_age = str(int(self.ttl))
+        request.addCookie(SESSION_COOKIE, session.token, path="/", httpOnly=True, secure=secure,
+                          sameSite="strict", max_age=max_age)
+        request.addCookie(CSRF_COOKIE, session.csrf, path="/", httpOnly=False, secure=secure,
+                          sameSite="strict", max_age=max_age)
+
+    def clear_cookies(self, request: Any) -> None:
+        secure = request_is_https(request, self.public_url)
+        for name, http_only in ((SESSION_COOKIE, True), (CSRF_COOKIE, False)):
+            request.addCookie(name, "", path="/", httpOnly=http_only, secure=secure,
+                              sameSite="strict", max_age="0",
+                              expires="Thu, 01 Jan 1970 00:00:00 GMT")
+
+    # -- expiry ------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        removed = await self.ctx.db.run_write(users.sweep_sessions, self.ctx.now())
+        self.swept += removed
+        if removed:
+            log.info("Removed {count} expired session(s)", count=removed)
+        return removed
+
+
+def install(ctx: Any) -> SessionManager:
+    manager = SessionManager(ctx)
+    manager.install()
+    ctx.sessions = manager
+    return manager

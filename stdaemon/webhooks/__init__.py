@@ -1,0 +1,1 @@
+"""Provider and trainer webhooks: signatures, replay protection, the job-update path."""
