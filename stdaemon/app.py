@@ -1,14 +1,15 @@
-"""The App context: one object that holds each single source of truth.
+"""The App: the framework parts and one typed attribute per capability service.
 
-Built once by :func:`stdaemon.service.build_app` and passed to every surface
-and service.  Capabilities hang their objects here (``ctx.audit``,
-``ctx.secrets``, ``ctx.http_clients``, ``ctx.rate_limiter``, …) so there is
-exactly one of each.
+Built once by :func:`stdaemon.service.build_app` (the composition root), which
+constructs every capability service in dependency order and assigns it here
+exactly once.  Surfaces receive the App and read services from it; services
+themselves never see it: they are given their collaborators explicitly.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import os
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.application.service import MultiService
 
@@ -20,10 +21,50 @@ from stdaemon.health.service import HealthRegistry
 from stdaemon.metrics.service import Metrics
 from stdaemon.store.database import Database
 from stdaemon.timers import SafeTimerService
+from stdaemon.users.api_keys import change_counters
+
+if TYPE_CHECKING:  # the capability services' types; the App itself imports none of them
+    from stdaemon.approvals.service import ApprovalService, QuotaService
+    from stdaemon.audit.service import AuditLog
+    from stdaemon.backup.service import BackupService
+    from stdaemon.configs.http import ConfigService
+    from stdaemon.events.service import EventBus
+    from stdaemon.jobs.http import JobService
+    from stdaemon.outbound.breaker import BreakerRegistry
+    from stdaemon.outbound.http import HTTPClientFactory
+    from stdaemon.providers.service import ProviderManager
+    from stdaemon.ratelimit.http import RateLimitMiddleware
+    from stdaemon.ratelimit.service import RateLimiting
+    from stdaemon.s3.credentials import UploadCredentials
+    from stdaemon.s3.http import UploadProgress
+    from stdaemon.secrets.service import SecretsManager
+    from stdaemon.users.sessions import SessionManager
+    from stdaemon.webhooks.http import WebhooksSurface
 
 
 class App:
     version = __version__
+
+    # -- capability services, each assigned once by stdaemon.service.build_app --
+    secrets: "SecretsManager"
+    audit: "AuditLog"
+    backups: "BackupService"
+    rate_limiter: "RateLimiting"
+    rate_limit_middleware: "RateLimitMiddleware"
+    sessions: "SessionManager"
+    providers: "ProviderManager"
+    http_clients: "HTTPClientFactory"
+    breakers: "BreakerRegistry"
+    jobs: "JobService"
+    configs: "ConfigService"
+    events: "EventBus"
+    approvals: "ApprovalService"
+    quotas: "QuotaService"
+    upload_credentials: "UploadCredentials"
+    upload_progress: "UploadProgress"
+    webhooks: "WebhooksSurface"
+    #: the one-time first sign-in link while no user has a password (logged at start)
+    setup_url: Optional[str] = None
 
     def __init__(self, config: Config, reactor: Any, clock: Optional[Any] = None,
                  db: Optional[Database] = None):
@@ -40,11 +81,6 @@ class App:
         # Long-running services (timers, pools) are children of this one.
         self.services = MultiService()
         self.services.setName("stdaemon-app")
-        # Filled in by capabilities as they are wired (see service.py).
-        self.audit: Any = None
-        self.secrets: Any = None
-        self.http_clients: Any = None
-        self.rate_limiter: Any = None
         self.timer_failures: dict[str, int] = {}
         # Called when the daemon starts draining (after it stops listening):
         # end long-lived responses such as SSE streams.
@@ -79,7 +115,6 @@ class App:
     async def poll_change_counters(self) -> None:
         """One read of the database's change counters (bumped by triggers, whoever writes): the
         verified-key cache and the kept job rows forget what another process may have changed."""
-        from stdaemon.users.api_keys import change_counters
 
         counters = await self.db.run_read(change_counters)
         self.auth.saw_generation(counters.get("auth", 0))
@@ -94,13 +129,7 @@ class App:
     def outputs_root(self) -> str:
         """Where job outputs are stored now: the provider setting ``s3_output_path``
         when it was set (file, env or API), else :meth:`outputs_dir`."""
-        import os
-
-        providers = getattr(self, "providers", None)
-        try:
-            value, source = providers.effective("replicate")["s3_output_path"]
-        except Exception:  # providers not wired (tests) or unknown provider
-            return self.outputs_dir()
+        value, source = self.providers.effective("replicate")["s3_output_path"]
         if source == "default" or not value:
             return self.outputs_dir()
         return os.path.abspath(os.path.expanduser(str(value)))

@@ -43,6 +43,15 @@ log = get_logger("stdaemon.service")
 SETUP_LINK_TTL = 30 * 60.0  # seconds the first sign-in link stays valid (injected clock)
 
 
+def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tuple[App, Root]:
+    """The composition root: every capability service built once, in dependency order, each given
+    its collaborators explicitly; then the surfaces, which only read services from the App."""
+    app = App(config, reactor, clock)
+    root = Root(app, build_surfaces(app))
+    wire_capabilities(app, root)
+    return app, root
+
+
 def build_surfaces(ctx: App) -> list:
     """Every HTTP surface, composed under one root.  Add new surfaces here."""
     surfaces: list = [HealthSurface(ctx)]
@@ -182,10 +191,8 @@ class StdaemonService(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.ctx = App(config, reactor, clock)
+        self.ctx, self.root = build_app(config, reactor, clock)
         self.ctx.services.setServiceParent(self)
-        self.root = Root(self.ctx, build_surfaces(self.ctx))
-        wire_capabilities(self.ctx, self.root)
         self.site = StdaemonSite(self.root, body_policy=self.root.body_policy)
         self.ports: list = []
         self.inflight = 0
