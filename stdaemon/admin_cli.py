@@ -87,12 +87,13 @@ def _audit(config: Any, store: Any, event_type: str, target: str, action: str, d
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from stdaemon.config import ConfigError, load_config
+    from stdaemon.config import load_config
+    from stdaemon.invalid import InvalidValue
     from stdaemon.backup.store import BackupError, JobStore, RestoreRefused, backup_entry
 
     try:
         result = load_config(args.config)
-    except ConfigError as exc:
+    except InvalidValue as exc:
         print(f"stdaemon-admin: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:

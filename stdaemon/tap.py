@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 from twisted.python import usage
 
-from stdaemon.config import ConfigError, load_config
+from stdaemon.config import load_config
+from stdaemon.invalid import InvalidValue
 
 
 class Options(usage.Options):
@@ -39,7 +40,7 @@ class Options(usage.Options):
         overrides = {"server.listen": list(self["listen"])} if self["listen"] else None
         try:
             self.loaded = load_config(self["config"], overrides=overrides)
-        except ConfigError as e:
+        except InvalidValue as e:
             raise usage.UsageError(f"configuration error: {e}") from None
         for warning in self.loaded.warnings:
             print(f"stdaemon: warning: {warning}", file=sys.stderr)

@@ -14,6 +14,7 @@ from stdaemon.approvals import rules as core
 from stdaemon.events.service import EventBus, can_see_job
 from stdaemon.jobs import store as jobs_store
 from stdaemon.users.api_keys import Principal
+from stdaemon.invalid import InvalidValue
 from tests.authhelpers import create_user, user_key
 from tests.replicate_env import start_env
 
@@ -31,7 +32,7 @@ def test_rule_validation_and_matching():
                        ({"name": "a", "condition": "cost_exceeds", "value": True}, "value"),
                        ({"name": "a", "condition": "hardware_profile", "value": "a100"}, "value"),
                        ({"name": "a", "condition": "cost_exceeds", "value": 1, "x": 1}, "x")):
-        with pytest.raises(core.FieldError) as info:
+        with pytest.raises(InvalidValue) as info:
             core.validate_rule(bad)
         assert info.value.field == field
     rules = [core.Rule(2, "x8", "hardware_profile", ["h100-x8"]), core.Rule(1, "cost", "cost_exceeds", 50.0)]
@@ -44,9 +45,9 @@ def test_estimate_uses_runtime_price_and_gpus():
     # 120 minutes default × 0.001525 $/s × 2 GPUs
     assert core.estimate_usd({}, "h100-x2") == pytest.approx(120 * 60 * 0.001525 * 2)
     assert core.estimate_usd({"max_runtime_minutes": 10}, "l40s") == pytest.approx(600 * 0.000975)
-    with pytest.raises(core.FieldError):
+    with pytest.raises(InvalidValue):
         core.estimate_usd({"max_runtime_minutes": -5}, "h100")
-    with pytest.raises(core.FieldError):
+    with pytest.raises(InvalidValue):
         core.estimate_usd({}, "tpu")
 
 
@@ -62,9 +63,9 @@ def test_quota_evaluation_block_warn_and_scope():
     assert not result.allowed and "concurrent_jobs" in result.detail
     assert core.evaluate_quotas(quotas, 7, "viewer", core.Usage(concurrent_jobs=5), 0.0).allowed
     assert not core.evaluate_quotas(quotas, 99, "viewer", core.Usage(monthly_cost_usd=1), 0.5).allowed
-    with pytest.raises(core.FieldError):
+    with pytest.raises(InvalidValue):
         core.validate_quota({"quota_type": "concurrent_jobs", "limit": 1.5, "action": "block"})
-    with pytest.raises(core.FieldError):
+    with pytest.raises(InvalidValue):
         core.validate_quota({"quota_type": "daily_cost_usd", "limit": 1, "user_id": 1, "role": "admin"})
 
 

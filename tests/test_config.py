@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from stdaemon.config import ConfigError, load_config
+from stdaemon.config import load_config
+from stdaemon.invalid import InvalidValue
 from stdaemon.config.schema import SECTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,13 +120,13 @@ def test_environment_overrides_file_and_cli_overrides_both(tmp_path):
 ])
 def test_errors_name_the_key_path(tmp_path, text, path):
     config_path = write(tmp_path, "bad.yaml", text)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(InvalidValue) as info:
         load_config(config_path, environ={})
     assert info.value.path == path
 
 
 def test_environment_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(InvalidValue) as info:
         load_config(None, environ={"RATE_LIMIT_PERIOD": "soon"})
     assert info.value.path == "rate_limit.period"
 
@@ -138,13 +139,13 @@ def test_unknown_keys_are_warned_about(tmp_path):
 
 
 def test_broken_files_are_reported(tmp_path):
-    with pytest.raises(ConfigError):
+    with pytest.raises(InvalidValue):
         load_config(write(tmp_path, "b.yaml", "server: [unclosed"), environ={})
-    with pytest.raises(ConfigError):
+    with pytest.raises(InvalidValue):
         load_config(write(tmp_path, "b.ini", "no section header"), environ={})
-    with pytest.raises(ConfigError):
+    with pytest.raises(InvalidValue):
         load_config(write(tmp_path, "b.toml", ""), environ={})
-    with pytest.raises(ConfigError):
+    with pytest.raises(InvalidValue):
         load_config(str(tmp_path / "missing.yaml"), environ={})
 
 

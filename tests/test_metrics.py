@@ -12,10 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from twisted.internet.task import Clock
 
 from stdaemon.metrics import service as m
-from stdaemon.metrics.service import CATEGORIES, TEMPLATES, Metrics, SettingsError, SpendTracker
+from stdaemon.metrics.service import CATEGORIES, TEMPLATES, Metrics, SpendTracker
 from stdaemon.jobs import store as jobs_store
 from stdaemon.store.database import connect
 from stdaemon.store.schema import migrate
+from stdaemon.invalid import InvalidValue
 from tests.services import require_binary
 
 T0 = 1_800_000_000.0
@@ -336,7 +337,7 @@ def test_settings_layering_and_validation():
                         ({"prometheus_categories": ["jobs", "cpu"]}, "prometheus_categories"),
                         ({"prometheus_categories": 3}, "prometheus_categories"),
                         ({"bearer_token": "x"}, "bearer_token")):
-        with pytest.raises(SettingsError) as info:
+        with pytest.raises(InvalidValue) as info:
             m.validate_update(body)
         assert info.value.field == field
     assert TEMPLATES["full"] == CATEGORIES

@@ -10,7 +10,7 @@ import pytest_twisted
 import treq
 from twisted.internet.task import Clock
 
-from stdaemon.config import ConfigError
+from stdaemon.invalid import InvalidValue
 from tests.conftest import build_config
 from tests.rate_probe import FakeAudit, probed  # noqa: F401 (fixture)
 
@@ -205,7 +205,7 @@ async def test_custom_rules_from_config(make_daemon, probed):
     ([{"pattern": "^/x$", "calls": 10**7, "period": 60}], "rate_limit.rules[0].calls"),
 ])
 def test_malformed_rules_are_rejected_at_start_with_the_key_path(tmp_path, rules, path):
-    with pytest.raises(ConfigError) as excinfo:
+    with pytest.raises(InvalidValue) as excinfo:
         config = build_config(tmp_path, {"rate_limit": {"rules": rules}})
         from stdaemon.ratelimit.http import install
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from stdaemon.ratelimit.rules import DEFAULT_RULES, RuleError, build_rule_set, normalize_path, parse_rules
+from stdaemon.ratelimit.rules import DEFAULT_RULES, build_rule_set, normalize_path, parse_rules
+from stdaemon.invalid import InvalidValue
 
 RULES = build_rule_set()
 
@@ -126,16 +127,16 @@ def test_custom_rules_come_first_in_all_forms():
     ("^/x$ 1 1", "rate_limit.rules"),
 ])
 def test_malformed_rules_name_the_key_path(raw, path):
-    with pytest.raises(RuleError) as excinfo:
+    with pytest.raises(InvalidValue) as excinfo:
         parse_rules(raw)
     assert excinfo.value.path == path
     assert str(excinfo.value).startswith(path + ":")
 
 
 def test_malformed_defaults_name_the_key_path():
-    with pytest.raises(RuleError, match=r"^rate_limit.calls:"):
+    with pytest.raises(InvalidValue, match=r"^rate_limit.calls:"):
         build_rule_set(calls=-5)
-    with pytest.raises(RuleError, match=r"^rate_limit.period:"):
+    with pytest.raises(InvalidValue, match=r"^rate_limit.period:"):
         build_rule_set(period="soon")
 
 

@@ -104,10 +104,9 @@ def test_effective_layering_default_file_env_api():
     assert eff["hardware_profile"] == ("h100-x4", "api")
     assert eff["proxy_url"] == ("http://p:1", "env")
     assert eff["ssl_verify"] == (True, "default")
-    table = {}
-    ps.register_config_validators(table)
+    table = ps.config_validators()
     assert table["http_timeout"]("providers.replicate.http_timeout", "7") == 7.0
-    from stdaemon.config.loader import ConfigError
-    with pytest.raises(ConfigError) as caught:
+    from stdaemon.invalid import InvalidValue
+    with pytest.raises(InvalidValue) as caught:
         table["http_timeout"]("providers.replicate.http_timeout", "-1")
     assert caught.value.path == "providers.replicate.http_timeout"

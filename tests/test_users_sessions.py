@@ -10,6 +10,7 @@ from twisted.internet import task
 
 from stdaemon.users import csrf
 from stdaemon.users import store as users
+from stdaemon.invalid import InvalidValue
 from tests.authhelpers import call, create_user, login, user_key
 
 
@@ -57,7 +58,7 @@ def test_csrf_token_must_match_cookie_and_session():
 
 @pytest.mark.parametrize("bad", ["", "a b", "../x", "x" * 65, 5, None])
 def test_username_validation(bad):
-    with pytest.raises(users.UserError) as info:
+    with pytest.raises(InvalidValue) as info:
         users.check_username(bad)
     assert info.value.field == "username"
 

@@ -21,6 +21,7 @@ from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Response, Surface, pa
 from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel
 from stdaemon.users.sessions import record_audit
 from stdaemon.approvals import store
+from stdaemon.invalid import InvalidValue
 
 BODY = 16 * 1024
 
@@ -65,7 +66,7 @@ class ApprovalsSurface(Surface):
         """Add an approval rule."""
         try:
             name, condition, value = rules_core.validate_rule(body.given())
-        except rules_core.FieldError as error:
+        except InvalidValue as error:
             raise invalid_field(error.field, str(error)) from None
         rule = await self.ctx.db.run_write(store.add_rule, name, condition, value, self.ctx.now(),
                                            request.principal.actor)

@@ -25,6 +25,7 @@ from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Response, Surface, ro
 from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel
 from stdaemon.users.sessions import record_audit
 from stdaemon.approvals import store
+from stdaemon.invalid import InvalidValue
 
 BODY = 16 * 1024
 
@@ -85,7 +86,7 @@ class QuotasSurface(Surface):
         """Add a quota (per user, per role or global)."""
         try:
             quota = rules_core.validate_quota(body.given())
-        except rules_core.FieldError as error:
+        except InvalidValue as error:
             raise invalid_field(error.field, str(error)) from None
         try:
             row = await self.ctx.db.run_write(store.add_quota, quota, self.ctx.now(),

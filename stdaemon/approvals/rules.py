@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
 from stdaemon.jobs import costs
+from stdaemon.invalid import InvalidValue
 
 CONDITIONS = ("cost_exceeds", "hardware_profile")
 QUOTA_TYPES = ("concurrent_jobs", "daily_cost_usd", "monthly_cost_usd")
@@ -44,12 +45,6 @@ MAX_RUNTIME_MINUTES = 60.0 * 24 * 30
 WARN_FRACTION = 0.8
 
 
-class FieldError(ValueError):
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -63,8 +58,8 @@ def max_runtime_minutes(submission: Mapping[str, Any], provider_default: Any = N
             continue
         if not _number(candidate) or not (0 < candidate <= MAX_RUNTIME_MINUTES):
             if field_name:
-                raise FieldError(field_name, f"must be a number of minutes between 0 and "
-                                             f"{int(MAX_RUNTIME_MINUTES)}")
+                raise InvalidValue(field_name, f"must be a number of minutes between 0 and "
+                                             f"{int(MAX_RUNTIME_MINUTES)}", show_path=False)
             continue
         return float(candidate)
     return DEFAULT_MAX_RUNTIME_MINUTES
@@ -77,7 +72,7 @@ def estimate_usd(submission: Mapping[str, Any], hardware_profile: Optional[str] 
     try:
         costs.profile(profile_name)
     except ValueError as error:
-        raise FieldError("hardware_profile", str(error)) from None
+        raise InvalidValue("hardware_profile", str(error), show_path=False) from None
     minutes = max_runtime_minutes(submission, provider_default_minutes)
     return costs.estimate_cost(minutes, profile_name, prices)
 
@@ -108,23 +103,23 @@ class Rule:
 def validate_rule(body: Mapping[str, Any]) -> tuple[str, str, Any]:
     unknown = set(body) - {"name", "condition", "value"}
     if unknown:
-        raise FieldError(sorted(unknown)[0], "unknown field")
+        raise InvalidValue(sorted(unknown)[0], "unknown field", show_path=False)
     name = body.get("name")
     if not isinstance(name, str) or not name.strip() or len(name) > 100:
-        raise FieldError("name", "a name of 1-100 characters is required")
+        raise InvalidValue("name", "a name of 1-100 characters is required", show_path=False)
     condition = body.get("condition")
     if condition not in CONDITIONS:
-        raise FieldError("condition", f"must be one of {', '.join(CONDITIONS)}")
+        raise InvalidValue("condition", f"must be one of {', '.join(CONDITIONS)}", show_path=False)
     value = body.get("value")
     if condition == "cost_exceeds":
         if not _number(value) or value < 0:
-            raise FieldError("value", "must be a non-negative amount in USD")
+            raise InvalidValue("value", "must be a non-negative amount in USD", show_path=False)
         value = float(value)
     else:
         names = value if isinstance(value, list) else [value]
         if not names or not all(isinstance(n, str) and n in costs.HARDWARE_PROFILES for n in names):
-            raise FieldError("value", "must be a hardware profile (or a list of them): "
-                                      + ", ".join(costs.HARDWARE_PROFILES))
+            raise InvalidValue("value", "must be a hardware profile (or a list of them): "
+                                      + ", ".join(costs.HARDWARE_PROFILES), show_path=False)
         value = names if isinstance(value, list) else value
     return name.strip(), condition, value
 
@@ -166,31 +161,31 @@ def validate_quota(body: Mapping[str, Any]) -> dict:
     unknown = set(body) - {"quota_type", "limit", "limit_value", "action", "user_id", "role"}
     for scope in ("team_id", "org_id", "level_id"):
         if scope in unknown and body.get(scope) is not None:
-            raise FieldError(scope, "stdaemon has no teams, organisations or levels: give user_id or role")
+            raise InvalidValue(scope, "stdaemon has no teams, organisations or levels: give user_id or role", show_path=False)
         unknown.discard(scope)
     if unknown:
-        raise FieldError(sorted(unknown)[0], "unknown field")
+        raise InvalidValue(sorted(unknown)[0], "unknown field", show_path=False)
     quota_type = QUOTA_TYPE_ALIASES.get(body.get("quota_type"), body.get("quota_type"))
     if quota_type not in QUOTA_TYPES:
-        raise FieldError("quota_type", f"must be one of {', '.join(QUOTA_TYPES)} "
-                                       f"(or {', '.join(QUOTA_TYPE_ALIASES)})")
+        raise InvalidValue("quota_type", f"must be one of {', '.join(QUOTA_TYPES)} "
+                                       f"(or {', '.join(QUOTA_TYPE_ALIASES)})", show_path=False)
     limit_field = "limit" if "limit" in body or "limit_value" not in body else "limit_value"
     if "limit" in body and "limit_value" in body and body["limit"] != body["limit_value"]:
-        raise FieldError("limit_value", "contradicts limit")
+        raise InvalidValue("limit_value", "contradicts limit", show_path=False)
     limit = body.get(limit_field)
     if not _number(limit) or limit < 0 or (quota_type == "concurrent_jobs" and limit != int(limit)):
-        raise FieldError(limit_field, "must be a non-negative number (a whole number for concurrent_jobs)")
+        raise InvalidValue(limit_field, "must be a non-negative number (a whole number for concurrent_jobs)", show_path=False)
     action = body.get("action", "block")
     if action not in QUOTA_ACTIONS:
-        raise FieldError("action", f"must be one of {', '.join(QUOTA_ACTIONS)}")
+        raise InvalidValue("action", f"must be one of {', '.join(QUOTA_ACTIONS)}", show_path=False)
     user_id = body.get("user_id")
     role = body.get("role")
     if user_id is not None and role is not None:
-        raise FieldError("role", "give user_id or role, not both")
+        raise InvalidValue("role", "give user_id or role, not both", show_path=False)
     if user_id is not None and (not isinstance(user_id, int) or isinstance(user_id, bool)):
-        raise FieldError("user_id", "must be a user id")
+        raise InvalidValue("user_id", "must be a user id", show_path=False)
     if role is not None and role not in ROLES:
-        raise FieldError("role", f"must be one of {', '.join(ROLES)}")
+        raise InvalidValue("role", f"must be one of {', '.join(ROLES)}", show_path=False)
     return {"quota_type": quota_type, "limit": float(limit), "action": action,
             "user_id": user_id, "role": role}
 

@@ -35,6 +35,7 @@ from stdaemon.http.errors import ApiError, invalid_field
 from stdaemon.logs import get_logger
 from stdaemon.users.sessions import record_audit
 from stdaemon.approvals import store
+from stdaemon.invalid import InvalidValue
 
 log = get_logger("stdaemon.approvals")
 
@@ -96,7 +97,7 @@ class ApprovalService:
                     provider_settings.get("gpu_prices"))
             else:
                 rules_core.estimate_usd({}, profile)  # validates the profile
-        except rules_core.FieldError as error:
+        except InvalidValue as error:
             raise invalid_field(error.field, str(error)) from None
         rules = await self.ctx.db.run_read(store.rules)
         rule = rules_core.first_match(rules, profile, estimate_usd)

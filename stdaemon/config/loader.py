@@ -5,7 +5,7 @@ variables.  Runtime settings saved through the API (provider settings,
 metrics settings) are layered on top by their own modules, from the database.
 
 Errors name the key path (``rate_limit.backend: must be one of ...``) and are
-raised as :class:`ConfigError`; unknown keys become warnings.
+raised as :class:`~stdaemon.invalid.InvalidValue`; unknown keys become warnings.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from stdaemon.config.schema import SECTIONS, Config
+from stdaemon.invalid import InvalidValue
+from stdaemon.providers.settings import config_validators
+from stdaemon.ratelimit.rules import parse_rules
 
 METRIC_CATEGORIES = (
     "jobs",
@@ -82,15 +85,6 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid.  ``path`` is the dotted key path."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
 @dataclasses.dataclass
 class LoadResult:
     config: Config
@@ -111,33 +105,33 @@ def _as_bool(path: str, value: Any) -> bool:
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-    raise ConfigError(path, f"expected a boolean (true/false), got {value!r}")
+    raise InvalidValue(path, f"expected a boolean (true/false), got {value!r}")
 
 
 def _as_int(path: str, value: Any) -> int:
     if isinstance(value, bool):
-        raise ConfigError(path, f"expected an integer, got {value!r}")
+        raise InvalidValue(path, f"expected an integer, got {value!r}")
     try:
         return int(str(value).strip()) if not isinstance(value, int) else value
     except ValueError:
-        raise ConfigError(path, f"expected an integer, got {value!r}") from None
+        raise InvalidValue(path, f"expected an integer, got {value!r}") from None
 
 
 def _as_float(path: str, value: Any) -> float:
     """Numbers, or durations such as ``90s``, ``5m``, ``6h``, ``1d``."""
     if isinstance(value, bool):
-        raise ConfigError(path, f"expected a number, got {value!r}")
+        raise InvalidValue(path, f"expected a number, got {value!r}")
     if isinstance(value, (int, float)):
         return float(value)
     match = _DURATION.match(str(value))
     if not match:
-        raise ConfigError(path, f"expected a number or duration (e.g. 30, 5m, 6h), got {value!r}")
+        raise InvalidValue(path, f"expected a number or duration (e.g. 30, 5m, 6h), got {value!r}")
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 def _as_str(path: str, value: Any) -> str:
     if isinstance(value, (dict, list, tuple)):
-        raise ConfigError(path, f"expected a string, got {type(value).__name__}")
+        raise InvalidValue(path, f"expected a string, got {type(value).__name__}")
     return "" if value is None else str(value)
 
 
@@ -149,7 +143,7 @@ def _as_str_tuple(path: str, value: Any) -> tuple[str, ...]:
     elif isinstance(value, (list, tuple)):
         items = [_as_str(f"{path}[{i}]", v).strip() for i, v in enumerate(value)]
     else:
-        raise ConfigError(path, f"expected a list, got {type(value).__name__}")
+        raise InvalidValue(path, f"expected a list, got {type(value).__name__}")
     return tuple(item for item in items if item)
 
 
@@ -174,14 +168,14 @@ def _coerce(path: str, annotation: str, value: Any) -> Any:
                 s for s in re.split(r"[;\n]", value) if s.strip()))
         if isinstance(value, (list, tuple)):
             return tuple(_freeze(v) for v in value)
-        raise ConfigError(path, f"expected a list, got {type(value).__name__}")
+        raise InvalidValue(path, f"expected a list, got {type(value).__name__}")
     raise AssertionError(f"unhandled annotation {annotation} for {path}")
 
 
 def _parse_rule_string(path: str, text: str) -> Mapping:
     parts = [p.strip() for p in text.split("|")]
     if len(parts) not in (3, 4):
-        raise ConfigError(path, "expected 'pattern|calls|period[|METHOD+METHOD]'")
+        raise InvalidValue(path, "expected 'pattern|calls|period[|METHOD+METHOD]'")
     methods = tuple(m for m in parts[3].split("+") if m) if len(parts) == 4 else None
     return MappingProxyType({"pattern": parts[0], "calls": parts[1], "period": parts[2],
                              "methods": methods})
@@ -202,7 +196,7 @@ def _check_choice(choices: tuple[str, ...], upper: bool = False) -> Callable[[st
     def check(path: str, value: str) -> str:
         normalised = value.upper() if upper else value.lower()
         if normalised not in choices:
-            raise ConfigError(path, f"must be one of {', '.join(choices)}, got {value!r}")
+            raise InvalidValue(path, f"must be one of {', '.join(choices)}, got {value!r}")
         return normalised
 
     return check
@@ -210,13 +204,13 @@ def _check_choice(choices: tuple[str, ...], upper: bool = False) -> Callable[[st
 
 def _check_positive(path: str, value: float) -> float:
     if value <= 0:
-        raise ConfigError(path, f"must be greater than 0, got {value!r}")
+        raise InvalidValue(path, f"must be greater than 0, got {value!r}")
     return value
 
 
 def _check_non_negative(path: str, value: float) -> float:
     if value < 0:
-        raise ConfigError(path, f"must not be negative, got {value!r}")
+        raise InvalidValue(path, f"must not be negative, got {value!r}")
     return value
 
 
@@ -225,17 +219,17 @@ def _check_cidrs(path: str, value: tuple[str, ...]) -> tuple[str, ...]:
         try:
             ipaddress.ip_network(item, strict=False)
         except ValueError:
-            raise ConfigError(f"{path}[{i}]", f"not an IP address or CIDR: {item!r}") from None
+            raise InvalidValue(f"{path}[{i}]", f"not an IP address or CIDR: {item!r}") from None
     return value
 
 
 def _check_listen(path: str, value: tuple[str, ...]) -> tuple[str, ...]:
     if not value:
-        raise ConfigError(path, "at least one listener is required")
+        raise InvalidValue(path, "at least one listener is required")
     for i, item in enumerate(value):
         prefix = item.split(":", 1)[0]
         if prefix not in _ENDPOINT_PREFIXES or ":" not in item:
-            raise ConfigError(
+            raise InvalidValue(
                 f"{path}[{i}]",
                 f"not a Twisted endpoint string ({', '.join(_ENDPOINT_PREFIXES)}): {item!r}",
             )
@@ -244,20 +238,20 @@ def _check_listen(path: str, value: tuple[str, ...]) -> tuple[str, ...]:
 
 def _check_url(path: str, value: str) -> str:
     if value and not re.match(r"^https?://[^/\s]+", value):
-        raise ConfigError(path, f"must be an http(s) URL such as https://host:port, got {value!r}")
+        raise InvalidValue(path, f"must be an http(s) URL such as https://host:port, got {value!r}")
     return value.rstrip("/")
 
 
 def _check_categories(path: str, value: tuple[str, ...]) -> tuple[str, ...]:
     for item in value:
         if item not in METRIC_CATEGORIES:
-            raise ConfigError(path, f"unknown category {item!r} (known: {', '.join(METRIC_CATEGORIES)})")
+            raise InvalidValue(path, f"unknown category {item!r} (known: {', '.join(METRIC_CATEGORIES)})")
     return value
 
 
 def _check_redis_url(path: str, value: str) -> str:
     if not re.match(r"^(redis|rediss|unix)://", value):
-        raise ConfigError(path, f"must be a redis:// URL, got {value!r}")
+        raise InvalidValue(path, f"must be a redis:// URL, got {value!r}")
     return value
 
 
@@ -269,17 +263,17 @@ def _check_rules(path: str, value: tuple) -> tuple:
             rule = {"pattern": rule[0], "calls": rule[1], "period": rule[2],
                     "methods": rule[3] if len(rule) == 4 else None}
         if not isinstance(rule, Mapping):
-            raise ConfigError(rpath, "a rule is {pattern, calls, period, methods}")
+            raise InvalidValue(rpath, "a rule is {pattern, calls, period, methods}")
         unknown = set(rule) - {"pattern", "calls", "period", "methods"}
         if unknown:
-            raise ConfigError(f"{rpath}.{sorted(unknown)[0]}", "unknown rule key")
+            raise InvalidValue(f"{rpath}.{sorted(unknown)[0]}", "unknown rule key")
         pattern = _as_str(f"{rpath}.pattern", rule.get("pattern"))
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ConfigError(f"{rpath}.pattern", f"invalid regular expression: {e}") from None
+            raise InvalidValue(f"{rpath}.pattern", f"invalid regular expression: {e}") from None
         if not pattern:
-            raise ConfigError(f"{rpath}.pattern", "required")
+            raise InvalidValue(f"{rpath}.pattern", "required")
         calls = _check_non_negative(f"{rpath}.calls", _as_int(f"{rpath}.calls", rule.get("calls")))
         period = _check_positive(f"{rpath}.period", _as_int(f"{rpath}.period", rule.get("period")))
         methods = rule.get("methods")
@@ -289,12 +283,7 @@ def _check_rules(path: str, value: tuple) -> tuple:
             {"pattern": pattern, "calls": calls, "period": period, "methods": methods}))
     # The rate limiter's own parser has the remaining limits (bounds on calls
     # and period, method names): run it now so --check-config sees them too.
-    from stdaemon.ratelimit.rules import RuleError, parse_rules
-
-    try:
-        parse_rules([dict(rule) for rule in checked], path)
-    except RuleError as e:
-        raise ConfigError(e.path, e.reason) from None
+    parse_rules([dict(rule) for rule in checked], path)
     return tuple(checked)
 
 
@@ -328,14 +317,8 @@ VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
 
 # Validators for ``providers.<name>.<field>``, from the provider settings
 # module: ``PROVIDER_VALIDATORS[field](path, value)`` returns the normalised
-# value or raises ConfigError naming the key path.
-PROVIDER_VALIDATORS: dict[str, Callable[[str, Any], Any]] = {}
-
-
-def _register_provider_validators() -> None:
-    from stdaemon.providers.settings import register_config_validators
-
-    register_config_validators(PROVIDER_VALIDATORS)
+# value or raises InvalidValue naming the key path.
+PROVIDER_VALIDATORS: Mapping[str, Callable[[str, Any], Any]] = MappingProxyType(config_validators())
 
 
 # -- reading files ----------------------------------------------------------
@@ -348,23 +331,23 @@ def read_file(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except OSError as e:
-        raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
+        raise InvalidValue("--config", f"cannot read {path}: {e.strerror}") from None
     if lowered.endswith((".yaml", ".yml")):
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError("--config", f"{path} is not valid YAML: {e}") from None
+            raise InvalidValue("--config", f"{path} is not valid YAML: {e}") from None
         if data is None:
             return {}
         if not isinstance(data, dict):
-            raise ConfigError("--config", f"{path}: the top level must be a mapping")
+            raise InvalidValue("--config", f"{path}: the top level must be a mapping")
         return data
     if lowered.endswith((".ini", ".cfg")):
         parser = configparser.ConfigParser(interpolation=None)
         try:
             parser.read_string(text, source=path)
         except configparser.Error as e:
-            raise ConfigError("--config", f"{path} is not valid INI: {e}") from None
+            raise InvalidValue("--config", f"{path} is not valid INI: {e}") from None
         data: dict[str, Any] = {}
         for section in parser.sections():
             values = dict(parser.items(section))
@@ -374,7 +357,7 @@ def read_file(path: str) -> dict[str, Any]:
             else:
                 data[section] = values
         return data
-    raise ConfigError("--config", f"{path}: unknown file type (use .yaml, .yml, .ini or .cfg)")
+    raise InvalidValue("--config", f"{path}: unknown file type (use .yaml, .yml, .ini or .cfg)")
 
 
 # -- building ---------------------------------------------------------------
@@ -391,8 +374,6 @@ def load_config(
     ``{"server.listen": [...]}``); they win over everything.
     """
     environ = dict(os.environ if environ is None else environ)
-    if not PROVIDER_VALIDATORS:
-        _register_provider_validators()
     warnings: list[str] = []
     raw_file = read_file(path) if path else {}
 
@@ -406,7 +387,7 @@ def load_config(
             warnings.append(f"unknown configuration section {section!r} (ignored)")
             continue
         if not isinstance(body, dict):
-            raise ConfigError(section, "must be a mapping of keys")
+            raise InvalidValue(section, "must be a mapping of keys")
         known = {f.name for f in dataclasses.fields(SECTIONS[section])}
         for key, value in body.items():
             if key not in known:
@@ -444,7 +425,7 @@ def load_config(
 
     server = built["server"]
     if bool(server.ssl_cert) != bool(server.ssl_key):
-        raise ConfigError("server.ssl_key" if server.ssl_cert else "server.ssl_cert",
+        raise InvalidValue("server.ssl_key" if server.ssl_cert else "server.ssl_cert",
                           "ssl_cert and ssl_key must be set together")
     backend = built["rate_limit"].backend
     if backend == "redis" and "rate_limit.redis_url" not in sources and "REDIS_URL" in environ:
@@ -454,20 +435,20 @@ def load_config(
     providers = {}
     raw_providers = raw_file.get("providers") or {}
     if not isinstance(raw_providers, dict):
-        raise ConfigError("providers", "must be a mapping of provider name to settings")
+        raise InvalidValue("providers", "must be a mapping of provider name to settings")
     for name, body in raw_providers.items():
         if not isinstance(body, dict):
-            raise ConfigError(f"providers.{name}", "must be a mapping of settings")
+            raise InvalidValue(f"providers.{name}", "must be a mapping of settings")
         checked = {}
         for key, value in body.items():
             keypath = f"providers.{name}.{key}"
             if value is None:          # ``key:`` with no value = not set here
                 continue
             validator = PROVIDER_VALIDATORS.get(key)
-            if validator is None and PROVIDER_VALIDATORS:
+            if validator is None:
                 warnings.append(f"unknown configuration key {keypath} (ignored)")
                 continue
-            checked[key] = validator(keypath, value) if validator else value
+            checked[key] = validator(keypath, value)
             sources[keypath] = "file"
         if checked.get("ssl_ca_bundle"):
             # A CA bundle that cannot be used would only fail at the first
@@ -477,7 +458,7 @@ def load_config(
             try:
                 load_ca_bundle(os.path.expanduser(checked["ssl_ca_bundle"]))
             except CABundleError as e:
-                raise ConfigError(f"providers.{name}.ssl_ca_bundle", str(e)) from None
+                raise InvalidValue(f"providers.{name}.ssl_ca_bundle", str(e)) from None
         providers[name] = MappingProxyType(checked)
 
     snapshot = {k: environ[k] for k in ENV_SNAPSHOT if k in environ}

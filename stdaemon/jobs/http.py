@@ -44,6 +44,7 @@ from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel, vali
 from stdaemon.logs import LogContext, get_logger
 from stdaemon.s3 import credentials as creds
 from stdaemon.jobs import store
+from stdaemon.invalid import InvalidValue
 
 log = get_logger("stdaemon.jobs")
 
@@ -339,14 +340,14 @@ class JobService:
         if webhook_url is not None:
             try:
                 webhook_url = ps.validate_field("api_base_url", webhook_url)
-            except ps.FieldError:
+            except InvalidValue:
                 raise ApiError(400, "invalid_field", "webhook_url: must be an http(s) URL",
                                field="webhook_url", success=False) from None
         key = submission.idempotency_key
         runtime = body.get("max_runtime_minutes", values["max_runtime_minutes"])
         try:
             runtime = ps.validate_field("max_runtime_minutes", runtime)
-        except ps.FieldError as exc:
+        except InvalidValue as exc:
             raise ApiError(400, "invalid_field", f"max_runtime_minutes: {exc.reason}",
                            field="max_runtime_minutes", success=False) from None
 

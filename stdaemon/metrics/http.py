@@ -45,6 +45,7 @@ from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, Response, Surface, ro
 from stdaemon.http.validation import BodyModel, QueryModel
 from stdaemon.logs import get_logger
 from stdaemon.jobs import store as jobs_store
+from stdaemon.invalid import InvalidValue
 
 log = get_logger("stdaemon.http.metrics")
 
@@ -280,7 +281,7 @@ class MetricsSurface(Surface):
                            f"(settings: {', '.join(m.SETTING_KEYS)})")
         try:
             changes = m.validate_update(body)
-        except m.SettingsError as exc:
+        except InvalidValue as exc:
             raise invalid_field(exc.field, exc.reason) from None
         return await self._save(request, changes, action="update")
 
@@ -361,7 +362,7 @@ class MetricsSurface(Surface):
             parts = [part.strip() for value in raw for part in value.split(",") if part.strip()]
             try:
                 categories = list(m.normalise_categories(parts, "categories"))
-            except m.SettingsError as exc:
+            except InvalidValue as exc:
                 raise invalid_field(exc.field, exc.reason) from None
         else:
             categories = self.metrics.categories

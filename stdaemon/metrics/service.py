@@ -60,6 +60,7 @@ from prometheus_client.exposition import choose_encoder
 from stdaemon.config.loader import METRIC_CATEGORIES
 from stdaemon.jobs import status as st
 from stdaemon.logs import get_logger
+from stdaemon.invalid import InvalidValue
 
 log = get_logger("stdaemon.metrics")
 
@@ -85,25 +86,16 @@ SPEND_REFRESH_INTERVAL = 60.0
 APPROVAL_STATUSES = ("pending", "approved", "rejected", "expired", "cancelled")
 
 
-class SettingsError(ValueError):
-    """An invalid metrics setting; ``field`` names it."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
-
-
 def normalise_categories(value: Any, field: str = "prometheus_categories") -> tuple[str, ...]:
-    """A list of known categories (duplicates dropped, order kept) or SettingsError."""
+    """A list of known categories (duplicates dropped, order kept) or InvalidValue."""
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
     if not isinstance(value, (list, tuple)):
-        raise SettingsError(field, "must be a list of category names")
+        raise InvalidValue(field, "must be a list of category names")
     out: list[str] = []
     for item in value:
         if not isinstance(item, str) or item not in CATEGORIES:
-            raise SettingsError(field, f"unknown category {item!r} (known: {', '.join(CATEGORIES)})")
+            raise InvalidValue(field, f"unknown category {item!r} (known: {', '.join(CATEGORIES)})")
         if item not in out:
             out.append(item)
     return tuple(out)
@@ -114,12 +106,12 @@ def validate_update(body: Mapping[str, Any]) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for key, value in body.items():
         if key not in SETTING_KEYS:
-            raise SettingsError(key, f"unknown setting (known: {', '.join(SETTING_KEYS)})")
+            raise InvalidValue(key, f"unknown setting (known: {', '.join(SETTING_KEYS)})")
         if value is None:
             changes[key] = None
         elif key == "prometheus_enabled":
             if not isinstance(value, bool):
-                raise SettingsError(key, "must be true or false")
+                raise InvalidValue(key, "must be true or false")
             changes[key] = value
         else:
             changes[key] = list(normalise_categories(value, key))
@@ -293,7 +285,7 @@ class Metrics:
         for key, value in saved.items():
             try:
                 values.update({k: v for k, v in validate_update({key: value}).items() if v is not None})
-            except SettingsError as exc:
+            except InvalidValue as exc:
                 log.warning("Ignoring saved metrics setting {field}: {reason}", field=exc.field,
                             reason=exc.reason)
         self._api_settings = values

@@ -45,6 +45,7 @@ from stdaemon.http.errors import ApiError, bad_request, not_found
 from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Surface, route
 from stdaemon.http.validation import BodyModel, QueryModel
 from stdaemon.logs import get_logger
+from stdaemon.invalid import InvalidValue
 
 log = get_logger("stdaemon.providers")
 MAX_TOKEN = 4096
@@ -171,7 +172,7 @@ class ProvidersSurface(Surface):
         try:
             return await self.ctx.providers.update(provider, body, actor=_actor(request),
                                                    ip=getattr(request, "client_ip", None))
-        except ps.FieldError as exc:
+        except InvalidValue as exc:
             raise ApiError(400, exc.code, f"{exc.field}: {exc.reason}", field=exc.field) from None
 
     @route(app, "/api/cloud/providers/<provider>/versions", access=OPERATOR, query=VersionsQuery)

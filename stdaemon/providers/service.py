@@ -16,7 +16,6 @@ factory asks for them on every call, so a change applies to the next call.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
 from twisted.application.service import Service
@@ -33,29 +32,14 @@ from stdaemon.providers import model_versions as mv
 from stdaemon.providers import settings as ps
 from stdaemon.outbound.breaker import BreakerRegistry, BreakerSettings, CircuitBreaker, CircuitOpenError
 from stdaemon.logs import get_logger
+from stdaemon.store import settings as settings_store
+from stdaemon.invalid import InvalidValue
 
 log = get_logger("stdaemon.providers")
 
 TOKEN_NAMES = {"replicate": "REPLICATE_API_TOKEN"}
 BREAKER_FIELDS = ("breaker_failure_threshold", "breaker_recovery_timeout",
                   "breaker_half_open_max_calls", "breaker_success_threshold")
-
-
-def _load_rows(conn, namespace: str) -> dict[str, Any]:
-    rows = conn.execute("SELECT key, value_json FROM settings WHERE namespace = ?", (namespace,))
-    return {row[0]: json.loads(row[1]) for row in rows}
-
-
-def _save_rows(conn, namespace: str, changes: Mapping[str, Any], now: float) -> None:
-    for key, value in changes.items():
-        if value is None:
-            conn.execute("DELETE FROM settings WHERE namespace = ? AND key = ?", (namespace, key))
-        else:
-            conn.execute(
-                "INSERT INTO settings (namespace, key, value_json, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(namespace, key) DO UPDATE SET value_json = excluded.value_json, "
-                "updated_at = excluded.updated_at",
-                (namespace, key, json.dumps(value), now))
 
 
 async def audit(ctx: Any, event_type: str, *, actor: str, ip: str | None, target: str,
@@ -102,12 +86,12 @@ class ProviderManager(Service):
     async def load(self) -> None:
         """Read settings saved through the API (start-up, after restore)."""
         for provider in ps.PROVIDERS:
-            raw = await self.ctx.db.run_read(_load_rows, f"provider:{provider}")
+            raw = await self.ctx.db.run_read(settings_store.read_namespace, f"provider:{provider}")
             values = {}
             for key, value in raw.items():
                 try:
                     values[key] = ps.validate_field(key, value)
-                except ps.FieldError as exc:
+                except InvalidValue as exc:
                     log.warning("Ignoring saved provider setting {provider}.{field}: {reason}",
                                 provider=provider, field=key, reason=exc.reason)
             self._api[provider] = values
@@ -261,7 +245,7 @@ class ProviderManager(Service):
 
     async def update(self, provider: str, body: Mapping[str, Any], *, actor: str,
                      ip: str | None) -> dict:
-        """Validate, persist, apply and audit a partial update (raises FieldError)."""
+        """Validate, persist, apply and audit a partial update (raises InvalidValue)."""
         changes = ps.validate_update(body)
         bundle = changes.get("ssl_ca_bundle")
         if bundle:
@@ -269,7 +253,7 @@ class ProviderManager(Service):
                 await threads.deferToThreadPool(self.ctx.reactor, self.ctx.reactor.getThreadPool(),
                                                 load_ca_bundle, bundle)
             except CABundleError as exc:
-                raise ps.FieldError("ssl_ca_bundle", str(exc)) from None
+                raise InvalidValue("ssl_ca_bundle", str(exc)) from None
         merged = dict(self._api[provider])
         merged.update({k: v for k, v in changes.items() if v is not None})
         for key in [k for k, v in changes.items() if v is None]:
@@ -277,9 +261,9 @@ class ProviderManager(Service):
         check = {k: v for k, v in ps.effective(self.file_values(provider), self.ctx.config.environ,
                                                merged).items()}
         if check["breaker_success_threshold"][0] > check["breaker_half_open_max_calls"][0]:
-            raise ps.FieldError("breaker_success_threshold", "must not exceed breaker_half_open_max_calls")
+            raise InvalidValue("breaker_success_threshold", "must not exceed breaker_half_open_max_calls")
         before = self.effective(provider)
-        await self.ctx.db.run_write(_save_rows, f"provider:{provider}", changes, self.ctx.now())
+        await self.ctx.db.run_write(settings_store.write_changes, f"provider:{provider}", changes, self.ctx.now())
         self._api[provider] = merged
         self.versions.clear()  # a provider change (token, models, base URL) re-resolves versions
         after = self.effective(provider)

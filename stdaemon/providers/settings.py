@@ -20,20 +20,11 @@ from urllib.parse import urlsplit
 
 from stdaemon.jobs import costs
 from stdaemon.providers import model_versions as mv
+from stdaemon.invalid import InvalidValue
 
 PROVIDERS = ("replicate",)
 
 SOURCES = ("default", "file", "env", "api")
-
-
-class FieldError(ValueError):
-    """A provider setting is unknown or invalid; ``field`` names it."""
-
-    def __init__(self, field: str, reason: str, code: str = "invalid_field"):
-        self.field = field
-        self.reason = reason
-        self.code = code
-        super().__init__(f"{field}: {reason}")
 
 
 # -- validators (value -> normalised value, or raise ValueError(reason)) ------
@@ -296,11 +287,11 @@ def check_provider(provider: str) -> str:
 def validate_field(name: str, value: Any) -> Any:
     spec = FIELDS.get(name)
     if spec is None:
-        raise FieldError(name, f"unknown field (known fields: {', '.join(FIELDS)})", "unknown_field")
+        raise InvalidValue(name, f"unknown field (known fields: {', '.join(FIELDS)})", code="unknown_field")
     try:
         return spec.check(value)
     except ValueError as exc:
-        raise FieldError(name, str(exc)) from None
+        raise InvalidValue(name, str(exc)) from None
 
 
 def validate_update(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -313,41 +304,38 @@ def validate_update(body: Mapping[str, Any]) -> dict[str, Any]:
     breaker = {k: out.get(k) for k in ("breaker_half_open_max_calls", "breaker_success_threshold")}
     if (breaker["breaker_half_open_max_calls"] is not None and breaker["breaker_success_threshold"] is not None
             and breaker["breaker_success_threshold"] > breaker["breaker_half_open_max_calls"]):
-        raise FieldError("breaker_success_threshold", "must not exceed breaker_half_open_max_calls")
+        raise InvalidValue("breaker_success_threshold", "must not exceed breaker_half_open_max_calls")
     return out
 
 
-def register_config_validators(table: dict) -> None:
-    """Fill the config loader's ``PROVIDER_VALIDATORS`` so ``providers.<name>.<field>``
-    in YAML/INI files is validated (and normalised) at load time with the key path."""
-    for name in FIELDS:
-        table[name] = config_validator(name)
+def config_validators() -> dict[str, Callable[[str, Any], Any]]:
+    """The config loader's table ``{field: check(path, value)}``: ``providers.<name>.<field>``
+    in YAML/INI files is validated (and normalised) at load time, errors naming the key path."""
+    return {name: config_validator(name) for name in FIELDS}
 
 
-def normalise_file_values(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[FieldError]]:
+def normalise_file_values(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[InvalidValue]]:
     """Validated file values (INI strings become typed values) and the errors found."""
     out: dict[str, Any] = {}
-    errors: list[FieldError] = []
+    errors: list[InvalidValue] = []
     for name, value in values.items():
         if value is None:
             continue
         try:
             out[name] = validate_field(name, value)
-        except FieldError as exc:
+        except InvalidValue as exc:
             errors.append(exc)
     return out, errors
 
 
 def config_validator(name: str) -> Callable[[str, Any], Any]:
-    """A validator for the config loader's ``PROVIDER_VALIDATORS`` table."""
+    """One entry of :func:`config_validators`."""
 
     def check(path: str, value: Any) -> Any:
         try:
             return validate_field(name, value)
-        except FieldError as exc:
-            from stdaemon.config.loader import ConfigError
-
-            raise ConfigError(path, exc.reason) from None
+        except InvalidValue as exc:
+            raise InvalidValue(path, exc.reason) from None
 
     return check
 

@@ -41,9 +41,8 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 
-from stdaemon.config import ConfigError
 from stdaemon.http.client_ip import is_loopback
-from stdaemon.ratelimit.rules import RuleError, RuleSet, client_key, normalize_path, rule_set_from_config
+from stdaemon.ratelimit.rules import RuleSet, client_key, normalize_path, rule_set_from_config
 from stdaemon.ratelimit.sliding_window import RecentKeys, SampledCounter
 from stdaemon.http.errors import ApiError
 from stdaemon.logs import get_logger
@@ -148,13 +147,10 @@ def install(ctx: Any, root: Any) -> RateLimitMiddleware:
     """Wire rate limiting: ``ctx.rate_limiter``, the middleware (first in the
     chain), the ``rate_limiter`` health component, metrics and sweep timer.
 
-    Malformed rules stop start-up with a :class:`ConfigError` naming the key path.
+    Malformed rules stop start-up with a :class:`~stdaemon.invalid.InvalidValue` naming the key path.
     """
     config = ctx.config.rate_limit
-    try:
-        rules = rule_set_from_config(config)
-    except RuleError as e:
-        raise ConfigError(e.path, e.reason) from None
+    rules = rule_set_from_config(config)
     limiting = make_rate_limiting(config, ctx.clock, ctx.reactor, ctx.state_dir)
     limiting.setName("rate-limiter")
     limiting.setServiceParent(ctx.services)

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 from urllib.parse import unquote
 
+from stdaemon.invalid import InvalidValue
+
 __all__ = [
     "RateRule",
     "RuleSet",
@@ -37,7 +39,6 @@ __all__ = [
     "is_excluded",
     "parse_rules",
     "build_rule_set",
-    "RuleError",
     "client_key",
 ]
 
@@ -52,15 +53,6 @@ MAX_PERIOD = 86_400
 
 _METHOD_TOKEN = re.compile(r"^[A-Z]+$")
 _ALL_METHODS = {"*", "ALL", "ANY"}
-
-
-class RuleError(ValueError):
-    """A malformed rule; ``path`` is the config key path (``rate_limit.rules[2].calls``)."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -186,18 +178,18 @@ def client_key(ip: str, ipv6_prefix: int = 64) -> str:
 
 def _as_int(path: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool):
-        raise RuleError(path, "must be an integer")
+        raise InvalidValue(path, "must be an integer")
     if isinstance(value, str):
         value = value.strip()
         if not re.fullmatch(r"\d+", value):
-            raise RuleError(path, f"must be an integer, got {value!r}")
+            raise InvalidValue(path, f"must be an integer, got {value!r}")
         value = int(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int):
-        raise RuleError(path, f"must be an integer, got {value!r}")
+        raise InvalidValue(path, f"must be an integer, got {value!r}")
     if not low <= value <= high:
-        raise RuleError(path, f"must be between {low} and {high}, got {value}")
+        raise InvalidValue(path, f"must be between {low} and {high}, got {value}")
     return value
 
 
@@ -209,16 +201,16 @@ def _methods(path: str, value: Any) -> Optional[frozenset]:
     elif isinstance(value, (list, tuple, set, frozenset)):
         items = list(value)
     else:
-        raise RuleError(path, "must be a list of HTTP methods or null for all")
+        raise InvalidValue(path, "must be a list of HTTP methods or null for all")
     methods = set()
     for i, item in enumerate(items):
         if not isinstance(item, str):
-            raise RuleError(f"{path}[{i}]", "must be an HTTP method name")
+            raise InvalidValue(f"{path}[{i}]", "must be an HTTP method name")
         name = item.strip().upper()
         if name in _ALL_METHODS:
             return None
         if not _METHOD_TOKEN.match(name):
-            raise RuleError(f"{path}[{i}]", f"not an HTTP method: {item!r}")
+            raise InvalidValue(f"{path}[{i}]", f"not an HTTP method: {item!r}")
         methods.add(name)
     if not methods:
         return None
@@ -235,42 +227,42 @@ def parse_rules(raw: Sequence[Any], path: str = "rate_limit.rules") -> tuple[Rat
     if raw is None:
         return ()
     if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Sequence):
-        raise RuleError(path, "must be a list of rules")
+        raise InvalidValue(path, "must be a list of rules")
     rules = []
     for i, item in enumerate(raw):
         rpath = f"{path}[{i}]"
         if isinstance(item, str):
             parts = item.split()
             if len(parts) not in (3, 4):
-                raise RuleError(rpath, "a rule string is 'pattern calls period [methods]'")
+                raise InvalidValue(rpath, "a rule string is 'pattern calls period [methods]'")
             item = parts
         if isinstance(item, (list, tuple)):
             if len(item) not in (3, 4):
-                raise RuleError(rpath, "a rule is (pattern, calls, period, methods)")
+                raise InvalidValue(rpath, "a rule is (pattern, calls, period, methods)")
             item = {"pattern": item[0], "calls": item[1], "period": item[2],
                     "methods": item[3] if len(item) == 4 else None}
         if not isinstance(item, Mapping):
-            raise RuleError(rpath, "a rule is {pattern, calls, period, methods}")
+            raise InvalidValue(rpath, "a rule is {pattern, calls, period, methods}")
         unknown = sorted(set(item) - {"pattern", "calls", "period", "methods", "name"})
         if unknown:
-            raise RuleError(f"{rpath}.{unknown[0]}", "unknown rule key")
+            raise InvalidValue(f"{rpath}.{unknown[0]}", "unknown rule key")
         pattern = item.get("pattern")
         if not isinstance(pattern, str) or not pattern:
-            raise RuleError(f"{rpath}.pattern", "required: a regular expression")
+            raise InvalidValue(f"{rpath}.pattern", "required: a regular expression")
         try:
             re.compile(pattern)
         except re.error as e:
-            raise RuleError(f"{rpath}.pattern", f"invalid regular expression: {e}") from None
+            raise InvalidValue(f"{rpath}.pattern", f"invalid regular expression: {e}") from None
         if "calls" not in item:
-            raise RuleError(f"{rpath}.calls", "required")
+            raise InvalidValue(f"{rpath}.calls", "required")
         if "period" not in item:
-            raise RuleError(f"{rpath}.period", "required")
+            raise InvalidValue(f"{rpath}.period", "required")
         calls = _as_int(f"{rpath}.calls", item["calls"], 0, MAX_CALLS)
         period = _as_int(f"{rpath}.period", item["period"], 1, MAX_PERIOD)
         methods = _methods(f"{rpath}.methods", item.get("methods"))
         name = item.get("name") or f"rule{i}"
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
-            raise RuleError(f"{rpath}.name", "letters, digits, '_', '.', '-' (at most 64)")
+            raise InvalidValue(f"{rpath}.name", "letters, digits, '_', '.', '-' (at most 64)")
         rules.append(RateRule(f"custom.{name}", pattern, calls, period, methods))
     return tuple(rules)
 

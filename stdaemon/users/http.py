@@ -27,6 +27,7 @@ from stdaemon.http.surface import ADMIN, PUBLIC, VIEWER, Response, Surface, path
 from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel
 from stdaemon.users.sessions import record_audit
 from stdaemon.users import store as users
+from stdaemon.invalid import InvalidValue
 
 USER_BODY = 16 * 1024
 MAX_DISPLAY_NAME = 200
@@ -93,8 +94,8 @@ def _role_from_cli(body: dict, current: str | None = None) -> str | None:
         named = [n.strip().lower() for n in levels if n.strip()]
         unknown = [n for n in named if n not in users.ROLES]
         if unknown:
-            raise users.UserError("level_names", f"unknown level {unknown[0]!r}; stdaemon's levels are its "
-                                                 f"roles: {', '.join(users.ROLES)}")
+            raise InvalidValue("level_names", f"unknown level {unknown[0]!r}; stdaemon's levels are its "
+                                                 f"roles: {', '.join(users.ROLES)}", show_path=False)
         if named:
             wanted = max(named, key=lambda n: users.ROLE_RANK[n])
     if body.get("is_admin") is not None:
@@ -106,9 +107,9 @@ def _role_from_cli(body: dict, current: str | None = None) -> str | None:
             if current == "admin":
                 wanted = "operator"
         elif wanted == "admin":
-            raise users.UserError("is_admin", "contradicts level_names")
+            raise InvalidValue("is_admin", "contradicts level_names", show_path=False)
     if wanted is not None and body.get("role") is not None and body["role"] != wanted:
-        raise users.UserError("role", f"contradicts is_admin/level_names ({wanted})")
+        raise InvalidValue("role", f"contradicts is_admin/level_names ({wanted})", show_path=False)
     return wanted
 
 
@@ -116,7 +117,7 @@ def _user_id(raw: str) -> int:
     return path_id(raw, "User")
 
 
-def _error(error: users.UserError) -> ApiError:
+def _error(error: InvalidValue) -> ApiError:
     if str(error) == "is already taken":
         return ApiError(409, "conflict", f"{error.field} is already taken", field=error.field)
     return invalid_field(error.field, str(error))
@@ -199,7 +200,7 @@ class UsersSurface(Surface):
             disabled = False
             if body.is_active is not None:
                 disabled = not body.is_active
-        except users.UserError as error:
+        except InvalidValue as error:
             raise _error(error) from None
         password_hash = await self.ctx.sessions.hash_password(password) if password is not None else None
         try:
@@ -207,7 +208,7 @@ class UsersSurface(Surface):
                                                role, self.ctx.now(), display_name)
             if disabled:
                 user = await self.ctx.db.run_write(users.update_user, user["id"], {"disabled": 1})
-        except users.UserError as error:
+        except InvalidValue as error:
             raise _error(error) from None
         await record_audit(self.ctx, "user.created", request, target=f"user:{user['id']}",
                            action="create", details={"username": username, "role": role})
@@ -235,27 +236,27 @@ class UsersSurface(Surface):
                 changes["role"] = wanted
             if "disabled" in given:
                 if body.disabled is None:
-                    raise users.UserError("disabled", "must be true or false")
+                    raise InvalidValue("disabled", "must be true or false", show_path=False)
                 changes["disabled"] = int(body.disabled)
             if "is_active" in given:
                 if body.is_active is None:
-                    raise users.UserError("is_active", "must be true or false")
+                    raise InvalidValue("is_active", "must be true or false", show_path=False)
                 if "disabled" in changes and changes["disabled"] == int(body.is_active):
-                    raise users.UserError("is_active", "contradicts disabled")
+                    raise InvalidValue("is_active", "contradicts disabled", show_path=False)
                 changes["disabled"] = int(not body.is_active)
             if "display_name" in given:
                 changes["display_name"] = _display_name(body.display_name)
             if "password" in given:
                 password = users.check_password(body.password)
                 changes["password_hash"] = await self.ctx.sessions.hash_password(password)
-        except users.UserError as error:
+        except InvalidValue as error:
             raise _error(error) from None
         return await self._apply(request, uid, user_id, changes)
 
     async def _apply(self, request, uid: int, raw_id: str, changes: dict) -> dict:
         try:
             user = await self.ctx.db.run_write(users.update_user, uid, changes)
-        except users.UserError as error:
+        except InvalidValue as error:
             raise ApiError(409, "conflict", f"{error.field}: {error}", field=error.field) \
                 if "last enabled admin" in str(error) else _error(error) from None
         if user is None:
@@ -286,7 +287,7 @@ class UsersSurface(Surface):
         uid = _user_id(user_id)
         try:
             deleted = await self.ctx.db.run_write(users.delete_user, uid, self.ctx.now())
-        except users.UserError as error:
+        except InvalidValue as error:
             raise ApiError(409, "conflict", str(error), field=error.field) from None
         if not deleted:
             raise not_found(f"User {user_id} not found")

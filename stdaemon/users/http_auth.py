@@ -27,12 +27,14 @@ from typing import Any, Optional, Union
 from klein import Klein
 from pydantic import ConfigDict, Field
 
+from stdaemon.store import settings as settings_store
 from stdaemon.timestamps import iso
 from stdaemon.http.errors import ApiError, forbidden, invalid_field, not_found
 from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, path_id, route
 from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel
 from stdaemon.users.sessions import SESSION_COOKIE, cookie, record_audit
 from stdaemon.users import api_keys, store as users
+from stdaemon.invalid import InvalidValue
 
 MAX_KEY_DAYS = 3650
 AUTH_BODY = 16 * 1024
@@ -83,12 +85,12 @@ class RevokeKey(BodyModel):
     id: Optional[Union[int, str]] = None
 
 
-def _field_error(error: users.UserError) -> ApiError:
+def _field_error(error: InvalidValue) -> ApiError:
     return invalid_field(error.field, str(error))
 
 
 async def registration_enabled(ctx: Any) -> bool:
-    setting = await ctx.db.run_read(users.get_setting, "auth", "registration_enabled")
+    setting = await ctx.db.run_read(settings_store.read_key, "auth", "registration_enabled")
     if setting is not None:
         return bool(setting)
     return bool(ctx.config.auth.registration_enabled)
@@ -172,7 +174,7 @@ class AuthSurface(Surface):
         token = body.token
         try:
             password = users.check_password(body.password)
-        except users.UserError as error:
+        except InvalidValue as error:
             raise _field_error(error) from None
         invalid = ApiError(401, "invalid_setup_token",
                            "This setup link is not valid: it was used already or has expired "
@@ -220,7 +222,7 @@ class AuthSurface(Surface):
         """Change the runtime authentication settings."""
         if body.registration_enabled is not None:
             value = body.registration_enabled
-            await self.ctx.db.run_write(users.put_setting, "auth", "registration_enabled", value,
+            await self.ctx.db.run_write(settings_store.write_key, "auth", "registration_enabled", value,
                                         self.ctx.now())
             await record_audit(self.ctx, "auth.settings.changed", request, target="auth",
                                action="update", details={"registration_enabled": value})
@@ -236,13 +238,13 @@ class AuthSurface(Surface):
             username = users.check_username(body.username)
             email = users.check_email(body.email)
             password = users.check_password(body.password)
-        except users.UserError as error:
+        except InvalidValue as error:
             raise _field_error(error) from None
         password_hash = await self.sessions.hash_password(password)
         try:
             user = await self.ctx.db.run_write(users.create_user, username, email, password_hash,
                                                "viewer", self.ctx.now())
-        except users.UserError as error:
+        except InvalidValue as error:
             raise ApiError(409, "conflict", f"{error.field} {error}", field=error.field) from None
         await record_audit(self.ctx, "user.registered", request, actor=username, target=username,
                            action="register", details={"role": "viewer"})
@@ -268,7 +270,7 @@ class AuthSurface(Surface):
         role = body.role or (owner["role"] if owner_id != principal.user_id else principal.role)
         try:
             users.check_role(role)
-        except users.UserError as error:
+        except InvalidValue as error:
             raise _field_error(error) from None
         if not users.role_at_most(role, principal.role) or not users.role_at_most(role, owner["role"]):
             raise ApiError(403, "role_too_high",

@@ -23,8 +23,10 @@ from typing import Any, Optional
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from stdaemon.store import settings
 from stdaemon.timestamps import iso
 from stdaemon.users.api_keys import Principal
+from stdaemon.invalid import InvalidValue
 
 ROLES = ("viewer", "operator", "admin")
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
@@ -39,14 +41,6 @@ _hasher = PasswordHasher()
 # Verified against when the user does not exist, so an unknown username costs
 # the same time as a wrong password (no user enumeration by timing).
 _DUMMY_HASH: Optional[str] = None
-
-
-class UserError(ValueError):
-    """Bad input for a user field; ``field`` names it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 def hash_password(password: str) -> str:
@@ -77,8 +71,8 @@ def token_hash(token: str) -> str:
 
 def check_username(value: Any) -> str:
     if not isinstance(value, str) or not USERNAME_RE.match(value):
-        raise UserError("username", "must be 1-64 letters, digits, '.', '_' or '-', "
-                                    "starting with a letter or digit")
+        raise InvalidValue("username", "must be 1-64 letters, digits, '.', '_' or '-', "
+                                    "starting with a letter or digit", show_path=False)
     return value
 
 
@@ -86,19 +80,19 @@ def check_email(value: Any) -> Optional[str]:
     if value is None or value == "":
         return None
     if not isinstance(value, str) or not EMAIL_RE.match(value) or len(value) > 320:
-        raise UserError("email", "must be an email address")
+        raise InvalidValue("email", "must be an email address", show_path=False)
     return value.lower()
 
 
 def check_password(value: Any) -> str:
     if not isinstance(value, str) or not (MIN_PASSWORD <= len(value) <= MAX_PASSWORD):
-        raise UserError("password", f"must be a string of {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+        raise InvalidValue("password", f"must be a string of {MIN_PASSWORD} to {MAX_PASSWORD} characters", show_path=False)
     return value
 
 
 def check_role(value: Any, field: str = "role") -> str:
     if value not in ROLES:
-        raise UserError(field, f"must be one of {', '.join(ROLES)}")
+        raise InvalidValue(field, f"must be one of {', '.join(ROLES)}", show_path=False)
     return value
 
 
@@ -158,7 +152,7 @@ def create_user(conn: sqlite3.Connection, username: str, email: Optional[str],
                          " (email IS NOT NULL AND email = ?)", (username, email)).fetchone()
     if taken is not None:
         field = "username" if taken["username"] == username else "email"
-        raise UserError(field, "is already taken")
+        raise InvalidValue(field, "is already taken", show_path=False)
     user_id = conn.execute(
         "INSERT INTO users (username, email, password_hash, role, created_at, display_name)"
         " VALUES (?, ?, ?, ?, ?, ?)",
@@ -182,8 +176,8 @@ def update_user(conn: sqlite3.Connection, user_id: int, changes: dict) -> Option
     demoting = "role" in changes and changes["role"] != "admin"
     disabling = bool(changes.get("disabled"))
     if current["role"] == "admin" and (demoting or disabling) and _active_admins(conn, user_id) == 0:
-        raise UserError("role" if demoting else "disabled", "the last enabled admin cannot be "
-                                                            "demoted or disabled")
+        raise InvalidValue("role" if demoting else "disabled", "the last enabled admin cannot be "
+                                                            "demoted or disabled", show_path=False)
     if "username" in changes or "email" in changes:
         taken = conn.execute(
             "SELECT username FROM users WHERE id != ? AND (username = ? OR (email IS NOT NULL AND email = ?))",
@@ -191,7 +185,7 @@ def update_user(conn: sqlite3.Connection, user_id: int, changes: dict) -> Option
              changes.get("email", current["email"]))).fetchone()
         if taken is not None:
             field = "username" if taken["username"] == changes.get("username") else "email"
-            raise UserError(field, "is already taken")
+            raise InvalidValue(field, "is already taken", show_path=False)
     columns = {k: v for k, v in changes.items()
                if k in ("username", "email", "password_hash", "role", "disabled", "display_name")}
     if columns:
@@ -213,7 +207,7 @@ def delete_user(conn: sqlite3.Connection, user_id: int, now: float) -> bool:
     if current is None:
         return False
     if current["role"] == "admin" and _active_admins(conn, user_id) == 0:
-        raise UserError("id", "the last enabled admin cannot be deleted")
+        raise InvalidValue("id", "the last enabled admin cannot be deleted", show_path=False)
     conn.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
     conn.execute("DELETE FROM api_keys WHERE user_id = ?", (user_id,))
     conn.execute("DELETE FROM quotas WHERE user_id = ?", (user_id,))
@@ -339,21 +333,21 @@ def issue_setup_token(conn: sqlite3.Connection, now: float, ttl: float) -> Optio
     password, or None once any user has a password (setup is over).  Only the
     token's SHA-256 is stored; a new link replaces an older one."""
     if conn.execute("SELECT 1 FROM users WHERE password_hash IS NOT NULL LIMIT 1").fetchone():
-        conn.execute("DELETE FROM settings WHERE namespace = ? AND key = ?", (SETUP_NAMESPACE, SETUP_KEY))
+        settings.delete_key(conn, SETUP_NAMESPACE, SETUP_KEY)
         return None
     admin = conn.execute("SELECT id, username FROM users WHERE role = 'admin' AND disabled = 0"
                          " ORDER BY id LIMIT 1").fetchone()
     if admin is None:
         return None
     token = secrets.token_urlsafe(32)
-    put_setting(conn, SETUP_NAMESPACE, SETUP_KEY,
+    settings.write_key(conn, SETUP_NAMESPACE, SETUP_KEY,
                 {"sha256": token_hash(token), "expires_at": now + ttl, "user_id": admin["id"]}, now)
     return token, admin["username"]
 
 
 def setup_token_user(conn: sqlite3.Connection, token: str, now: float) -> Optional[sqlite3.Row]:
     """The user a valid, unexpired setup token is for (no change)."""
-    record = get_setting(conn, SETUP_NAMESPACE, SETUP_KEY)
+    record = settings.read_key(conn, SETUP_NAMESPACE, SETUP_KEY)
     if not isinstance(record, dict) or not isinstance(token, str) or not token or len(token) > 200:
         return None
     if not hmac.compare_digest(str(record.get("sha256", "")), token_hash(token)):
@@ -371,26 +365,6 @@ def consume_setup_token(conn: sqlite3.Connection, token: str, password_hash: str
     user = setup_token_user(conn, token, now)
     if user is None:
         return None
-    conn.execute("DELETE FROM settings WHERE namespace = ? AND key = ?", (SETUP_NAMESPACE, SETUP_KEY))
+    settings.delete_key(conn, SETUP_NAMESPACE, SETUP_KEY)
     conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user["id"]))
     return conn.execute("SELECT * FROM users WHERE id = ?", (user["id"],)).fetchone()
-
-
-# -- runtime auth settings -------------------------------------------------------
-
-def get_setting(conn: sqlite3.Connection, namespace: str, key: str) -> Any:
-    import json
-
-    row = conn.execute("SELECT value_json FROM settings WHERE namespace = ? AND key = ?",
-                       (namespace, key)).fetchone()
-    return None if row is None else json.loads(row["value_json"])
-
-
-def put_setting(conn: sqlite3.Connection, namespace: str, key: str, value: Any, now: float) -> None:
-    import json
-
-    conn.execute(
-        "INSERT INTO settings (namespace, key, value_json, updated_at) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT (namespace, key) DO UPDATE SET value_json = excluded.value_json,"
-        " updated_at = excluded.updated_at",
-        (namespace, key, json.dumps(value), now))
