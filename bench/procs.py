@@ -132,13 +132,13 @@ def _insert_credential(conn, key_path: str, job_id: str, now: float) -> dict:
 
     from cryptography.fernet import Fernet
 
-    from stdaemon.s3 import credentials
+    from stdaemon.s3 import credentials, store as s3_store
 
     fernet = Fernet(credentials.load_or_create_key(key_path))
     access_key = credentials.ACCESS_KEY_PREFIX + pysecrets.token_hex(8).upper()
     secret = pysecrets.token_urlsafe(30)
     prefix = credentials.upload_prefix(job_id)
-    credentials.insert(conn, access_key, job_id, credentials.UPLOAD_BUCKET, prefix,
+    s3_store.insert(conn, access_key, job_id, credentials.UPLOAD_BUCKET, prefix,
                        fernet.encrypt(secret.encode()), credentials.secret_hash(secret), now, now + 86400)
     return {"access_key": access_key, "secret": secret, "bucket": credentials.UPLOAD_BUCKET, "prefix": prefix}
 

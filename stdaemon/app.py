@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # the capability services' types; the App itself imports none
     from stdaemon.ratelimit.http import RateLimitMiddleware
     from stdaemon.ratelimit.service import RateLimiting
     from stdaemon.s3.credentials import UploadCredentials
-    from stdaemon.s3.http import UploadProgress
+    from stdaemon.s3.progress import UploadProgress
+    from stdaemon.s3.service import S3Service
     from stdaemon.secrets.service import SecretsManager
     from stdaemon.users.sessions import SessionManager
     from stdaemon.webhooks.http import WebhooksSurface
@@ -62,6 +63,7 @@ class App:
     quotas: "QuotaService"
     upload_credentials: "UploadCredentials"
     upload_progress: "UploadProgress"
+    s3: "S3Service"
     webhooks: "WebhooksSurface"
     #: the one-time first sign-in link while no user has a password (logged at start)
     setup_url: Optional[str] = None

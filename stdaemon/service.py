@@ -36,6 +36,11 @@ from stdaemon.logs import (
     reopen_log_files,
     track_observer,
 )
+from stdaemon.s3.credentials import UPLOAD_BUCKET, UploadCredentials
+from stdaemon.s3.multipart import StorageEngine
+from stdaemon.s3.progress import UploadProgress
+from stdaemon.s3.service import S3Service
+from stdaemon.threads import install_pool
 from stdaemon.users import api_keys, store as users
 
 log = get_logger("stdaemon.service")
@@ -47,6 +52,16 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     """The composition root: every capability service built once, in dependency order, each given
     its collaborators explicitly; then the surfaces, which only read services from the App."""
     app = App(config, reactor, clock)
+    # S3 (S8): per-job upload credentials, upload progress and the object store of /api/cloud/storage
+    s3_pool = install_pool(app, "s3-io", maxthreads=16)
+    app.upload_credentials = UploadCredentials(app.db, app.clock,
+                                               app.path("config", "cloud", "upload_credentials.key"),
+                                               config.jobs.upload_credential_ttl)
+    app.upload_progress = UploadProgress(app.clock)
+    app.s3 = S3Service(StorageEngine({UPLOAD_BUCKET: app.outputs_dir()}, created_at=app.clock.seconds()),
+                       s3_pool, app.upload_progress, app.clock, app.outputs_root)
+    app.add_timer("upload-credential-expiry", 60.0, app.upload_credentials.sweep)
+    app.add_timer("s3-multipart-cleanup", 3600.0, app.s3.cleanup, now=True)
     root = Root(app, build_surfaces(app))
     wire_capabilities(app, root)
     return app, root
@@ -85,7 +100,7 @@ def build_surfaces(ctx: App) -> list:
     surfaces.append(JobLogsSurface(ctx))  # /api/cloud/jobs/<id>/logs/stream (SSE, `jobs logs --follow`)
     from stdaemon.s3.http import StorageSurface
 
-    surfaces.append(StorageSurface(ctx))  # /api/cloud/storage (S3); ctx.upload_credentials, ctx.upload_progress
+    surfaces.append(StorageSurface(ctx))  # /api/cloud/storage (S3); reads ctx.s3, ctx.upload_credentials
     from stdaemon.audit.http import AuditSurface
     from stdaemon.webhooks.http import WebhooksSurface
 

@@ -361,11 +361,11 @@ def expect_refused(port, path, headers, length):
 @pytest_twisted.ensureDeferred
 async def test_oversize_parts_are_refused(s3, monkeypatch):
     from stdaemon.s3 import http as storage
-    from stdaemon.s3 import objects
+    from stdaemon.s3 import multipart
 
     daemon, access_key, secret = s3
     monkeypatch.setattr(storage, "MAX_PART_SIZE", 100_000)
-    monkeypatch.setattr(objects, "MAX_PART_SIZE", 100_000)
+    monkeypatch.setattr(multipart, "MAX_PART_SIZE", 100_000)
     admin = {"X-API-Key": daemon.admin_key}
     status, _, body = await deferToThread(raw_request, daemon.port, "POST", PATH + "?uploads", admin)
     upload_id = ET.fromstring(body).findtext("{http://s3.amazonaws.com/doc/2006-03-01/}UploadId")

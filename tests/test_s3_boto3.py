@@ -307,7 +307,7 @@ async def test_full_object_checksum_is_returned_and_validated_by_botocore(make_d
 @pytest_twisted.ensureDeferred
 async def test_requested_checksum_algorithms_header_and_trailer(make_daemon, tls, scheme, algorithm,
                                                                  monkeypatch):
-    from stdaemon.s3 import http as storage
+    from stdaemon.s3 import uploads as storage
 
     decoders = []
 

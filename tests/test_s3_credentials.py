@@ -47,6 +47,6 @@ async def test_secret_encrypted_at_rest_key_file_0600_and_expiry_timer(make_daem
     # a new process (new store object) reads the same secret back with the key file
     from stdaemon.s3.credentials import UploadCredentials
 
-    again = UploadCredentials(daemon.ctx)
+    again = UploadCredentials(daemon.ctx.db, daemon.ctx.clock, creds.key_path, creds.ttl)
     access_key2, secret2 = await creds.issue("job-43")
     assert (await again.lookup(access_key2)).secret == secret2

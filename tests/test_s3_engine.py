@@ -8,7 +8,8 @@ import os
 import pytest
 
 from stdaemon.s3.keys import InvalidKey, key_under_prefix, validate_bucket, validate_key
-from stdaemon.s3.objects import MIN_PART_SIZE, StorageEngine, StorageError
+from stdaemon.s3.multipart import MIN_PART_SIZE, StorageEngine
+from stdaemon.s3.objects import StorageError
 
 BAD_KEYS = [
     "", "../etc/passwd", "a/../../b", "a/./b", "/abs", "a\\b", "a\x00b", "a\nb", "%2e%2e/x", "a/%2E%2E/b",

@@ -138,22 +138,22 @@ async def test_stale_multipart_uploads_are_removed_by_the_timer(make_daemon):
     clock = Clock()
     clock.advance(1_800_000_000)
     daemon = await make_daemon(clock=clock)
-    surface = next(s for s in daemon.service.root.surfaces if type(s).__name__ == "StorageSurface")
-    engine = surface.engine
-    upload_id = await surface.run(engine.create_multipart, "outputs", "job-1/partial.bin", clock.seconds())
-    pending = await surface.run(engine.begin_part, "outputs", "job-1/partial.bin", upload_id, 1)
-    await surface.run(pending.write, b"x" * 1000)
-    await surface.run(engine.commit_part, "outputs", "job-1/partial.bin", upload_id, 1, pending, clock.seconds())
+    s3 = daemon.ctx.s3
+    engine = s3.engine
+    upload_id = await s3.run(engine.create_multipart, "outputs", "job-1/partial.bin", clock.seconds())
+    pending = await s3.run(engine.begin_part, "outputs", "job-1/partial.bin", upload_id, 1)
+    await s3.run(pending.write, b"x" * 1000)
+    await s3.run(engine.commit_part, "outputs", "job-1/partial.bin", upload_id, 1, pending, clock.seconds())
     clock.advance(3600)  # a timer run: the upload is young, it stays
     await deferLater(reactor, 0.2, lambda: None)
-    assert [u for u, _ in await surface.run(engine.list_uploads, "outputs")] == [upload_id]
-    clock.advance(surface.multipart_max_age)
+    assert [u for u, _ in await s3.run(engine.list_uploads, "outputs")] == [upload_id]
+    clock.advance(s3.multipart_max_age)
     for _ in range(100):
-        if not await surface.run(engine.list_uploads, "outputs"):
+        if not await s3.run(engine.list_uploads, "outputs"):
             break
         await deferLater(reactor, 0.02, lambda: None)
-    assert await surface.run(engine.list_uploads, "outputs") == []
-    assert await surface.run(engine.iter_keys, "outputs") == []
+    assert await s3.run(engine.list_uploads, "outputs") == []
+    assert await s3.run(engine.iter_keys, "outputs") == []
 
 
 @pytest_twisted.ensureDeferred

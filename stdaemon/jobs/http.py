@@ -42,7 +42,7 @@ from stdaemon.http.errors import ApiError, conflict, not_found
 from stdaemon.http.surface import OPERATOR, VIEWER, Response, Surface, route
 from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel, validate
 from stdaemon.logs import LogContext, get_logger
-from stdaemon.s3 import credentials as creds
+from stdaemon.s3 import credentials as creds, store as s3_store
 from stdaemon.jobs import store
 from stdaemon.invalid import InvalidValue
 
@@ -300,7 +300,7 @@ class JobService:
         return {"objects_completed": 0, "bytes_received": 0, "in_flight": []}
 
     def _credentials(self):
-        return creds.install_default(self.ctx)
+        return self.ctx.upload_credentials
 
     async def _revoke(self, job_id: str) -> None:
         try:
@@ -653,7 +653,7 @@ class JobService:
         applied = Applied(job["job_id"], plan, result)
         if plan.accepted:
             if plan.terminal:
-                applied.revoked = creds.revoke(conn, job["job_id"], now)
+                applied.revoked = s3_store.revoke(conn, job["job_id"], now)
             entry = {"from": plan.previous, "to": plan.status, "source": source,
                      "cost_usd": (result.job or {}).get("cost_usd")}
             entry.update(details or {})

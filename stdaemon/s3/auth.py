@@ -23,37 +23,29 @@ by the handlers of body-less requests, so the rules live in one place:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet import defer
 
-from stdaemon.s3 import sigv4
-from stdaemon.s3.keys import key_under_prefix
 from stdaemon.http.root import client_ip
 from stdaemon.logs import get_logger
+from stdaemon.s3 import sigv4
+from stdaemon.s3.credentials import UploadCredential, UploadCredentials
+from stdaemon.s3.errors import S3Error, access_denied
+from stdaemon.s3.keys import key_under_prefix
+from stdaemon.users.auth import Authenticator
+
+if TYPE_CHECKING:  # the audit capability's type (its service imports nothing of S3)
+    from stdaemon.audit.service import AuditLog
 
 log = get_logger("stdaemon.http.s3_auth")
 
 TOKEN_HEADERS = ("x-upload-token", "x-simpletuner-secret")
 
 
-class AuthError(Exception):
-    """A refusal with an S3 error code (the surface turns it into its ``S3Error``)."""
-
-    def __init__(self, code: str, message: str, **extra: Any):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.extra = extra
-
-
-def access_denied() -> AuthError:
-    return AuthError("AccessDenied", "Access Denied")
-
-
-def unknown_key(access_key: str) -> AuthError:
-    return AuthError("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.",
-                     AWSAccessKeyId=access_key)
+def unknown_key(access_key: str) -> S3Error:
+    return S3Error("InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.",
+                   AWSAccessKeyId=access_key)
 
 
 @dataclass
@@ -115,15 +107,18 @@ def presents_principal(headers: Any) -> bool:
 
 
 class S3Authenticator:
-    """The S3 surface's authentication rules (``StorageSurface.auth``)."""
+    """The S3 surface's authentication rules (``StorageSurface.auth``).
 
-    def __init__(self, ctx: Any, path_prefix: str):
-        self.ctx = ctx
+    ``principal_auth`` authenticates operators (API keys, console sessions); ``denied`` records a
+    refusal (the surface's :meth:`~stdaemon.s3.http.StorageSurface.denied`, which audits it)."""
+
+    def __init__(self, credentials: UploadCredentials, principal_auth: Authenticator, clock: Any,
+                 path_prefix: str, denied: Callable[..., None]):
+        self.credentials = credentials
+        self.principal_auth = principal_auth
+        self.clock = clock  # IReactorTime
         self.path_prefix = path_prefix
-
-    @property
-    def credentials(self) -> Any:
-        return self.ctx.upload_credentials
+        self.denied = denied
 
     async def principal_from_head(self, request: Any, method: bytes) -> Any:
         """The operator principal of a request whose body has not been read (the root has not
@@ -132,20 +127,20 @@ class S3Authenticator:
             return None
         request.method = method  # not set before the body; the session strategy checks CSRF by it
         try:
-            return await self.ctx.auth.authenticate(request)
+            return await self.principal_auth.authenticate(request)
         except Exception:  # a CSRF refusal, a bad cookie: not an operator
             return None
 
     async def authenticate(self, request: Any, method: str, raw_path: str, raw_query: str,
                            principal: Any = None, target: str = "") -> Caller:
-        """The caller, or ``AuthError``/``sigv4.SignatureError`` (audited as ``upload.denied``)."""
+        """The caller, or ``S3Error``/``sigv4.SignatureError`` (audited as ``upload.denied``)."""
         if principal is not None:
             if principal.role not in ("admin", "operator"):
                 raise access_denied()
             return Caller("operator", can_write=principal.role == "admin")
         headers = request.requestHeaders
         claim = sigv4.parse_request_auth(method, raw_path, raw_query, sigv4.headers_from_pairs(header_pairs(headers)))
-        now = self.ctx.clock.seconds()
+        now = self.clock.seconds()
         token = next((value for value in (_first(headers, name.encode()) for name in TOKEN_HEADERS) if value), None)
         if token:
             cred = await self.credentials.lookup_token(token.strip())
@@ -181,35 +176,28 @@ class S3Authenticator:
             self.denied(request, f"signature: {exc.code}", claim.access_key, target)
             raise
 
-    async def _job_caller(self, cred: Any, claim: Optional[sigv4.AuthClaim], signer: Any) -> Caller:
-        reader = getattr(self.credentials, "read_prefixes", None)
-        extra = tuple(await reader(cred)) if reader is not None else ()
+    async def _job_caller(self, cred: UploadCredential, claim: Optional[sigv4.AuthClaim], signer: Any) -> Caller:
+        extra = tuple(await self.credentials.read_prefixes(cred))
         return Caller("job", credential=cred, claim=claim, signer=signer, can_write=True, read_prefixes=extra)
 
-    def denied(self, request: Any, reason: str, access_key: str = "", target: str = "") -> None:
-        """Audit a refused request (``upload.denied``), sampled so a flood stays bounded."""
-        ip = getattr(request, "client_ip", "") or None
-        if ip is None and getattr(request, "channel", None) is not None:
-            # before the body: the root has not derived it yet
-            ip = client_ip(request, getattr(self.ctx, "trusted_proxies", ()))
-        log.info("S3 request refused: {reason}", reason=reason, ip=ip)
-        audit = getattr(self.ctx, "audit", None)
-        if audit is None:
-            return
-        channel = getattr(request, "channel", None)
-        method = getattr(request, "method", None) or getattr(channel, "_command", b"PUT")
-        if not target:
-            path = getattr(request, "path", None) or getattr(channel, "_path", b"") or b""
-            target = path.decode("latin-1", "replace")
-        fields = dict(actor="anonymous", ip=ip, target=target[:200], action=method.decode("latin-1", "replace"),
-                      details={"reason": reason, "access_key_id": access_key[:64]})
-        try:
-            sampled = getattr(audit, "sampled", None)
-            result = sampled("upload.denied", **fields) if sampled is not None else audit.record("upload.denied",
-                                                                                                   **fields)
-            if hasattr(result, "__await__") and not isinstance(result, defer.Deferred):
-                result = defer.ensureDeferred(result)
-            if isinstance(result, defer.Deferred):
-                result.addErrback(lambda f: log.failure("audit of a refused upload failed", failure=f))
-        except Exception:
-            log.failure("audit of a refused upload failed")
+
+def record_denial(audit: "AuditLog", trusted_proxies: Any, request: Any, reason: str, access_key: str = "",
+                  target: str = "") -> None:
+    """Log and audit a refused request (``upload.denied``), sampled so a flood stays bounded."""
+    ip = getattr(request, "client_ip", "") or None
+    if ip is None and getattr(request, "channel", None) is not None:
+        # before the body: the root has not derived it yet
+        ip = client_ip(request, trusted_proxies)
+    log.info("S3 request refused: {reason}", reason=reason, ip=ip)
+    channel = getattr(request, "channel", None)
+    method = getattr(request, "method", None) or getattr(channel, "_command", b"PUT")
+    if not target:
+        path = getattr(request, "path", None) or getattr(channel, "_path", b"") or b""
+        target = path.decode("latin-1", "replace")
+    fields = dict(actor="anonymous", ip=ip, target=target[:200], action=method.decode("latin-1", "replace"),
+                  details={"reason": reason, "access_key_id": access_key[:64]})
+    try:
+        d = defer.ensureDeferred(audit.sampled("upload.denied", **fields))
+        d.addErrback(lambda f: log.failure("audit of a refused upload failed", failure=f))
+    except Exception:
+        log.failure("audit of a refused upload failed")

@@ -1,0 +1,385 @@
+"""Multipart uploads of the object store (S8): create, upload parts, list, complete, abort, and
+the timer's clean-up of stale uploads. Same layout and durability rules as
+:mod:`stdaemon.s3.objects` (``<bucket dir>/.stdaemon/multipart/<upload id>/``); every method blocks
+(file I/O) and takes ``now`` explicitly."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import asdict
+from typing import Iterable, Mapping, Optional
+
+from stdaemon.s3 import checksums as s3_checksums
+from stdaemon.s3.errors import StorageError, no_such_upload
+from stdaemon.s3.objects import Bucket, ObjectInfo, ObjectStore, PartInfo, PendingWrite, _write_json_atomic
+from stdaemon.store.files import fsync_dir
+
+MIN_PART_SIZE = 5 * 1024 * 1024
+MAX_PART_NUMBER = 10000
+MAX_PART_SIZE = 5 * 1024 ** 3
+#: What a completed multipart upload leaves in its directory (answers repeated Completes).
+COMPLETED = "completed.json"
+
+
+class StorageEngine(ObjectStore):
+    """The object store with multipart uploads: every blocking storage operation of the S3
+    endpoint (run them in a thread)."""
+
+    def __init__(self, buckets: Mapping[str, str], created_at: float = 0.0):
+        super().__init__(buckets, created_at)
+        self._lock = threading.Lock()
+        self._completing: set[str] = set()
+
+    def _upload_dir(self, bucket: Bucket, upload_id: str) -> str:
+        if not upload_id or not all(c in "0123456789abcdef" for c in upload_id) or len(upload_id) != 32:
+            raise no_such_upload(upload_id)
+        path = os.path.join(bucket.multipart, upload_id)
+        if not os.path.isfile(os.path.join(path, "upload.json")):
+            raise no_such_upload(upload_id)
+        return path
+
+    def _upload(self, bucket: Bucket, upload_id: str, key: Optional[str] = None) -> tuple[str, dict]:
+        path = self._upload_dir(bucket, upload_id)
+        try:
+            with open(os.path.join(path, "upload.json"), encoding="utf-8") as fh:
+                upload = json.load(fh)
+        except (OSError, ValueError):
+            raise no_such_upload(upload_id) from None
+        if key is not None and upload.get("key") != key:
+            raise no_such_upload(upload_id)
+        return path, upload
+
+    def create_multipart(self, bucket_name: str, key: str, now: float, content_type: Optional[str] = None,
+                         metadata: Optional[dict] = None, checksum_algorithm: Optional[str] = None,
+                         headers: Optional[dict] = None, checksum_type: Optional[str] = None) -> str:
+        bucket = self.bucket(bucket_name)
+        bucket.object_path(key)
+        upload_id = uuid.uuid4().hex
+        path = os.path.join(bucket.multipart, upload_id)
+        os.makedirs(path)
+        _write_json_atomic(
+            os.path.join(path, "upload.json"),
+            {"key": key, "initiated": now, "content_type": content_type or "binary/octet-stream",
+             "metadata": dict(metadata or {}), "checksum_algorithm": checksum_algorithm,
+             "checksum_type": checksum_type, "headers": dict(headers or {})},
+            bucket.tmp,
+        )
+        return upload_id
+
+    def upload_exists(self, bucket_name: str, upload_id: str) -> bool:
+        """A cheap check (one stat) that a multipart upload is in progress."""
+        try:
+            self._upload_dir(self.bucket(bucket_name), upload_id)
+        except StorageError:
+            return False
+        return True
+
+    def upload_info(self, bucket_name: str, upload_id: str, key: Optional[str] = None) -> dict:
+        return self._upload(self.bucket(bucket_name), upload_id, key)[1]
+
+    def begin_part(self, bucket_name: str, key: str, upload_id: str, part_number: int,
+                   checksum_algorithms: Iterable[str] = (), sha256: bool = True) -> PendingWrite:
+        bucket = self.bucket(bucket_name)
+        self._upload(bucket, upload_id, key)
+        if not 1 <= part_number <= MAX_PART_NUMBER:
+            raise StorageError("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive")
+        return PendingWrite(bucket.tmp, checksum_algorithms, MAX_PART_SIZE, sha256, self.live_temp_files)
+
+    def commit_part(self, bucket_name: str, key: str, upload_id: str, part_number: int, pending: PendingWrite,
+                    now: float, checksums: Optional[dict] = None) -> PartInfo:
+        bucket = self.bucket(bucket_name)
+        try:
+            path, _ = self._upload(bucket, upload_id, key)
+        except StorageError:
+            pending.abort()
+            raise
+        if not pending.closed:
+            pending.flush()
+        info = PartInfo(part_number, pending.size, f'"{pending.md5.hexdigest()}"', now, dict(checksums or {}))
+        meta = asdict(info)
+        meta["md5"] = pending.md5.hexdigest()
+        part_path = os.path.join(path, f"{part_number:05d}.part")
+        # The sidecar names the data file it describes, so a re-upload of the same part number
+        # that races an earlier one can never pair one body with the other's ETag.
+        data_name = f"{part_number:05d}.{uuid.uuid4().hex}.data"
+        meta["data"] = data_name
+        try:
+            os.replace(pending.path, os.path.join(path, data_name))
+        except FileNotFoundError:
+            pending.abort()
+            raise no_such_upload(upload_id) from None
+        pending.release()
+        fsync_dir(path)
+        old = self._read_part_meta(path, part_number)
+        _write_json_atomic(part_path + ".json", meta, bucket.tmp)
+        if old and old.get("data") and old["data"] != data_name:
+            try:
+                os.unlink(os.path.join(path, old["data"]))
+            except OSError:
+                pass
+        return info
+
+    @staticmethod
+    def _read_part_meta(path: str, part_number: int) -> Optional[dict]:
+        try:
+            with open(os.path.join(path, f"{part_number:05d}.part.json"), encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return None
+
+    def list_parts(self, bucket_name: str, key: str, upload_id: str) -> tuple[dict, list[PartInfo]]:
+        bucket = self.bucket(bucket_name)
+        path, upload = self._upload(bucket, upload_id, key)
+        parts = []
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".part.json"):
+                meta = self._read_part_meta(path, int(name[:5]))
+                if meta:
+                    parts.append(PartInfo(meta["part_number"], meta["size"], meta["etag"], meta["last_modified"],
+                                          meta.get("checksums", {})))
+        return upload, parts
+
+    def list_uploads(self, bucket_name: str) -> list[tuple[str, dict]]:
+        bucket = self.bucket(bucket_name)
+        out = []
+        for upload_id in sorted(os.listdir(bucket.multipart)):
+            try:
+                out.append((upload_id, self._upload(bucket, upload_id)[1]))
+            except StorageError:
+                continue
+        return out
+
+    def complete_multipart(self, bucket_name: str, key: str, upload_id: str, parts: list,
+                           now: float, object_checksum: Optional[tuple[str, str]] = None,
+                           if_match: Optional[str] = None, if_none_match: bool = False) -> ObjectInfo:
+        """Assemble ``parts`` into the object: ``[(part number, etag)]`` or ``[(part number, etag,
+        {"ChecksumCRC32": value, ...})]`` as the client lists them.
+
+        Checksums as S3 defines them: a part checksum the client lists must be the one the part
+        was uploaded with; when every part carries the upload's checksum algorithm the object gets
+        the composite checksum (the checksum of the parts' binary checksums, ``<base64>-<N>``).
+        ``object_checksum`` (``(algorithm, value)`` from the request's ``x-amz-checksum-*``
+        header) is checked against that composite when it has the ``-N`` form, else against the
+        whole assembled object (a ``FULL_OBJECT`` checksum).
+
+        A repeated Complete of an upload that was completed answers the same object (SDKs retry
+        Complete after a timeout): the upload leaves a small record behind for ``max_age``."""
+        bucket = self.bucket(bucket_name)
+        try:
+            path, upload = self._upload(bucket, upload_id, key)
+        except StorageError:
+            done = self._completed(bucket, upload_id, key)
+            if done is None:
+                raise
+            return done
+        parts = [(p[0], p[1], p[2] if len(p) > 2 else {}) for p in parts]
+        with self._lock:
+            if upload_id in self._completing:
+                raise StorageError("OperationAborted", "A conflicting operation is in progress on this upload", 409)
+            self._completing.add(upload_id)
+        try:
+            if not parts:
+                raise StorageError("MalformedXML", "The XML you provided was not well-formed or did not validate "
+                                   "against our published schema.")
+            numbers = [n for n, _, _ in parts]
+            if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+                raise StorageError("InvalidPartOrder", "The list of parts was not in ascending order. The parts "
+                                   "list must be specified in order by part number.")
+            metas = []
+            for index, (number, etag, listed) in enumerate(parts):
+                meta = self._read_part_meta(path, number)
+                given = etag.strip().strip('"').lower()
+                if meta is None or not given or meta["md5"] != given \
+                        or not _part_checksums_match(listed, meta.get("checksums") or {}):
+                    raise StorageError("InvalidPart", "One or more of the specified parts could not be found. The "
+                                       "part may not have been uploaded, or the specified entity tag may not match "
+                                       "the part's entity tag.", PartNumber=number)
+                if index < len(parts) - 1 and meta["size"] < MIN_PART_SIZE:
+                    raise StorageError("EntityTooSmall", "Your proposed upload is smaller than the minimum "
+                                       "allowed object size.", PartNumber=number)
+                metas.append(meta)
+            pending = PendingWrite(bucket.tmp, sha256=False, live=self.live_temp_files)
+            digest = hashlib.md5()
+            try:
+                for meta in metas:
+                    with open(os.path.join(path, meta["data"]), "rb") as src:
+                        _copy_file(src, pending._fh, meta["size"])
+                    pending.size += meta["size"]
+                    digest.update(bytes.fromhex(meta["md5"]))
+            except Exception:
+                pending.abort()
+                raise
+            etag = f'"{digest.hexdigest()}-{len(metas)}"'
+            try:
+                checksums, checksum_type = self._object_checksums(upload, metas, object_checksum, pending)
+            except Exception:
+                pending.abort()
+                raise
+            info = self.commit_put(
+                bucket_name, key, pending, now, content_type=upload.get("content_type"),
+                metadata=upload.get("metadata"), checksums=checksums, etag=etag, parts=len(metas),
+                headers=upload.get("headers"), part_sizes=[m["size"] for m in metas], checksum_type=checksum_type,
+                if_match=if_match, if_none_match=if_none_match,
+            )
+            self._retire_upload(bucket, path, info, now)
+            return info
+        finally:
+            with self._lock:
+                self._completing.discard(upload_id)
+
+    @staticmethod
+    def _object_checksums(upload: dict, metas: list, object_checksum: Optional[tuple[str, str]],
+                          pending: PendingWrite) -> tuple[dict, str]:
+        """``({algorithm: value}, checksum type)`` of an assembled multipart object."""
+        algorithm = (upload.get("checksum_algorithm") or "").lower()
+        if object_checksum is not None:
+            algorithm = object_checksum[0]
+        composite = None
+        if algorithm in s3_checksums.ALGORITHMS and metas \
+                and all(algorithm in (m.get("checksums") or {}) for m in metas):
+            try:
+                joined = b"".join(base64.b64decode(m["checksums"][algorithm], validate=True) for m in metas)
+            except ValueError:
+                joined = None
+            if joined is not None:
+                composite = f"{s3_checksums.checksum_b64(algorithm, joined)}-{len(metas)}"
+        full_object = (upload.get("checksum_type") or "").upper() == "FULL_OBJECT"
+        if object_checksum is None and not (full_object and algorithm in s3_checksums.ALGORITHMS):
+            return ({algorithm: composite}, "COMPOSITE") if composite else ({}, "")
+        given = object_checksum[1].strip() if object_checksum is not None else None
+        if given is not None and "-" in given:
+            if composite is None or given != composite:
+                raise StorageError("BadDigest", f"The {algorithm.upper()} you specified did not match the "
+                                   "calculated checksum.")
+            return {algorithm: composite}, "COMPOSITE"
+        # a FULL_OBJECT checksum (given on Complete, or asked for on Create): computed over the
+        # assembled bytes before they become visible
+        state = s3_checksums.new_checksum(algorithm)
+        pending._fh.flush()
+        with open(pending.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1024 * 1024), b""):
+                state.update(block)
+        computed = s3_checksums.b64(state.digest())
+        if given is not None and computed != given:
+            raise StorageError("BadDigest", f"The {algorithm.upper()} you specified did not match the "
+                               "calculated checksum.")
+        return {algorithm: computed}, "FULL_OBJECT"
+
+    def _retire_upload(self, bucket: Bucket, path: str, info: ObjectInfo, now: float) -> None:
+        """After Complete: keep only ``completed.json`` (what a repeated Complete answers)."""
+        record = {"key": info.key, "etag": info.etag, "size": info.size, "last_modified": info.last_modified,
+                  "checksums": info.checksums, "checksum_type": info.checksum_type, "parts": info.parts,
+                  "completed_at": now}
+        _write_json_atomic(os.path.join(path, COMPLETED), record, bucket.tmp)
+        for name in os.listdir(path):
+            if name != COMPLETED:
+                try:
+                    os.unlink(os.path.join(path, name))
+                except OSError:
+                    pass
+        fsync_dir(path)
+
+    def _completed(self, bucket: Bucket, upload_id: str, key: str) -> Optional[ObjectInfo]:
+        if not upload_id or len(upload_id) != 32 or not all(c in "0123456789abcdef" for c in upload_id):
+            return None
+        try:
+            with open(os.path.join(bucket.multipart, upload_id, COMPLETED), encoding="utf-8") as fh:
+                record = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("key") != key:
+            return None
+        return ObjectInfo(key=key, size=record.get("size", 0), etag=record.get("etag", ""),
+                          last_modified=record.get("last_modified", 0.0), checksums=record.get("checksums") or {},
+                          checksum_type=record.get("checksum_type", ""), parts=record.get("parts", 0))
+
+    def abort_multipart(self, bucket_name: str, key: str, upload_id: str) -> None:
+        bucket = self.bucket(bucket_name)
+        path, _ = self._upload(bucket, upload_id, key)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def cleanup_stale(self, now: float, max_age: float) -> int:
+        """Abort multipart uploads initiated more than ``max_age`` seconds before ``now``."""
+        removed = 0
+        for name in list(self.buckets):
+            try:
+                uploads = self.list_uploads(name)
+            except OSError:
+                continue
+            bucket = self.buckets[name]
+            for upload_id, upload in uploads:
+                if now - float(upload.get("initiated", now)) > max_age and upload_id not in self._completing:
+                    shutil.rmtree(os.path.join(bucket.multipart, upload_id), ignore_errors=True)
+                    removed += 1
+            # records of completed uploads (answers to repeated Completes) expire too
+            try:
+                names = os.listdir(bucket.multipart)
+            except OSError:
+                names = []
+            for upload_id in names:
+                record_path = os.path.join(bucket.multipart, upload_id, COMPLETED)
+                if os.path.exists(os.path.join(bucket.multipart, upload_id, "upload.json")) \
+                        or not os.path.exists(record_path):
+                    continue
+                try:
+                    with open(record_path, encoding="utf-8") as fh:
+                        completed_at = float(json.load(fh).get("completed_at", 0.0))
+                except (OSError, ValueError, TypeError, AttributeError):
+                    completed_at = 0.0  # unreadable or missing: nothing worth keeping
+                if now - completed_at > max_age and upload_id not in self._completing:
+                    shutil.rmtree(os.path.join(bucket.multipart, upload_id), ignore_errors=True)
+            # temp files older than max_age belong to nothing alive
+            try:
+                for tmp in os.listdir(bucket.tmp):
+                    full = os.path.join(bucket.tmp, tmp)
+                    if full in self.live_temp_files:
+                        continue  # an upload still writing it
+                    try:
+                        if now - os.stat(full).st_mtime > max_age:
+                            os.unlink(full)
+                    except OSError:
+                        pass
+            except OSError:
+                pass
+        return removed
+
+
+
+def _part_checksums_match(listed: Mapping[str, str], stored: Mapping[str, str]) -> bool:
+    """Checksums a Complete lists for a part (``ChecksumCRC32`` …) against what it was uploaded with."""
+    for element, value in listed.items():
+        algorithm = element[len("Checksum"):].lower()
+        if algorithm not in s3_checksums.ALGORITHMS or not value:
+            continue  # ChecksumType and friends: not a part checksum
+        if stored.get(algorithm) != value.strip():
+            return False
+    return True
+
+
+def _copy_file(src, dst, size: int) -> None:
+    """Append ``src`` to ``dst`` in the kernel when it can (``copy_file_range``), else by blocks."""
+    dst.flush()
+    copy_range = getattr(os, "copy_file_range", None)
+    if copy_range is not None:
+        try:
+            remaining = size
+            while remaining > 0:
+                copied = copy_range(src.fileno(), dst.fileno(), min(remaining, 1 << 30))
+                if copied == 0:
+                    break
+                remaining -= copied
+            if remaining == 0:
+                dst.seek(0, os.SEEK_END)
+                return
+            src.seek(size - remaining)
+        except OSError:
+            src.seek(0)
+            dst.seek(0)
+            dst.truncate()
+    shutil.copyfileobj(src, dst, 1024 * 1024)
