@@ -31,7 +31,7 @@ from twisted.web.client import HTTPConnectionPool  # noqa: E402
 
 import stdaemon.service as service_module  # noqa: E402
 from stdaemon.config import load_config  # noqa: E402
-from stdaemon.metrics.service import CATEGORIES  # noqa: E402
+from stdaemon.metrics.settings import CATEGORIES  # noqa: E402
 from stdaemon.store.database import connect  # noqa: E402
 from stdaemon.store.schema import migrate  # noqa: E402
 

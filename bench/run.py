@@ -514,7 +514,7 @@ def fig_metrics(b: Bench) -> list[Row]:
         return [na("metrics_scrape", figure, method)]
     if not wrk.available():
         return [na("metrics_scrape", figure, method, "n/a (wrk not installed)")]
-    from stdaemon.metrics.service import CATEGORIES
+    from stdaemon.metrics.settings import CATEGORIES
 
     daemons = {}
     for size in (small, large):

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the capability services' types; the App itself imports none
     from stdaemon.backup.service import BackupService
     from stdaemon.configs.http import ConfigService
     from stdaemon.events.service import EventBus
+    from stdaemon.health.checks import CoreChecks
     from stdaemon.jobs.http import JobService
     from stdaemon.outbound.breaker import BreakerRegistry
     from stdaemon.outbound.http import HTTPClientFactory
@@ -47,6 +48,7 @@ class App:
     version = __version__
 
     # -- capability services, each assigned once by stdaemon.service.build_app --
+    health_checks: "CoreChecks"
     secrets: "SecretsManager"
     audit: "AuditLog"
     backups: "BackupService"
@@ -77,7 +79,7 @@ class App:
         self.started_at = self.clock.seconds()
         self.db = db or Database(self.database_path, reactor)
         self.health = HealthRegistry(self.clock, cache_seconds=config.server.health_cache_seconds)
-        self.metrics = Metrics(self.clock)
+        self.metrics = Metrics(self.clock, config.metrics, started_at=self.started_at)
         self.auth = Authenticator(self.db, self.clock)
         self.trusted_proxies = parse_networks(config.server.trusted_proxies)
         # Long-running services (timers, pools) are children of this one.
@@ -121,8 +123,6 @@ class App:
         counters = await self.db.run_read(change_counters)
         self.auth.saw_generation(counters.get("auth", 0))
         self.db.saw_counter("jobs", counters.get("jobs", 0))
-
-    last_db_latency_ms: Optional[float] = None
 
     def outputs_dir(self) -> str:
         """Root of stored job outputs (S8 ``s3_output_path`` default)."""

@@ -26,6 +26,7 @@ from twisted.python.components import Componentized
 
 from stdaemon.app import App
 from stdaemon.config import Config
+from stdaemon.health.checks import CoreChecks
 from stdaemon.health.http import HealthSurface
 from stdaemon.http.request import StdaemonSite
 from stdaemon.http.root import Root
@@ -36,6 +37,9 @@ from stdaemon.logs import (
     reopen_log_files,
     track_observer,
 )
+from stdaemon.metrics import service as metrics_service
+from stdaemon.metrics.spend import SPEND_REFRESH_INTERVAL
+from stdaemon.providers.settings import PROVIDERS
 from stdaemon.s3.credentials import UPLOAD_BUCKET, UploadCredentials
 from stdaemon.s3.multipart import StorageEngine
 from stdaemon.s3.progress import UploadProgress
@@ -52,6 +56,10 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     """The composition root: every capability service built once, in dependency order, each given
     its collaborators explicitly; then the surfaces, which only read services from the App."""
     app = App(config, reactor, clock)
+    # health: the daemon's own components, first in every report (database, disk)
+    checks = app.health_checks = CoreChecks(app.db, app.clock, app.outputs_root)
+    checks.register(app.health)
+    app.metrics.set_db_latency_source(lambda: checks.last_db_latency_ms)
     # S3 (S8): per-job upload credentials, upload progress and the object store of /api/cloud/storage
     s3_pool = install_pool(app, "s3-io", maxthreads=16)
     app.upload_credentials = UploadCredentials(app.db, app.clock,
@@ -121,9 +129,6 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     """Attach capabilities that are not surfaces (middlewares, auth strategies,
     health components, timers) to the context and root.  Runs before the
     database is open; anything needing the database goes in ``start_capabilities``."""
-    from stdaemon.metrics import service as metrics
-
-    metrics.install(ctx)  # ctx.metrics settings from config; uptime/db-latency sources (hooks: docs/ARCHITECTURE.md)
     from stdaemon.secrets import service as secrets
 
     secrets.install(ctx)  # ctx.secrets: await ctx.secrets.get("REPLICATE_API_TOKEN")
@@ -133,9 +138,9 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     from stdaemon.backup import service as backup_service
 
     backup_service.install(ctx)  # ctx.backups; "backup" timer + health when backup.enabled
-    from stdaemon.ratelimit import http as rate_limit
+    from stdaemon.ratelimit import http as rate_limit_http
 
-    rate_limit.install(ctx, root)  # ctx.rate_limiter; first middleware; health "rate_limiter"
+    rate_limit_http.install(ctx, root)  # ctx.rate_limiter; first middleware; health "rate_limiter"
     from stdaemon.users import sessions
 
     sessions.install(ctx)  # ctx.sessions: st_session strategy + CSRF, password pool, sweep timer
@@ -156,6 +161,29 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     ctx.backups.after_restore.extend([ctx.providers.load, ctx.jobs.load, _forget_verified_keys(ctx)])
     if getattr(ctx, "webhooks", None) is not None:
         ctx.backups.after_restore.append(ctx.webhooks.forget_recent)
+    # metrics: the figures the capabilities above keep; the providers' spend in their cost period
+    wire_metrics(ctx)
+
+
+def wire_metrics(ctx: App) -> None:
+    metrics, db = ctx.metrics, ctx.db
+    # the job hooks (webhooks, approvals) forward to the jobs service: one set of job figures
+    metrics.register_jobs_source(ctx.jobs.metrics, track=ctx.jobs._track)
+    metrics.register_approvals_source(ctx.approvals.metrics)
+    audit_log = ctx.audit
+    metrics.register_audit_source(lambda: (audit_log.total, audit_log.count_last_24h()))
+    breakers = ctx.breakers
+    metrics.register_breaker_source(
+        lambda: [(name, b.state_value, b.failures_total) for name, b in sorted(breakers.all().items())])
+    progress = ctx.upload_progress
+    metrics.register_uploads_source(
+        lambda: (progress.uploads_total, progress.upload_bytes_total, progress.upload_failures_total))
+    metrics.spend.follow(PROVIDERS, ctx.providers.values, db)
+    metrics.register_provider_source(metrics.spend.figures)
+    ctx.add_timer("metrics.provider_spend", SPEND_REFRESH_INTERVAL,
+                  lambda: defer.ensureDeferred(metrics.spend.refresh(db)))
+    # saved settings and spend re-read after a restore swaps the database
+    ctx.backups.after_restore.append(lambda: metrics_service.load_saved(metrics, db))
 
 
 def _forget_verified_keys(ctx: App) -> Any:
@@ -177,9 +205,7 @@ async def start_capabilities(ctx: App) -> None:
     await ctx.providers.load()  # provider settings saved through the API
     await ctx.jobs.load()  # running job totals for metrics (ctx.jobs.metrics())
     await ctx.approvals.load()  # approval request counts for metrics
-    from stdaemon.metrics import service as metrics
-
-    await metrics.start(ctx)  # metrics settings; job figures (one aggregate query) unless ctx.jobs provides them
+    await metrics_service.load_saved(ctx.metrics, ctx.db)  # metrics settings saved through the API; provider spend
 
 
 def listen_descriptions(config: Config) -> list[str]:

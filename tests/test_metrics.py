@@ -11,8 +11,11 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from twisted.internet.task import Clock
 
-from stdaemon.metrics import service as m
-from stdaemon.metrics.service import CATEGORIES, TEMPLATES, Metrics, SpendTracker
+from stdaemon.metrics import settings as m
+from stdaemon.metrics import store as metrics_store
+from stdaemon.metrics.service import Metrics
+from stdaemon.metrics.settings import CATEGORIES, TEMPLATES
+from stdaemon.metrics.spend import SpendTracker
 from stdaemon.jobs import store as jobs_store
 from stdaemon.store.database import connect
 from stdaemon.store.schema import migrate
@@ -214,7 +217,7 @@ def test_job_figures_from_one_aggregate_query(tmp_path):
     conn.commit()
     statements = []
     conn.set_trace_callback(statements.append)
-    aggregates = m.job_aggregates(conn)
+    aggregates = metrics_store.job_aggregates(conn)
     conn.set_trace_callback(None)
     assert len(statements) == 1 and "GROUP BY status" in statements[0]
     metrics = Metrics(Clock())
@@ -241,7 +244,7 @@ def test_scrape_reads_no_database(tmp_path):
         [(f"j{i}", "completed" if i % 2 else "running") for i in range(2_000)])
     conn.commit()
     metrics = Metrics(Clock())
-    metrics.load_job_aggregates(m.job_aggregates(conn))
+    metrics.load_job_aggregates(metrics_store.job_aggregates(conn))
     conn.close()
     text = metrics.render(CATEGORIES)[0].decode()
     assert value(text, "simpletuner_jobs_total") == 2_000

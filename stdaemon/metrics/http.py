@@ -36,7 +36,9 @@ from typing import Annotated, Any, Literal, Mapping, Optional, Union
 from klein import Klein
 from pydantic import ConfigDict, Field
 
-from stdaemon.metrics import service as m
+from stdaemon.metrics import settings as m
+from stdaemon.metrics import store as metrics_store
+from stdaemon.metrics.service import Metrics
 from stdaemon.jobs import costs
 from stdaemon.timestamps import iso
 from stdaemon.health.service import HEALTHY, UNHEALTHY, overall
@@ -108,7 +110,7 @@ class MetricsSurface(Surface):
     prefixes = ("/api/cloud/metrics", "/api/metrics")
 
     @property
-    def metrics(self) -> m.Metrics:
+    def metrics(self) -> Metrics:
         return self.ctx.metrics
 
     # -- scrape ------------------------------------------------------------------------
@@ -148,13 +150,7 @@ class MetricsSurface(Surface):
 
     async def _measure_database(self) -> None:
         """A real query timed on the clock, for the database latency gauge."""
-        started = self.ctx.clock.seconds()
-        try:
-            await self.ctx.db.ping()
-        except Exception:
-            self.ctx.last_db_latency_ms = None
-            return
-        self.ctx.last_db_latency_ms = round((self.ctx.clock.seconds() - started) * 1000.0, 3)
+        await self.ctx.health_checks.measure_database()
 
     # -- settings ----------------------------------------------------------------------
 
@@ -315,8 +311,8 @@ class MetricsSurface(Surface):
                     template: str | None = None) -> dict:
         metrics = self.metrics
         before = metrics.settings()
-        await self.ctx.db.run_write(m.save_settings, changes, self.ctx.now())
-        metrics.apply_saved(await self.ctx.db.run_read(m.load_settings))
+        await self.ctx.db.run_write(metrics_store.save_settings, changes, self.ctx.now())
+        metrics.apply_saved(await self.ctx.db.run_read(metrics_store.load_settings))
         after = metrics.settings()
         log.info("Metrics settings changed by {actor}: {fields}", actor=_actor(request),
                  fields=", ".join(sorted(changes)))

@@ -3,10 +3,11 @@
 No module-level metrics on the global registry: each :class:`Metrics`
 instance has its own ``CollectorRegistry``, so tests and several daemons in
 one process never collide.  One custom collector per category renders, on
-scrape, from figures kept in memory: counters are bumped where events happen
-(the hooks below) and state gauges read cheap sources (breaker objects,
-approval counts, the audit writer's counters).  A scrape never scans a
-table, so it costs the same with 100 000 jobs as with 10.
+scrape, from figures kept in memory (:mod:`stdaemon.metrics.collectors`):
+counters are bumped where events happen (the hooks below) and state gauges
+read cheap sources (breaker objects, approval counts, the audit writer's
+counters).  A scrape never scans a table, so it costs the same with 100 000
+jobs as with 10.
 
 Hooks (called by the capability where the event happens; all are cheap,
 synchronous and never raise into the caller):
@@ -29,154 +30,46 @@ synchronous and never raise into the caller):
                                                    failures_total)]``
 ``register_provider_source(fn)``                    providers: ``fn() -> [(provider,
                                                    percent_used|None, balance_usd|None)]``
-``register_jobs_source(fn, track=None)``            jobs (optional): ``fn() -> dict`` like
+``register_uploads_source(fn)``                     the S3 endpoint: ``fn() -> (uploads_total,
+                                                   upload_bytes_total, upload_failures_total)``
+``set_db_latency_source(fn)``                       health: ``fn() -> ms | None``
+``register_jobs_source(fn, track=None)``            jobs: ``fn() -> dict`` like
                                                    :meth:`Metrics.jobs_figures`; the job hooks
                                                    then forward to ``track(before, after)``
 =================================================  ==========================================
 
-``install(ctx)`` (wiring) and ``await start(ctx)`` (start-up, database open)
-bind the defaults: the uptime and database-latency sources, the per-provider
-cost-limit tracker, and sources other capabilities expose on ``ctx``
-(``ctx.approvals.metrics()``, ``ctx.audit.total``/``count_last_24h()``,
-``ctx.breakers``, ``ctx.jobs.metrics()``) when they did not register one
-themselves.  Without a jobs source, job figures are loaded from the database
-with ONE aggregate query at start and after a backup restore.
+The composition root (``stdaemon.service.build_app``) registers every source
+once the capability exists, and points :attr:`Metrics.spend` at the providers;
+:func:`load_saved` (start, and after a backup restore) reads the saved
+settings and the providers' spend of the current period.
 
 Settings (``prometheus_enabled``, ``prometheus_categories``) are layered:
 config ``metrics.*`` under values saved through the API in the ``settings``
-table (namespace ``metrics``).  ``metrics.bearer_token`` is config only.
+table (namespace ``metrics``, :mod:`stdaemon.metrics.store`).
+``metrics.bearer_token`` is config only.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
-from stdaemon.config.loader import METRIC_CATEGORIES
 from stdaemon.jobs import status as st
 from stdaemon.logs import get_logger
+from stdaemon.metrics import collectors as families
+from stdaemon.metrics import store
+from stdaemon.metrics.collectors import APPROVAL_STATUSES, Category, Selection, first_per_provider
 from stdaemon.invalid import InvalidValue
+from stdaemon.metrics.settings import CATEGORIES, SETTING_KEYS, validate_update
+from stdaemon.metrics.spend import SpendTracker
 
 log = get_logger("stdaemon.metrics")
 
-CATEGORIES: tuple[str, ...] = tuple(METRIC_CATEGORIES)
-
-# The guide's configuration templates.
-TEMPLATES: dict[str, tuple[str, ...]] = {
-    "minimal": ("jobs",),
-    "standard": ("jobs", "http", "health"),
-    "security": ("jobs", "http", "rate_limits", "audit", "approvals"),
-    "full": CATEGORIES,
-}
-
-SETTINGS_NAMESPACE = "metrics"
-SETTING_KEYS = ("prometheus_enabled", "prometheus_categories")
-
 DAY = 86400.0
 MINUTE = 60.0
-# How often the per-provider period spend is re-read from the database
-# (between reads it follows the cost deltas the job hooks report).
-SPEND_REFRESH_INTERVAL = 60.0
-
-APPROVAL_STATUSES = ("pending", "approved", "rejected", "expired", "cancelled")
-
-
-def normalise_categories(value: Any, field: str = "prometheus_categories") -> tuple[str, ...]:
-    """A list of known categories (duplicates dropped, order kept) or InvalidValue."""
-    if isinstance(value, str):
-        value = [part.strip() for part in value.split(",") if part.strip()]
-    if not isinstance(value, (list, tuple)):
-        raise InvalidValue(field, "must be a list of category names")
-    out: list[str] = []
-    for item in value:
-        if not isinstance(item, str) or item not in CATEGORIES:
-            raise InvalidValue(field, f"unknown category {item!r} (known: {', '.join(CATEGORIES)})")
-        if item not in out:
-            out.append(item)
-    return tuple(out)
-
-
-def validate_update(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a PUT body; ``None`` for a key means back to the config value."""
-    changes: dict[str, Any] = {}
-    for key, value in body.items():
-        if key not in SETTING_KEYS:
-            raise InvalidValue(key, f"unknown setting (known: {', '.join(SETTING_KEYS)})")
-        if value is None:
-            changes[key] = None
-        elif key == "prometheus_enabled":
-            if not isinstance(value, bool):
-                raise InvalidValue(key, "must be true or false")
-            changes[key] = value
-        else:
-            changes[key] = list(normalise_categories(value, key))
-    return changes
-
-
-# -- pure SQL helpers (conn first) ------------------------------------------------
-
-
-def load_settings(conn) -> dict[str, Any]:
-    rows = conn.execute("SELECT key, value_json FROM settings WHERE namespace = ?", (SETTINGS_NAMESPACE,))
-    out = {}
-    for key, raw in rows:
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            continue
-    return out
-
-
-def save_settings(conn, changes: Mapping[str, Any], now: float) -> None:
-    for key, value in changes.items():
-        if value is None:
-            conn.execute("DELETE FROM settings WHERE namespace = ? AND key = ?", (SETTINGS_NAMESPACE, key))
-        else:
-            conn.execute(
-                "INSERT INTO settings (namespace, key, value_json, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(namespace, key) DO UPDATE SET value_json = excluded.value_json, "
-                "updated_at = excluded.updated_at",
-                (SETTINGS_NAMESPACE, key, json.dumps(value), now))
-
-
-_TERMINAL_SQL = ", ".join(f"'{s}'" for s in sorted(st.TERMINAL))
-
-JOB_AGGREGATE_SQL = (
-    "SELECT status, COUNT(*), COALESCE(SUM(cost_usd), 0), "
-    "COALESCE(SUM(CASE WHEN started_at IS NOT NULL AND completed_at IS NOT NULL "
-    f"AND status IN ({_TERMINAL_SQL}) THEN completed_at - started_at END), 0), "
-    "COUNT(CASE WHEN started_at IS NOT NULL AND completed_at IS NOT NULL "
-    f"AND status IN ({_TERMINAL_SQL}) THEN 1 END) "
-    "FROM jobs GROUP BY status"
-)
-
-
-def job_aggregates(conn) -> dict[str, tuple[int, float, float, int]]:
-    """ONE aggregate query: status → (count, cost sum, duration sum, durations)."""
-    return {row[0]: (int(row[1]), float(row[2]), float(row[3]), int(row[4]))
-            for row in conn.execute(JOB_AGGREGATE_SQL)}
-
-
-def provider_spend(conn, provider: str, since: float) -> float:
-    row = conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM jobs WHERE provider = ? AND created_at >= ?",
-                       (provider, since)).fetchone()
-    return float(row[0])
-
-
-def audit_counts(conn, since: float) -> tuple[int, dict[int, int]]:
-    """Audit entries in total and per minute since ``since`` (fallback counting)."""
-    try:
-        total = conn.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0]
-        rows = conn.execute("SELECT CAST(timestamp / 60 AS INTEGER), COUNT(*) FROM audit_log "
-                            "WHERE timestamp >= ? GROUP BY 1", (since,)).fetchall()
-    except Exception:  # no audit table in this schema
-        return 0, {}
-    return int(total), {int(m): int(n) for m, n in rows}
 
 
 def _job_duration(job: Mapping[str, Any]) -> Optional[float]:
@@ -188,40 +81,12 @@ def _job_duration(job: Mapping[str, Any]) -> Optional[float]:
     return max(0.0, float(completed) - float(started))
 
 
-# -- the metrics object ---------------------------------------------------------------
-
-
-class _Selection:
-    """A registry-like view rendering only some categories (scrape, preview)."""
-
-    def __init__(self, collectors: Sequence[Any]):
-        self._collectors = collectors
-
-    def collect(self) -> Iterable[Any]:
-        for collector in self._collectors:
-            yield from collector.collect()
-
-
-class _Category:
-    """Custom collector of one category: ``render()`` yields metric families."""
-
-    def __init__(self, name: str, render: Callable[[], Iterable[Any]]):
-        self.name = name
-        self._render = render
-
-    def collect(self) -> Iterable[Any]:
-        try:
-            families = list(self._render())
-        except Exception:
-            log.failure("Metrics category {category} failed to render", category=self.name)
-            return []
-        return families
-
-
 class Metrics:
-    def __init__(self, clock: Any, config: Any = None):
+    def __init__(self, clock: Any, config: Any = None, started_at: Optional[float] = None):
+        """``config``: the ``metrics`` config section; ``started_at``: the daemon's start
+        (the uptime gauge's origin; default: now)."""
         self.clock = clock
-        self.started_at = clock.seconds()
+        self.started_at = clock.seconds() if started_at is None else started_at
         self.registry = CollectorRegistry(auto_describe=False)
         # endpoint → [count, total latency ms]; endpoint_status → count
         self.http_requests: dict[str, list] = {}
@@ -230,25 +95,31 @@ class Metrics:
         # tracked-clients reader (both kept as attributes the middleware uses).
         self.rate_limit_violations = 0
         self.rate_limit_tracked_clients: Callable[[], int] = lambda: 0
-        # Jobs: kept by the hooks, loaded by ``load_jobs`` (one aggregate query).
+        # Jobs: kept by the hooks, loaded by ``load_jobs`` (one aggregate query),
+        # unless a jobs source owns them.
         self.jobs_total = 0
         self.jobs_by_status: dict[str, int] = {s: 0 for s in st.STATUSES}
         self.cost_usd_total = 0.0
         self.duration_seconds_total = 0.0
         self.durations = 0
         self._jobs_source: Optional[Callable[[], Mapping[str, Any]]] = None
+        self._jobs_track: Optional[Callable[[Optional[Mapping], Optional[Mapping]], None]] = None
         # Approvals / audit: sources, or counts kept by the fallback hooks.
         self._approvals_source: Optional[Callable[[], Mapping[str, Any]]] = None
         self.approvals_by_status: dict[str, int] = {s: 0 for s in APPROVAL_STATUSES}
         self._audit_source: Optional[Callable[[], tuple[int, int]]] = None
         self.audit_total = 0
         self._audit_buckets: dict[int, int] = {}
+        # Uploads through the S3 endpoint (since start-up).
+        self._uploads_source: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)
         # Health.
         self.uptime_origin = self.started_at
         self._db_latency_source: Callable[[], Optional[float]] = lambda: None
         # Breakers and providers.
         self._breaker_sources: list[Callable[[], Iterable[tuple]]] = []
         self._provider_sources: list[Callable[[], Iterable[tuple]]] = []
+        # The providers' spend in their cost period (see ``stdaemon.metrics.spend``).
+        self.spend = SpendTracker(clock)
         # Settings: config values, overlaid by those saved through the API.
         self._config_settings = {
             "prometheus_enabled": bool(getattr(config, "prometheus_enabled", False)),
@@ -256,28 +127,20 @@ class Metrics:
         }
         self.bearer_token: str = getattr(config, "bearer_token", "") or ""
         self._api_settings: dict[str, Any] = {}
-        self.collectors: dict[str, _Category] = {
-            "jobs": _Category("jobs", self._collect_jobs),
-            "http": _Category("http", self._collect_http),
-            "rate_limits": _Category("rate_limits", self._collect_rate_limits),
-            "approvals": _Category("approvals", self._collect_approvals),
-            "audit": _Category("audit", self._collect_audit),
-            "health": _Category("health", self._collect_health),
-            "circuit_breakers": _Category("circuit_breakers", self._collect_breakers),
-            "provider": _Category("provider", self._collect_provider),
+        self.collectors: dict[str, Category] = {
+            "jobs": Category("jobs", self._collect_jobs),
+            "http": Category("http", self._collect_http),
+            "rate_limits": Category("rate_limits", self._collect_rate_limits),
+            "approvals": Category("approvals", self._collect_approvals),
+            "audit": Category("audit", self._collect_audit),
+            "health": Category("health", self._collect_health),
+            "circuit_breakers": Category("circuit_breakers", self._collect_breakers),
+            "provider": Category("provider", self._collect_provider),
         }
         for name in CATEGORIES:
             self.registry.register(self.collectors[name])
 
     # -- settings -----------------------------------------------------------------------
-
-    def configure(self, config: Any) -> None:
-        """Take the config ``metrics`` section (done by ``install``)."""
-        self._config_settings = {
-            "prometheus_enabled": bool(config.prometheus_enabled),
-            "prometheus_categories": tuple(config.prometheus_categories),
-        }
-        self.bearer_token = config.bearer_token or ""
 
     def apply_saved(self, saved: Mapping[str, Any]) -> None:
         """Settings read from the database (invalid saved values are ignored)."""
@@ -315,7 +178,7 @@ class Metrics:
         format ``accept`` asks for: text 0.0.4 unless OpenMetrics is requested."""
         chosen = self.categories if categories is None else list(categories)
         encoder, content_type = choose_encoder(accept or "")
-        selection = _Selection([self.collectors[c] for c in CATEGORIES if c in chosen])
+        selection = Selection([self.collectors[c] for c in CATEGORIES if c in chosen])
         return encoder(selection), content_type
 
     # -- hooks: http ------------------------------------------------------------------
@@ -342,19 +205,6 @@ class Metrics:
         self._jobs_source = fn
         self._jobs_track = track if fn is not None else None
 
-    _jobs_track: Optional[Callable[[Optional[Mapping], Optional[Mapping]], None]] = None
-    _ctx: Any = None
-
-    def _bind_jobs_owner(self) -> None:
-        """Once ``ctx.jobs`` exists and keeps job figures (``metrics()``), it is
-        the source and the job hooks forward to its ``track``/``_track``."""
-        if self._jobs_source is not None or self._ctx is None:
-            return
-        jobs = getattr(self._ctx, "jobs", None)
-        if callable(getattr(jobs, "metrics", None)):
-            track = getattr(jobs, "track", None) or getattr(jobs, "_track", None)
-            self.register_jobs_source(jobs.metrics, track=track if callable(track) else None)
-
     def _forward(self, before: Optional[Mapping], after: Optional[Mapping]) -> bool:
         if self._jobs_track is None:
             return False
@@ -363,7 +213,6 @@ class Metrics:
 
     def job_created(self, status: str, cost_usd: float = 0.0, *, provider: Optional[str] = None,
                     created_at: Optional[float] = None) -> None:
-        self._bind_jobs_owner()
         if self._jobs_track is not None:
             self._forward(None, {"status": status, "cost_usd": cost_usd or 0.0, "provider": provider,
                                  "created_at": created_at, "started_at": None, "completed_at": None})
@@ -379,7 +228,6 @@ class Metrics:
         """A committed change of one job: status ``old → new`` (equal when only
         columns changed), cost change in USD, and its run time when it just
         finished (terminal with both timestamps)."""
-        self._bind_jobs_owner()
         if self._jobs_track is not None:
             blank = {"cost_usd": 0.0, "started_at": None, "completed_at": None}
             self._forward(dict(blank, status=old) if old is not None else None,
@@ -403,7 +251,6 @@ class Metrics:
         """Derive the transition from the row before and after a committed write
         (``store.transition`` returns both).  Either may be None (no-op then,
         except a None ``before`` counts a new job)."""
-        self._bind_jobs_owner()
         try:
             if after is None:
                 return
@@ -430,7 +277,6 @@ class Metrics:
                     job: Optional[Mapping[str, Any]] = None) -> None:
         """A job row was deleted: it leaves ``jobs_by_status`` and the duration
         average; ``jobs_total`` and ``cost_usd_total`` are counters and keep it."""
-        self._bind_jobs_owner()
         if self._jobs_track is not None:
             self._forward(job if job is not None else {"status": status, "cost_usd": 0.0, "started_at": None,
                                                        "completed_at": None}, None)
@@ -451,7 +297,7 @@ class Metrics:
             self.spend.add(provider, delta, created_at)
 
     def load_job_aggregates(self, aggregates: Mapping[str, tuple]) -> None:
-        """Replace the job figures with the result of :func:`job_aggregates`."""
+        """Replace the job figures with the result of :func:`stdaemon.metrics.store.job_aggregates`."""
         by_status = {s: 0 for s in st.STATUSES}
         total = 0
         cost = duration_sum = 0.0
@@ -466,7 +312,7 @@ class Metrics:
         self.duration_seconds_total, self.durations = duration_sum, durations
 
     async def load_jobs(self, db: Any) -> None:
-        self.load_job_aggregates(await db.run_read(job_aggregates))
+        self.load_job_aggregates(await db.run_read(store.job_aggregates))
 
     def jobs_figures(self) -> dict[str, Any]:
         if self._jobs_source is not None:
@@ -530,7 +376,7 @@ class Metrics:
         horizon = int(math.floor((self.clock.seconds() - DAY) / MINUTE))
         return self.audit_total, sum(n for m, n in self._audit_buckets.items() if m >= horizon)
 
-    # -- hooks: health, breakers, providers ---------------------------------------------
+    # -- hooks: health, breakers, providers, uploads ------------------------------------
 
     def set_db_latency_source(self, fn: Callable[[], Optional[float]]) -> None:
         self._db_latency_source = fn
@@ -543,57 +389,23 @@ class Metrics:
         """``fn() -> [(provider, cost_limit_percent_used | None, credit_balance_usd | None)]``."""
         self._provider_sources.append(fn)
 
+    def register_uploads_source(self, fn: Callable[[], tuple[int, int, int]]) -> None:
+        """``fn() -> (uploads_total, upload_bytes_total, upload_failures_total)``."""
+        self._uploads_source = fn
+
     # -- collectors -----------------------------------------------------------------------
 
     def _collect_jobs(self) -> Iterable[Any]:
-        figures = self.jobs_figures()
-        yield CounterMetricFamily("simpletuner_jobs_total", "Jobs recorded (in the database at start-up "
-                                  "plus those created since)", value=figures["jobs_total"])
-        by_status = GaugeMetricFamily("simpletuner_jobs_by_status", "Jobs in the database by status",
-                                      labels=["status"])
-        for status in st.STATUSES:
-            by_status.add_metric([status], figures["by_status"].get(status, 0))
-        yield by_status
-        yield GaugeMetricFamily("simpletuner_jobs_active", "Jobs pending, uploading, queued or running",
-                                value=figures["active"])
-        yield CounterMetricFamily("simpletuner_cost_usd_total", "Cost of jobs in USD",
-                                  value=round(figures["cost_usd_total"], 6))
-        yield GaugeMetricFamily("simpletuner_job_duration_seconds_avg",
-                                "Average run time of finished jobs in seconds",
-                                value=figures["job_duration_seconds_avg"])
-        # Job outputs received over the S3 endpoint (counted by the storage
-        # surface as bytes arrive; since start-up).
-        progress = getattr(self._ctx, "upload_progress", None)
-        yield CounterMetricFamily("simpletuner_s3_uploads_total",
-                                  "Objects and parts stored through the S3 endpoint",
-                                  value=getattr(progress, "uploads_total", 0))
-        yield CounterMetricFamily("simpletuner_s3_upload_bytes", "Bytes stored through the S3 endpoint",
-                                  value=getattr(progress, "upload_bytes_total", 0))
-        yield CounterMetricFamily("simpletuner_s3_upload_failures", "Uploads refused or broken off",
-                                  value=getattr(progress, "upload_failures_total", 0))
+        # Job outputs received over the S3 endpoint are counted by the storage
+        # capability as bytes arrive (since start-up).
+        return families.jobs_families(self.jobs_figures(), self._uploads_source())
 
     def _collect_http(self) -> Iterable[Any]:
-        requests = CounterMetricFamily("simpletuner_http_requests_total",
-                                       "HTTP requests by METHOD_<route template>", labels=["endpoint"])
-        latency = GaugeMetricFamily("simpletuner_http_request_latency_ms_avg",
-                                    "Average request latency in milliseconds by METHOD_<route template>",
-                                    labels=["endpoint"])
-        for endpoint, (count, total_ms) in sorted(self.http_requests.items()):
-            requests.add_metric([endpoint], count)
-            latency.add_metric([endpoint], total_ms / count if count else 0.0)
-        errors = CounterMetricFamily("simpletuner_http_errors_total",
-                                     "HTTP responses with status >= 400 by METHOD_<route template>_<status>",
-                                     labels=["endpoint_status"])
-        for key, count in sorted(self.http_errors.items()):
-            errors.add_metric([key], count)
-        return [requests, errors, latency]
+        return families.http_families(self.http_requests, self.http_errors)
 
     def _collect_rate_limits(self) -> Iterable[Any]:
-        yield CounterMetricFamily("simpletuner_rate_limit_violations_total",
-                                  "Requests refused by the rate limiter (429)", value=self.rate_limit_violations)
-        yield GaugeMetricFamily("simpletuner_rate_limit_tracked_clients",
-                                "Client addresses the rate limiter currently tracks",
-                                value=int(self.rate_limit_tracked_clients() or 0))
+        return families.rate_limit_families(self.rate_limit_violations,
+                                            int(self.rate_limit_tracked_clients() or 0))
 
     def _collect_approvals(self) -> Iterable[Any]:
         if self._approvals_source is not None:
@@ -603,210 +415,25 @@ class Metrics:
         else:
             by_status = dict(self.approvals_by_status)
             pending = by_status.get("pending", 0)
-        yield GaugeMetricFamily("simpletuner_approval_requests_pending", "Approval requests waiting for a decision",
-                                value=pending)
-        family = GaugeMetricFamily("simpletuner_approval_requests_by_status", "Approval requests by status",
-                                   labels=["status"])
-        for status in sorted(set(APPROVAL_STATUSES) | set(by_status)):
-            family.add_metric([status], by_status.get(status, 0))
-        yield family
+        return families.approval_families(pending, by_status)
 
     def _collect_audit(self) -> Iterable[Any]:
-        total, last_24h = self.audit_figures()
-        yield CounterMetricFamily("simpletuner_audit_log_entries_total", "Entries in the audit log", value=total)
-        yield GaugeMetricFamily("simpletuner_audit_log_entries_24h", "Audit log entries written in the last 24 h",
-                                value=last_24h)
+        return families.audit_families(*self.audit_figures())
 
     def _collect_health(self) -> Iterable[Any]:
-        yield GaugeMetricFamily("simpletuner_uptime_seconds", "Seconds since the daemon started",
-                                value=max(0.0, self.clock.seconds() - self.uptime_origin))
-        latency = self._db_latency_source()
-        family = GaugeMetricFamily("simpletuner_health_database_latency_ms",
-                                   "Latency of the last database health query in milliseconds")
-        if latency is not None:
-            family.add_metric([], latency)
-        yield family
+        return families.health_families(max(0.0, self.clock.seconds() - self.uptime_origin),
+                                        self._db_latency_source())
 
     def _collect_breakers(self) -> Iterable[Any]:
-        state = GaugeMetricFamily("simpletuner_circuit_breaker_state",
-                                  "Circuit breaker state per provider (0 closed, 1 half-open, 2 open)",
-                                  labels=["provider"])
-        failures = CounterMetricFamily("simpletuner_circuit_breaker_failures_total",
-                                       "Provider call failures counted by the circuit breaker",
-                                       labels=["provider"])
-        seen: set[str] = set()
-        for source in self._breaker_sources:
-            for provider, value, failures_total in source():
-                if provider in seen:
-                    continue
-                seen.add(provider)
-                state.add_metric([provider], value)
-                failures.add_metric([provider], failures_total)
-        return [state, failures]
+        return families.breaker_families(first_per_provider(self._breaker_sources))
 
     def _collect_provider(self) -> Iterable[Any]:
-        percent = GaugeMetricFamily("simpletuner_cost_limit_percent_used",
-                                    "Share of the provider's cost limit used in the current period (percent)",
-                                    labels=["provider"])
-        balance = GaugeMetricFamily("simpletuner_credit_balance_usd",
-                                    "Provider credit balance in USD (when the provider reports it)",
-                                    labels=["provider"])
-        seen: set[str] = set()
-        for source in self._provider_sources:
-            for provider, used, credit in source():
-                if provider in seen:
-                    continue
-                seen.add(provider)
-                if used is not None:
-                    percent.add_metric([provider], used)
-                if credit is not None:
-                    balance.add_metric([provider], credit)
-        return [percent, balance]
-
-    # -- provider spend (cost-limit percent) ---------------------------------------------
-
-    @property
-    def spend(self) -> "SpendTracker":
-        tracker = getattr(self, "_spend", None)
-        if tracker is None:
-            tracker = self._spend = SpendTracker(self.clock)
-        return tracker
+        return families.provider_families(first_per_provider(self._provider_sources))
 
 
-class SpendTracker:
-    """Per-provider spend in the current cost period, for
-    ``simpletuner_cost_limit_percent_used``: read from the database at start
-    and every ``SPEND_REFRESH_INTERVAL`` (one indexed query per provider over
-    the period only), followed in between by the cost deltas of the job
-    hooks.  Reading it on scrape costs nothing."""
-
-    def __init__(self, clock: Any):
-        self.clock = clock
-        # provider → [period, period_start, spent]
-        self.current: dict[str, list] = {}
-        self.settings: Callable[[str], Mapping[str, Any]] = lambda provider: {}
-        self.providers: Sequence[str] = ()
-        self.refresh_needed: Callable[[], None] = lambda: None
-
-    def _start(self, period: str) -> float:
-        from stdaemon.jobs import costs
-
-        return costs.period_start(self.clock.seconds(), period)
-
-    def add(self, provider: str, delta: float, created_at: Optional[float]) -> None:
-        entry = self.current.get(provider)
-        if entry is None:
-            return
-        if created_at is None or created_at >= entry[1]:
-            entry[2] += delta
-
-    def set(self, provider: str, period: str, start: float, spent: float) -> None:
-        self.current[provider] = [period, start, spent]
-
-    def figures(self) -> list[tuple[str, Optional[float], Optional[float]]]:
-        out = []
-        for provider in self.providers:
-            values = self.settings(provider)
-            if not values.get("cost_limit_enabled") or not values.get("cost_limit_amount"):
-                continue
-            period = values.get("cost_limit_period", "monthly")
-            try:
-                start = self._start(period)
-            except ValueError:
-                continue
-            entry = self.current.get(provider)
-            if entry is None or entry[0] != period or entry[1] != start:
-                # A new period (or period setting): what was spent since its start
-                # is re-read in the background; until then only new costs count.
-                self.current[provider] = entry = [period, start, 0.0]
-                self.refresh_needed()
-            out.append((provider, round(entry[2] / float(values["cost_limit_amount"]) * 100.0, 4), None))
-        return out
-
-    async def refresh(self, db: Any) -> None:
-        for provider in self.providers:
-            values = self.settings(provider)
-            period = values.get("cost_limit_period", "monthly")
-            try:
-                start = self._start(period)
-            except ValueError:
-                continue
-            spent = await db.run_read(provider_spend, provider, start)
-            self.set(provider, period, start, spent)
-
-
-# -- wiring -------------------------------------------------------------------------------
-
-
-def install(ctx: Any) -> Metrics:
-    """Bind the defaults that need no database (``wire_capabilities``)."""
-    metrics: Metrics = ctx.metrics
-    metrics._ctx = ctx
-    metrics.configure(ctx.config.metrics)
-    metrics.uptime_origin = getattr(ctx, "started_at", metrics.started_at)
-    metrics.set_db_latency_source(lambda: getattr(ctx, "last_db_latency_ms", None))
-    return metrics
-
-
-async def start(ctx: Any) -> None:
-    """Start-up with the database open (``start_capabilities``): saved settings,
-    job figures (one aggregate query), provider spend, and sources exposed by
-    other capabilities that did not register their own."""
-    metrics: Metrics = ctx.metrics
-    # The jobs service keeps the job figures itself (loaded by ctx.jobs.load());
-    # ctx.metrics.job_* hooks forward changes made elsewhere (webhooks) to it.
-    metrics._bind_jobs_owner()
-    await reload(ctx)
-    if metrics._approvals_source is None and callable(getattr(getattr(ctx, "approvals", None), "metrics", None)):
-        metrics.register_approvals_source(ctx.approvals.metrics)
-    audit = getattr(ctx, "audit", None)
-    if metrics._audit_source is None:
-        if audit is not None and hasattr(audit, "total") and callable(getattr(audit, "count_last_24h", None)):
-            metrics.register_audit_source(lambda: (audit.total, audit.count_last_24h()))
-        else:
-            total, buckets = await ctx.db.run_read(audit_counts, ctx.now() - DAY)
-            metrics.audit_total, metrics._audit_buckets = total, buckets
-    breakers = getattr(ctx, "breakers", None)
-    if not metrics._breaker_sources and breakers is not None and callable(getattr(breakers, "all", None)):
-        metrics.register_breaker_source(
-            lambda: [(name, b.state_value, b.failures_total) for name, b in sorted(breakers.all().items())])
-    providers = getattr(ctx, "providers", None)
-    if providers is not None and callable(getattr(providers, "values", None)):
-        from stdaemon.providers import settings as ps
-
-        tracker = metrics.spend
-        tracker.providers = tuple(ps.PROVIDERS)
-        tracker.settings = providers.values
-        refreshing: list = []
-
-        def refresh_needed() -> None:
-            if refreshing:
-                return
-            from twisted.internet import defer
-
-            d = defer.ensureDeferred(tracker.refresh(ctx.db))
-            refreshing.append(d)
-            d.addErrback(lambda f: log.failure("Refreshing provider spend failed", failure=f))
-            d.addBoth(lambda _: refreshing.clear())
-
-        tracker.refresh_needed = refresh_needed
-        await tracker.refresh(ctx.db)
-        if not metrics._provider_sources:
-            metrics.register_provider_source(tracker.figures)
-        from twisted.internet import defer
-
-        ctx.add_timer("metrics.provider_spend", SPEND_REFRESH_INTERVAL,
-                      lambda: defer.ensureDeferred(tracker.refresh(ctx.db)))
-    backups = getattr(ctx, "backups", None)
-    if backups is not None and hasattr(backups, "after_restore"):
-        backups.after_restore.append(lambda: reload(ctx))
-
-
-async def reload(ctx: Any) -> None:
-    """Saved settings and job figures from the database (start, after restore)."""
-    metrics: Metrics = ctx.metrics
-    metrics.apply_saved(await ctx.db.run_read(load_settings))
-    if metrics._jobs_source is None:
-        await metrics.load_jobs(ctx.db)
+async def load_saved(metrics: Metrics, db: Any) -> None:
+    """The settings saved through the API and the providers' spend of the current
+    period, from the database (at start, and after a backup restore)."""
+    metrics.apply_saved(await db.run_read(store.load_settings))
     if metrics.spend.providers:
-        await metrics.spend.refresh(ctx.db)
+        await metrics.spend.refresh(db)
