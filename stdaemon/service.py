@@ -40,6 +40,9 @@ from stdaemon.logs import (
 from stdaemon.metrics import service as metrics_service
 from stdaemon.metrics.spend import SPEND_REFRESH_INTERVAL
 from stdaemon.providers.settings import PROVIDERS
+from stdaemon.ratelimit import service as rate_limit
+from stdaemon.ratelimit.http import RateLimitMiddleware
+from stdaemon.ratelimit.rules import rule_set_from_config
 from stdaemon.s3.credentials import UPLOAD_BUCKET, UploadCredentials
 from stdaemon.s3.multipart import StorageEngine
 from stdaemon.s3.progress import UploadProgress
@@ -71,7 +74,9 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     app.add_timer("upload-credential-expiry", 60.0, app.upload_credentials.sweep)
     app.add_timer("s3-multipart-cleanup", 3600.0, app.s3.cleanup, now=True)
     root = Root(app, build_surfaces(app))
-    wire_capabilities(app, root)
+    wire_capabilities(app)
+    # rate limiting: its middleware is the first thing every routed request meets
+    root.middlewares.insert(0, app.rate_limit_middleware)
     return app, root
 
 
@@ -125,10 +130,10 @@ def build_surfaces(ctx: App) -> list:
     return surfaces
 
 
-def wire_capabilities(ctx: App, root: Root) -> None:
-    """Attach capabilities that are not surfaces (middlewares, auth strategies,
-    health components, timers) to the context and root.  Runs before the
-    database is open; anything needing the database goes in ``start_capabilities``."""
+def wire_capabilities(ctx: App) -> None:
+    """Attach capabilities that are not surfaces (auth strategies, health components,
+    timers) to the context.  Runs before the database is open; anything needing the
+    database goes in ``start_capabilities``."""
     from stdaemon.secrets import service as secrets
 
     secrets.install(ctx)  # ctx.secrets: await ctx.secrets.get("REPLICATE_API_TOKEN")
@@ -138,9 +143,20 @@ def wire_capabilities(ctx: App, root: Root) -> None:
     from stdaemon.backup import service as backup_service
 
     backup_service.install(ctx)  # ctx.backups; "backup" timer + health when backup.enabled
-    from stdaemon.ratelimit import http as rate_limit_http
-
-    rate_limit_http.install(ctx, root)  # ctx.rate_limiter; first middleware; health "rate_limiter"
+    # rate limiting: one RateLimiting (also behind the guide's get_rate_limiter), its middleware, health, sweep
+    limits = ctx.config.rate_limit
+    rules = rule_set_from_config(limits)  # malformed rules stop start-up (InvalidValue naming the key path)
+    limiting = rate_limit.make_rate_limiting(limits, ctx.clock, ctx.reactor, ctx.state_dir)
+    limiting.setName("rate-limiter")
+    limiting.setServiceParent(ctx.services)
+    rate_limit.install(limiting)
+    ctx.rate_limiter = limiting
+    # surfaces that refuse before the body (S3) count their refusals through it too
+    ctx.rate_limit_middleware = RateLimitMiddleware(limiting, rules, clock=ctx.clock, metrics=ctx.metrics,
+                                                    audit=ctx.audit, exempt_loopback=limits.exempt_loopback)
+    ctx.health.register("rate_limiter", limiting.health)
+    ctx.metrics.set_tracked_clients_source(ctx.rate_limit_middleware.tracked_clients)
+    ctx.add_timer("rate-limit-clients-sweep", 30.0, ctx.rate_limit_middleware.sweep)
     from stdaemon.users import sessions
 
     sessions.install(ctx)  # ctx.sessions: st_session strategy + CSRF, password pool, sweep timer

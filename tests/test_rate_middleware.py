@@ -207,14 +207,9 @@ async def test_custom_rules_from_config(make_daemon, probed):
 def test_malformed_rules_are_rejected_at_start_with_the_key_path(tmp_path, rules, path):
     with pytest.raises(InvalidValue) as excinfo:
         config = build_config(tmp_path, {"rate_limit": {"rules": rules}})
-        from stdaemon.ratelimit.http import install
+        from stdaemon.ratelimit.rules import rule_set_from_config
 
-        class Ctx:  # reached only if the loader let the rule through
-            pass
-
-        ctx = Ctx()
-        ctx.config = config
-        install(ctx, None)
+        rule_set_from_config(config.rate_limit)  # reached only if the loader let the rule through
     assert excinfo.value.path == path
 
 
@@ -223,7 +218,7 @@ async def test_violations_are_counted_and_audited_sampled(make_daemon, probed):
     settings = limited()
     settings["server"] = {"trusted_proxies": ["127.0.0.1/32"]}
     daemon = await make_daemon(settings)
-    audit = daemon.ctx.audit = FakeAudit()
+    audit = daemon.ctx.rate_limit_middleware.audit = FakeAudit()
     headers = {"X-Forwarded-For": "198.51.100.77", "User-Agent": "flood/1.0"}
     for _ in range(205):
         await call(daemon, "POST", "/api/auth/login", headers)
@@ -286,7 +281,7 @@ async def test_audited_text_is_bounded_and_printable(make_daemon, probed):
     clock = Clock()
     clock.advance(T0)
     daemon = await make_daemon(limited(calls=1), clock=clock)
-    audit = daemon.ctx.audit = FakeAudit()
+    audit = daemon.ctx.rate_limit_middleware.audit = FakeAudit()
     agent = "\x1b[31mevil" + "x" * 5000
     for _ in range(2):
         await call(daemon, "GET", "/api/probe/other", {"User-Agent": agent})

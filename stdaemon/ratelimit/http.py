@@ -12,7 +12,7 @@ Per request:
    one S6 function (``stdaemon.http.client_ip``), so a spoofed
    ``X-Forwarded-For`` from an untrusted peer changes nothing; an IPv6 client
    counts as its /64 (``client_key``);
-3. the decision comes from the configured backend (``ctx.rate_limiter``, a
+3. the decision comes from the configured backend (``app.rate_limiter``, a
    :class:`stdaemon.ratelimit.service.RateLimiting`), so several instances sharing
    Redis share limits;
 4. an admitted request gets ``X-RateLimit-Limit``, ``X-RateLimit-Remaining``
@@ -26,29 +26,39 @@ Backend unavailable: fail-open (default) serves the request without the
 headers (the figures are unknown); fail-closed answers 503
 ``rate_limiter_unavailable`` with ``Retry-After``.
 
-Violations are counted in ``ctx.metrics.rate_limit_violations`` (every one)
+Violations are counted in ``app.metrics.rate_limit_violations`` (every one)
 and audited as ``rate_limited`` (ip, endpoint, method, user agent) through a
 sampler so that a flood cannot flood the audit log: at most one entry per
 client IP per minute and at most 60 entries a minute in all; each entry says
 in ``details.suppressed`` how many violations of that client it stands for.
-The tracked-clients gauge (``ctx.metrics.rate_limit_tracked_clients()``) is
-the number of distinct clients limited in the last window, per instance.
+The tracked-clients gauge (``app.metrics.rate_limit_tracked_clients()``, fed by
+:meth:`RateLimitMiddleware.tracked_clients`) is the number of distinct clients
+limited in the last window, per instance.
+
+The composition root (``stdaemon.service.build_app``) builds it, puts it first
+among the root's middlewares, registers the ``rate_limiter`` health component
+and the ``rate-limit-clients-sweep`` timer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import defer
 
 from stdaemon.http.client_ip import is_loopback
-from stdaemon.ratelimit.rules import RuleSet, client_key, normalize_path, rule_set_from_config
-from stdaemon.ratelimit.sliding_window import RecentKeys, SampledCounter
 from stdaemon.http.errors import ApiError
 from stdaemon.logs import get_logger
-from stdaemon.ratelimit.service import RateLimiting, install as install_limiting, make_rate_limiting
+from stdaemon.metrics.service import Metrics
+from stdaemon.ratelimit.rules import RuleSet, client_key, normalize_path
+from stdaemon.ratelimit.service import RateLimiting
+from stdaemon.ratelimit.sliding_window import RecentKeys, SampledCounter
 
-__all__ = ["RateLimitMiddleware", "install", "RATE_LIMITED_DETAIL"]
+if TYPE_CHECKING:
+    from stdaemon.audit.service import AuditLog
+
+__all__ = ["RateLimitMiddleware", "RATE_LIMITED_DETAIL"]
 
 log = get_logger("stdaemon.http.rate_limit")
 
@@ -62,21 +72,34 @@ def _printable(text: str, limit: int) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
+def _audit_sampler() -> SampledCounter:
+    """At most one audit entry per client a minute, and 60 a minute in all."""
+    return SampledCounter(per_key_interval=60.0, global_limit=60, global_period=60.0)
+
+
+@dataclass(eq=False)
 class RateLimitMiddleware:
-    def __init__(self, ctx: Any, limiting: RateLimiting, rules: RuleSet,
-                 exempt_loopback: bool = True, sampler: Optional[SampledCounter] = None):
-        self.ctx = ctx
-        self.limiting = limiting
-        self.rules = rules
-        self.exempt_loopback = exempt_loopback
-        self.sampler = sampler or SampledCounter(per_key_interval=60.0, global_limit=60,
-                                                 global_period=60.0)
-        longest = max([r.period for r in rules.rules] + [rules.default.period])
+    limiting: RateLimiting
+    rules: RuleSet
+    clock: Any = field(kw_only=True)
+    metrics: Metrics = field(kw_only=True)
+    audit: "AuditLog" = field(kw_only=True)
+    exempt_loopback: bool = field(default=True, kw_only=True)
+    sampler: SampledCounter = field(default_factory=_audit_sampler, kw_only=True)
+    #: clients limited within the longest rule's window (the tracked-clients gauge)
+    clients: RecentKeys = field(init=False)
+    violations: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        longest = max([r.period for r in self.rules.rules] + [self.rules.default.period])
         self.clients = RecentKeys(horizon=longest)
-        self.violations = 0
+
+    def tracked_clients(self) -> int:
+        """Distinct clients limited in the last window (this instance)."""
+        return len(self.clients)
 
     def sweep(self) -> None:
-        now = self.ctx.clock.seconds()
+        now = self.clock.seconds()
         self.clients.sweep(now)
         self.sampler.sweep(now)
 
@@ -95,7 +118,7 @@ class RateLimitMiddleware:
         ip = request.client_ip
         if self.exempt_loopback and is_loopback(ip):
             return None
-        now = self.ctx.clock.seconds()
+        now = self.clock.seconds()
         client = client_key(ip)
         self.clients.touch(client, now)
         outcome = await self.limiting.hit(f"http.{rule.name}:{client}", rule.calls, rule.period)
@@ -122,9 +145,7 @@ class RateLimitMiddleware:
     def _violation(self, request: Any, ip: str, client: str, method: str, path: str, rule: str,
                    now: float) -> None:
         self.violations += 1
-        metrics = self.ctx.metrics
-        if hasattr(metrics, "rate_limit_violations"):
-            metrics.rate_limit_violations += 1
+        self.metrics.rate_limited()
         record, suppressed = self.sampler.record(client, now)
         if not record:
             return
@@ -132,38 +153,9 @@ class RateLimitMiddleware:
         endpoint = _printable(path, _MAX_ENDPOINT)
         log.warning("Rate limit exceeded by {ip}: {method} {endpoint} (rule {rule})",
                     ip=ip, method=method, endpoint=endpoint, rule=rule, suppressed=suppressed)
-        audit = getattr(self.ctx, "audit", None)
-        if audit is None:
-            return
         details = {"endpoint": endpoint, "method": method, "user_agent": user_agent,
                    "rule": rule, "suppressed": suppressed}
         # The 429 does not wait for the audit write; a failed write is logged.
-        d = defer.maybeDeferred(audit.record, "rate_limited", actor="system", ip=ip,
+        d = defer.maybeDeferred(self.audit.record, "rate_limited", actor="system", ip=ip,
                                 target=endpoint, action=method, details=details)
         d.addErrback(lambda f: log.failure("Could not audit a rate limit violation", failure=f))
-
-
-def install(ctx: Any, root: Any) -> RateLimitMiddleware:
-    """Wire rate limiting: ``ctx.rate_limiter``, the middleware (first in the
-    chain), the ``rate_limiter`` health component, metrics and sweep timer.
-
-    Malformed rules stop start-up with a :class:`~stdaemon.invalid.InvalidValue` naming the key path.
-    """
-    config = ctx.config.rate_limit
-    rules = rule_set_from_config(config)
-    limiting = make_rate_limiting(config, ctx.clock, ctx.reactor, ctx.state_dir)
-    limiting.setName("rate-limiter")
-    limiting.setServiceParent(ctx.services)
-    ctx.rate_limiter = limiting
-    install_limiting(limiting)
-    middleware = RateLimitMiddleware(ctx, limiting, rules,
-                                     exempt_loopback=config.exempt_loopback)
-    root.middlewares.insert(0, middleware)
-    root.rate_limit = middleware
-    ctx.rate_limit_middleware = middleware  # surfaces that refuse before the body count those too
-    ctx.health.register("rate_limiter", limiting.health)
-    metrics = ctx.metrics
-    if hasattr(metrics, "rate_limit_tracked_clients"):
-        metrics.rate_limit_tracked_clients = lambda: len(middleware.clients)
-    ctx.add_timer("rate-limit-clients-sweep", 30.0, middleware.sweep)
-    return middleware

@@ -15,7 +15,8 @@ never queues: it picks a live connection from the pool or fails at once with
 :class:`BackendUnavailable`, and every call carries a timeout (txredisapi's
 ``replyTimeout`` aborts a connection that stopped answering; the caller's
 ``addTimeout`` bounds the wait on the injected clock).  The fail-open/closed
-policy lives in :class:`stdaemon.ratelimit.service.RateLimiting`.
+policy lives in :class:`stdaemon.ratelimit.service.RateLimiting`; what every
+backend answers is :class:`stdaemon.ratelimit.backends.Backend`.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
 
+from stdaemon.ratelimit.backends import BackendUnavailable, bounded
 from stdaemon.ratelimit.sliding_window import WindowState
-from stdaemon.ratelimit.service import BackendUnavailable
 
 __all__ = ["RedisBackend", "parse_redis_url", "SLIDING_WINDOW_SCRIPT"]
 
@@ -110,18 +111,18 @@ class RedisBackend(Service):
                  namespace: str = "stdaemon:ratelimit", poolsize: int = 2,
                  connect_timeout: float = 2.0, max_reconnect_delay: float = 5.0):
         if reactor is None:
+            # Deferred import: importing the global reactor installs it; only a caller that
+            # passes none (a script) gets it, the daemon passes its own.
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        self.url = url
-        self.settings = parse_redis_url(url)
-        self.clock = clock
-        self.reactor = reactor
-        self.timeout = timeout
+        self.url, self.settings = url, parse_redis_url(url)
+        self.clock, self.reactor = clock, reactor
         self.namespace = namespace
+        # every call bounded by ``timeout``; connecting by ``connect_timeout``, reconnecting
+        # backs off up to ``max_reconnect_delay``
+        self.timeout, self.connect_timeout, self.max_reconnect_delay = timeout, connect_timeout, max_reconnect_delay
         self.poolsize = poolsize
-        self.connect_timeout = connect_timeout
-        self.max_reconnect_delay = max_reconnect_delay
         self._factory: Optional[txredisapi.RedisFactory] = None
         self._ids = itertools.count()
         self._instance = os.urandom(6).hex()
@@ -178,9 +179,7 @@ class RedisBackend(Service):
         return pool[self._next]
 
     def _bounded(self, d: defer.Deferred) -> defer.Deferred:
-        if not d.called:
-            d.addTimeout(self.timeout, self.clock)
-        return d
+        return bounded(d, self.timeout, self.clock)
 
     def _key(self, key: str) -> str:
         return f"{self.namespace}:{key}"

@@ -1,4 +1,4 @@
-"""Sliding-window rate limiting: the guide's limiter API and its backends (S11).
+"""Sliding-window rate limiting: the policy over a backend and the guide's limiter API (S11).
 
 The guide's API::
 
@@ -11,22 +11,12 @@ The guide's API::
 plus the ready-made ``webhook_rate_limiter`` (100/min) and ``s3_rate_limiter``
 (50/min).  All limiters, and the HTTP middleware, go through one
 :class:`RateLimiting` object built from ``rate_limit.*`` config by
-:func:`make_rate_limiting`; the service installs it (:func:`install`) so the
-module-level API uses the configured backend and several instances share
-limits through Redis.
+:func:`make_rate_limiting`; the composition root installs it (:func:`install`)
+so the module-level API uses the configured backend and several instances
+share limits through Redis.
 
-Backends (each a ``Service``; the arithmetic is :mod:`stdaemon.ratelimit.sliding_window`):
-
-``memory``
-    One process.  Bounded: at most ``max_keys`` keys (least recently used
-    evicted) and a timer on the injected clock sweeps keys whose window is empty.
-``sqlite``
-    One file shared by the processes of one host (``BEGIN IMMEDIATE``
-    serialises them; each key is a JSON array of timestamps).  Queries run on a
-    dedicated one-thread pool, never on the reactor thread.
-``redis``
-    :mod:`stdaemon.ratelimit.redis_backend`: an atomic Lua script over a sorted
-    set per key, keys expire, a timeout on every call, automatic reconnect.
+The backends (memory, SQLite, Redis) are :mod:`stdaemon.ratelimit.backends`
+and :mod:`stdaemon.ratelimit.redis_backend`.
 
 When a backend fails or times out, :class:`RateLimiting` applies the
 configured policy: fail-open (``rate_limit.fail_open = true``, the default:
@@ -37,21 +27,19 @@ refused, health reports ``unhealthy``).  Recovery is logged too.
 
 from __future__ import annotations
 
-import json
 import os
-import sqlite3
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
 
-from stdaemon.ratelimit.sliding_window import SlidingWindowTable, WindowState, decide, evaluate, prune
+from stdaemon.config.schema import RateLimitConfig
 from stdaemon.health.service import DEGRADED, HEALTHY, UNHEALTHY, Component
 from stdaemon.logs import get_logger
-from stdaemon.threads import BlockingPool
-from stdaemon.timers import SafeTimerService
+from stdaemon.ratelimit.backends import (
+    Backend, BackendUnavailable, MemoryBackend, Outcome, SQLiteBackend, bounded,
+)
 
 __all__ = [
     "BackendUnavailable",
@@ -71,203 +59,6 @@ __all__ = [
 log = get_logger("stdaemon.ratelimit")
 
 
-class BackendUnavailable(Exception):
-    """The backend could not answer (down, timed out, refused)."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """A decision.  ``state`` is ``None`` when the backend was unavailable and
-    the fail-open/closed policy decided ``allowed``."""
-
-    allowed: bool
-    state: Optional[WindowState]
-
-    @property
-    def degraded(self) -> bool:
-        return self.state is None
-
-
-# -- backends ------------------------------------------------------------------
-
-
-class MemoryBackend(Service):
-    """In-process windows, bounded in keys and swept by a timer on ``clock``."""
-
-    backend_name = "memory"
-
-    def __init__(self, clock: Any, max_keys: int = 100_000, sweep_interval: float = 30.0):
-        self.clock = clock
-        self.table = SlidingWindowTable(max_keys=max_keys)
-        self._sweeper = SafeTimerService("rate-limit-sweep", sweep_interval, self.sweep, clock)
-
-    def startService(self) -> None:
-        super().startService()
-        self._sweeper.startService()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self._sweeper.stopService()
-
-    def sweep(self) -> int:
-        return self.table.sweep(self.clock.seconds())
-
-    def hit(self, key: str, limit: int, period: float) -> defer.Deferred:
-        return defer.succeed(self.table.hit(key, self.clock.seconds(), limit, period))
-
-    def peek(self, key: str, limit: int, period: float) -> defer.Deferred:
-        return defer.succeed(self.table.peek(key, self.clock.seconds(), limit, period))
-
-    def ping(self) -> defer.Deferred:
-        return defer.succeed(f"{len(self.table)} keys tracked")
-
-    def tracked_keys(self) -> int:
-        return len(self.table)
-
-
-class SQLiteBackend(Service):
-    """Windows in one SQLite file that every process on the host can share.
-
-    Each key is a row ``(key, timestamps JSON, expires_at)``; a decision is one
-    ``BEGIN IMMEDIATE`` transaction, so concurrent processes serialise on the
-    file lock and never both take the last slot.  All queries run on a
-    dedicated single-thread pool; a timer deletes expired rows.
-    """
-
-    backend_name = "sqlite"
-
-    _SCHEMA = (
-        "CREATE TABLE IF NOT EXISTS rate_limit ("
-        " key TEXT PRIMARY KEY, timestamps TEXT NOT NULL, expires_at REAL NOT NULL)",
-        "CREATE INDEX IF NOT EXISTS rate_limit_expires ON rate_limit (expires_at)",
-    )
-
-    def __init__(self, path: str, clock: Any, reactor: Any = None, busy_timeout: float = 5.0,
-                 sweep_interval: float = 60.0):
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.path = path
-        self.clock = clock
-        self.reactor = reactor
-        self.busy_timeout = busy_timeout
-        # One thread: the connection below belongs to it.
-        self._pool = BlockingPool(reactor, "stdaemon-ratelimit-sqlite", maxthreads=1, minthreads=1)
-        self._conn: Optional[sqlite3.Connection] = None  # used by the pool's thread only
-        self._sweeper = SafeTimerService("rate-limit-sqlite-sweep", sweep_interval, self.sweep,
-                                         clock)
-
-    # service
-
-    def startService(self) -> None:
-        super().startService()
-        self._pool.start()
-        self._sweeper.startService()
-
-    @defer.inlineCallbacks
-    def stopService(self) -> Any:
-        super().stopService()
-        yield self._sweeper.stopService()
-        try:
-            yield self._run(self._close)
-        finally:
-            yield self._pool.stop()
-
-    # thread side
-
-    def _run(self, fn: Any, *args: Any) -> defer.Deferred:
-        return self._pool.run(fn, *args)
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            directory = os.path.dirname(self.path)
-            if directory:
-                os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            for statement in self._SCHEMA:
-                conn.execute(statement)
-            self._conn = conn
-        return self._conn
-
-    def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    @staticmethod
-    def _load(raw: Optional[str]) -> list[float]:
-        if raw is None:
-            return []
-        try:
-            values = json.loads(raw)
-            stamps = sorted(float(v) for v in values)
-        except (ValueError, TypeError):
-            return []  # a damaged row is a fresh window, not an outage
-        return stamps
-
-    def _decide(self, key: str, limit: int, period: float, now: float, count_it: bool) -> WindowState:
-        conn = self._connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT timestamps FROM rate_limit WHERE key = ?",
-                                   (key,)).fetchone()
-                stamps = self._load(row[0] if row else None)
-                if count_it:
-                    state = decide(stamps, now, limit, period)
-                    if stamps:
-                        conn.execute(
-                            "INSERT OR REPLACE INTO rate_limit (key, timestamps, expires_at)"
-                            " VALUES (?, ?, ?)", (key, json.dumps(stamps), stamps[-1] + period))
-                    elif row:
-                        conn.execute("DELETE FROM rate_limit WHERE key = ?", (key,))
-                else:
-                    prune(stamps, now, period)
-                    state = evaluate(stamps, now, limit, period, len(stamps) < limit)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            # a broken handle is reopened on the next call
-            self._close()
-            raise BackendUnavailable(f"sqlite: {e}") from None
-        return state
-
-    def _sweep(self, now: float) -> int:
-        conn = self._connection()
-        return conn.execute("DELETE FROM rate_limit WHERE expires_at <= ?", (now,)).rowcount
-
-    def _count(self, now: float) -> int:
-        conn = self._connection()
-        return conn.execute("SELECT count(*) FROM rate_limit WHERE expires_at > ?",
-                            (now,)).fetchone()[0]
-
-    # reactor side
-
-    def hit(self, key: str, limit: int, period: float) -> defer.Deferred:
-        return self._run(self._decide, key, limit, period, self.clock.seconds(), True)
-
-    def peek(self, key: str, limit: int, period: float) -> defer.Deferred:
-        return self._run(self._decide, key, limit, period, self.clock.seconds(), False)
-
-    def sweep(self) -> defer.Deferred:
-        return self._run(self._sweep, self.clock.seconds())
-
-    def ping(self) -> defer.Deferred:
-        return self._run(self._count, self.clock.seconds()).addCallback(
-            lambda n: f"{n} keys tracked in {self.path}")
-
-    def tracked_keys(self) -> Optional[int]:
-        return None  # counting needs a query; the middleware keeps its own gauge
-
-
 # -- policy ---------------------------------------------------------------------
 
 
@@ -277,7 +68,7 @@ class RateLimiting(Service):
     A child-less service: starting/stopping it starts/stops the backend.
     """
 
-    def __init__(self, backend: Any, clock: Any, fail_open: bool = True, timeout: float = 0.5):
+    def __init__(self, backend: Backend, clock: Any, fail_open: bool = True, timeout: float = 0.5):
         self.backend = backend
         self.clock = clock
         self.fail_open = fail_open
@@ -302,9 +93,7 @@ class RateLimiting(Service):
         return self.backend.stopService()
 
     def _bounded(self, d: defer.Deferred) -> defer.Deferred:
-        if not d.called:
-            d.addTimeout(self.timeout, self.clock)
-        return d
+        return bounded(d, self.timeout, self.clock)
 
     def _failed(self, error: BaseException) -> None:
         self.failures += 1
@@ -414,25 +203,26 @@ class RateLimiter:
 # -- construction and the module-level API -------------------------------------
 
 
-def make_rate_limiting(config: Any, clock: Any, reactor: Any = None,
+def make_rate_limiting(config: RateLimitConfig, clock: Any, reactor: Any = None,
                        state_dir: str = "~/.simpletuner") -> RateLimiting:
     """The :class:`RateLimiting` for a ``RateLimitConfig`` (``rate_limit.*``)."""
-    backend_name = getattr(config, "backend", "memory")
-    timeout = float(getattr(config, "timeout", 0.5))
+    backend_name = config.backend
+    timeout = float(config.timeout)
+    backend: Backend
     if backend_name == "memory":
-        backend: Any = MemoryBackend(clock)
+        backend = MemoryBackend(clock)
     elif backend_name == "sqlite":
-        path = getattr(config, "sqlite_path", "") or os.path.join(
+        path = config.sqlite_path or os.path.join(
             os.path.expanduser(state_dir), "config", "cloud", "ratelimit.db")
         backend = SQLiteBackend(os.path.expanduser(path), clock, reactor)
     elif backend_name == "redis":
+        # Deferred: Redis's client is imported only when it is configured (tests/test_lazy_imports.py).
         from stdaemon.ratelimit.redis_backend import RedisBackend
 
         backend = RedisBackend(config.redis_url, clock, reactor, timeout=timeout)
     else:
         raise ValueError(f"unknown rate limit backend {backend_name!r}")
-    return RateLimiting(backend, clock, fail_open=bool(getattr(config, "fail_open", True)),
-                        timeout=timeout)
+    return RateLimiting(backend, clock, fail_open=bool(config.fail_open), timeout=timeout)
 
 
 _installed: Optional[RateLimiting] = None
@@ -440,7 +230,7 @@ _installed: Optional[RateLimiting] = None
 
 def install(limiting: Optional[RateLimiting]) -> None:
     """Make ``limiting`` the one behind :func:`get_rate_limiter` and the presets
-    (the service does this at start; ``None`` uninstalls)."""
+    (the composition root does this for the configured one; ``None`` uninstalls)."""
     global _installed
     _installed = limiting
 
@@ -449,6 +239,7 @@ def installed() -> RateLimiting:
     """The installed :class:`RateLimiting`, or a process-local memory one."""
     global _installed
     if _installed is None:
+        # Deferred import: importing the global reactor installs it (a script without a daemon).
         from twisted.internet import reactor
 
         _installed = RateLimiting(MemoryBackend(reactor), reactor)
