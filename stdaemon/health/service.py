@@ -1,8 +1,11 @@
 """Health components and readiness (S9).
 
-Capabilities register their components once, here::
+The composition root (``stdaemon.service.build_app``) registers each
+capability's components once, in report order::
 
-    ctx.health.register("rate_limiter", check)   # async () -> Component
+    app.health.register("rate_limiter", check)   # async () -> Component
+
+(the daemon's own ``database`` and ``disk`` first: ``stdaemon/health/checks.py``).
 
 ``check_all()`` runs every check concurrently, each bounded by a timeout, and
 turns a failing or hanging check into an ``unhealthy`` component rather than

@@ -37,7 +37,7 @@ from klein import Klein
 from pydantic import ConfigDict, Field
 
 from stdaemon.metrics import settings as m
-from stdaemon.metrics import store as metrics_store
+from stdaemon.metrics import service as metrics_service
 from stdaemon.metrics.service import Metrics
 from stdaemon.jobs import costs
 from stdaemon.timestamps import iso
@@ -311,8 +311,7 @@ class MetricsSurface(Surface):
                     template: str | None = None) -> dict:
         metrics = self.metrics
         before = metrics.settings()
-        await self.ctx.db.run_write(metrics_store.save_settings, changes, self.ctx.now())
-        metrics.apply_saved(await self.ctx.db.run_read(metrics_store.load_settings))
+        await metrics_service.save_settings(metrics, self.ctx.db, changes, self.ctx.now())
         after = metrics.settings()
         log.info("Metrics settings changed by {actor}: {fields}", actor=_actor(request),
                  fields=", ".join(sorted(changes)))

@@ -62,6 +62,7 @@ from stdaemon.logs import get_logger
 from stdaemon.metrics import collectors as families
 from stdaemon.metrics import store
 from stdaemon.metrics.collectors import APPROVAL_STATUSES, Category, Selection, first_per_provider
+from stdaemon.config.schema import MetricsConfig
 from stdaemon.invalid import InvalidValue
 from stdaemon.metrics.settings import CATEGORIES, SETTING_KEYS, validate_update
 from stdaemon.metrics.spend import SpendTracker
@@ -82,9 +83,11 @@ def _job_duration(job: Mapping[str, Any]) -> Optional[float]:
 
 
 class Metrics:
-    def __init__(self, clock: Any, config: Any = None, started_at: Optional[float] = None):
-        """``config``: the ``metrics`` config section; ``started_at``: the daemon's start
-        (the uptime gauge's origin; default: now)."""
+    def __init__(self, clock: Any, config: Optional[MetricsConfig] = None, started_at: Optional[float] = None):
+        """``config``: the ``metrics`` config section (default: its defaults); ``started_at``:
+        the daemon's start (the uptime gauge's origin; default: now)."""
+        if config is None:
+            config = MetricsConfig()
         self.clock = clock
         self.started_at = clock.seconds() if started_at is None else started_at
         self.registry = CollectorRegistry(auto_describe=False)
@@ -122,10 +125,10 @@ class Metrics:
         self.spend = SpendTracker(clock)
         # Settings: config values, overlaid by those saved through the API.
         self._config_settings = {
-            "prometheus_enabled": bool(getattr(config, "prometheus_enabled", False)),
-            "prometheus_categories": tuple(getattr(config, "prometheus_categories", ("jobs", "http", "health"))),
+            "prometheus_enabled": bool(config.prometheus_enabled),
+            "prometheus_categories": tuple(config.prometheus_categories),
         }
-        self.bearer_token: str = getattr(config, "bearer_token", "") or ""
+        self.bearer_token: str = config.bearer_token or ""
         self._api_settings: dict[str, Any] = {}
         self.collectors: dict[str, Category] = {
             "jobs": Category("jobs", self._collect_jobs),
@@ -429,6 +432,12 @@ class Metrics:
 
     def _collect_provider(self) -> Iterable[Any]:
         return families.provider_families(first_per_provider(self._provider_sources))
+
+
+async def save_settings(metrics: Metrics, db: Any, changes: Mapping[str, Any], now: float) -> None:
+    """Save validated ``changes`` (``None``: back to the config value) and apply what is saved."""
+    await db.run_write(store.save_settings, changes, now)
+    metrics.apply_saved(await db.run_read(store.load_settings))
 
 
 async def load_saved(metrics: Metrics, db: Any) -> None:
