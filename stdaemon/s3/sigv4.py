@@ -1,5 +1,9 @@
 """AWS request signatures as S3 clients send them (pure, no I/O).
 
+About 600 lines in one module on purpose: the four signature forms below share the canonical
+request, the claim (:class:`AuthClaim`) and the time-window checks, and :func:`verify_claim` is
+their one entry point; split apart, each half would need the other's internals.
+
 Covers what boto3/botocore and the AWS CLI produce against a path-style S3 endpoint:
 
 * Signature V4 in the ``Authorization`` header (``AWS4-HMAC-SHA256 Credential=…``),
@@ -468,6 +472,14 @@ def _v2_signature(secret: str, text: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+def _does_not_match() -> SignatureError:
+    return SignatureError(
+        "SignatureDoesNotMatch",
+        "The request signature we calculated does not match the signature you provided. "
+        "Check your key and signing method.",
+    )
+
+
 def _compare(expected: str, given: str) -> bool:
     return hmac.compare_digest(expected.encode("utf-8", "replace"), given.encode("utf-8", "replace"))
 
@@ -545,11 +557,7 @@ def verify_claim(claim: AuthClaim, secret: str, now: float, max_skew: float = MA
                 if _compare(sign(key, string_to_sign(claim.amz_date, scope, canonical)), claim.signature):
                     matched = True
         if not matched:
-            raise SignatureError(
-                "SignatureDoesNotMatch",
-                "The request signature we calculated does not match the signature you provided. "
-                "Check your key and signing method.",
-            )
+            raise _does_not_match()
         if claim.kind == "v4-header" and claim.payload_hash in (STREAMING_SIGNED, STREAMING_SIGNED_TRAILER):
             return ChunkSigner(key=key, amz_date=claim.amz_date, scope=scope, seed_signature=claim.signature)
         return None
@@ -579,11 +587,7 @@ def verify_claim(claim: AuthClaim, secret: str, now: float, max_skew: float = MA
         if _compare(_v2_signature(secret, v2_string_to_sign(claim, date_text, resource)), claim.signature):
             matched = True
     if not matched:
-        raise SignatureError(
-            "SignatureDoesNotMatch",
-            "The request signature we calculated does not match the signature you provided. "
-            "Check your key and signing method.",
-        )
+        raise _does_not_match()
     return None
 
 

@@ -211,16 +211,23 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def parse_complete_multipart(data: bytes) -> list[tuple[int, str, dict]]:
-    """``[(part number, etag, {checksum name: value})]`` in document order."""
+def _parse(data: bytes, root_name: str) -> ET.Element:
+    """The root element of a request body, refused unless well-formed, without DTDs and named
+    ``root_name``."""
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         raise MalformedXML("DTDs are not accepted")
     try:
         root = ET.fromstring(data)
     except ET.ParseError:
         raise MalformedXML("not well-formed") from None
-    if _local(root.tag) != "CompleteMultipartUpload":
+    if _local(root.tag) != root_name:
         raise MalformedXML("unexpected root element")
+    return root
+
+
+def parse_complete_multipart(data: bytes) -> list[tuple[int, str, dict]]:
+    """``[(part number, etag, {checksum name: value})]`` in document order."""
+    root = _parse(data, "CompleteMultipartUpload")
     parts = []
     for part in root:
         if _local(part.tag) != "Part":
@@ -238,14 +245,7 @@ def parse_complete_multipart(data: bytes) -> list[tuple[int, str, dict]]:
 
 def parse_delete(data: bytes) -> tuple[list[str], bool]:
     """``(keys, quiet)`` of a DeleteObjects request body."""
-    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
-        raise MalformedXML("DTDs are not accepted")
-    try:
-        root = ET.fromstring(data)
-    except ET.ParseError:
-        raise MalformedXML("not well-formed") from None
-    if _local(root.tag) != "Delete":
-        raise MalformedXML("unexpected root element")
+    root = _parse(data, "Delete")
     keys, quiet = [], False
     for child in root:
         name = _local(child.tag)
