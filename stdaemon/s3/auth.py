@@ -86,6 +86,15 @@ class Caller:
                 return scope
         return None
 
+    def listing_scope(self, bucket: str, prefix: str) -> Optional[str]:
+        """:meth:`list_scope`, and for a listing of a parent of the job's prefix (``""``, ``job``)
+        the job's own prefix: only its own entries are shown (s3fs checks the bucket with a
+        listing of its root)."""
+        scope = self.list_scope(bucket, prefix)
+        if scope is None and bucket == self.credential.bucket and self.credential.prefix.startswith(prefix):
+            return self.credential.prefix
+        return scope
+
 
 def _first(headers: Any, name: bytes) -> Optional[str]:
     values = headers.getRawHeaders(name)

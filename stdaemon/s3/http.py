@@ -20,14 +20,11 @@ Downloads are sent by :mod:`stdaemon.s3.downloads`.
 
 from __future__ import annotations
 
-import base64
 import hmac
 from typing import Any, Optional
-from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.internet import defer
-from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 
 from stdaemon.http.errors import ApiError
@@ -36,64 +33,31 @@ from stdaemon.http.root import client_ip
 from stdaemon.http.surface import PUBLIC, Response, Surface, route
 from stdaemon.logs import get_logger
 from stdaemon.s3 import (
-    checksums as s3_checksums, digests, metadata as s3_metadata, subresources as s3_subresources,
-    xml_documents as s3_xml, sigv4,
+    checksums as s3_checksums, digests, subresources as s3_subresources, xml_documents as s3_xml, sigv4,
 )
+from stdaemon.s3.answers import S3Headers, api_error_document, xml_error
 from stdaemon.s3.auth import Caller, S3Authenticator, header_pairs, record_denial
 from stdaemon.s3.downloads import get_object, gone
 from stdaemon.s3.errors import (
     REASONS, S3Error, access_denied, as_s3_error, internal_error, malformed_xml, missing_bucket,
 )
 from stdaemon.s3.keys import InvalidKey, validate_key
+from stdaemon.s3.listing import continuation_token, parse_listing
 from stdaemon.s3.multipart import MAX_PART_SIZE
+from stdaemon.s3.parsing import (
+    PREFIX, SMALL_BODY, query_of, read_small_body, split, stored_metadata, verify_small_body,
+    write_conditions,
+)
 from stdaemon.s3.service import Target
 from stdaemon.s3.uploads import UploadSink
 
 log = get_logger("stdaemon.http.storage")
 
-PREFIX = "/api/cloud/storage"
 GIB = 1024 ** 3
 #: PutObject's single-request limit (S3: 5 GiB); larger objects use multipart.
 MAX_PUT_BYTES = 5 * GIB
 #: Slack for aws-chunked framing on top of the decoded limit.
 CHUNK_OVERHEAD = 64 * 1024 * 1024
-#: XML request bodies (CompleteMultipartUpload of 10 000 parts, DeleteObjects of 1 000 keys).
-SMALL_BODY = 4 * 1024 * 1024
-
-
-class _S3Headers(Headers):
-    """Response headers that send ``x-amz-*`` names in lower case, as S3 does: clients keep the
-    case of user-metadata names (``x-amz-meta-step`` → ``{"step": …}``), and Twisted would
-    otherwise write ``X-Amz-Meta-Step``."""
-
-    def getAllRawHeaders(self):
-        for name, values in super().getAllRawHeaders():
-            if name[:6].lower() == b"x-amz-":
-                name = name.lower()
-            yield name, values
-
-
-#: S3 error codes for the statuses the root answers on S3 paths by itself.
-API_ERROR_CODES = {
-    400: "InvalidRequest", 401: "AccessDenied", 403: "AccessDenied", 404: "NoSuchKey",
-    405: "MethodNotAllowed", 413: "EntityTooLarge", 429: "SlowDown", 500: "InternalError",
-    503: "ServiceUnavailable",
-}
-
-
-def _splittable(raw_uri: bytes) -> bool:
-    try:
-        StorageSurface.split(raw_uri)
-    except S3Error:
-        return False
-    return True
-
-
-def _xml_error(request: Any, err: S3Error, resource: str = "") -> Response:
-    body = s3_xml.error(err.code, err.message, getattr(request, "correlation_id", ""), resource, **err.extra)
-    return Response(body=body, status=err.status, headers={"x-amz-request-id": getattr(request, "correlation_id", "")},
-                    content_type="application/xml")
-
 
 
 class StorageSurface(Surface):
@@ -132,21 +96,6 @@ class StorageSurface(Surface):
         except UnicodeDecodeError:
             return False
 
-    @staticmethod
-    def split(raw_uri: bytes) -> tuple[str, str, str, str]:
-        """(raw path, raw query, bucket, key) from the request URI; the key is percent-decoded."""
-        raw = raw_uri.decode("latin-1")
-        raw_path, _, raw_query = raw.partition("?")
-        rest = raw_path[len(PREFIX):] if raw_path.startswith(PREFIX) else raw_path
-        rest = rest.lstrip("/")
-        bucket, _, key = rest.partition("/")
-        try:
-            bucket = unquote_to_bytes(bucket).decode("utf-8")
-            key = unquote_to_bytes(key).decode("utf-8")
-        except UnicodeDecodeError:
-            raise S3Error("InvalidURI", "Couldn't parse the specified URI.", 400) from None
-        return raw_path, raw_query, bucket, key
-
     def body_policy(self, method: bytes, raw_path: bytes, headers: Any, match: Any) -> BodyPolicy:
         def too_large(limit: int) -> tuple[bytes, bytes]:
             return b"application/xml", s3_xml.error("EntityTooLarge",
@@ -162,7 +111,7 @@ class StorageSurface(Surface):
             return small
         self.s3.refresh_buckets()
         try:
-            path_only, raw_query, bucket, key = self.split(raw_path)
+            path_only, raw_query, bucket, key = split(raw_path)
         except S3Error:
             return small
         if not key:
@@ -210,7 +159,7 @@ class StorageSurface(Surface):
         channel = request.channel
         method = getattr(channel, "_command", b"PUT")
         try:
-            raw_path, raw_query, bucket, key = self.split(raw_uri)
+            raw_path, raw_query, bucket, key = split(raw_uri)
             principal = await self.auth.principal_from_head(request, method)
             caller = await self.auth.authenticate(request, method.decode("latin-1"), raw_path, raw_query,
                                                   principal, target=raw_path)
@@ -279,25 +228,7 @@ class StorageSurface(Surface):
     def render_api_error(self, request: Any, error: Any) -> bytes:
         """What the root answers on S3 paths (405 for a method S3 does not have, 429 from the rate
         limiter, …) as an S3 XML error that SDKs parse (and retry, for ``SlowDown``)."""
-        code = API_ERROR_CODES.get(error.status, "InvalidRequest" if error.status < 500 else "InternalError")
-        message = error.detail
-        extra = {}
-        if code == "MethodNotAllowed":
-            message = "The specified method is not allowed against this resource."
-            extra = {"Method": request.method.decode("latin-1", "replace")[:32], "ResourceType": "OBJECT"}
-        elif code == "SlowDown":
-            message = "Please reduce your request rate."
-        request.setResponseCode(error.status)
-        for name, value in error.headers.items():
-            request.setHeader(name, value)
-        request.setHeader("x-amz-request-id", getattr(request, "correlation_id", ""))
-        if request.method == b"HEAD":
-            request.setHeader("x-amz-error-code", code)
-            return b""
-        request.setHeader("Content-Type", "application/xml")
-        _, _, bucket, key = self.split(request.uri) if _splittable(request.uri) else ("", "", "", "")
-        resource = f"/{bucket}/{key}" if key else (f"/{bucket}" if bucket else "/")
-        return s3_xml.error(code, message, getattr(request, "correlation_id", ""), resource, **extra)
+        return api_error_document(request, error)
 
     # -- routes --------------------------------------------------------------------------------
 
@@ -322,14 +253,14 @@ class StorageSurface(Surface):
         return await self._dispatch(request, self._object)
 
     async def _dispatch(self, request: Any, handler: Any) -> Any:
-        if not isinstance(request.responseHeaders, _S3Headers):
-            request.responseHeaders = _S3Headers(dict(request.responseHeaders.getAllRawHeaders()))
+        if not isinstance(request.responseHeaders, S3Headers):
+            request.responseHeaders = S3Headers(dict(request.responseHeaders.getAllRawHeaders()))
         request.setHeader("x-amz-request-id", getattr(request, "correlation_id", ""))
         if not isinstance(getattr(request, "content", None), UploadSink):
             self.s3.refresh_buckets()
         resource = ""
         try:
-            raw_path, raw_query, bucket, key = self.split(request.uri)
+            raw_path, raw_query, bucket, key = split(request.uri)
             resource = f"/{bucket}/{key}" if key else (f"/{bucket}" if bucket else "/")
             return await handler(request, raw_path, raw_query, bucket, key)
         except Exception as exc:
@@ -349,11 +280,11 @@ class StorageSurface(Surface):
                 request.setResponseCode(err.status)
                 request.setHeader("x-amz-error-code", err.code)
                 return Response(body=b"", status=err.status)
-            return _xml_error(request, err, resource)
+            return xml_error(request, err, resource)
 
     async def _delete_objects(self, request: Any, caller: Caller, bucket: str) -> Any:
-        body = self._read_small_body(request)
-        self._check_small_body(request, caller, body)
+        body = read_small_body(request)
+        verify_small_body(request, caller, body)
         try:
             keys, quiet = s3_xml.parse_delete(body)
         except s3_xml.MalformedXML:
@@ -372,7 +303,7 @@ class StorageSurface(Surface):
         caller = await self.authenticate(request, raw_path, raw_query)
         if not self.s3.has_bucket(bucket):
             raise missing_bucket(bucket)
-        query = {n.decode("utf-8", "replace"): v.decode("utf-8", "replace") for n, v in sigv4.parse_query(raw_query)}
+        query = query_of(raw_query)
         op = s3_subresources.classify(s3_subresources.BUCKET, request.method.decode("latin-1"), query)
         own_bucket = caller.kind == "operator" or caller.credential.bucket == bucket
         if not op.implemented:
@@ -404,46 +335,19 @@ class StorageSurface(Surface):
         prefix = query.get("prefix", "")
         scope = None
         if caller.kind == "job":
-            scope = caller.list_scope(bucket, prefix)
-            if scope is None and bucket == caller.credential.bucket and caller.credential.prefix.startswith(prefix):
-                # a listing of a parent of the job's prefix ("", "job") shows only the job's own
-                # entries (s3fs checks the bucket with a listing of its root)
-                scope = caller.credential.prefix
+            scope = caller.listing_scope(bucket, prefix)
             if scope is None:
                 raise access_denied()
-        delimiter = query.get("delimiter", "")
-        encoding = query.get("encoding-type", "")
-        if encoding and encoding != "url":
-            raise S3Error("InvalidArgument", "Invalid Encoding Method specified in Request")
-        try:
-            max_keys = int(query.get("max-keys", "1000"))
-        except ValueError:
-            raise S3Error("InvalidArgument", "Provided max-keys not an integer or within integer range") from None
-        if max_keys < 0:
-            raise S3Error("InvalidArgument", "max-keys must be non-negative")
-        max_keys = min(max_keys, 1000)
-        url = encoding == "url"
-        if query.get("list-type") == "2":
-            token = query.get("continuation-token")
-            start_after = query.get("start-after", "")
-            after = start_after
-            if token:
-                try:
-                    after = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True).decode("utf-8")
-                    if not after:
-                        raise ValueError("empty continuation token")
-                except (ValueError, UnicodeError):
-                    raise S3Error("InvalidArgument", "The continuation token provided is incorrect") from None
-            page = await self.s3.list_page(bucket, prefix, delimiter, after, max_keys, scope)
-            next_token = None
-            if page["truncated"]:
-                next_token = base64.urlsafe_b64encode(page["next_marker"].encode("utf-8")).decode("ascii")
-            body = s3_xml.list_objects_v2(bucket, page, prefix, delimiter, max_keys, url, token, next_token,
-                                          start_after, fetch_owner=query.get("fetch-owner") == "true")
+        listing = parse_listing(query)
+        page = await self.s3.list_page(bucket, listing.prefix, listing.delimiter, listing.after, listing.max_keys,
+                                       scope)
+        if listing.v2:
+            body = s3_xml.list_objects_v2(bucket, page, listing.prefix, listing.delimiter, listing.max_keys,
+                                          listing.url, listing.token, continuation_token(page),
+                                          listing.start_after, fetch_owner=listing.fetch_owner)
         else:
-            marker = query.get("marker", "")
-            page = await self.s3.list_page(bucket, prefix, delimiter, marker, max_keys, scope)
-            body = s3_xml.list_objects_v1(bucket, page, prefix, delimiter, max_keys, url, marker)
+            body = s3_xml.list_objects_v1(bucket, page, listing.prefix, listing.delimiter, listing.max_keys,
+                                          listing.url, listing.after)
         return Response(body=body, content_type="application/xml")
 
     async def _object(self, request, raw_path, raw_query, bucket, key) -> Any:
@@ -456,10 +360,10 @@ class StorageSurface(Surface):
             raise access_denied()
         if method in ("PUT", "POST", "DELETE") and not caller.can_write:
             raise access_denied()
-        query = {n.decode("utf-8", "replace"): v.decode("utf-8", "replace") for n, v in sigv4.parse_query(raw_query)}
+        query = query_of(raw_query)
         try:
             validate_key(key)
-        except InvalidKey as exc:
+        except InvalidKey:
             if method in ("GET", "HEAD"):
                 raise S3Error("NoSuchKey", "The specified key does not exist.", Key=key) from None
             raise
@@ -497,8 +401,8 @@ class StorageSurface(Surface):
         ``private`` ACL (what every object already is) and changes nothing."""
         await self.s3.head(bucket, key)  # NoSuchKey when absent
         if op.method == "PUT":
-            body = self._read_small_body(request)
-            self._check_small_body(request, caller, body)
+            body = read_small_body(request)
+            verify_small_body(request, caller, body)
             canned = (request.getHeader("x-amz-acl") or "").strip().lower()
             grants = any(name.startswith("x-amz-grant-") for name, _ in header_pairs(request.requestHeaders))
             if canned != "private" or grants or body.strip():
@@ -509,28 +413,6 @@ class StorageSurface(Surface):
         return Response(body=body, content_type="application/xml")
 
     # -- uploads -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _metadata(request: Any) -> tuple[Optional[str], dict, dict]:
-        """(content type, system headers, user metadata) to store with the object."""
-        try:
-            return s3_metadata.from_headers(header_pairs(request.requestHeaders))
-        except s3_metadata.MetadataTooLarge as exc:
-            raise S3Error(exc.code, exc.message) from None
-
-    @staticmethod
-    def _write_conditions(request: Any) -> dict:
-        """``If-None-Match: *`` / ``If-Match: <etag>`` of a conditional write (PutObject, Complete)."""
-        conditions: dict = {}
-        if_none = request.getHeader("if-none-match")
-        if if_none is not None:
-            if if_none.strip() != "*":
-                raise S3Error("NotImplemented", "If-None-Match on writes supports only '*'")
-            conditions["if_none_match"] = True
-        if_match = request.getHeader("if-match")
-        if if_match is not None:
-            conditions["if_match"] = if_match
-        return conditions
 
     async def _put(self, request: Any, caller: Caller, bucket: str, key: str, query: dict) -> Any:
         sink = request.content
@@ -571,25 +453,12 @@ class StorageSurface(Surface):
             sink.committed(part.size, object_completed=False)
             response_headers["ETag"] = part.etag
         else:
-            content_type, system, user = self._metadata(request)
+            content_type, system, user = stored_metadata(request)
             info = await self.s3.commit_object(bucket, key, pending, checksums, content_type, user, system,
-                                               self._write_conditions(request))
+                                               write_conditions(request))
             sink.committed(info.size, object_completed=True)
             response_headers["ETag"] = info.etag
         return Response(body=b"", headers=response_headers)
-
-    def _read_small_body(self, request: Any) -> bytes:
-        content = request.content
-        content.seek(0)
-        return content.read(SMALL_BODY + 1)
-
-    @staticmethod
-    def _check_small_body(request: Any, caller: Caller, body: bytes, checksums: bool = True) -> None:
-        """Payload hash, Content-MD5 and x-amz-checksum-* of a small XML body."""
-        claim = caller.claim
-        digests.check_small_body(body, claim.payload_hash if claim is not None else None,
-                                 request.getHeader("content-md5"),
-                                 header_pairs(request.requestHeaders) if checksums else ())
 
     async def _create_multipart(self, request: Any, bucket: str, key: str) -> Any:
         algorithm = request.getHeader("x-amz-checksum-algorithm")
@@ -598,7 +467,7 @@ class StorageSurface(Surface):
         checksum_type = (request.getHeader("x-amz-checksum-type") or "").upper() or None
         if checksum_type not in (None, "COMPOSITE", "FULL_OBJECT"):
             raise S3Error("InvalidArgument", "Value for x-amz-checksum-type header is invalid.")
-        content_type, system, user = self._metadata(request)
+        content_type, system, user = stored_metadata(request)
         upload_id = await self.s3.create_multipart(bucket, key, content_type, user,
                                                    algorithm.lower() if algorithm else None, system, checksum_type)
         headers = {}
@@ -610,9 +479,9 @@ class StorageSurface(Surface):
                         content_type="application/xml")
 
     async def _complete_multipart(self, request: Any, caller: Caller, bucket: str, key: str, upload_id: str) -> Any:
-        body = self._read_small_body(request)
+        body = read_small_body(request)
         # x-amz-checksum-* on Complete describe the object, not this XML body
-        self._check_small_body(request, caller, body, checksums=False)
+        verify_small_body(request, caller, body, checksums=False)
         try:
             parts = s3_xml.parse_complete_multipart(body)
         except s3_xml.MalformedXML:
@@ -623,7 +492,7 @@ class StorageSurface(Surface):
             if algorithm:
                 object_checksum = (algorithm, value)
         info = await self.s3.complete_multipart(bucket, key, upload_id, parts, object_checksum,
-                                                self._write_conditions(request))
+                                                write_conditions(request))
         location = f"{PREFIX}/{bucket}/{key}"
         headers = {}
         for algorithm, value in info.checksums.items():
