@@ -27,10 +27,11 @@ if TYPE_CHECKING:  # the capability services' types; the App itself imports none
     from stdaemon.approvals.service import ApprovalService, QuotaService
     from stdaemon.audit.service import AuditLog
     from stdaemon.backup.service import BackupService
-    from stdaemon.configs.http import ConfigService
+    from stdaemon.configs.service import ConfigService
     from stdaemon.events.service import EventBus
     from stdaemon.health.checks import CoreChecks
-    from stdaemon.jobs.http import JobService
+    from stdaemon.jobs.dispatch import Submissions
+    from stdaemon.jobs.service import JobService
     from stdaemon.outbound.breaker import BreakerRegistry
     from stdaemon.outbound.http import HTTPClientFactory
     from stdaemon.providers.service import ProviderManager
@@ -41,7 +42,7 @@ if TYPE_CHECKING:  # the capability services' types; the App itself imports none
     from stdaemon.s3.service import S3Service
     from stdaemon.secrets.service import SecretsManager
     from stdaemon.users.sessions import SessionManager
-    from stdaemon.webhooks.http import WebhooksSurface
+    from stdaemon.webhooks.service import WebhookService
 
 
 class App:
@@ -59,6 +60,7 @@ class App:
     http_clients: "HTTPClientFactory"
     breakers: "BreakerRegistry"
     jobs: "JobService"
+    submissions: "Submissions"
     configs: "ConfigService"
     events: "EventBus"
     approvals: "ApprovalService"
@@ -66,7 +68,7 @@ class App:
     upload_credentials: "UploadCredentials"
     upload_progress: "UploadProgress"
     s3: "S3Service"
-    webhooks: "WebhooksSurface"
+    webhooks: "WebhookService"
     #: the one-time first sign-in link while no user has a password (logged at start)
     setup_url: Optional[str] = None
 

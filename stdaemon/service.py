@@ -25,11 +25,17 @@ from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
 from stdaemon.app import App
+from stdaemon.approvals.service import EXPIRY_INTERVAL as APPROVAL_EXPIRY_INTERVAL
+from stdaemon.approvals.service import ApprovalService, QuotaService
 from stdaemon.config import Config
+from stdaemon.configs.service import ConfigService
+from stdaemon.events.service import EventBus
 from stdaemon.health.checks import CoreChecks
 from stdaemon.health.http import HealthSurface
 from stdaemon.http.request import StdaemonSite
 from stdaemon.http.root import Root
+from stdaemon.jobs.dispatch import Submissions
+from stdaemon.jobs.service import JobService
 from stdaemon.logs import (
     configure_structured_logging,
     get_logger,
@@ -49,6 +55,8 @@ from stdaemon.s3.progress import UploadProgress
 from stdaemon.s3.service import S3Service
 from stdaemon.threads import install_pool
 from stdaemon.users import api_keys, store as users
+from stdaemon.webhooks.service import SWEEP_INTERVAL as WEBHOOK_SWEEP_INTERVAL
+from stdaemon.webhooks.service import WebhookService
 
 log = get_logger("stdaemon.service")
 
@@ -77,6 +85,30 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     wire_capabilities(app)
     # rate limiting: its middleware is the first thing every routed request meets
     root.middlewares.insert(0, app.rate_limit_middleware)
+    # events: the live event bus behind /api/events/stream; its streams end when the daemon drains
+    app.events = EventBus(app.clock)
+    app.drain_hooks.append(app.events.close_all)
+    # configs: named training configs in <state>/configs/<name>/, read and written in their own pool
+    app.configs = ConfigService(app.path("configs"), install_pool(app, "stdaemon-configs", maxthreads=2))
+    # jobs: the lifecycle and the one job-update path (poller, webhooks, API); "jobs.poll" timer
+    app.jobs = JobService(app.db, app.clock, app.providers, app.audit, app.metrics, app.events,
+                          app.upload_credentials)
+    app.jobs.timer = app.add_timer("jobs.poll", config.jobs.poll_interval, app.jobs.poll_once)
+    app.backups.after_restore.append(app.jobs.load)
+    app.submissions = Submissions(app.jobs, app.providers, app.configs, config.server.public_url)
+    # approvals and quotas: checked at submission, a held job gets its request; "approval-expiry" timer
+    app.quotas = QuotaService(app.db, app.clock)
+    app.approvals = ApprovalService(app.db, app.clock, app.audit, app.quotas, app.jobs, app.submissions,
+                                    app.providers, config.providers)
+    app.add_timer("approval-expiry", APPROVAL_EXPIRY_INTERVAL, app.approvals.expire_due)
+    app.submissions.submission_checks.append(app.approvals.submission_check)
+    app.submissions.hold_hooks.append(app.approvals.hold_job)
+    # webhooks: deliveries applied through the jobs' update path; "webhook-deliveries-sweep" timer
+    app.webhooks = WebhookService(app.db, app.clock, app.jobs, app.providers, app.secrets, app.audit)
+    app.add_timer("webhook-deliveries-sweep", WEBHOOK_SWEEP_INTERVAL, app.webhooks.sweep)
+    app.backups.after_restore.append(app.webhooks.forget_recent)
+    # metrics: the figures the capabilities above keep; the providers' spend in their cost period
+    wire_metrics(app)
     return app, root
 
 
@@ -107,7 +139,7 @@ def build_surfaces(ctx: App) -> list:
     surfaces += [ProvidersSurface(ctx), JobsSurface(ctx)]  # /api/cloud/providers*, /api/cloud/jobs*
     from stdaemon.configs.http import ConfigsSurface
 
-    surfaces.append(ConfigsSurface(ctx))  # /api/configs* (named training configs; ctx.configs)
+    surfaces.append(ConfigsSurface(ctx))  # /api/configs* (named training configs; app.configs)
     from stdaemon.jobs.http_logs import JobLogsSurface
 
     surfaces.append(JobLogsSurface(ctx))  # /api/cloud/jobs/<id>/logs/stream (SSE, `jobs logs --follow`)
@@ -117,7 +149,7 @@ def build_surfaces(ctx: App) -> list:
     from stdaemon.audit.http import AuditSurface
     from stdaemon.webhooks.http import WebhooksSurface
 
-    surfaces += [AuditSurface(ctx), WebhooksSurface(ctx)]  # /api/audit*, /api/webhooks/<provider>; ctx.webhooks
+    surfaces += [AuditSurface(ctx), WebhooksSurface(ctx)]  # /api/audit*, /api/webhooks/<provider>; app.webhooks
     from stdaemon.webhooks.http_endpoints import WebhookEndpointsSurface
 
     surfaces.append(WebhookEndpointsSurface(ctx))  # GET /api/webhooks* (SimpleTuner's `webhooks` commands)
@@ -161,30 +193,16 @@ def wire_capabilities(ctx: App) -> None:
 
     sessions.install(ctx)  # ctx.sessions: st_session strategy + CSRF, password pool, sweep timer
     from stdaemon.providers import service as providers
-    from stdaemon.jobs import http as jobs
 
     providers.install(ctx)  # ctx.providers, ctx.http_clients, ctx.breakers; circuit_breaker:/provider: health
-    jobs.install(ctx)  # ctx.jobs: the one job-update path (write_update/committed) for webhooks and the poller; "jobs.poll" timer
-    from stdaemon.configs import http as configs
-
-    configs.install(ctx)  # ctx.configs: <state>/configs/<name>/{config,multidatabackend}.json, own thread pool
-    from stdaemon.approvals import service as approvals
-    from stdaemon.events import service as events
-
-    events.install(ctx)  # ctx.events: publish(job_dict) → SSE streams; closed by ctx.drain_hooks
-    approvals.install(ctx)  # ctx.approvals (evaluate/hold/set_handlers), ctx.quotas (check); "approval-expiry" timer; a ctx.jobs submission check
-    # State cached from the database is reloaded after a restore swaps it.
-    ctx.backups.after_restore.extend([ctx.providers.load, ctx.jobs.load, _forget_verified_keys(ctx)])
-    if getattr(ctx, "webhooks", None) is not None:
-        ctx.backups.after_restore.append(ctx.webhooks.forget_recent)
-    # metrics: the figures the capabilities above keep; the providers' spend in their cost period
-    wire_metrics(ctx)
+    # State cached from the database is reloaded after a restore swaps it (jobs, webhooks: build_app).
+    ctx.backups.after_restore.extend([ctx.providers.load, _forget_verified_keys(ctx)])
 
 
 def wire_metrics(ctx: App) -> None:
     metrics, db = ctx.metrics, ctx.db
     # the job hooks (webhooks, approvals) forward to the jobs service: one set of job figures
-    metrics.register_jobs_source(ctx.jobs.metrics, track=ctx.jobs._track)
+    metrics.register_jobs_source(ctx.jobs.metrics, track=ctx.jobs.track)
     metrics.register_approvals_source(ctx.approvals.metrics)
     audit_log = ctx.audit
     metrics.register_audit_source(lambda: (audit_log.total, audit_log.count_last_24h()))

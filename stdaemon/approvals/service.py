@@ -1,41 +1,38 @@
 """Approvals and quotas: what the job submission path calls (S4).
 
-``install(ctx)`` sets ``ctx.approvals`` (:class:`ApprovalService`) and
-``ctx.quotas`` (:class:`QuotaService`).  The submission handler does::
+``app.approvals`` (:class:`ApprovalService`) and ``app.quotas`` (:class:`QuotaService`), built in
+``stdaemon.service.build_app`` after the jobs service, which they hook into there:
 
-    quota = await ctx.quotas.check(principal, estimate_usd)
-    if not quota.allowed:
-        → refuse (403 "quota_exceeded", quota.detail); else add quota.warnings to
-          the response's ``quota_warnings``
-    decision = await ctx.approvals.evaluate(principal, submission, estimate_usd)
-    if decision.required:
-        create the job with status ``pending_approval`` (no provider call yet)
-        await ctx.approvals.hold(job_id, principal, decision, provider=...)
-    ctx.events.publish(job_dict)
+- ``submissions.submission_checks`` gets :meth:`ApprovalService.submission_check` (quotas first:
+  block or warn; then the approval rules: hold the job for approval);
+- ``submissions.hold_hooks`` gets :meth:`ApprovalService.hold_job` (a job created as
+  ``pending_approval`` gets its approval request).
 
-and registers what approval and rejection do to its jobs::
-
-    ctx.approvals.set_handlers(submit=async fn(job_id, request_dict),
-                               cancel=async fn(job_id, reason))
-
-Without handlers, approval moves the job ``pending_approval → pending`` and
-rejection/expiry moves it to ``cancelled`` directly in the ``jobs`` table
-(guarded) and publishes the change.  Pending requests expire after ``ttl``
-seconds (``approval-expiry`` reactor timer) → the job is cancelled.
+Approving a request dispatches the held job with the payload kept in its metadata
+(:meth:`stdaemon.jobs.dispatch.Submissions.dispatch`); rejection and expiry cancel it through the
+one job-update path (:meth:`stdaemon.jobs.service.JobService.apply_status`).  Pending requests
+expire after ``ttl`` seconds (``approval-expiry`` reactor timer).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from stdaemon.approvals import rules as rules_core
+from stdaemon.approvals import store
 from stdaemon.approvals.rules import QuotaResult, Usage
 from stdaemon.http.errors import ApiError, invalid_field
-from stdaemon.logs import get_logger
-from stdaemon.users.sessions import record_audit
-from stdaemon.approvals import store
 from stdaemon.invalid import InvalidValue
+from stdaemon.jobs import store as jobs_store
+from stdaemon.jobs.dispatch import Submissions
+from stdaemon.jobs.service import JobService
+from stdaemon.logs import get_logger
+from stdaemon.store.database import Database
+
+if TYPE_CHECKING:  # types only: the services are handed over by stdaemon.service.build_app
+    from stdaemon.audit.service import AuditLog
+    from stdaemon.providers.service import ProviderManager
 
 log = get_logger("stdaemon.approvals")
 
@@ -53,29 +50,38 @@ class ApprovalDecision:
     reason: Optional[str] = None
 
 
-SubmitHandler = Callable[[str, dict], Awaitable[Any]]
-CancelHandler = Callable[[str, str], Awaitable[Any]]
-
-
 class ApprovalService:
-    def __init__(self, ctx: Any, ttl: float = DEFAULT_TTL):
-        self.ctx = ctx
+    def __init__(self, db: Database, clock: Any, audit: "AuditLog", quotas: "QuotaService",
+                 jobs: JobService, submissions: Submissions, providers: "ProviderManager",
+                 provider_files: Mapping[str, Any], ttl: float = DEFAULT_TTL):
+        self.db = db
+        self.clock = clock
+        self.audit = audit
+        self.quotas = quotas
+        self.jobs = jobs
+        self.submissions = submissions
+        self.providers = providers
+        self.provider_files = provider_files  # the config file's ``providers`` section
         self.ttl = ttl
-        self.submit_handler: Optional[SubmitHandler] = None
-        self.cancel_handler: Optional[CancelHandler] = None
         # Kept current on every transition (loaded at start): metrics read
         # these without touching the database.
         self.counts: dict[str, int] = {status: 0 for status in store.REQUEST_STATUSES}
 
-    def set_handlers(self, submit: Optional[SubmitHandler] = None,
-                     cancel: Optional[CancelHandler] = None) -> None:
-        if submit is not None:
-            self.submit_handler = submit
-        if cancel is not None:
-            self.cancel_handler = cancel
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    async def record(self, event_type: str, http_request: Any = None, *, actor: str, target: str,
+                     action: str, details: Optional[dict] = None) -> None:
+        """One audit entry (S7); a failed write is logged and never fails the decision."""
+        ip = getattr(http_request, "client_ip", None) if http_request is not None else None
+        try:
+            await self.audit.record(event_type, actor=actor, ip=ip, target=target, action=action,
+                                    details=details or {})
+        except Exception:
+            log.failure("Could not write audit entry {event_type}", event_type=event_type)
 
     async def load(self) -> None:
-        self.counts = await self.ctx.db.run_read(store.counts_by_status)
+        self.counts = await self.db.run_read(store.counts_by_status)
 
     def metrics(self) -> dict:
         """For the ``approvals`` metrics family."""
@@ -89,7 +95,7 @@ class ApprovalService:
         """Does this submission need approval?  ``estimate_usd`` defaults to
         ``max_runtime_minutes`` × price × GPUs (S4)."""
         profile = hardware_profile or submission.get("hardware_profile") or "h100"
-        provider_settings = self.ctx.config.providers.get(provider, {}) if self.ctx.config.providers else {}
+        provider_settings = self.provider_files.get(provider, {}) if self.provider_files else {}
         try:
             if estimate_usd is None:
                 estimate_usd = rules_core.estimate_usd(
@@ -99,7 +105,7 @@ class ApprovalService:
                 rules_core.estimate_usd({}, profile)  # validates the profile
         except InvalidValue as error:
             raise invalid_field(error.field, str(error)) from None
-        rules = await self.ctx.db.run_read(store.rules)
+        rules = await self.db.run_read(store.rules)
         rule = rules_core.first_match(rules, profile, estimate_usd)
         if rule is None:
             return ApprovalDecision(False, estimate_usd, profile)
@@ -109,14 +115,14 @@ class ApprovalService:
     async def hold(self, job_id: str, principal: Any, decision: ApprovalDecision,
                    provider: str = "replicate", details: Optional[dict] = None) -> dict:
         """Record the approval request for a job created as ``pending_approval``."""
-        now = self.ctx.now()
-        request = await self.ctx.db.run_write(
+        now = self.now()
+        request = await self.db.run_write(
             store.create_request, job_id, provider, getattr(principal, "user_id", None),
             getattr(principal, "username", None), decision.rule_id, decision.rule_name,
             decision.reason or "approval required", decision.estimate_usd, now, now + self.ttl,
             dict(details or {}, hardware_profile=decision.hardware_profile))
         self.counts["pending"] = self.counts.get("pending", 0) + 1
-        await record_audit(self.ctx, "approval.requested", actor=getattr(principal, "actor", "system"),
+        await self.record("approval.requested", actor=getattr(principal, "actor", "system"),
                            target=f"job:{job_id}", action="hold",
                            details={"rule": decision.rule_name, "estimate_usd": decision.estimate_usd})
         return request
@@ -127,7 +133,7 @@ class ApprovalService:
         metadata = job.get("metadata") or {}
         profile = metadata.get("hardware_profile") or job.get("hardware_type") or "h100"
         estimate = float(metadata.get("estimated_cost_usd") or 0.0)
-        rules = await self.ctx.db.run_read(store.rules)
+        rules = await self.db.run_read(store.rules)
         rule = rules_core.first_match(rules, profile, estimate)
         # Why it is held: the matching rule and/or what the submission path
         # recorded (a ``require_approval`` quota or cost limit).
@@ -141,12 +147,12 @@ class ApprovalService:
 
     async def submission_check(self, principal: Any, provider: str, estimate_usd: float,
                                body: dict) -> dict:
-        """The jobs service's submission hook (``ctx.jobs.submission_checks``):
+        """The jobs' submission hook (``submissions.submission_checks``):
         quotas first (block/warn), then approval rules."""
         verdict: dict = {"block": None, "warnings": [], "pending_approval": False}
         if principal is None:
             return verdict
-        quota = await self.ctx.quotas.check(principal, estimate_usd)
+        quota = await self.quotas.check(principal, estimate_usd)
         verdict["warnings"] = list(quota.warnings)
         if not quota.allowed:
             verdict["block"] = "Quota exceeded: " + "; ".join(quota.blocked)
@@ -157,9 +163,8 @@ class ApprovalService:
             verdict["pending_approval"] = True
             verdict["approval_reasons"] = list(quota.approval)
         profile = body.get("hardware_profile")
-        providers = getattr(self.ctx, "providers", None)
-        if not profile and providers is not None and hasattr(providers, "values"):
-            profile = providers.values(provider).get("hardware_profile")
+        if not profile:
+            profile = self.providers.values(provider).get("hardware_profile")
         decision = await self.evaluate(principal, body, estimate_usd, provider, profile)
         verdict["pending_approval"] = verdict["pending_approval"] or decision.required
         return verdict
@@ -167,13 +172,13 @@ class ApprovalService:
     # -- decisions --------------------------------------------------------------------
 
     async def _decide(self, request_id: int, status: str, actor: str, reason: Optional[str]) -> dict:
-        current = await self.ctx.db.run_read(store.get_request, request_id)
+        current = await self.db.run_read(store.get_request, request_id)
         if current is None:
             raise ApiError(404, "not_found", f"Approval request {request_id} not found")
-        decided = await self.ctx.db.run_write(store.decide, request_id, status, actor, reason,
-                                              self.ctx.now())
+        decided = await self.db.run_write(store.decide, request_id, status, actor, reason,
+                                              self.now())
         if decided is None:
-            latest = await self.ctx.db.run_read(store.get_request, request_id)
+            latest = await self.db.run_read(store.get_request, request_id)
             raise ApiError(409, "already_decided",
                            f"Approval request {request_id} is already {latest['status']}")
         self.counts["pending"] = max(0, self.counts.get("pending", 0) - 1)
@@ -182,9 +187,9 @@ class ApprovalService:
 
     async def approve(self, request_id: int, principal: Any, reason: Optional[str] = None,
                       http_request: Any = None) -> dict:
-        current = await self.ctx.db.run_read(store.get_request, request_id)
+        current = await self.db.run_read(store.get_request, request_id)
         if current is not None and current["status"] == "pending":
-            job = await self.ctx.db.run_read(store.job_row, current["job_id"])
+            job = await self.db.run_read(jobs_store.get_job, current["job_id"])
             if job is None or job["status"] != "pending_approval":
                 # Cancelled (or deleted) while waiting: nothing left to approve.
                 status = job["status"] if job else "deleted"
@@ -193,45 +198,34 @@ class ApprovalService:
                 raise ApiError(409, "job_not_pending",
                                f"Job {current['job_id']} is {status}; it can no longer be approved")
         decided = await self._decide(request_id, "approved", principal.actor, reason)
-        await record_audit(self.ctx, "approval.approved", http_request, actor=principal.actor,
+        await self.record("approval.approved", http_request, actor=principal.actor,
                            target=f"job:{decided['job_id']}", action="approve",
                            details={"request_id": request_id, "reason": reason})
         job = await self._submit(decided)
         return dict(decided, job_status=job.get("status") if job else None)
 
     async def _submit(self, decided: dict) -> Optional[dict]:
-        """Send an approved job to its provider: the registered handler, else
-        the jobs service's ``dispatch`` with the payload kept in the job's
-        metadata, else (no jobs module) ``pending_approval → pending``."""
+        """Send an approved job to its provider: the jobs' ``dispatch`` with the payload kept in
+        the job's metadata."""
         job_id = decided["job_id"]
         try:
-            if self.submit_handler is not None:
-                await self.submit_handler(job_id, decided)
-                return await self.ctx.db.run_read(store.job_row, job_id)
-            jobs = getattr(self.ctx, "jobs", None)
-            if jobs is not None and hasattr(jobs, "dispatch"):
-                from stdaemon.jobs import store as jobs_store
-
-                job = await self.ctx.db.run_read(jobs_store.get_job, job_id)
-                if job is None or job["status"] != "pending_approval":
-                    return job
-                payload = (job.get("metadata") or {}).get("request") or {}
-                try:
-                    return await jobs.dispatch(job, payload)
-                except ApiError:
-                    # The jobs service recorded the failure on the job.
-                    return await self.ctx.db.run_read(store.job_row, job_id)
+            job = await self.db.run_read(jobs_store.get_job, job_id)
+            if job is None or job["status"] != "pending_approval":
+                return job
+            payload = (job.get("metadata") or {}).get("request") or {}
+            try:
+                return await self.submissions.dispatch(job, payload)
+            except ApiError:
+                # The jobs service recorded the failure on the job.
+                return await self.db.run_read(jobs_store.get_job, job_id)
         except Exception:
             log.failure("Submitting approved job {job_id} failed", job_id=job_id)
-            return await self.ctx.db.run_read(store.job_row, job_id)
-        job = await self.ctx.db.run_write(store.move_job, job_id, "pending", self.ctx.now())
-        self._publish(job, "pending_approval")
-        return job
+            return await self.db.run_read(jobs_store.get_job, job_id)
 
     async def reject(self, request_id: int, principal: Any, reason: Optional[str] = None,
                      http_request: Any = None) -> dict:
         decided = await self._decide(request_id, "rejected", principal.actor, reason)
-        await record_audit(self.ctx, "approval.rejected", http_request, actor=principal.actor,
+        await self.record("approval.rejected", http_request, actor=principal.actor,
                            target=f"job:{decided['job_id']}", action="reject",
                            details={"request_id": request_id, "reason": reason})
         await self._cancel(decided["job_id"], f"Approval rejected: {reason or 'no reason given'}")
@@ -240,17 +234,17 @@ class ApprovalService:
     async def expire_due(self) -> int:
         """Timer body: expire pending requests past their deadline; their jobs
         are cancelled."""
-        due = await self.ctx.db.run_read(store.due_for_expiry, self.ctx.now())
+        due = await self.db.run_read(store.due_for_expiry, self.now())
         expired = 0
         for request_id in due:
-            decided = await self.ctx.db.run_write(store.decide, request_id, "expired", "system",
-                                                  "approval window elapsed", self.ctx.now())
+            decided = await self.db.run_write(store.decide, request_id, "expired", "system",
+                                                  "approval window elapsed", self.now())
             if decided is None:
                 continue  # decided meanwhile
             expired += 1
             self.counts["pending"] = max(0, self.counts.get("pending", 0) - 1)
             self.counts["expired"] = self.counts.get("expired", 0) + 1
-            await record_audit(self.ctx, "approval.expired", actor="system",
+            await self.record("approval.expired", actor="system",
                                target=f"job:{decided['job_id']}", action="expire",
                                details={"request_id": request_id})
             await self._cancel(decided["job_id"], "Approval request expired")
@@ -259,40 +253,26 @@ class ApprovalService:
         return expired
 
     async def _cancel(self, job_id: str, reason: str) -> None:
-        jobs = getattr(self.ctx, "jobs", None)
-        handler = self.cancel_handler
-        if handler is None and jobs is not None and hasattr(jobs, "apply_status"):
-            async def handler(job_id: str, reason: str) -> None:
-                await jobs.apply_status(job_id, "cancelled", source="approval",
-                                        error_message=reason)
-        if handler is not None:
-            try:
-                await handler(job_id, reason)
-            except Exception:
-                log.failure("Cancelling job {job_id} after its approval ended failed", job_id=job_id)
-            return
-        job = await self.ctx.db.run_write(store.move_job, job_id, "cancelled", self.ctx.now(), reason)
-        self._publish(job, "pending_approval")
-
-    def _publish(self, job: Optional[dict], previous: str) -> None:
-        events = getattr(self.ctx, "events", None)
-        if job is not None and events is not None:
-            events.publish(dict(job, previous_status=previous))
+        try:
+            await self.jobs.apply_status(job_id, "cancelled", source="approval", error_message=reason)
+        except Exception:
+            log.failure("Cancelling job {job_id} after its approval ended failed", job_id=job_id)
 
 
 class QuotaService:
-    def __init__(self, ctx: Any):
-        self.ctx = ctx
+    def __init__(self, db: Database, clock: Any):
+        self.db = db
+        self.clock = clock
 
     async def usage(self, user_id: int) -> Usage:
-        raw = await self.ctx.db.run_read(store.usage, user_id, self.ctx.now())
+        raw = await self.db.run_read(jobs_store.user_usage, user_id, self.clock.seconds())
         return Usage(**raw)
 
     async def status(self, principal: Any) -> dict:
         """The caller's quotas with their current usage (``GET /api/quotas/me``
         and SimpleTuner's ``GET /api/quotas/status``): each quota that applies
         with ``current_usage`` and ``percent_used``, and the raw ``usage``."""
-        rows = await self.ctx.db.run_read(store.list_quotas)
+        rows = await self.db.run_read(store.list_quotas)
         usage = await self.usage(principal.user_id)
         applicable = []
         for row in rows:
@@ -311,21 +291,10 @@ class QuotaService:
         """May ``principal`` start one more job costing about ``estimate_usd``?
         ``allowed`` False when a blocking quota would be exceeded; ``warnings``
         go into the submission response's ``quota_warnings``."""
-        quotas = await self.ctx.db.run_read(store.quotas)
+        quotas = await self.db.run_read(store.quotas)
         applicable = [q for q in quotas if q.applies_to(principal.user_id, principal.role)]
         if not applicable:
             return QuotaResult()
         usage = await self.usage(principal.user_id)
         return rules_core.evaluate_quotas(applicable, principal.user_id, principal.role, usage,
                                           estimate_usd)
-
-
-def install(ctx: Any) -> ApprovalService:
-    service = ApprovalService(ctx)
-    ctx.approvals = service
-    ctx.quotas = QuotaService(ctx)
-    ctx.add_timer("approval-expiry", EXPIRY_INTERVAL, service.expire_due)
-    jobs = getattr(ctx, "jobs", None)
-    if jobs is not None and hasattr(jobs, "submission_checks"):
-        jobs.submission_checks.append(service.submission_check)
-    return service

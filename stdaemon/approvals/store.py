@@ -13,10 +13,8 @@ import sqlite3
 from typing import Any, Optional
 
 from stdaemon.approvals.rules import Quota, Rule
-from stdaemon.jobs.costs import period_start
 from stdaemon.timestamps import iso
 
-TERMINAL = ("completed", "failed", "cancelled")
 REQUEST_STATUSES = ("pending", "approved", "rejected", "expired")
 
 
@@ -124,31 +122,6 @@ def counts_by_status(conn: sqlite3.Connection) -> dict[str, int]:
     return counts
 
 
-# -- jobs touched by approvals (fallbacks when the jobs module has no handler) ----
-
-def job_row(conn: sqlite3.Connection, job_id: str) -> Optional[dict]:
-    row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-    if row is None:
-        return None
-    job = dict(row)
-    try:
-        job["metadata"] = json.loads(job.get("metadata") or "{}")
-    except ValueError:
-        job["metadata"] = {}
-    return job
-
-
-def move_job(conn: sqlite3.Connection, job_id: str, to_status: str, now: float,
-             error_message: Optional[str] = None) -> Optional[dict]:
-    """pending_approval → to_status (guarded); the job after, or None."""
-    completed = now if to_status in TERMINAL else None
-    changed = conn.execute(
-        "UPDATE jobs SET status = ?, completed_at = COALESCE(?, completed_at),"
-        " error_message = COALESCE(?, error_message) WHERE job_id = ? AND status = 'pending_approval'",
-        (to_status, completed, error_message, job_id)).rowcount
-    return job_row(conn, job_id) if changed else None
-
-
 # -- quotas ---------------------------------------------------------------------
 
 def quota_dict(row: sqlite3.Row) -> dict:
@@ -182,17 +155,3 @@ def add_quota(conn: sqlite3.Connection, quota: dict, now: float, created_by: str
 
 def delete_quota(conn: sqlite3.Connection, quota_id: int) -> bool:
     return conn.execute("DELETE FROM quotas WHERE id = ?", (quota_id,)).rowcount == 1
-
-
-def usage(conn: sqlite3.Connection, user_id: int, now: float) -> dict:
-    active = conn.execute(
-        f"SELECT count(*) FROM jobs WHERE user_id = ? AND status NOT IN {TERMINAL!r}",
-        (user_id,)).fetchone()[0]
-    day = period_start(now, "daily")
-    month = period_start(now, "monthly")
-    row = conn.execute(
-        "SELECT COALESCE(SUM(CASE WHEN created_at >= ? THEN cost_usd END), 0),"
-        " COALESCE(SUM(cost_usd), 0) FROM jobs WHERE user_id = ? AND created_at >= ?",
-        (day, user_id, month)).fetchone()
-    return {"concurrent_jobs": active, "daily_cost_usd": float(row[0]),
-            "monthly_cost_usd": float(row[1])}

@@ -1,9 +1,6 @@
-"""Named training configurations (S18): ``/api/configs``.
-
-SimpleTuner's WebUI keeps each training configuration as a directory with
-``config.json`` and ``multidatabackend.json``; stdaemon keeps the same layout
-under ``<state>/configs/<name>/`` (:mod:`stdaemon.configs.store`, run in a
-small thread pool), so ``simpletuner cloud submit <name>`` -- which sends
+"""Named training configurations (S18): ``/api/configs`` over ``app.configs``
+(:class:`stdaemon.configs.service.ConfigService`, the ``<state>/configs/<name>/`` directories),
+so ``simpletuner cloud submit <name>`` -- which sends
 ``{"config_name_to_load": name}`` -- and its ``--dry-run`` (``GET
 /api/configs/{name}``) work unmodified.
 
@@ -29,7 +26,7 @@ from stdaemon.http.errors import ApiError, not_found
 from stdaemon.http.surface import OPERATOR, Response, Surface, route
 from stdaemon.http.validation import BodyModel
 from stdaemon.configs import store
-from stdaemon.threads import install_pool
+from stdaemon.configs.service import ConfigService
 
 
 # -- request models ---------------------------------------------------------------------------
@@ -46,32 +43,6 @@ class SaveConfig(BodyModel):
 
 def _invalid_name(exc: ValueError) -> ApiError:
     return ApiError(400, "invalid_field", f"name: {exc}", field="name", success=False)
-
-
-class ConfigService:
-    """``ctx.configs``: named configs on disk, read and written off the reactor."""
-
-    def __init__(self, ctx: Any):
-        self.ctx = ctx
-        self.store = store.ConfigStore(ctx.path("configs"))
-        self.pool = install_pool(ctx, "stdaemon-configs", maxthreads=2)
-
-    async def list(self) -> list[dict]:
-        return await self.pool.run(self.store.list)
-
-    async def get(self, name: str) -> Optional[dict]:
-        """The stored config or None; raises ValueError for a bad name and
-        :class:`stdaemon.configs.store.ConfigError` for an unreadable file."""
-        store.check_name(name)
-        return await self.pool.run(self.store.get, name)
-
-    async def put(self, name: str, config: dict, dataloader: Any) -> bool:
-        store.check_name(name)
-        return await self.pool.run(self.store.put, name, config, dataloader)
-
-    async def delete(self, name: str) -> bool:
-        store.check_name(name)
-        return await self.pool.run(self.store.delete, name)
 
 
 def public(entry: dict) -> dict:
@@ -145,10 +116,3 @@ class ConfigsSurface(Surface):
                     ip=getattr(request, "client_ip", None), target=name, action="delete",
                     details={"name": name})
         return {"success": True, "name": name}
-
-
-def install(ctx: Any) -> ConfigService:
-    service = ConfigService(ctx)
-    ctx.configs = service
-    return service
-

@@ -1,6 +1,6 @@
 """The live event bus behind ``GET /api/events/stream`` (S4, SSE).
 
-``ctx.events.publish(job_dict)`` is called by whoever changes a job's status
+``app.events.publish(job_dict)`` is called by whoever changes a job's status
 (submission, webhooks, the poller, cancel, approvals).  The bus
 
 - gives each event an id ``<boot>-<n>`` (``boot`` is random per process, so a
@@ -12,7 +12,7 @@
   jobs list);
 - bounds open streams per user (``max_per_user``), sends a heartbeat comment
   every ``heartbeat`` seconds on the injected clock, and closes every stream
-  when the daemon drains (``close_all``, a ``ctx.drain_hooks`` entry).
+  when the daemon drains (``close_all``, an ``app.drain_hooks`` entry).
 
 Only the public fields of a job are sent (never ``metadata``, which may hold
 the training config).
@@ -181,12 +181,3 @@ class EventBus:
     def close_all(self) -> None:
         for stream in list(self.streams):
             stream.close()
-
-
-def install(ctx: Any) -> EventBus:
-    bus = EventBus(ctx.clock)
-    ctx.events = bus
-    hooks = getattr(ctx, "drain_hooks", None)
-    if hooks is not None:
-        hooks.append(bus.close_all)
-    return bus

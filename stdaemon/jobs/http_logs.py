@@ -119,9 +119,7 @@ class JobLogsSurface(Surface):
         super().__init__(ctx)
         self.poll_interval = POLL_INTERVAL
         self.followers: set[LogFollower] = set()
-        hooks = getattr(ctx, "drain_hooks", None)
-        if hooks is not None:
-            hooks.append(self.close_all)
+        ctx.drain_hooks.append(self.close_all)
 
     def close_all(self) -> None:
         for follower in list(self.followers):

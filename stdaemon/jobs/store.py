@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional
 
 from stdaemon.jobs import updates as job_updates
 from stdaemon.jobs import status as st
+from stdaemon.jobs.costs import period_start
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 
@@ -26,6 +27,7 @@ COLUMNS = ("job_id", "provider", "status", "config_name", "created_at", "started
            "completed_at", "cost_usd", "hardware_type", "error_message", "output_url", "user_id",
            "metadata", "external_id", "idempotency_key")
 _UPDATABLE = frozenset(COLUMNS) - {"job_id", "created_at"}
+_TERMINAL_SQL = "('completed', 'failed', 'cancelled')"  # st.TERMINAL as an SQL list
 
 
 def row_to_dict(row: sqlite3.Row | None) -> Optional[dict]:
@@ -52,6 +54,18 @@ def find_by_external(conn, provider: str, external_id: str) -> Optional[dict]:
     return _one(conn, "SELECT * FROM jobs WHERE provider = ? AND external_id = ?", (provider, external_id))
 
 
+def _by_idempotency_key(conn, user_id: Optional[int], key: str) -> Optional[dict]:
+    return _one(conn, "SELECT * FROM jobs WHERE idempotency_key = ? AND user_id IS ?", (key, user_id))
+
+
+def find_idempotent(conn, user_id: Optional[int], key: str, now: float) -> Optional[dict]:
+    """The job ``user_id`` submitted with idempotency ``key`` within the window, or None."""
+    job = _by_idempotency_key(conn, user_id, key)
+    if job is not None and job["created_at"] >= now - IDEMPOTENCY_WINDOW:
+        return job
+    return None
+
+
 def insert_job(conn, job: dict) -> dict:
     values = dict(job)
     values["metadata"] = json.dumps(values.get("metadata") or {})
@@ -70,8 +84,7 @@ def create_or_get(conn, job: dict, now: float, window: float = IDEMPOTENCY_WINDO
     key = job.get("idempotency_key")
     user_id = job.get("user_id")
     if key:
-        existing = _one(conn, "SELECT * FROM jobs WHERE idempotency_key = ? AND user_id IS ?",
-                        (key, user_id))
+        existing = _by_idempotency_key(conn, user_id, key)
         if existing is not None:
             if existing["created_at"] >= now - window:
                 return existing, False
@@ -216,3 +229,18 @@ def period_summary(conn, since: float, now: float, recent: int = 10) -> dict:
                                     (since, recent))]
     return {"by_provider": by_provider, "by_profile": by_profile, "by_status": by_status,
             "recent_jobs": latest}
+
+
+def user_usage(conn, user_id: int, now: float) -> dict:
+    """What ``user_id``'s jobs use now (quotas, S4): active jobs, cost today and this month."""
+    active = conn.execute(
+        f"SELECT count(*) FROM jobs WHERE user_id = ? AND status NOT IN {_TERMINAL_SQL}",
+        (user_id,)).fetchone()[0]
+    day = period_start(now, "daily")
+    month = period_start(now, "monthly")
+    row = conn.execute(
+        "SELECT COALESCE(SUM(CASE WHEN created_at >= ? THEN cost_usd END), 0),"
+        " COALESCE(SUM(cost_usd), 0) FROM jobs WHERE user_id = ? AND created_at >= ?",
+        (day, user_id, month)).fetchone()
+    return {"concurrent_jobs": active, "daily_cost_usd": float(row[0]),
+            "monthly_cost_usd": float(row[1])}

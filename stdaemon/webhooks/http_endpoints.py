@@ -30,7 +30,8 @@ from stdaemon.timestamps import iso
 from stdaemon.http.errors import ApiError, not_found
 from stdaemon.http.surface import ADMIN, Surface, route
 from stdaemon.http.validation import QueryModel
-from stdaemon.webhooks.http import secret_name
+from stdaemon.webhooks import store
+from stdaemon.webhooks.service import secret_name
 
 NOT_SUPPORTED = ("stdaemon receives provider webhooks (POST /api/webhooks/<provider>) and does not send "
                  "webhooks to other URLs; configure the receiving side with PUT "
@@ -52,22 +53,12 @@ class HistoryQuery(QueryModel):
 
 
 def _deliveries(conn: Any, provider: Optional[str], limit: int) -> list[dict]:
-    sql = "SELECT provider, webhook_id, received_at, job_id, outcome FROM webhook_deliveries"
-    args: tuple = ()
-    if provider is not None:
-        sql += " WHERE provider = ?"
-        args = (provider,)
-    rows = conn.execute(sql + " ORDER BY received_at DESC LIMIT ?", (*args, limit)).fetchall()
+    rows = store.deliveries(conn, provider, limit)
     return [{"timestamp": iso(r[2]), "webhook_id": ps.PROVIDERS.index(r[0]) + 1 if r[0] in ps.PROVIDERS else None,
              "provider": r[0], "delivery_id": r[1], "job_id": r[3], "outcome": r[4],
              # Only accepted deliveries are recorded (each was answered 200);
              # ``outcome`` says what it did to the job.
              "event_type": "prediction", "success": True, "response_status": 200} for r in rows]
-
-
-def _last_delivery(conn: Any, provider: str) -> Optional[float]:
-    return conn.execute("SELECT max(received_at) FROM webhook_deliveries WHERE provider = ?",
-                        (provider,)).fetchone()[0]
 
 
 class WebhookEndpointsSurface(Surface):
@@ -87,9 +78,8 @@ class WebhookEndpointsSurface(Surface):
         public_url = (self.ctx.config.server.public_url or "").rstrip("/")
         url = values.get("webhook_url") or (f"{public_url}/api/webhooks/{provider}" if public_url
                                             else f"/api/webhooks/{provider}")
-        secrets = getattr(self.ctx, "secrets", None)
-        has_secret = bool(secrets is not None and secrets.known(secret_name(provider)))
-        last = await self.ctx.db.run_read(_last_delivery, provider)
+        has_secret = bool(self.ctx.secrets.known(secret_name(provider)))
+        last = await self.ctx.db.run_read(store.last_delivery, provider)
         return {
             "id": ps.PROVIDERS.index(provider) + 1,
             "name": provider,
