@@ -11,8 +11,8 @@ the same environment variables (``SIMPLETUNER_STATE_DIR``,
 SQLite's online backup API and a restore replaces the pages in one
 transaction that the daemon's connections see at once (the HTTP endpoint
 ``POST /api/admin/backups/restore`` also reloads the daemon's cached
-settings).  Both are recorded in the audit log when the audit writer offers a
-direct entry point (``stdaemon.audit.service.append_from_tool``).
+settings).  Both are recorded in the audit log through its tool entry point
+(``stdaemon.audit.service.append_from_tool``).
 
 Exit codes: 0 done, 1 failed, 2 bad usage or configuration, 3 restore refused.
 """
@@ -24,6 +24,13 @@ import json
 import os
 import sys
 from typing import Any, Sequence
+
+from stdaemon.audit import store as audit_store
+from stdaemon.audit.service import append_from_tool
+from stdaemon.backup.store import BackupError, JobStore, RestoreRefused, backup_entry
+from stdaemon.config import load_config
+from stdaemon.invalid import InvalidValue
+from stdaemon.secrets.service import resolve_blocking
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -55,69 +62,66 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
         print(text)
 
 
-def _audit(config: Any, store: Any, event_type: str, target: str, action: str, details: dict) -> None:
-    """Append through the audit module's tool entry point, with the daemon's key.
+def _say(message: str, status: int = EXIT_OK) -> int:
+    """One line on stderr, prefixed with the program's name; returns ``status``."""
+    print(f"stdaemon-admin: {message}", file=sys.stderr)
+    return status
 
-    The key is ``AUDIT_HMAC_KEY`` from the same secrets chain as the daemon
-    (else the audit module's key file).  When a secrets store cannot answer,
-    no entry is written (a guessed key would break the chain): say so."""
-    try:
-        from stdaemon.audit import service as audit_module
-    except ImportError:
-        return
-    append = getattr(audit_module, "append_from_tool", None)
-    if append is None:
-        return
-    from stdaemon.secrets.service import resolve_blocking
 
+def _audit_key(config: Any) -> tuple[bool, bytes | None]:
+    """``(usable, key)``: ``AUDIT_HMAC_KEY`` from the same secrets chain as the daemon
+    (``None``: the audit key file).  Not usable when a secrets store that may hold it
+    cannot answer: a guessed key would break the chain."""
     value, problems = resolve_blocking(config, "AUDIT_HMAC_KEY")
     if value is None and problems:
-        print("stdaemon-admin: warning: audit entry not written: a secrets store holding "
-              f"AUDIT_HMAC_KEY may be down ({'; '.join(problems)})", file=sys.stderr)
+        _say("warning: audit entry not written: a secrets store holding "
+             f"AUDIT_HMAC_KEY may be down ({'; '.join(problems)})")
+        return False, None
+    return True, value.encode("utf-8") if value else None
+
+
+def _append_audit(config: Any, store: JobStore, event_type: str, target: str, action: str,
+                  details: dict) -> None:
+    """Record a done operation in the audit log, with the daemon's key."""
+    usable, key = _audit_key(config)
+    if not usable:
         return
     actor = f"cli:{os.environ.get('USER') or os.getuid()}"
     try:
-        append(config, str(store.path), event_type, actor=actor, ip=None, target=target,
-               action=action, details=details, now=store.clock.seconds(),
-               key=value.encode("utf-8") if value else None)
+        append_from_tool(config, str(store.path), event_type, actor=actor, ip=None, target=target,
+                         action=action, details=details, now=store.clock.seconds(), key=key)
     except Exception as exc:  # the operation is done; say so and report the audit problem
-        print(f"stdaemon-admin: warning: could not write the audit entry ({type(exc).__name__}: {exc})",
-              file=sys.stderr)
+        _say(f"warning: could not write the audit entry ({type(exc).__name__}: {exc})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from stdaemon.config import load_config
-    from stdaemon.invalid import InvalidValue
-    from stdaemon.backup.store import BackupError, JobStore, RestoreRefused, backup_entry
-
     try:
         result = load_config(args.config)
     except InvalidValue as exc:
-        print(f"stdaemon-admin: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _say(f"configuration error: {exc}", EXIT_USAGE)
     except OSError as exc:
-        print(f"stdaemon-admin: cannot read {args.config}: {exc.strerror}", file=sys.stderr)
-        return EXIT_USAGE
+        return _say(f"cannot read {args.config}: {exc.strerror}", EXIT_USAGE)
     config = result.config
     for warning in result.warnings:
-        print(f"stdaemon-admin: warning: {warning}", file=sys.stderr)
-    store = JobStore(config=config)
+        _say(f"warning: {warning}")
+    # A restore keeps the live audit log (history is never rolled back).
+    store = JobStore(config=config, preserved_tables=audit_store.PRESERVED_TABLES)
 
     try:
         if args.command == "backup":
             written = store.backup(args.path, compress=args.compress)
             entry = backup_entry(written)
-            _audit(config, store, "backup.created", entry["path"], "create",
-                   {"name": entry["name"], "size_bytes": entry["size_bytes"], "via": "cli"})
+            _append_audit(config, store, "backup.created", entry["path"], "create",
+                          {"name": entry["name"], "size_bytes": entry["size_bytes"], "via": "cli"})
             _emit(args, entry, f"Backup created: {entry['path']} ({entry['size_bytes']} bytes)")
         elif args.command == "restore":
             source = store.resolve_backup(args.source)
             store.restore(source)
             summary = {"restored_from": str(source), **store.last_restore}
-            _audit(config, store, "backup.restored", str(source), "restore",
-                   {"safety_copy": summary.get("safety_copy"), "job_count": summary.get("job_count"),
-                    "via": "cli"})
+            _append_audit(config, store, "backup.restored", str(source), "restore",
+                          {"safety_copy": summary.get("safety_copy"),
+                           "job_count": summary.get("job_count"), "via": "cli"})
             _emit(args, summary,
                   f"Restored {source} ({summary.get('job_count')} jobs); "
                   f"previous database kept at {summary.get('safety_copy')}")
@@ -131,14 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = "\n".join(f"{k}: {v}" for k, v in info.items())
             _emit(args, info, text)
     except RestoreRefused as exc:
-        print(f"stdaemon-admin: restore refused ({exc.code}): {exc.detail}", file=sys.stderr)
-        return EXIT_REFUSED
+        return _say(f"restore refused ({exc.code}): {exc.detail}", EXIT_REFUSED)
     except BackupError as exc:
-        print(f"stdaemon-admin: {args.command} failed ({exc.code}): {exc.detail}", file=sys.stderr)
-        return EXIT_FAILED
+        return _say(f"{args.command} failed ({exc.code}): {exc.detail}", EXIT_FAILED)
     except OSError as exc:
-        print(f"stdaemon-admin: {args.command} failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _say(f"{args.command} failed: {exc}", EXIT_FAILED)
     return EXIT_OK
 
 

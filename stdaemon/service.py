@@ -27,6 +27,11 @@ from twisted.python.components import Componentized
 from stdaemon.app import App
 from stdaemon.approvals.service import EXPIRY_INTERVAL as APPROVAL_EXPIRY_INTERVAL
 from stdaemon.approvals.service import ApprovalService, QuotaService
+from stdaemon.audit import store as audit_store
+from stdaemon.audit.chain import MINUTE
+from stdaemon.audit.service import AuditLog, key_file_path
+from stdaemon.backup.service import BackupService
+from stdaemon.backup.store import JobStore
 from stdaemon.config import Config
 from stdaemon.configs.service import ConfigService
 from stdaemon.events.service import EventBus
@@ -53,7 +58,8 @@ from stdaemon.s3.credentials import UPLOAD_BUCKET, UploadCredentials
 from stdaemon.s3.multipart import StorageEngine
 from stdaemon.s3.progress import UploadProgress
 from stdaemon.s3.service import S3Service
-from stdaemon.threads import install_pool
+from stdaemon.secrets.service import SecretsService
+from stdaemon.threads import BlockingPool, PoolService, install_pool
 from stdaemon.users import api_keys, store as users
 from stdaemon.webhooks.service import SWEEP_INTERVAL as WEBHOOK_SWEEP_INTERVAL
 from stdaemon.webhooks.service import WebhookService
@@ -71,6 +77,33 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     checks = app.health_checks = CoreChecks(app.db, app.clock, app.outputs_root)
     checks.register(app.health)
     app.metrics.set_db_latency_source(lambda: checks.last_db_latency_ms)
+
+    # secrets: env -> file -> AWS -> Vault, cached; its own thread pool; health "secrets"
+    secrets = SecretsService(config, app.clock, reactor=reactor)
+    secrets.setServiceParent(app.services)
+    app.secrets = secrets.manager
+    app.health.register("secrets", secrets.health)
+
+    # audit: the one writer (record/record_soon/sampled/append); key from secrets or its file (S7)
+    audit = AuditLog(app.db, app.clock, reactor, config.audit, key_file_path(config), app.secrets)
+    audit.setServiceParent(app.services)
+    app.audit = audit
+    app.add_timer("audit-sampler", MINUTE, audit.flush_sampler)
+    app.add_timer("audit-counts", 3600.0, audit.refresh_counts)
+    app.add_timer("audit-retention", 3600.0, audit.prune)
+    app.health.register("audit", audit.health)
+
+    # backups: online backups and restore (keeping the audit log), one thread; S13
+    backup_pool = BlockingPool(reactor, "stdaemon-backup", maxthreads=1)
+    PoolService(backup_pool).setServiceParent(app.services)
+    backup_store = JobStore(app.database_path, config=config, clock=app.clock,
+                            preserved_tables=audit_store.PRESERVED_TABLES)
+    app.backups = BackupService(app.db, backup_store, backup_pool, config.backup, app.clock)
+    app.backups.after_restore.append(audit.refresh_counts)  # the restored log is recounted
+    if config.backup.enabled:
+        app.add_timer("backup", config.backup.interval, app.backups.scheduled)
+        app.health.register("backup", app.backups.health)
+
     # S3 (S8): per-job upload credentials, upload progress and the object store of /api/cloud/storage
     s3_pool = install_pool(app, "s3-io", maxthreads=16)
     app.upload_credentials = UploadCredentials(app.db, app.clock,
@@ -166,15 +199,6 @@ def wire_capabilities(ctx: App) -> None:
     """Attach capabilities that are not surfaces (auth strategies, health components,
     timers) to the context.  Runs before the database is open; anything needing the
     database goes in ``start_capabilities``."""
-    from stdaemon.secrets import service as secrets
-
-    secrets.install(ctx)  # ctx.secrets: await ctx.secrets.get("REPLICATE_API_TOKEN")
-    from stdaemon.audit import service as audit
-
-    audit.install(ctx)  # ctx.audit: record/record_soon/sampled/append; audit-* timers (S7)
-    from stdaemon.backup import service as backup_service
-
-    backup_service.install(ctx)  # ctx.backups; "backup" timer + health when backup.enabled
     # rate limiting: one RateLimiting (also behind the guide's get_rate_limiter), its middleware, health, sweep
     limits = ctx.config.rate_limit
     rules = rule_set_from_config(limits)  # malformed rules stop start-up (InvalidValue naming the key path)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import stat
-from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from stdaemon.audit import service as audit
+from stdaemon.audit import chain, service, store
+from stdaemon.audit.sampler import AuditSampler
+from stdaemon.config.schema import AuditConfig
 from stdaemon.store.database import Database, connect
 from stdaemon.store.schema import migrate
 
@@ -32,16 +33,16 @@ def conn(tmp_path):
 
 def _append(conn, now, event_type="job.submitted", **kw):
     conn.execute("BEGIN IMMEDIATE")
-    row = audit.append_entry(conn, KEY, now, event_type, **kw)
+    row = store.append_entry(conn, KEY, now, event_type, **kw)
     conn.execute("COMMIT")
     return row
 
 
 def _verify(conn, key=KEY):
-    start = audit.verify_start(conn, key)
+    start = store.verify_start(conn, key)
     if not start["anchor_ok"]:
         return {"id": start["anchor"]["last_id"], "reason": "anchor"}
-    step = audit.verify_batch(conn, key, start["after_id"], start["previous_hash"],
+    step = store.verify_batch(conn, key, start["after_id"], start["previous_hash"],
                               start["max_id"], batch=10_000)
     return step["broken"]
 
@@ -50,7 +51,7 @@ def test_chain_links_each_entry_to_the_previous(conn):
     first = _append(conn, 1000.0, actor="alice", ip="10.0.0.1", target="job-1", action="submit",
                     details={"cost": 1.5})
     second = _append(conn, 1001.0, "job.cancelled", actor="bob")
-    assert first["previous_hash"] == audit.GENESIS
+    assert first["previous_hash"] == chain.GENESIS
     assert second["previous_hash"] == first["entry_hash"]
     assert second["id"] == first["id"] + 1
     assert _verify(conn) is None
@@ -80,9 +81,9 @@ def test_removing_an_entry_is_reported_at_the_next_one(conn):
 def test_details_are_canonical_and_bounded(conn):
     row = _append(conn, 1.0, details={"b": 1, "a": [1, 2]}, target="x" * 5000)
     assert row["details"] == '{"a":[1,2],"b":1}'
-    assert len(row["target"]) == audit.MAX_FIELD
-    big = _append(conn, 2.0, details={"blob": "y" * (audit.MAX_DETAILS * 2)})
-    assert len(big["details"]) <= audit.MAX_DETAILS
+    assert len(row["target"]) == chain.MAX_FIELD
+    big = _append(conn, 2.0, details={"blob": "y" * (chain.MAX_DETAILS * 2)})
+    assert len(big["details"]) <= chain.MAX_DETAILS
     assert json.loads(big["details"])["truncated"] is True
     assert _verify(conn) is None
 
@@ -90,7 +91,7 @@ def test_details_are_canonical_and_bounded(conn):
 def test_prune_keeps_the_chain_verifiable_through_an_anchor(conn):
     rows = [_append(conn, 1000.0 + i) for i in range(6)]
     conn.execute("BEGIN IMMEDIATE")
-    deleted = audit.prune_before(conn, KEY, cutoff=1003.5, now=5000.0)
+    deleted = store.prune_before(conn, KEY, cutoff=1003.5, now=5000.0)
     conn.execute("COMMIT")
     assert deleted == 4
     remaining = [r[0] for r in conn.execute("SELECT id FROM audit_log ORDER BY id")]
@@ -102,7 +103,7 @@ def test_prune_keeps_the_chain_verifiable_through_an_anchor(conn):
     assert _verify(conn) is None
     # Everything pruned: the next entry links to the anchor.
     conn.execute("BEGIN IMMEDIATE")
-    audit.prune_before(conn, KEY, cutoff=10_000.0, now=10_000.0)
+    store.prune_before(conn, KEY, cutoff=10_000.0, now=10_000.0)
     conn.execute("COMMIT")
     after = _append(conn, 10_001.0)
     assert after["previous_hash"] == new["entry_hash"]
@@ -114,7 +115,7 @@ def test_a_forged_anchor_is_detected(conn):
     for i in range(3):
         _append(conn, 1000.0 + i)
     conn.execute("BEGIN IMMEDIATE")
-    audit.prune_before(conn, KEY, cutoff=1001.5, now=2000.0)
+    store.prune_before(conn, KEY, cutoff=1001.5, now=2000.0)
     conn.execute("COMMIT")
     conn.execute("UPDATE audit_anchor SET pruned_total = 0")
     assert _verify(conn)["reason"] == "anchor"
@@ -124,12 +125,12 @@ def test_query_filters_newest_first_with_real_total(conn):
     for i in range(30):
         _append(conn, 1000.0 + i, "job.submitted" if i % 2 else "job.cancelled",
                 actor="alice" if i % 3 else "bob")
-    page = audit.query_entries(conn, event_type="job.submitted", limit=5, offset=0)
+    page = store.query_entries(conn, event_type="job.submitted", limit=5, offset=0)
     assert page["total"] == 15
     assert [e["timestamp"] for e in page["entries"]] == [1029.0, 1027.0, 1025.0, 1023.0, 1021.0]
-    page2 = audit.query_entries(conn, event_type="job.submitted", limit=5, offset=5)
+    page2 = store.query_entries(conn, event_type="job.submitted", limit=5, offset=5)
     assert page2["entries"][0]["timestamp"] == 1019.0
-    both = audit.query_entries(conn, actor="bob", since=1010.0, until=1020.0)
+    both = store.query_entries(conn, actor="bob", since=1010.0, until=1020.0)
     assert both["total"] == len([i for i in range(10, 21) if i % 3 == 0])
     assert all(e["actor"] == "bob" for e in both["entries"])
 
@@ -139,10 +140,10 @@ def test_query_filters_newest_first_with_real_total(conn):
 
 def test_key_file_is_created_once_with_mode_0600(tmp_path):
     path = str(tmp_path / "cloud" / "audit.key")
-    key = audit.load_or_create_key_file(path)
+    key = service.load_or_create_key_file(path)
     assert len(key) >= 64
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert audit.load_or_create_key_file(path) == key
+    assert service.load_or_create_key_file(path) == key
 
 
 def test_a_loose_key_file_is_tightened(tmp_path):
@@ -150,7 +151,7 @@ def test_a_loose_key_file_is_tightened(tmp_path):
     with open(path, "w") as fh:
         fh.write("a" * 64)
     os.chmod(path, 0o644)
-    assert audit.load_or_create_key_file(path) == b"a" * 64
+    assert service.load_or_create_key_file(path) == b"a" * 64
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
@@ -160,14 +161,14 @@ def test_a_short_key_file_is_refused(tmp_path):
         fh.write("short")
     os.chmod(path, 0o600)
     with pytest.raises(ValueError):
-        audit.load_or_create_key_file(path)
+        service.load_or_create_key_file(path)
 
 
 # -- sampler (pure) ---------------------------------------------------------------------
 
 
 def test_sampler_records_a_few_per_key_and_aggregates_the_rest():
-    sampler = audit.AuditSampler(limit=3, global_limit=100, window=60)
+    sampler = AuditSampler(limit=3, global_limit=100, window=60)
     decisions = [sampler.offer("webhook_rejected", "10.0.0.1", 100.0 + i * 0.01, reason="ip")[0]
                  for i in range(1000)]
     assert decisions.count(True) == 3
@@ -180,7 +181,7 @@ def test_sampler_records_a_few_per_key_and_aggregates_the_rest():
 
 
 def test_sampler_bounds_entries_over_many_addresses():
-    sampler = audit.AuditSampler(limit=2, global_limit=50, window=60)
+    sampler = AuditSampler(limit=2, global_limit=50, window=60)
     recorded = sum(sampler.offer("rate_limited", f"10.0.{i // 250}.{i % 250}", 10.0)[0]
                    for i in range(20_000))
     assert recorded == 50
@@ -193,7 +194,7 @@ def test_sampler_bounds_entries_over_many_addresses():
 
 
 def test_sampler_forgets_keys_beyond_its_bound():
-    sampler = audit.AuditSampler(limit=1, global_limit=10**9, window=60, max_keys=100)
+    sampler = AuditSampler(limit=1, global_limit=10**9, window=60, max_keys=100)
     closed = []
     for i in range(1000):
         closed += sampler.offer("rate_limited", f"ip{i}", 1.0)[1]
@@ -219,12 +220,8 @@ async def _audit_log(tmp_path, secrets=None, retention_days=365, **kw):
     clock.advance(1_700_000_000)
     db = Database(str(tmp_path / "jobs.db"), reactor)
     await db.start()
-    ctx = SimpleNamespace(
-        db=db, clock=clock, reactor=reactor, secrets=secrets,
-        config=SimpleNamespace(audit=SimpleNamespace(retention_days=retention_days, key_file="")),
-        path=lambda *parts: os.path.join(str(tmp_path), *parts),
-    )
-    log = audit.AuditLog(ctx, **kw)
+    log = service.AuditLog(db, clock, reactor, AuditConfig(retention_days=retention_days),
+                           os.path.join(str(tmp_path), "config", "cloud", "audit.key"), secrets, **kw)
     await log.start()
     return log
 
@@ -263,7 +260,7 @@ async def test_key_from_secrets_is_preferred(tmp_path):
         assert not os.path.exists(tmp_path / "config" / "cloud" / "audit.key")
         await log.record("backup.created")
         row = await log.db.run_read(lambda c: dict(c.execute("SELECT * FROM audit_log").fetchone()))
-        assert audit.entry_hash(b"s" * 40, row) == row["entry_hash"]
+        assert chain.entry_hash(b"s" * 40, row) == row["entry_hash"]
     finally:
         log.db.stop()
 

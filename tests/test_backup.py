@@ -227,11 +227,8 @@ def test_prune_by_count_and_days(store, clock):
     assert store.list_backups() == [made[4], made[3]]
 
 
-def test_registered_append_only_tables_survive_a_restore(store, db, monkeypatch):
-    from stdaemon.backup import store as backup_module
-
-    monkeypatch.setattr(backup_module, "PRESERVED_TABLES", set())
-    backup_module.preserve_across_restore("history_test")
+def test_registered_append_only_tables_survive_a_restore(store, db):
+    store.preserved_tables = ("history_test",)
     conn = make_db(db)
     conn.execute("CREATE TABLE history_test (id INTEGER PRIMARY KEY, what TEXT NOT NULL)")
     conn.execute("INSERT INTO history_test (what) VALUES ('before backup')")

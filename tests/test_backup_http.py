@@ -34,7 +34,7 @@ class RecordingAudit:
     def __init__(self):
         self.events = []
 
-    def record(self, event_type, **fields):
+    async def record(self, event_type, **fields):
         self.events.append((event_type, fields))
 
 

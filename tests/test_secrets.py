@@ -11,9 +11,8 @@ from twisted.internet import reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from stdaemon.threads import BlockingPool
 
-from stdaemon.secrets.service import (
-    ABSENT, DOWN, NOT_FOUND, OK, REFUSED, REPLICATE_TOKEN, SecretsManager, SecretsService,
-)
+from stdaemon.secrets.base import ABSENT, DOWN, NOT_FOUND, OK, REFUSED
+from stdaemon.secrets.service import REPLICATE_TOKEN, SecretsManager, SecretsService
 from stdaemon.config.schema import Config, SecretsConfig, ServerConfig
 from tests.secret_stores import BaoServer, MotoServer
 
@@ -74,7 +73,7 @@ def make(state_dir, pool, clock, *, environ=None, snapshot=None, **secrets):
         secrets=SecretsConfig(cache_ttl=TTL, **secrets),
         environ=snapshot or {},
     )
-    return SecretsManager(config, clock, pool, reactor=reactor, environ=environ or {})
+    return SecretsManager(config, clock, pool, environ=environ or {})
 
 
 def aws_snapshot(moto):

@@ -34,11 +34,11 @@ from klein import Klein
 from pydantic import Field
 
 from stdaemon.timestamps import iso
-from stdaemon.http.errors import ApiError, bad_request, not_found
+from stdaemon.http.errors import bad_request, not_found
 from stdaemon.http.surface import OPERATOR, Surface, path_id, route
 from stdaemon.http.validation import SQLITE_MAX_INT, QueryModel
-from stdaemon.audit import service as audit_store
-from stdaemon.users import store as users_store
+from stdaemon.audit import store as audit_store
+from stdaemon.audit.chain import EVENT_TYPES
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -125,15 +125,7 @@ class AuditSurface(Surface):
     app = Klein()
     prefixes = ("/api/audit",)
 
-    def _log(self) -> Any:
-        audit = getattr(self.ctx, "audit", None)
-        if audit is None:
-            raise ApiError(503, "audit_unavailable", "The audit log is not installed")
-        return audit
-
     async def _page(self, limit: int, offset: int, **filters: Any) -> dict:
-        self._log()
-
         def read(conn: Any) -> dict:
             page = audit_store.query_entries(conn, limit=limit, offset=offset, **filters)
             ids = _user_ids(conn, {e["actor"] for e in page["entries"] if e.get("actor")})
@@ -180,20 +172,20 @@ class AuditSurface(Surface):
     async def security_entries(self, request: Any, query: Paging) -> dict:
         """Security-related entries (authentication, keys, users, rejections)."""
         limit, offset = query.limit, query.offset
-        seen = await self.ctx.db.run_read(audit_store.seen_event_types)
-        types = sorted(t for t in set(seen) | set(audit_store.EVENT_TYPES)
+        seen = await self.ctx.audit.seen_event_types()
+        types = sorted(t for t in set(seen) | set(EVENT_TYPES)
                        if t.startswith(SECURITY_PREFIXES))
         return await self._page(limit, offset, event_types=types)
 
     @route(app, "/api/audit/stats", access=OPERATOR)
     async def stats(self, request: Any) -> dict:
         """Entry counts by type and the first/last entries."""
-        log = self._log()
-        summary = await self.ctx.db.run_read(audit_store.summary)
+        audit = self.ctx.audit
+        summary = await audit.summary()
         return {
             "total_entries": sum(summary["by_type"].values()),
             "by_type": summary["by_type"],
-            "last_24h": log.count_last_24h(),
+            "last_24h": audit.count_last_24h(),
             "first_entry": iso(summary["first_timestamp"]),
             "last_entry": iso(summary["last_timestamp"]),
             "first_id": summary["first_id"],
@@ -203,16 +195,16 @@ class AuditSurface(Surface):
     @route(app, "/api/audit/types", access=OPERATOR)
     async def types(self, request: Any) -> dict:
         """Event types known or seen."""
-        seen = await self.ctx.db.run_read(audit_store.seen_event_types)
-        names = sorted(set(audit_store.EVENT_TYPES) | set(seen))
+        seen = await self.ctx.audit.seen_event_types()
+        names = sorted(set(EVENT_TYPES) | set(seen))
         return {"event_types": [{"value": value, "name": value.upper().replace(".", "_")}
                                 for value in names]}
 
     @route(app, "/api/audit/verify", access=OPERATOR, query=VerifyQuery)
     async def verify(self, request: Any, query: VerifyQuery) -> dict:
         """Verify the audit hash chain."""
-        result = await self._log().verify()
-        summary = await self.ctx.db.run_read(audit_store.summary)
+        result = await self.ctx.audit.verify()
+        summary = await self.ctx.audit.summary()
         result["entries_checked"] = result["checked"]
         result["first_id"] = summary["first_id"]
         result["last_id"] = summary["last_id"]

@@ -29,7 +29,7 @@ import os
 import re
 import sqlite3
 from datetime import datetime, timezone
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 from klein import Klein
 from pydantic import Field
@@ -38,10 +38,9 @@ from stdaemon.timestamps import iso
 from stdaemon.http.errors import ApiError, invalid_field, not_found
 from stdaemon.http.surface import ADMIN, Response, Surface, route
 from stdaemon.http.validation import BodyModel, QueryModel
-from stdaemon.logs import get_logger
+from stdaemon.audit.service import request_actor
+from stdaemon.backup.service import BackupService
 from stdaemon.backup.store import BACKUP_PREFIX, BackupError, RestoreRefused
-
-log = get_logger("stdaemon.http.admin_backups")
 
 _REFUSED_STATUS = {"not_found": 404, "invalid_name": 400, "invalid_path": 400}
 _BACKUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -97,11 +96,8 @@ class AdminBackupsSurface(Surface):
     prefixes = ("/api/admin/backups", "/api/admin/database", "/api/backup", "/api/database")
 
     @property
-    def backups(self) -> Any:
-        svc = getattr(self.ctx, "backups", None)
-        if svc is None:
-            raise ApiError(503, "backups_unavailable", "The backup service is not running")
-        return svc
+    def backups(self) -> BackupService:
+        return self.ctx.backups
 
     @route(app, "/api/admin/backups", methods=("POST",), access=ADMIN, body=CreateBackup, body_required=False)
     async def create(self, request, body: CreateBackup):
@@ -120,8 +116,9 @@ class AdminBackupsSurface(Surface):
             raise ApiError(500 if exc.code == "sqlite_error" else 409, exc.code, exc.detail) from None
         except OSError as exc:
             raise ApiError(409, "backup_failed", f"Cannot write the backup: {exc.strerror or type(exc).__name__}") from None
-        await _audit(self.ctx, request, "backup.created", entry["path"], "create",
-                     {"name": entry["name"], "size_bytes": entry["size_bytes"]})
+        await self.ctx.audit.record("backup.created", **request_actor(request), target=entry["path"],
+                                    action="create",
+                                    details={"name": entry["name"], "size_bytes": entry["size_bytes"]})
         return entry
 
     @route(app, "/api/admin/backups", access=ADMIN)
@@ -151,9 +148,11 @@ class AdminBackupsSurface(Surface):
             raise ApiError(_REFUSED_STATUS.get(exc.code, 422), exc.code, exc.detail) from None
         except BackupError as exc:
             raise ApiError(500, exc.code, exc.detail) from None
-        await _audit(self.ctx, request, "backup.restored", result["restored_from"], "restore",
-                     {"safety_copy": result["safety_copy"], "job_count": result["job_count"],
-                      "schema_version": result["schema_version"]})
+        await self.ctx.audit.record("backup.restored", **request_actor(request),
+                                    target=result["restored_from"], action="restore",
+                                    details={"safety_copy": result["safety_copy"],
+                                             "job_count": result["job_count"],
+                                             "schema_version": result["schema_version"]})
         return result
 
     # -- SimpleTuner's ``simpletuner backup …`` paths ------------------------------------
@@ -220,8 +219,9 @@ class AdminBackupsSurface(Surface):
             entry = await self.backups.delete(backup_id)
         except RestoreRefused as exc:
             raise ApiError(_REFUSED_STATUS.get(exc.code, 422), exc.code, exc.detail) from None
-        await _audit(self.ctx, request, "backup.deleted", entry["path"], "delete",
-                     {"name": entry["name"], "size_bytes": entry["size_bytes"]})
+        await self.ctx.audit.record("backup.deleted", **request_actor(request), target=entry["path"],
+                                    action="delete",
+                                    details={"name": entry["name"], "size_bytes": entry["size_bytes"]})
         return {"success": True, "backup_id": entry["name"]}
 
     # -- SimpleTuner's ``simpletuner database …`` paths ----------------------------------
@@ -355,17 +355,3 @@ def _row_counts(conn: sqlite3.Connection) -> dict:
     # Table names come from sqlite_master itself; quoted as identifiers.
     return {name: {"row_count": conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]} for name in names}
 
-
-async def _audit(ctx: Any, request: Any, event_type: str, target: str, action: str, details: dict) -> None:
-    """Through the one audit writer (``ctx.audit.record``, S7)."""
-    from stdaemon.audit.service import request_actor
-
-    writer = getattr(ctx, "audit", None)
-    actor = request_actor(request)
-    if writer is None:
-        log.warning("Audit writer not installed; {event_type} not recorded", event_type=event_type)
-        return
-    from twisted.internet import defer
-
-    await defer.maybeDeferred(writer.record, event_type, actor=actor, ip=getattr(request, "client_ip", None),
-                              target=target, action=action, details=details)

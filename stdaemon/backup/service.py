@@ -1,15 +1,16 @@
 """Backups inside the daemon: the async face of :class:`JobStore` (spec S13).
 
-``install(ctx)`` sets ``ctx.backups`` (a :class:`BackupService`, child of
-``ctx.services``) and, when ``backup.enabled``, a ``backup`` timer and a
-``backup`` health component.
+``app.backups`` is a :class:`BackupService`; the composition root
+(``stdaemon.service.build_app``) gives it its one-thread pool (started and
+stopped with the daemon) and, when ``backup.enabled``, adds the ``backup``
+timer and health component.
 
-- Copies, validation and pruning run in the service's own one-thread pool
+- Copies, validation and pruning run in that one-thread pool
   (so they are also serialised); the restore's swap runs on the database's
   writer thread through ``Database.reopen``, so no write interleaves with it.
   A ``DeferredLock`` keeps a backup and a restore from overlapping.
 - The scheduled backup never stops the timer: each failure is logged,
-  counted (here and in ``ctx.timer_failures``) and shown in health until the
+  counted (here and in ``app.timer_failures``) and shown in health until the
   next success.
 - ``after_restore`` holds async callables run after a successful restore
   (reload settings, recount metrics); their failures are logged, not raised.
@@ -21,24 +22,29 @@ import os
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
-from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import LogLevel
 
-from stdaemon.timestamps import iso
-from stdaemon.threads import BlockingPool
-from stdaemon.logs import get_logger
 from stdaemon.backup.store import BackupError, JobStore, RestoreRefused, backup_entry
+from stdaemon.config.schema import BackupConfig
+from stdaemon.health.service import DEGRADED, HEALTHY, Component
+from stdaemon.logs import get_logger
+from stdaemon.store.database import Database
+from stdaemon.threads import BlockingPool
+from stdaemon.timestamps import iso
 
 log = get_logger("stdaemon.backup")
 
 
-class BackupService(service.Service):
-    name = "backups"
-
-    def __init__(self, ctx: Any):
-        self.ctx = ctx
-        self.store = JobStore(ctx.database_path, config=ctx.config, clock=ctx.clock)
-        self.pool = BlockingPool(ctx.reactor, "stdaemon-backup", maxthreads=1)
+class BackupService:
+    def __init__(self, db: Database, store: JobStore, pool: BlockingPool, config: BackupConfig,
+                 clock: IReactorTime):
+        self.db = db
+        self.store = store
+        self.pool = pool
+        self.config = config
+        self.clock = clock
         self.lock = defer.DeferredLock()
         self.after_restore: list[Callable[[], Awaitable[Any]]] = []
         # Scheduled-backup state, for health and metrics.
@@ -48,16 +54,6 @@ class BackupService(service.Service):
         self.last_success_at: Optional[float] = None
         self.last_error: Optional[str] = None
         self.last_backup: Optional[dict] = None
-
-    # -- lifecycle -----------------------------------------------------------
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        return self.pool.stop()
 
     def _in_pool(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
         return self.pool.run(fn, *args, **kwargs)
@@ -136,7 +132,7 @@ class BackupService(service.Service):
             staging, facts = await self._in_pool(self.store.prepare_restore, source)
             box: dict = {}
             try:
-                await self.ctx.db.reopen(lambda: box.update(self.store.swap_in(staging)))
+                await self.db.reopen(lambda: box.update(self.store.swap_in(staging)))
             finally:
                 await self._in_pool(_unlink_quietly, staging)
         finally:
@@ -147,7 +143,7 @@ class BackupService(service.Service):
             try:
                 await hook()
             except Exception:
-                log.failure("An after-restore hook failed", level=_error_level())
+                log.failure("An after-restore hook failed", level=LogLevel.error)
         return {
             "restored_from": str(source),
             "safety_copy": box.get("safety_copy"),
@@ -162,7 +158,7 @@ class BackupService(service.Service):
     async def scheduled(self) -> None:
         """One scheduled run: backup (gzip per config), then retention.  Raises on
         failure so the timer logs and counts it; the timer keeps running."""
-        cfg = self.ctx.config.backup
+        cfg = self.config
         self.runs += 1
         try:
             entry = await self.create(compress=cfg.compress)
@@ -174,13 +170,13 @@ class BackupService(service.Service):
             raise
         self.consecutive_failures = 0
         self.last_error = None
-        self.last_success_at = self.ctx.clock.seconds()
+        self.last_success_at = self.clock.seconds()
         self.last_backup = entry
         if removed:
             log.info("Backup retention removed {n} old backup(s)", n=len(removed))
 
     def schedule_status(self) -> dict:
-        cfg = self.ctx.config.backup
+        cfg = self.config
         return {
             "enabled": cfg.enabled,
             "interval": cfg.interval,
@@ -192,9 +188,8 @@ class BackupService(service.Service):
             "last_backup": self.last_backup["name"] if self.last_backup else None,
         }
 
-    async def health(self) -> Any:
-        from stdaemon.health.service import DEGRADED, HEALTHY, Component
-
+    async def health(self) -> Component:
+        """The ``backup`` health component (registered when ``backup.enabled``)."""
         if self.consecutive_failures:
             return Component("backup", DEGRADED,
                              f"last scheduled backup failed ({self.consecutive_failures} in a row, "
@@ -216,23 +211,6 @@ def _describe(exc: BaseException) -> str:
         return exc.detail
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _error_level() -> Any:
-    from twisted.logger import LogLevel
-
-    return LogLevel.error
-
-
-def install(ctx: Any) -> BackupService:
-    svc = BackupService(ctx)
-    svc.setServiceParent(ctx.services)
-    ctx.backups = svc
-    cfg = ctx.config.backup
-    if cfg.enabled:
-        ctx.add_timer("backup", cfg.interval, svc.scheduled)
-        ctx.health.register("backup", svc.health)
-    return svc
 
 
 def _fits(name: str) -> bool:

@@ -26,8 +26,9 @@ How it stays trustworthy:
   completely or not at all, and every connection (the daemon's, other
   processes') sees the restored data at once.  Older backups are migrated
   forward.  Any failure before that transaction leaves the current database
-  untouched.  Append-only tables registered with ``preserve_across_restore``
-  (the audit log) keep their live rows: a restore cannot erase history.
+  untouched.  The append-only tables named by ``preserved_tables`` (the daemon
+  and ``stdaemon-admin`` pass the audit log's, ``stdaemon.audit.store.PRESERVED_TABLES``)
+  keep their live rows: a restore cannot erase history.
 
 Everything here blocks: in the daemon it runs in the backup service's own
 thread (validation, copies) and on the database's writer thread (the swap,
@@ -43,9 +44,10 @@ import sqlite3
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import quote
 
+from stdaemon.config import load_config, state_path
 from stdaemon.timestamps import iso
 from stdaemon.store import schema
 from stdaemon.store.files import fsync_dir, fsync_path
@@ -56,17 +58,6 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 REQUIRED_JOB_COLUMNS = {"job_id", "provider", "status", "created_at"}
 BUSY_TIMEOUT_MS = 10000
 _COPY_CHUNK = 1024 * 1024
-
-
-# Append-only tables that a restore must not roll back (the audit log and its
-# anchors): their live rows are carried into the restored database.  The
-# owning module registers them with ``preserve_across_restore``.
-PRESERVED_TABLES: set[str] = set()
-
-
-def preserve_across_restore(*tables: str) -> None:
-    """Keep ``tables``' live rows across a restore (same columns required)."""
-    PRESERVED_TABLES.update(tables)
 
 
 class BackupError(Exception):
@@ -145,7 +136,10 @@ def check_database(conn: sqlite3.Connection, origin: str) -> dict:
 
 
 class JobStore:
-    """Blocking backup/restore/info API over one SQLite jobs database."""
+    """Blocking backup/restore/info API over one SQLite jobs database.
+
+    ``preserved_tables``: append-only tables whose live rows a restore keeps
+    (same columns required), e.g. ``stdaemon.audit.store.PRESERVED_TABLES``."""
 
     def __init__(
         self,
@@ -154,11 +148,11 @@ class JobStore:
         backup_dir: str | os.PathLike | None = None,
         config: Any = None,
         clock: Any = None,
+        preserved_tables: Sequence[str] = (),
     ):
+        self.preserved_tables = tuple(preserved_tables)
         if path is None:
             # The daemon's database: same config file/env resolution as the daemon.
-            from stdaemon.config import load_config, state_path
-
             if config is None:
                 config = load_config(None).config
             path = state_path(config, "config", "cloud", "jobs.db")
@@ -166,8 +160,6 @@ class JobStore:
         if backup_dir is None:
             # ``backup.dir``, else ``<state dir>/backups``; a bare path: next to it.
             if config is not None:
-                from stdaemon.config import state_path
-
                 configured = config.backup.dir
                 backup_dir = os.path.expanduser(configured) if configured else state_path(config, "backups")
             else:
@@ -175,7 +167,8 @@ class JobStore:
         self.backup_dir = Path(backup_dir)
         if clock is None:
             # The guide's API is used from scripts: the reactor's clock is the
-            # wall clock and needs no running reactor.
+            # wall clock and needs no running reactor.  Imported here: importing
+            # the global reactor installs it, which a module import must not do.
             from twisted.internet import reactor as clock  # type: ignore[no-redef]
         self.clock = clock
 
@@ -415,22 +408,18 @@ class JobStore:
         return result
 
     def _carry_over(self, staging: Path) -> list[str]:
-        """Copy the append-only tables registered with :func:`preserve_across_restore`
-        from the live database into the staging copy, so the swap keeps them.
+        """Copy the append-only tables named by ``preserved_tables`` from the live
+        database into the staging copy, so the swap keeps them.
 
         Only when the table exists in both with the same columns; otherwise the
         backup's version stays (the safety copy has the live one)."""
-        try:  # a tool may not have imported the audit module, which registers its tables
-            import stdaemon.audit.service  # noqa: F401
-        except ImportError:
-            pass
-        if not PRESERVED_TABLES or not self.path.exists():
+        if not self.preserved_tables or not self.path.exists():
             return []
         kept = []
         stage = _connect(staging)
         try:
             stage.execute("ATTACH DATABASE ? AS cur", (str(self.path),))
-            for table in sorted(PRESERVED_TABLES):
+            for table in sorted(set(self.preserved_tables)):
                 quoted = '"' + table.replace('"', '""') + '"'
                 mine = [tuple(r[1:3]) for r in stage.execute(f"PRAGMA main.table_info({quoted})")]
                 live = [tuple(r[1:3]) for r in stage.execute(f"PRAGMA cur.table_info({quoted})")]

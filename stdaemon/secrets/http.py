@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from klein import Klein
 
-from stdaemon.http.errors import ApiError
 from stdaemon.http.surface import ADMIN, Surface, route
 
 
@@ -18,8 +17,6 @@ class AdminSecretsSurface(Surface):
 
     @route(app, "/api/admin/secrets", access=ADMIN)
     async def status(self, request):
-        manager = getattr(self.ctx, "secrets", None)
-        if manager is None:
-            raise ApiError(503, "secrets_unavailable", "The secrets service is not running")
+        manager = self.ctx.secrets
         await manager.health()
         return manager.status()

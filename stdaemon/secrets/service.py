@@ -24,401 +24,51 @@ All blocking work (file reads, boto3, hvac) runs in one bounded thread pool
 owned by :class:`SecretsService`, which stops it at shutdown.  boto3 and hvac
 clients are created once, lazily, inside that pool.
 
+One module per store (:mod:`file_store`, :mod:`aws_store`, :mod:`vault_store`,
+sharing :mod:`base`); this one holds the resolution order, the cache
+(:class:`SecretsManager`) and the pool's service.
+
 Secret values are never logged and never part of ``status()``; error messages
 that reach logs or health are built from exception types and store locations.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import stat
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import yaml
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from stdaemon.store.files import write_atomic
-from stdaemon.threads import BlockingPool
+from stdaemon.health.service import Component
 from stdaemon.logs import get_logger
+from stdaemon.secrets.aws_store import AwsStore
+from stdaemon.secrets.base import (
+    ABSENT,
+    DEGRADED_STATES,
+    ERROR,
+    NOT_FOUND,
+    OK,
+    REFUSED,
+    UNKNOWN,
+    SecretStoreError,
+    StoreAbsent,
+    describe,
+)
+from stdaemon.secrets.file_store import FileStore
+from stdaemon.secrets.vault_store import VaultStore
+from stdaemon.threads import BlockingPool
 
 REPLICATE_TOKEN = "REPLICATE_API_TOKEN"
 
 DEFAULT_TTL = 300.0
 DEFAULT_RETRY_INTERVAL = 30.0
 DEFAULT_POOL_SIZE = 4
-NETWORK_TIMEOUT = 3.0
-
-# Store states reported by ``status()``.
-OK = "ok"  # loaded (possibly an empty set)
-ABSENT = "absent"  # nothing configured / no default file: not an error
-UNKNOWN = "unknown"  # configured, not yet loaded
-DOWN = "unreachable"  # network error, timeout, sealed
-REFUSED = "refused"  # file with unsafe permissions
-NOT_FOUND = "not_found"  # reachable, but the configured secret does not exist
-ERROR = "error"  # reachable but failing: auth, bad format, ...
-
-_DEGRADED_STATES = (DOWN, REFUSED, NOT_FOUND, ERROR)
 
 log = get_logger("stdaemon.secrets")
-
-
-class SecretStoreError(Exception):
-    """A store could not deliver its secrets.  The message never holds a value."""
-
-    def __init__(self, state: str, message: str):
-        super().__init__(message)
-        self.state = state
-
-
-class StoreAbsent(Exception):
-    """The store is not in use (for example: no default secrets file)."""
-
-
-def _describe(exc: BaseException) -> str:
-    """A short, value-free description of a client library exception."""
-    text = str(exc).replace("\n", " ")
-    if len(text) > 200:
-        text = text[:200] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _flatten(data: Any, origin: str) -> dict[str, str]:
-    """Keep the scalar entries of a secrets mapping, as strings."""
-    if not isinstance(data, Mapping):
-        raise SecretStoreError(ERROR, f"{origin} does not hold a JSON/YAML object of name -> value")
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        if value is None or isinstance(value, (Mapping, list, tuple)):
-            continue
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        out[str(key)] = str(value)
-    return out
-
-
-# --------------------------------------------------------------------------
-# Blocking stores: ``load()`` runs in the secrets thread pool only.
-# --------------------------------------------------------------------------
-
-
-SECRETS_FILE_NAMES = ("secrets.json", "secrets.yaml", "secrets.yml")
-
-
-class FileStore:
-    """The secrets file: ``secrets.file``, else the first of
-    ``<state>/secrets.{json,yaml,yml}`` and ``~/.simpletuner/secrets.{json,yaml,yml}``
-    that exists.  :meth:`write` changes one name in it (the token API)."""
-
-    name = "file"
-
-    def __init__(self, explicit: str, state_dir: str, home: str = ""):
-        self.explicit = bool(explicit)
-        if explicit:
-            self.candidates = (os.path.expanduser(explicit),)
-        else:
-            bases = [os.path.expanduser(state_dir or "~/.simpletuner")]
-            home_base = os.path.join(home or os.path.expanduser("~"), ".simpletuner")
-            if os.path.abspath(home_base) != os.path.abspath(bases[0]):
-                bases.append(home_base)
-            self.candidates = tuple(os.path.join(base, n) for base in bases for n in SECRETS_FILE_NAMES)
-        self.location = self.candidates[0]
-        self._write_lock = threading.Lock()
-
-    @property
-    def configured(self) -> bool:
-        return True
-
-    def load(self) -> dict[str, str]:
-        for path in self.candidates:
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise SecretStoreError(ERROR, f"cannot open secrets file {path}: {exc.strerror}")
-            self.location = path
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise SecretStoreError(ERROR, f"secrets file {path} is not a regular file")
-                mode = stat.S_IMODE(st.st_mode)
-                if mode & 0o066:
-                    raise SecretStoreError(
-                        REFUSED,
-                        f"secrets file {path} has mode {mode:04o} and is accessible by group/others;"
-                        f" refusing to use it (chmod 600 {path})",
-                    )
-                with os.fdopen(fd, "rb") as fh:
-                    fd = -1
-                    raw = fh.read(1024 * 1024 + 1)
-            finally:
-                if fd >= 0:
-                    os.close(fd)
-            if len(raw) > 1024 * 1024:
-                raise SecretStoreError(ERROR, f"secrets file {path} is larger than 1 MiB")
-            try:
-                if path.endswith((".yaml", ".yml")):
-                    data = yaml.safe_load(raw.decode("utf-8")) or {}
-                else:
-                    data = json.loads(raw.decode("utf-8"))
-            except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
-                # The parser's message may quote file content: report the type only.
-                raise SecretStoreError(ERROR, f"secrets file {path} cannot be parsed ({type(exc).__name__})")
-            return _flatten(data, f"secrets file {path}")
-        self.location = self.candidates[0]
-        if self.explicit:
-            raise SecretStoreError(NOT_FOUND, f"secrets file {self.location} does not exist")
-        raise StoreAbsent()
-
-    def target(self) -> str:
-        """The file a write goes to: the configured one, else the first
-        existing candidate, else ``<state>/secrets.json``."""
-        if self.explicit:
-            return self.candidates[0]
-        for path in self.candidates:
-            if os.path.lexists(path):
-                return path
-        return self.candidates[0]
-
-    def write(self, name: str, value: str | None) -> dict:
-        """Set (or, with ``None``, remove) ``name`` in the secrets file, keeping
-        every other entry.  The new file is written 0600 under a temporary name
-        in the same directory, fsynced and renamed over the old one (created
-        when absent).  A file that cannot be parsed is never overwritten.
-        Returns ``{"path", "changed"}``; never a value."""
-        with self._write_lock:
-            path = self.target()
-            yaml_format = path.endswith((".yaml", ".yml"))
-            data: dict = {}
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            except FileNotFoundError:
-                fd = -1
-            except OSError as exc:
-                raise SecretStoreError(ERROR, f"cannot open secrets file {path}: {exc.strerror}")
-            if fd >= 0:
-                with os.fdopen(fd, "rb") as fh:
-                    raw = fh.read(1024 * 1024 + 1)
-                if len(raw) > 1024 * 1024:
-                    raise SecretStoreError(ERROR, f"secrets file {path} is larger than 1 MiB")
-                try:
-                    text = raw.decode("utf-8")
-                    loaded = (yaml.safe_load(text) if yaml_format else json.loads(text)) if text.strip() else {}
-                except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
-                    raise SecretStoreError(
-                        ERROR, f"secrets file {path} cannot be parsed ({type(exc).__name__}); "
-                        "not overwriting it") from None
-                if not isinstance(loaded, dict):
-                    raise SecretStoreError(ERROR, f"secrets file {path} does not hold an object; "
-                                           "not overwriting it")
-                data = loaded
-            if value is None:
-                if name not in data:
-                    return {"path": path, "changed": False}
-                del data[name]
-            else:
-                if data.get(name) == value:
-                    return {"path": path, "changed": False}
-                data[name] = value
-            if yaml_format:
-                body = yaml.safe_dump(data, default_flow_style=False, sort_keys=False).encode("utf-8")
-            else:
-                body = (json.dumps(data, indent=2) + "\n").encode("utf-8")
-            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-            write_atomic(path, body)  # 0600, temp + fsync + rename
-            return {"path": path, "changed": True}
-
-
-class AwsStore:
-    name = "aws"
-
-    def __init__(self, secret_name: str, region: str, endpoint_url: str, environ: Mapping[str, str]):
-        self.secret_name = secret_name
-        self.region = region
-        self.endpoint_url = endpoint_url
-        self._environ = environ
-        self._client = None
-        self._lock = threading.Lock()
-        self.location = f"aws:{secret_name}" + (f"@{region}" if region else "")
-
-    @property
-    def configured(self) -> bool:
-        return bool(self.secret_name)
-
-    def _get_client(self):
-        with self._lock:
-            if self._client is None:
-                import boto3
-                from botocore.config import Config as BotoConfig
-
-                env = self._environ
-                session = boto3.session.Session(
-                    aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
-                    aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
-                    aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
-                    region_name=self.region or None,
-                )
-                self._client = session.client(
-                    "secretsmanager",
-                    endpoint_url=self.endpoint_url or None,
-                    config=BotoConfig(
-                        connect_timeout=NETWORK_TIMEOUT,
-                        read_timeout=NETWORK_TIMEOUT,
-                        retries={"max_attempts": 2, "mode": "standard"},
-                    ),
-                )
-            return self._client
-
-    def load(self) -> dict[str, str]:
-        from botocore.exceptions import (
-            BotoCoreError,
-            ClientError,
-            ConnectionError as BotoConnectionError,
-            NoCredentialsError,
-            NoRegionError,
-        )
-
-        try:
-            response = self._get_client().get_secret_value(SecretId=self.secret_name)
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code == "ResourceNotFoundException":
-                raise SecretStoreError(NOT_FOUND, f"AWS secret {self.secret_name!r} does not exist")
-            raise SecretStoreError(ERROR, f"AWS Secrets Manager refused: {code or 'error'}")
-        except (NoCredentialsError, NoRegionError) as exc:
-            raise SecretStoreError(ERROR, f"AWS Secrets Manager not usable: {type(exc).__name__}")
-        except BotoConnectionError as exc:
-            raise SecretStoreError(DOWN, f"AWS Secrets Manager unreachable: {type(exc).__name__}")
-        except BotoCoreError as exc:
-            raise SecretStoreError(DOWN, f"AWS Secrets Manager failed: {type(exc).__name__}")
-        text = response.get("SecretString")
-        if text is None:
-            blob = response.get("SecretBinary") or b""
-            text = blob.decode("utf-8", "replace") if isinstance(blob, bytes) else str(blob)
-        try:
-            data = json.loads(text)
-        except ValueError:
-            raise SecretStoreError(ERROR, f"AWS secret {self.secret_name!r} is not a JSON object")
-        return _flatten(data, f"AWS secret {self.secret_name!r}")
-
-
-class VaultStore:
-    name = "vault"
-
-    def __init__(self, addr: str, mount: str, path: str, environ: Mapping[str, str], namespace: str = ""):
-        self.addr = addr.rstrip("/")
-        self.mount = (mount or "secret").strip("/")
-        self.path = (path or "simpletuner").strip("/")
-        self.namespace = namespace
-        self._environ = environ
-        self._client = None
-        self._lock = threading.Lock()
-        self.kv_version: int | None = None
-        self.auth_method = ""
-        self.location = f"{self.addr}/{self.mount}/{self.path}" if self.addr else ""
-
-    @property
-    def configured(self) -> bool:
-        return bool(self.addr)
-
-    def _credentials(self) -> tuple[str, str, str]:
-        env = self._environ
-        return (
-            env.get("VAULT_TOKEN", ""),
-            env.get("VAULT_ROLE_ID", ""),
-            env.get("VAULT_SECRET_ID", ""),
-        )
-
-    def _login(self, client) -> None:
-        token, role_id, secret_id = self._credentials()
-        if token:
-            client.token = token
-            self.auth_method = "token"
-        elif role_id:
-            client.auth.approle.login(role_id=role_id, secret_id=secret_id or None)
-            self.auth_method = "approle"
-        else:
-            self.auth_method = "none"
-            raise SecretStoreError(ERROR, "Vault: neither VAULT_TOKEN nor VAULT_ROLE_ID is set")
-
-    def _get_client(self):
-        if self._client is None:
-            import hvac
-
-            verify: Any = True
-            cacert = self._environ.get("VAULT_CACERT", "")
-            if cacert:
-                verify = cacert
-            client = hvac.Client(
-                url=self.addr,
-                token=None,
-                timeout=NETWORK_TIMEOUT,
-                verify=verify,
-                namespace=self.namespace or None,
-            )
-            client.token = None
-            self._login(client)
-            self._client = client
-        return self._client
-
-    def _read(self, client, version: int) -> dict | None:
-        import hvac.exceptions as hx
-
-        try:
-            if version == 2:
-                resp = client.secrets.kv.v2.read_secret_version(
-                    path=self.path, mount_point=self.mount, raise_on_deleted_version=True
-                )
-                return (resp or {}).get("data", {}).get("data")
-            resp = client.secrets.kv.v1.read_secret(path=self.path, mount_point=self.mount)
-            return (resp or {}).get("data")
-        except hx.InvalidPath:
-            return None
-
-    def _load_once(self) -> dict[str, str]:
-        client = self._get_client()
-        order = (2, 1) if self.kv_version != 1 else (1, 2)
-        for version in order:
-            data = self._read(client, version)
-            if data is not None:
-                self.kv_version = version
-                return _flatten(data, f"Vault secret {self.mount}/{self.path}")
-        raise SecretStoreError(NOT_FOUND, f"Vault secret {self.mount}/{self.path} does not exist (KV v2 or v1)")
-
-    def load(self) -> dict[str, str]:
-        import hvac.exceptions as hx
-
-        with self._lock:
-            try:
-                try:
-                    return self._load_once()
-                except (hx.Forbidden, hx.Unauthorized):
-                    # An expired AppRole token: log in again once.
-                    if self.auth_method != "approle":
-                        raise
-                    self._client = None
-                    return self._load_once()
-            except SecretStoreError:
-                raise
-            except (hx.Forbidden, hx.Unauthorized) as exc:
-                self._client = None
-                raise SecretStoreError(ERROR, f"Vault refused access: {type(exc).__name__}")
-            except (hx.VaultDown, hx.InternalServerError, hx.BadGateway) as exc:
-                self._client = None
-                raise SecretStoreError(DOWN, f"Vault unavailable: {type(exc).__name__}")
-            except OSError as exc:  # hvac's HTTP errors (requests' RequestException is an OSError)
-                self._client = None
-                raise SecretStoreError(DOWN, f"Vault unreachable: {type(exc).__name__}")
-            except hx.VaultError as exc:
-                self._client = None
-                raise SecretStoreError(ERROR, f"Vault error: {type(exc).__name__}")
-
 
 # --------------------------------------------------------------------------
 # The manager: cache, resolution order, status.  Runs on the reactor thread.
@@ -490,17 +140,11 @@ class SecretsManager:
         clock: IReactorTime,
         threadpool: BlockingPool,
         *,
-        reactor: Any = None,
         environ: Mapping[str, str] | None = None,
         retry_interval: float | None = None,
     ):
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
         self._clock = clock
         self._pool = threadpool
-        self._reactor = reactor
         self._environ = os.environ if environ is None else environ
         self.ttl = float(_opt(_section(config, "secrets"), "cache_ttl", DEFAULT_TTL))
         self.retry_interval = float(
@@ -589,13 +233,13 @@ class SecretsManager:
                 "message": st.message,
                 "failures": st.failures,
                 "age_seconds": None if st.loaded_at is None else round(now - st.loaded_at, 3),
-                "serving_stale": bool(st.state in _DEGRADED_STATES and st.data is not None),
+                "serving_stale": bool(st.state in DEGRADED_STATES and st.data is not None),
             }
             if st.store.name == "vault":
                 entry["kv_version"] = st.store.kv_version
                 entry["auth"] = st.store.auth_method or None
             stores.append(entry)
-            if st.state in _DEGRADED_STATES:
+            if st.state in DEGRADED_STATES:
                 problems.append(f"{st.store.name}: {st.message}")
         token_present = self.known(REPLICATE_TOKEN)
         if not token_present:
@@ -724,7 +368,7 @@ class SecretsManager:
         if isinstance(exc, SecretStoreError):
             state, message = exc.state, str(exc)
         else:
-            state, message = ERROR, f"{st.store.name}: unexpected {_describe(exc)}"
+            state, message = ERROR, f"{st.store.name}: unexpected {describe(exc)}"
         st.failures += 1
         changed = (state, message) != (st.state, st.message)
         st.state, st.message = state, message
@@ -752,17 +396,12 @@ class SecretsService(service.Service):
         config: Any,
         clock: IReactorTime,
         *,
-        reactor: Any = None,
+        reactor: Any,
         environ: Mapping[str, str] | None = None,
         pool_size: int = DEFAULT_POOL_SIZE,
     ):
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self._reactor = reactor
         self.pool = BlockingPool(reactor, "stdaemon-secrets", maxthreads=pool_size)
-        self.manager = SecretsManager(config, clock, self.pool, reactor=reactor, environ=environ)
+        self.manager = SecretsManager(config, clock, self.pool, environ=environ)
 
     def startService(self) -> None:
         super().startService()
@@ -779,16 +418,10 @@ class SecretsService(service.Service):
         self.manager.stop()
         return self.pool.stop()
 
-
-__all__ = [
-    "REPLICATE_TOKEN",
-    "install",
-    "resolve_blocking",
-    "SecretStoreError",
-    "SecretsManager",
-    "SecretsService",
-]
-
+    async def health(self) -> Component:
+        """The ``secrets`` health component."""
+        report = await self.manager.health()
+        return Component(report["name"], report["status"], report["message"], report["latency_ms"])
 
 
 def resolve_blocking(config: Any, name: str, environ: Mapping[str, str] | None = None) -> tuple[str | None, list[str]]:
@@ -814,25 +447,8 @@ def resolve_blocking(config: Any, name: str, environ: Mapping[str, str] | None =
                 problems.append(f"{store.name}: {exc}")
             continue
         except Exception as exc:  # a client library bug: report, do not guess
-            problems.append(f"{store.name}: {_describe(exc)}")
+            problems.append(f"{store.name}: {describe(exc)}")
             continue
         if data.get(name):
             return data[name], problems
     return None, problems
-
-
-def install(ctx: Any) -> SecretsService:
-    """Wire secrets into the App context: ``ctx.secrets`` (the manager), the pool
-    service under ``ctx.services`` and the ``secrets`` health component."""
-    svc = SecretsService(ctx.config, ctx.clock, reactor=ctx.reactor)
-    svc.setServiceParent(ctx.services)
-    ctx.secrets = svc.manager
-
-    async def check() -> Any:
-        from stdaemon.health.service import Component
-
-        report = await svc.manager.health()
-        return Component(report["name"], report["status"], report["message"], report["latency_ms"])
-
-    ctx.health.register("secrets", check)
-    return svc
