@@ -30,7 +30,7 @@ from stdaemon.jobs.service import TOKEN_HASH_KEY, TRAINER_WEBHOOK_PATH, S3_REGIO
 from stdaemon.logs import LogContext, get_logger
 from stdaemon.outbound.breaker import OPEN
 from stdaemon.providers import settings as ps
-from stdaemon.providers.errors import PROVIDER_ERRORS, provider_error
+from stdaemon.providers.errors import PROVIDER_ERRORS, provider_error, retry_after_header
 from stdaemon.providers.service import TOKEN_NAMES
 from stdaemon.s3 import credentials as creds
 
@@ -157,10 +157,10 @@ class Submissions:
 
         breaker = manager.breaker(provider)
         if breaker.state == OPEN and not pending_approval:
-            retry = max(1, int(breaker.retry_after() + 0.999))
+            headers = retry_after_header(breaker.retry_after())
             raise ApiError(503, "circuit_open",
                            f"{provider} is temporarily unavailable after repeated failures; "
-                           f"retry in {retry} s", headers={"Retry-After": str(retry)}, success=False)
+                           f"retry in {headers['Retry-After']} s", headers=headers, success=False)
 
         # The version is resolved before anything is created: a provider error
         # here leaves no job row and no credentials.  A held job resolves it

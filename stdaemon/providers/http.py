@@ -39,6 +39,7 @@ from stdaemon.providers.replicate import (
 from stdaemon.jobs import costs
 from stdaemon.providers import model_versions as mv
 from stdaemon.providers import settings as ps
+from stdaemon.providers.errors import PROVIDER_ERRORS, provider_error
 from stdaemon.timestamps import iso
 from stdaemon.health.service import HEALTHY
 from stdaemon.http.errors import ApiError, bad_request, not_found
@@ -191,19 +192,8 @@ class ProvidersSurface(Surface):
             raise bad_request(f"model_id {exc}", code="invalid_query", field="model_id") from None
         try:
             listed = await manager.list_model_versions(provider, model_id)
-        except ProviderAPIError as exc:
-            raise ApiError(502, "provider_error",
-                           f"Replicate could not list versions of {model_id} ({exc.status}): {exc.message}",
-                           versions=[]) from None
-        except ProviderUnavailable as exc:
-            raise ApiError(502, "provider_unavailable", f"Replicate could not be reached: {exc}",
-                           versions=[]) from None
-        except CircuitOpenError as exc:
-            retry = max(1, int(exc.retry_after + 0.999))
-            raise ApiError(503, "circuit_open", str(exc), headers={"Retry-After": str(retry)},
-                           versions=[]) from None
-        except ProviderNotConfigured as exc:
-            raise ApiError(400, "provider_not_configured", str(exc), versions=[]) from None
+        except PROVIDER_ERRORS as exc:
+            raise provider_error(exc, f"Replicate could not list versions of {model_id}", versions=[]) from None
         configured = manager.model_version(provider, profile)
         if configured and ":" in configured and configured.split(":", 1)[0] != model_id:
             current = None  # the override runs another model
