@@ -130,7 +130,7 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     app.backups.after_restore.append(app.jobs.load)
     app.submissions = Submissions(app.jobs, app.providers, app.configs, config.server.public_url)
     # approvals and quotas: checked at submission, a held job gets its request; "approval-expiry" timer
-    app.quotas = QuotaService(app.db, app.clock)
+    app.quotas = QuotaService(app.db, app.clock, app.audit)
     app.approvals = ApprovalService(app.db, app.clock, app.audit, app.quotas, app.jobs, app.submissions,
                                     app.providers, config.providers)
     app.add_timer("approval-expiry", APPROVAL_EXPIRY_INTERVAL, app.approvals.expire_due)

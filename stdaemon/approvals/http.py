@@ -16,14 +16,10 @@ from klein import Klein
 from pydantic import ConfigDict, Field
 
 from stdaemon.approvals import rules as rules_core
-from stdaemon.http.errors import invalid_field, not_found
 from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Response, Surface, path_id, route
 from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel
-from stdaemon.users.sessions import record_audit
 from stdaemon.approvals import store
-from stdaemon.invalid import InvalidValue
-
-BODY = 16 * 1024
+from stdaemon.approvals.service import BODY, ApprovalService
 
 
 # -- request models (stdaemon.http.validation) -----------------------------------------------
@@ -47,13 +43,13 @@ class ListApprovals(QueryModel):
     offset: int = Field(0, ge=0, le=SQLITE_MAX_INT)
 
 
-def _id(raw: str, what: str) -> int:
-    return path_id(raw, what)
-
-
 class ApprovalsSurface(Surface):
     app = Klein()
     prefixes = ("/api/approvals",)
+
+    @property
+    def approvals(self) -> ApprovalService:
+        return self.ctx.approvals
 
     @route(app, "/api/approvals/rules", access=OPERATOR)
     async def list_rules(self, request):
@@ -64,24 +60,13 @@ class ApprovalsSurface(Surface):
     @route(app, "/api/approvals/rules", methods=["POST"], access=ADMIN, max_body=BODY, body=CreateRule)
     async def add_rule(self, request, body: CreateRule):
         """Add an approval rule."""
-        try:
-            name, condition, value = rules_core.validate_rule(body.given())
-        except InvalidValue as error:
-            raise invalid_field(error.field, str(error)) from None
-        rule = await self.ctx.db.run_write(store.add_rule, name, condition, value, self.ctx.now(),
-                                           request.principal.actor)
-        await record_audit(self.ctx, "approval.rule_created", request, target=f"approval_rule:{rule['id']}",
-                           action="create", details={"name": name, "condition": condition, "value": value})
-        return Response(rule, status=201)
+        return Response(await self.approvals.add_rule(body.given(), request), status=201)
 
     @route(app, "/api/approvals/rules/<rule_id>", methods=["DELETE"], access=ADMIN)
     async def delete_rule(self, request, rule_id):
         """Delete an approval rule."""
-        number = _id(rule_id, "Approval rule")
-        if not await self.ctx.db.run_write(store.delete_rule, number):
-            raise not_found(f"Approval rule {rule_id} not found")
-        await record_audit(self.ctx, "approval.rule_deleted", request, target=f"approval_rule:{number}",
-                           action="delete")
+        number = path_id(rule_id, "Approval rule")
+        await self.approvals.delete_rule(number, rule_id, request)
         return {"success": True, "id": number}
 
     @route(app, "/api/approvals", access=VIEWER, query=ListApprovals)
@@ -97,14 +82,16 @@ class ApprovalsSurface(Surface):
            body=Decision, body_required=False, path_ids={"request_id": "Approval request"})
     async def approve(self, request, request_id, body: Decision):
         """Approve a held submission (it is submitted to the provider)."""
-        number = _id(request_id, "Approval request")
-        decided = await self.ctx.approvals.approve(number, request.principal, body.reason, request)
-        return {"success": True, "approval": decided}
+        return await self._decide(self.approvals.approve, request, request_id, body)
 
     @route(app, "/api/approvals/<request_id>/reject", methods=["POST"], access=OPERATOR, max_body=BODY,
            body=Decision, body_required=False, path_ids={"request_id": "Approval request"})
     async def reject(self, request, request_id, body: Decision):
         """Reject a held submission (the job is cancelled)."""
-        number = _id(request_id, "Approval request")
-        decided = await self.ctx.approvals.reject(number, request.principal, body.reason, request)
+        return await self._decide(self.approvals.reject, request, request_id, body)
+
+    @staticmethod
+    async def _decide(decide: Any, request: Any, request_id: str, body: Decision) -> dict:
+        decided = await decide(path_id(request_id, "Approval request"), request.principal, body.reason,
+                               request)
         return {"success": True, "approval": decided}

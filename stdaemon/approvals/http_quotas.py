@@ -20,14 +20,10 @@ from klein import Klein
 from pydantic import ConfigDict, Field
 
 from stdaemon.approvals import rules as rules_core
-from stdaemon.http.errors import invalid_field, not_found
 from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Response, Surface, route, path_id
 from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel
-from stdaemon.users.sessions import record_audit
 from stdaemon.approvals import store
-from stdaemon.invalid import InvalidValue
-
-BODY = 16 * 1024
+from stdaemon.approvals.service import BODY
 
 
 # -- request models (stdaemon.http.validation) -----------------------------------------------
@@ -84,24 +80,12 @@ class QuotasSurface(Surface):
     @route(app, "/api/quotas", methods=["POST"], access=ADMIN, max_body=BODY, body=CreateQuota)
     async def add_quota(self, request, body: CreateQuota):
         """Add a quota (per user, per role or global)."""
-        try:
-            quota = rules_core.validate_quota(body.given())
-        except InvalidValue as error:
-            raise invalid_field(error.field, str(error)) from None
-        try:
-            row = await self.ctx.db.run_write(store.add_quota, quota, self.ctx.now(),
-                                              request.principal.actor)
-        except LookupError:
-            raise invalid_field("user_id", "no such user") from None
-        await record_audit(self.ctx, "quota.created", request, target=f"quota:{row['id']}",
-                           action="create", details=quota)
+        row = await self.ctx.quotas.add(body.given(), request)
         return Response(dict(row, quota=row), status=201)
 
     @route(app, "/api/quotas/<quota_id>", methods=["DELETE"], access=ADMIN)
     async def delete_quota(self, request, quota_id):
         """Delete a quota."""
         number = path_id(quota_id, "Quota")
-        if not await self.ctx.db.run_write(store.delete_quota, number):
-            raise not_found(f"Quota {quota_id} not found")
-        await record_audit(self.ctx, "quota.deleted", request, target=f"quota:{number}", action="delete")
+        await self.ctx.quotas.delete(number, quota_id, request)
         return {"success": True, "id": number}

@@ -17,12 +17,12 @@ expire after ``ttl`` seconds (``approval-expiry`` reactor timer).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, TypeVar
 
 from stdaemon.approvals import rules as rules_core
 from stdaemon.approvals import store
 from stdaemon.approvals.rules import QuotaResult, Usage
-from stdaemon.http.errors import ApiError, invalid_field
+from stdaemon.http.errors import ApiError, invalid_field, not_found
 from stdaemon.invalid import InvalidValue
 from stdaemon.jobs import store as jobs_store
 from stdaemon.jobs.dispatch import Submissions
@@ -38,6 +38,29 @@ log = get_logger("stdaemon.approvals")
 
 DEFAULT_TTL = 86400.0
 EXPIRY_INTERVAL = 60.0
+BODY = 16 * 1024  # the cap of the approvals and quotas request bodies
+
+T = TypeVar("T")
+
+
+def checked(validate: Callable[[Mapping[str, Any]], T], given: Mapping[str, Any]) -> T:
+    """``validate(given)``; an invalid value is answered 400 ``invalid_field`` naming its field."""
+    try:
+        return validate(given)
+    except InvalidValue as error:
+        raise invalid_field(error.field, str(error)) from None
+
+
+async def record(audit: "AuditLog", event_type: str, http_request: Any = None, *, actor: str,
+                 target: str, action: str, details: Optional[Mapping[str, Any]] = None) -> None:
+    """One audit entry (S7), with the caller's address when a request caused it; a failed write
+    is logged and never fails the change, which is committed."""
+    ip = getattr(http_request, "client_ip", None) if http_request is not None else None
+    try:
+        await audit.record(event_type, actor=actor, ip=ip, target=target, action=action,
+                           details=dict(details or {}))
+    except Exception:
+        log.failure("Could not write audit entry {event_type}", event_type=event_type)
 
 
 @dataclass(frozen=True)
@@ -70,22 +93,30 @@ class ApprovalService:
     def now(self) -> float:
         return self.clock.seconds()
 
-    async def record(self, event_type: str, http_request: Any = None, *, actor: str, target: str,
-                     action: str, details: Optional[dict] = None) -> None:
-        """One audit entry (S7); a failed write is logged and never fails the decision."""
-        ip = getattr(http_request, "client_ip", None) if http_request is not None else None
-        try:
-            await self.audit.record(event_type, actor=actor, ip=ip, target=target, action=action,
-                                    details=details or {})
-        except Exception:
-            log.failure("Could not write audit entry {event_type}", event_type=event_type)
-
     async def load(self) -> None:
         self.counts = await self.db.run_read(store.counts_by_status)
 
     def metrics(self) -> dict:
         """For the ``approvals`` metrics family."""
         return {"pending": self.counts.get("pending", 0), "by_status": dict(self.counts)}
+
+    # -- rules ------------------------------------------------------------------------
+
+    async def add_rule(self, given: Mapping[str, Any], http_request: Any) -> dict:
+        """A new approval rule (``given``: a validated ``CreateRule``), audited."""
+        name, condition, value = checked(rules_core.validate_rule, given)
+        actor = http_request.principal.actor
+        rule = await self.db.run_write(store.add_rule, name, condition, value, self.now(), actor)
+        await record(self.audit, "approval.rule_created", http_request, actor=actor,
+                     target=f"approval_rule:{rule['id']}", action="create",
+                     details={"name": name, "condition": condition, "value": value})
+        return rule
+
+    async def delete_rule(self, number: int, raw_id: str, http_request: Any) -> None:
+        if not await self.db.run_write(store.delete_rule, number):
+            raise not_found(f"Approval rule {raw_id} not found")
+        await record(self.audit, "approval.rule_deleted", http_request,
+                     actor=http_request.principal.actor, target=f"approval_rule:{number}", action="delete")
 
     # -- the submission path ---------------------------------------------------------
 
@@ -122,7 +153,7 @@ class ApprovalService:
             decision.reason or "approval required", decision.estimate_usd, now, now + self.ttl,
             dict(details or {}, hardware_profile=decision.hardware_profile))
         self.counts["pending"] = self.counts.get("pending", 0) + 1
-        await self.record("approval.requested", actor=getattr(principal, "actor", "system"),
+        await record(self.audit, "approval.requested", actor=getattr(principal, "actor", "system"),
                            target=f"job:{job_id}", action="hold",
                            details={"rule": decision.rule_name, "estimate_usd": decision.estimate_usd})
         return request
@@ -198,7 +229,7 @@ class ApprovalService:
                 raise ApiError(409, "job_not_pending",
                                f"Job {current['job_id']} is {status}; it can no longer be approved")
         decided = await self._decide(request_id, "approved", principal.actor, reason)
-        await self.record("approval.approved", http_request, actor=principal.actor,
+        await record(self.audit, "approval.approved", http_request, actor=principal.actor,
                            target=f"job:{decided['job_id']}", action="approve",
                            details={"request_id": request_id, "reason": reason})
         job = await self._submit(decided)
@@ -225,7 +256,7 @@ class ApprovalService:
     async def reject(self, request_id: int, principal: Any, reason: Optional[str] = None,
                      http_request: Any = None) -> dict:
         decided = await self._decide(request_id, "rejected", principal.actor, reason)
-        await self.record("approval.rejected", http_request, actor=principal.actor,
+        await record(self.audit, "approval.rejected", http_request, actor=principal.actor,
                            target=f"job:{decided['job_id']}", action="reject",
                            details={"request_id": request_id, "reason": reason})
         await self._cancel(decided["job_id"], f"Approval rejected: {reason or 'no reason given'}")
@@ -244,7 +275,7 @@ class ApprovalService:
             expired += 1
             self.counts["pending"] = max(0, self.counts.get("pending", 0) - 1)
             self.counts["expired"] = self.counts.get("expired", 0) + 1
-            await self.record("approval.expired", actor="system",
+            await record(self.audit, "approval.expired", actor="system",
                                target=f"job:{decided['job_id']}", action="expire",
                                details={"request_id": request_id})
             await self._cancel(decided["job_id"], "Approval request expired")
@@ -260,9 +291,28 @@ class ApprovalService:
 
 
 class QuotaService:
-    def __init__(self, db: Database, clock: Any):
+    def __init__(self, db: Database, clock: Any, audit: "AuditLog"):
         self.db = db
         self.clock = clock
+        self.audit = audit
+
+    async def add(self, given: Mapping[str, Any], http_request: Any) -> dict:
+        """A new quota (``given``: a validated ``CreateQuota``), audited."""
+        quota = checked(rules_core.validate_quota, given)
+        actor = http_request.principal.actor
+        try:
+            row = await self.db.run_write(store.add_quota, quota, self.clock.seconds(), actor)
+        except LookupError:
+            raise invalid_field("user_id", "no such user") from None
+        await record(self.audit, "quota.created", http_request, actor=actor, target=f"quota:{row['id']}",
+                     action="create", details=quota)
+        return row
+
+    async def delete(self, number: int, raw_id: str, http_request: Any) -> None:
+        if not await self.db.run_write(store.delete_quota, number):
+            raise not_found(f"Quota {raw_id} not found")
+        await record(self.audit, "quota.deleted", http_request, actor=http_request.principal.actor,
+                     target=f"quota:{number}", action="delete")
 
     async def usage(self, user_id: int) -> Usage:
         raw = await self.db.run_read(jobs_store.user_usage, user_id, self.clock.seconds())

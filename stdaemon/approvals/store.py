@@ -13,6 +13,7 @@ import sqlite3
 from typing import Any, Optional
 
 from stdaemon.approvals.rules import Quota, Rule
+from stdaemon.jobs.store import page
 from stdaemon.timestamps import iso
 
 REQUEST_STATUSES = ("pending", "approved", "rejected", "expired")
@@ -86,17 +87,8 @@ def get_request(conn: sqlite3.Connection, request_id: int) -> Optional[dict]:
 
 def list_requests(conn: sqlite3.Connection, status: Optional[str] = None,
                   user_id: Optional[int] = None, limit: int = 100, offset: int = 0) -> tuple[list, int]:
-    where, args = [], []
-    if status:
-        where.append("status = ?")
-        args.append(status)
-    if user_id is not None:
-        where.append("user_id = ?")
-        args.append(user_id)
-    clause = (" WHERE " + " AND ".join(where)) if where else ""
-    total = conn.execute(f"SELECT count(*) FROM approval_requests{clause}", args).fetchone()[0]
-    rows = conn.execute(f"SELECT * FROM approval_requests{clause} ORDER BY id DESC LIMIT ? OFFSET ?",
-                        (*args, limit, offset)).fetchall()
+    rows, total = page(conn, "approval_requests", "id DESC", limit, offset, status=status,
+                       user_id=user_id)
     return [request_dict(r) for r in rows], total
 
 

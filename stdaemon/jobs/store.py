@@ -149,22 +149,22 @@ def apply_provider_update(conn, job: dict, kind: str, payload: Any, prices: Any,
 def list_jobs(conn, *, status: Optional[str] = None, provider: Optional[str] = None,
               user_id: Optional[int] = None, limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
     """A page of jobs (newest first) and the real total matching the filters."""
-    where, args = [], []
-    if status:
-        where.append("status = ?")
-        args.append(status)
-    if provider:
-        where.append("provider = ?")
-        args.append(provider)
-    if user_id is not None:
-        where.append("user_id = ?")
-        args.append(user_id)
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
-    conn.row_factory = sqlite3.Row
-    total = conn.execute(f"SELECT count(*) FROM jobs{clause}", args).fetchone()[0]
-    rows = conn.execute(f"SELECT * FROM jobs{clause} ORDER BY created_at DESC, job_id DESC LIMIT ? OFFSET ?",
-                        (*args, limit, offset)).fetchall()
+    rows, total = page(conn, "jobs", "created_at DESC, job_id DESC", limit, offset,
+                       status=status, provider=provider, user_id=user_id)
     return [row_to_dict(r) for r in rows], total
+
+
+def page(conn, table: str, order: str, limit: int, offset: int, **equal: Any) -> tuple[list, int]:
+    """A page of ``table``'s rows in ``order`` whose columns equal the values in ``equal`` (None or
+    "" filters nothing), and the real total of matching rows."""
+    given = [(name, value) for name, value in equal.items() if value is not None and value != ""]
+    clause = (" WHERE " + " AND ".join(f"{name} = ?" for name, _ in given)) if given else ""
+    args = [value for _, value in given]
+    conn.row_factory = sqlite3.Row
+    total = conn.execute(f"SELECT count(*) FROM {table}{clause}", args).fetchone()[0]
+    rows = conn.execute(f"SELECT * FROM {table}{clause} ORDER BY {order} LIMIT ? OFFSET ?",
+                        (*args, limit, offset)).fetchall()
+    return rows, total
 
 
 def active_jobs(conn, provider: str, limit: int = 100) -> list[dict]:
