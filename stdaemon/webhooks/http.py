@@ -142,7 +142,7 @@ class WebhooksSurface(Surface):
         if provider not in PROVIDERS and not trainer_path:
             raise not_found(f"No webhook endpoint for provider {provider[:64]!r}")
         self.webhooks.counters["received"] += 1
-        if getattr(self.ctx.health, "phase", "ready") == "starting":
+        if self.ctx.health.phase == "starting":
             # Settings, secrets and the audit key are still loading; the
             # provider retries non-2xx deliveries.
             raise ApiError(503, "not_ready", "stdaemon is starting; retry shortly",
