@@ -27,6 +27,7 @@ from klein import Klein
 from twisted.internet import defer
 from twisted.web.server import NOT_DONE_YET
 
+from stdaemon.app import App
 from stdaemon.http.errors import ApiError
 from stdaemon.http.request import BodyPolicy, RejectBody
 from stdaemon.http.root import client_ip
@@ -67,7 +68,7 @@ class StorageSurface(Surface):
     app = Klein()
     prefixes = (PREFIX,)
 
-    def __init__(self, ctx: Any, max_put_bytes: int = MAX_PUT_BYTES):
+    def __init__(self, ctx: App, max_put_bytes: int = MAX_PUT_BYTES):
         super().__init__(ctx)
         self.s3 = ctx.s3
         self.max_put_bytes = max_put_bytes
