@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the capability services' types; the App itself imports none
     from stdaemon.events.service import EventBus
     from stdaemon.health.checks import CoreChecks
     from stdaemon.jobs.dispatch import Submissions
+    from stdaemon.jobs.http_logs import LogStreams
     from stdaemon.jobs.service import JobService
     from stdaemon.outbound.breaker import BreakerRegistry
     from stdaemon.outbound.http import HTTPClientFactory
@@ -61,6 +62,7 @@ class App:
     breakers: "BreakerRegistry"
     jobs: "JobService"
     submissions: "Submissions"
+    job_log_streams: "LogStreams"
     configs: "ConfigService"
     events: "EventBus"
     approvals: "ApprovalService"

@@ -40,6 +40,7 @@ from stdaemon.health.http import HealthSurface
 from stdaemon.http.request import StdaemonSite
 from stdaemon.http.root import Root
 from stdaemon.jobs.dispatch import Submissions
+from stdaemon.jobs.http_logs import LogStreams
 from stdaemon.jobs.service import JobService
 from stdaemon.logs import (
     configure_structured_logging,
@@ -118,6 +119,9 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     wire_capabilities(app)
     # rate limiting: its middleware is the first thing every routed request meets
     root.middlewares.insert(0, app.rate_limit_middleware)
+    # job log streams (SSE, `jobs logs --follow`): ended when the daemon drains
+    app.job_log_streams = LogStreams()
+    app.drain_hooks.append(app.job_log_streams.close_all)
     # events: the live event bus behind /api/events/stream; its streams end when the daemon drains
     app.events = EventBus(app.clock)
     app.drain_hooks.append(app.events.close_all)

@@ -111,6 +111,18 @@ class LogFollower:
             self.close()
 
 
+class LogStreams:
+    """The open log streams (``app.job_log_streams``): counted against ``MAX_STREAMS`` and all
+    ended when the daemon drains (``close_all``, an ``app.drain_hooks`` entry)."""
+
+    def __init__(self) -> None:
+        self.followers: set[LogFollower] = set()
+
+    def close_all(self) -> None:
+        for follower in list(self.followers):
+            follower.close()
+
+
 class JobLogsSurface(Surface):
     app = Klein()
     prefixes = ("/api/cloud/jobs",)
@@ -118,12 +130,10 @@ class JobLogsSurface(Surface):
     def __init__(self, ctx: Any):
         super().__init__(ctx)
         self.poll_interval = POLL_INTERVAL
-        self.followers: set[LogFollower] = set()
-        ctx.drain_hooks.append(self.close_all)
 
-    def close_all(self) -> None:
-        for follower in list(self.followers):
-            follower.close()
+    @property
+    def followers(self) -> set[LogFollower]:
+        return self.ctx.job_log_streams.followers
 
     @route(app, "/api/cloud/jobs/<job_id>/logs/stream", access=VIEWER, rate_limited=False, stream=True)
     async def stream(self, request, job_id):
