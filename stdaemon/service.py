@@ -51,6 +51,7 @@ from stdaemon.logs import (
 )
 from stdaemon.metrics import service as metrics_service
 from stdaemon.metrics.spend import SPEND_REFRESH_INTERVAL
+from stdaemon.providers.service import ProviderManager
 from stdaemon.providers.settings import PROVIDERS
 from stdaemon.ratelimit import service as rate_limit
 from stdaemon.ratelimit.http import RateLimitMiddleware
@@ -62,6 +63,7 @@ from stdaemon.s3.service import S3Service
 from stdaemon.secrets.service import SecretsService
 from stdaemon.threads import BlockingPool, PoolService, install_pool
 from stdaemon.users import api_keys, store as users
+from stdaemon.users.sessions import SessionManager
 from stdaemon.webhooks.service import SWEEP_INTERVAL as WEBHOOK_SWEEP_INTERVAL
 from stdaemon.webhooks.service import WebhookService
 
@@ -144,6 +146,8 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     app.webhooks = WebhookService(app.db, app.clock, app.jobs, app.providers, app.secrets, app.audit)
     app.add_timer("webhook-deliveries-sweep", WEBHOOK_SWEEP_INTERVAL, app.webhooks.sweep)
     app.backups.after_restore.append(app.webhooks.forget_recent)
+    # providers → webhooks: a replaced API token forgets the signing secret learnt with the old one
+    app.providers.token_changed_hooks.append(app.webhooks.forget_secret)
     # metrics: the figures the capabilities above keep; the providers' spend in their cost period
     wire_metrics(app)
     return app, root
@@ -217,12 +221,23 @@ def wire_capabilities(ctx: App) -> None:
     ctx.health.register("rate_limiter", limiting.health)
     ctx.metrics.set_tracked_clients_source(ctx.rate_limit_middleware.tracked_clients)
     ctx.add_timer("rate-limit-clients-sweep", 30.0, ctx.rate_limit_middleware.sweep)
-    from stdaemon.users import sessions
-
-    sessions.install(ctx)  # ctx.sessions: st_session strategy + CSRF, password pool, sweep timer
-    from stdaemon.providers import service as providers
-
-    providers.install(ctx)  # ctx.providers, ctx.http_clients, ctx.breakers; circuit_breaker:/provider: health
+    # sessions: the st_session strategy (after API keys) + CSRF, the password pool, the sweep timer
+    passwords = BlockingPool(ctx.reactor, "stdaemon-passwords", maxthreads=2)
+    sessions = SessionManager(ctx.db, ctx.clock, passwords, ttl=ctx.config.auth.session_ttl,
+                              public_url=ctx.config.server.public_url)
+    ctx.auth.add_strategy(sessions.authenticate)
+    PoolService(passwords).setServiceParent(ctx.services)
+    ctx.add_timer("session-sweep", sessions.sweep_interval, sessions.sweep)
+    ctx.sessions = sessions
+    # providers: settings, the outbound client factory and breakers; circuit_breaker:/provider: health
+    providers = ProviderManager(ctx.config, ctx.reactor, ctx.clock, ctx.db, ctx.secrets, ctx.audit)
+    providers.setServiceParent(ctx.services)
+    for name in PROVIDERS:
+        ctx.health.register(f"circuit_breaker:{name}", lambda p=name: providers.breaker_health(p))
+        ctx.health.register(f"provider:{name}", lambda p=name: providers.provider_health(p), optional=True)
+    ctx.providers = providers
+    ctx.http_clients = providers.http
+    ctx.breakers = providers.breakers
     # State cached from the database is reloaded after a restore swaps it (jobs, webhooks: build_app).
     ctx.backups.after_restore.extend([ctx.providers.load, _forget_verified_keys(ctx)])
 

@@ -17,11 +17,12 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from stdaemon import __version__
+from stdaemon.outbound.connect_proxy import parse_proxy_url
 from stdaemon.outbound.http import (
-    HTTPClientFactory, OutboundProxyError, OutboundSettings, OutboundTimeoutError,
-    OutboundTLSError, outbound_settings, parse_proxy_url, proxy_bypassed, redact_url,
-    split_pem_certificates,
+    HTTPClientFactory, OutboundProxyError, OutboundTimeoutError, OutboundTLSError,
 )
+from stdaemon.outbound.settings import OutboundSettings, outbound_settings, proxy_bypassed, redact_url
+from stdaemon.outbound.tls import split_pem_certificates
 from tests.fake_replicate import FakeReplicate
 from tests.tinyproxy_fixture import tinyproxy, tinyproxy_with_auth  # noqa: F401 (fixtures)
 

@@ -8,9 +8,8 @@ from twisted.internet import reactor, task
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from stdaemon.outbound.http import (
-    HTTPClientFactory, OutboundResponse, OutboundTimeoutError, outbound_settings,
-)
+from stdaemon.outbound.http import HTTPClientFactory, OutboundResponse, OutboundTimeoutError
+from stdaemon.outbound.settings import outbound_settings
 from stdaemon.providers.replicate import (
     CircuitOpenError, ProviderAPIError, ProviderNotConfigured, ProviderUnavailable,
     ReplicateClient,

@@ -23,6 +23,7 @@ import yaml
 
 from stdaemon.config.schema import SECTIONS, Config
 from stdaemon.invalid import InvalidValue
+from stdaemon.outbound.tls import CABundleError, load_ca_bundle
 from stdaemon.providers.settings import config_validators
 from stdaemon.ratelimit.rules import parse_rules
 
@@ -453,8 +454,6 @@ def load_config(
         if checked.get("ssl_ca_bundle"):
             # A CA bundle that cannot be used would only fail at the first
             # provider call: refuse it at start-up instead.
-            from stdaemon.outbound.http import CABundleError, load_ca_bundle
-
             try:
                 load_ca_bundle(os.path.expanduser(checked["ssl_ca_bundle"]))
             except CABundleError as e:

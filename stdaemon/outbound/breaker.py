@@ -32,6 +32,10 @@ STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 @dataclass(frozen=True)
 class BreakerSettings:
+    """``failure_threshold`` consecutive failures open the circuit; it half-opens after
+    ``recovery_timeout`` seconds, admits ``half_open_max_calls`` trial calls, and closes
+    after ``success_threshold`` of them succeed (the provider's ``breaker_*`` settings)."""
+
     failure_threshold: int = 5
     recovery_timeout: float = 60.0
     half_open_max_calls: int = 3

@@ -15,6 +15,8 @@ inside the tunnel, exactly as with a direct connection.
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectError
@@ -163,3 +165,32 @@ class HTTPConnectTunnelEndpoint:
         d = self._proxy_endpoint.connect(factory)
         d.addCallback(lambda _proto: factory.ready)
         return d
+
+
+@dataclass(frozen=True)
+class ProxyTarget:
+    scheme: str
+    host: str
+    port: int
+    authorization: bytes | None
+
+
+def parse_proxy_url(url: str) -> ProxyTarget:
+    """``http://[user:pass@]host[:port]`` → :class:`ProxyTarget` (ValueError if bad)."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("proxy URL must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError("proxy URL has no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("proxy URL has an invalid port") from None
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    authorization = None
+    if parts.username is not None:
+        authorization = basic_proxy_authorization(
+            unquote(parts.username), unquote(parts.password or "")
+        )
+    return ProxyTarget(parts.scheme, parts.hostname, port, authorization)

@@ -19,6 +19,10 @@ For each provider it builds a treq ``HTTPClient`` from the provider's
 * Every request carries ``User-Agent: stdaemon/<version>`` and the current
   ``X-Correlation-ID``.
 
+The settings (:mod:`stdaemon.outbound.settings`), the CA bundle
+(:mod:`stdaemon.outbound.tls`) and the CONNECT tunnel
+(:mod:`stdaemon.outbound.connect_proxy`) have their own modules.
+
 Settings are looked up on every call; when they differ from those the cached
 client was built with, a new client (and connection pool) is built, so a
 change saved through the API applies to the very next call without a restart.
@@ -26,13 +30,11 @@ change saved through the API applies to the very next call without a restart.
 
 from __future__ import annotations
 
-import ipaddress
 import json as _json
 import os
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -63,105 +65,16 @@ import treq
 from treq.client import HTTPClient
 
 from stdaemon import __version__
+from stdaemon.logs import correlation_id_var
 from stdaemon.outbound.connect_proxy import (
-    HTTPConnectTunnelEndpoint, ProxyConnectError, basic_proxy_authorization,
+    HTTPConnectTunnelEndpoint, ProxyConnectError, ProxyTarget, parse_proxy_url,
 )
+from stdaemon.outbound.settings import OutboundSettings, proxy_bypassed
+from stdaemon.outbound.tls import CABundleError, load_ca_bundle
 
 log = Logger(namespace="stdaemon.clients.http")
 
-DEFAULT_TIMEOUT = 30.0
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
-FALSE_WORDS = frozenset({"false", "0", "no", "off"})
-
-
-# ---------------------------------------------------------------------------
-# Settings
-# ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OutboundSettings:
-    """What one provider's outbound client is built from."""
-
-    https_proxy: str = ""
-    http_proxy: str = ""
-    no_proxy: tuple[str, ...] = ()
-    ssl_verify: bool = True
-    ssl_ca_bundle: str = ""
-    http_timeout: float = DEFAULT_TIMEOUT
-    # (mtime_ns, size) of the CA bundle when read; part of the cache key so a
-    # replaced bundle file is picked up on the next call too.
-    ca_bundle_stamp: tuple = field(default=(), compare=True)
-
-
-def _env(environ: Mapping[str, str], name: str) -> str:
-    value = environ.get(name)
-    if value is None:
-        value = environ.get(name.lower(), "")
-    return value.strip()
-
-
-def parse_no_proxy(value: str | list | tuple | None) -> tuple[str, ...]:
-    if not value:
-        return ()
-    if isinstance(value, str):
-        value = value.split(",")
-    return tuple(item.strip().lower() for item in value if item and item.strip())
-
-
-def parse_bool(value: Any, default: bool = True) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value is None or value == "":
-        return default
-    return str(value).strip().lower() not in FALSE_WORDS
-
-
-def outbound_settings(values: Mapping[str, Any], environ: Mapping[str, str]) -> OutboundSettings:
-    """Effective outbound settings for one provider.
-
-    ``values`` are the provider's settings from the config file and the API
-    (``proxy_url``, ``ssl_verify``, ``ssl_ca_bundle``, ``http_timeout``,
-    ``no_proxy``); keys that are absent or ``None`` fall back to the
-    environment defaults (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``,
-    ``SIMPLETUNER_CA_BUNDLE``, ``SIMPLETUNER_SSL_VERIFY``,
-    ``SIMPLETUNER_HTTP_TIMEOUT``) and then to the built-in defaults.
-    """
-    proxy_url = values.get("proxy_url")
-    if proxy_url is None:
-        https_proxy = _env(environ, "HTTPS_PROXY")
-        http_proxy = _env(environ, "HTTP_PROXY")
-    else:
-        https_proxy = http_proxy = str(proxy_url).strip()
-
-    no_proxy = values.get("no_proxy")
-    no_proxy = parse_no_proxy(_env(environ, "NO_PROXY") if no_proxy is None else no_proxy)
-
-    ssl_verify = values.get("ssl_verify")
-    if ssl_verify is None:
-        ssl_verify = parse_bool(_env(environ, "SIMPLETUNER_SSL_VERIFY"), True)
-
-    ca_bundle = values.get("ssl_ca_bundle")
-    if ca_bundle is None:
-        ca_bundle = _env(environ, "SIMPLETUNER_CA_BUNDLE")
-
-    timeout = values.get("http_timeout")
-    if timeout is None:
-        raw = _env(environ, "SIMPLETUNER_HTTP_TIMEOUT")
-        try:
-            timeout = float(raw) if raw else DEFAULT_TIMEOUT
-        except ValueError:
-            timeout = DEFAULT_TIMEOUT
-    timeout = float(timeout)
-    if timeout <= 0:
-        timeout = DEFAULT_TIMEOUT
-
-    return OutboundSettings(
-        https_proxy=https_proxy,
-        http_proxy=http_proxy,
-        no_proxy=no_proxy,
-        ssl_verify=bool(ssl_verify),
-        ssl_ca_bundle=os.path.expanduser(str(ca_bundle or "")),
-        http_timeout=timeout,
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -193,120 +106,9 @@ class OutboundProxyError(OutboundError):
         self.status = status  # the proxy's answer to CONNECT, when it gave one
 
 
-class CABundleError(ValueError):
-    """The configured CA bundle is missing, unreadable or holds no PEM certificate."""
-
-
 # ---------------------------------------------------------------------------
-# Pure helpers
+# Failures
 # ---------------------------------------------------------------------------
-_PEM_CERT = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
-)
-
-
-def split_pem_certificates(data: bytes) -> list[bytes]:
-    """Every certificate block in a PEM bundle, in order."""
-    return [m.group(0) for m in _PEM_CERT.finditer(data)]
-
-
-def load_ca_bundle(path: str) -> list[ssl.Certificate]:
-    """Read a PEM bundle and parse all of its certificates (small file)."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(8 * 1024 * 1024)
-    except FileNotFoundError:
-        raise CABundleError(f"CA bundle {path!r} does not exist") from None
-    except OSError as exc:
-        raise CABundleError(f"CA bundle {path!r} is not readable: {exc.strerror}") from None
-    blocks = split_pem_certificates(data)
-    if not blocks:
-        raise CABundleError(f"CA bundle {path!r} contains no PEM certificate")
-    certificates = []
-    for index, block in enumerate(blocks, 1):
-        try:
-            certificates.append(ssl.Certificate.loadPEM(block))
-        except Exception:
-            raise CABundleError(
-                f"CA bundle {path!r}: certificate #{index} is not a valid PEM certificate"
-            ) from None
-    return certificates
-
-
-def proxy_bypassed(host: str, port: int, no_proxy: tuple[str, ...]) -> bool:
-    """True when ``NO_PROXY`` says ``host:port`` is reached directly."""
-    host = host.lower().strip("[]")
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    for entry in no_proxy:
-        if entry == "*":
-            return True
-        entry_host, entry_port = entry, None
-        if entry.count(":") == 1 or (entry.startswith("[") and "]:" in entry):
-            entry_host, _, port_text = entry.rpartition(":")
-            if port_text.isdigit():
-                entry_port = int(port_text)
-            else:
-                entry_host = entry
-        entry_host = entry_host.strip("[]")
-        if entry_port is not None and entry_port != port:
-            continue
-        if address is not None:
-            try:
-                if address in ipaddress.ip_network(entry_host, strict=False):
-                    return True
-            except ValueError:
-                pass
-            continue
-        bare = entry_host.lstrip(".")
-        if not bare:
-            continue
-        if host == bare or host.endswith("." + bare):
-            return True
-    return False
-
-
-@dataclass(frozen=True)
-class ProxyTarget:
-    scheme: str
-    host: str
-    port: int
-    authorization: bytes | None
-
-
-def parse_proxy_url(url: str) -> ProxyTarget:
-    """``http://[user:pass@]host[:port]`` → :class:`ProxyTarget` (ValueError if bad)."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https"):
-        raise ValueError("proxy URL must start with http:// or https://")
-    if not parts.hostname:
-        raise ValueError("proxy URL has no host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError("proxy URL has an invalid port") from None
-    if port is None:
-        port = 443 if parts.scheme == "https" else 80
-    authorization = None
-    if parts.username is not None:
-        authorization = basic_proxy_authorization(
-            unquote(parts.username), unquote(parts.password or "")
-        )
-    return ProxyTarget(parts.scheme, parts.hostname, port, authorization)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and API responses."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
-
-
 def describe_failure(failure: Failure, host: str, settings: OutboundSettings) -> OutboundError:
     """Turn a Twisted failure of a request into one clear :class:`OutboundError`."""
     exc = failure.value
@@ -533,8 +335,6 @@ class ProviderHTTPClient:
 def _default_correlation_id() -> str | None:
     # The request's correlation id flows through coroutines in a contextvar
     # (stdaemon.logs, S16).
-    from stdaemon.logs import correlation_id_var
-
     return correlation_id_var.get() or None
 
 

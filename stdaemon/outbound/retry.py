@@ -19,6 +19,10 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """At most ``max_attempts`` calls in all; the n-th retry waits ``base_delay`` ×
+    ``multiplier``ⁿ⁻¹ (at most ``max_delay``, minus up to ``jitter`` of it), or longer when
+    ``Retry-After`` asks for it; a ``Retry-After`` over ``max_retry_after`` is not retried."""
+
     max_attempts: int = 3
     base_delay: float = 0.5
     multiplier: float = 2.0

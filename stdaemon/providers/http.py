@@ -32,7 +32,7 @@ from typing import Annotated, Optional, Union
 from klein import Klein
 from pydantic import ConfigDict, Field, create_model
 
-from stdaemon.providers.service import TOKEN_NAMES, audit
+from stdaemon.providers.service import TOKEN_NAMES, audit_with
 from stdaemon.providers.replicate import (
     CircuitOpenError, ProviderAPIError, ProviderNotConfigured, ProviderUnavailable,
 )
@@ -46,6 +46,7 @@ from stdaemon.http.errors import ApiError, bad_request, not_found
 from stdaemon.http.surface import ADMIN, OPERATOR, VIEWER, Surface, route
 from stdaemon.http.validation import BodyModel, QueryModel
 from stdaemon.logs import get_logger
+from stdaemon.secrets.service import SecretStoreError
 from stdaemon.invalid import InvalidValue
 
 log = get_logger("stdaemon.providers")
@@ -211,14 +212,8 @@ class ProvidersSurface(Surface):
 
     # -- the provider's API token (write-only) -------------------------------------------
 
-    def _secrets(self):
-        manager = getattr(self.ctx, "secrets", None)
-        if manager is None:
-            raise ApiError(503, "secrets_unavailable", "The secrets service is not running")
-        return manager
-
     async def _token_status(self, provider: str) -> dict:
-        secrets = self._secrets()
+        secrets = self.ctx.secrets
         name = TOKEN_NAMES[provider]
         configured = await self.ctx.providers.is_configured(provider)
         source = secrets.source(name)
@@ -248,9 +243,7 @@ class ProvidersSurface(Surface):
         return await self._write_token(request, _provider(provider), None)
 
     async def _write_token(self, request, provider: str, token):
-        from stdaemon.secrets.service import SecretStoreError
-
-        secrets = self._secrets()
+        secrets = self.ctx.secrets
         name = TOKEN_NAMES[provider]
         try:
             result = await secrets.write_file_secret(name, token)
@@ -265,9 +258,10 @@ class ProvidersSurface(Surface):
         actor = _actor(request)
         log.info("{name} {action} in the secrets file {path} by {actor}", name=name,
                  action="saved" if token is not None else "removed", path=result["path"], actor=actor)
-        await audit(self.ctx, "provider.token_set" if token is not None else "provider.token_deleted",
-                    actor=actor, ip=getattr(request, "client_ip", None), target=provider, action=action,
-                    details={"name": name, "file": result["path"], "changed": result["changed"]})
+        await audit_with(self.ctx.audit,
+                         "provider.token_set" if token is not None else "provider.token_deleted",
+                         actor=actor, ip=getattr(request, "client_ip", None), target=provider,
+                         action=action, details={"name": name, "file": result["path"], "changed": result["changed"]})
         status = await self._token_status(provider)
         status.update({"success": True, "changed": result["changed"], "file_path": result["path"]})
         if token is not None and status["source"] not in (None, "file"):

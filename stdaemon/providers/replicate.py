@@ -25,7 +25,7 @@ Errors from Replicate carry ``detail`` (and ``title``); that text is what
 from __future__ import annotations
 
 import random
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 from urllib.parse import quote
 
 from twisted.internet import defer, task

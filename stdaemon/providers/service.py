@@ -1,11 +1,10 @@
 """Provider runtime: effective settings, the outbound client factory, breakers.
 
-``install(ctx)`` builds one :class:`ProviderManager` and hangs it on the App
-context:
+``build_app`` builds one :class:`ProviderManager` and puts on the App:
 
-* ``ctx.providers`` — this manager (settings, ``replicate`` client, health);
-* ``ctx.http_clients`` — the one :class:`~stdaemon.outbound.http.HTTPClientFactory`;
-* ``ctx.breakers`` — the per-provider circuit breakers
+* ``app.providers`` — this manager (settings, ``replicate`` client, health);
+* ``app.http_clients`` — its :class:`~stdaemon.outbound.http.HTTPClientFactory` (``http``);
+* ``app.breakers`` — its per-provider circuit breakers
   (:class:`~stdaemon.outbound.breaker.BreakerRegistry`; metrics read
   ``snapshot()`` of each).
 
@@ -16,14 +15,15 @@ factory asks for them on every call, so a change applies to the next call.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorTime
 
-from stdaemon.outbound.http import (
-    CABundleError, HTTPClientFactory, OutboundSettings, load_ca_bundle, outbound_settings,
-)
+from stdaemon.outbound.http import HTTPClientFactory
+from stdaemon.outbound.settings import OutboundSettings, outbound_settings
+from stdaemon.outbound.tls import CABundleError, load_ca_bundle
 from stdaemon.providers.replicate import (
     ProviderAPIError, ProviderNotConfigured, ProviderUnavailable, ReplicateClient,
 )
@@ -31,8 +31,13 @@ from stdaemon.jobs import costs
 from stdaemon.providers import model_versions as mv
 from stdaemon.providers import settings as ps
 from stdaemon.outbound.breaker import BreakerRegistry, BreakerSettings, CircuitBreaker, CircuitOpenError
+from stdaemon.audit.service import AuditLog
+from stdaemon.config.schema import Config
+from stdaemon.health.service import DEGRADED, HEALTHY, Component
 from stdaemon.logs import get_logger
+from stdaemon.secrets.service import SecretsManager
 from stdaemon.store import settings as settings_store
+from stdaemon.store.database import Database
 from stdaemon.invalid import InvalidValue
 
 log = get_logger("stdaemon.providers")
@@ -45,7 +50,14 @@ BREAKER_FIELDS = ("breaker_failure_threshold", "breaker_recovery_timeout",
 async def audit(ctx: Any, event_type: str, *, actor: str, ip: str | None, target: str,
                 action: str, details: Mapping[str, Any]) -> None:
     """Write through the one audit writer (``ctx.audit``, S7)."""
-    writer = getattr(ctx, "audit", None)
+    await audit_with(getattr(ctx, "audit", None), event_type, actor=actor, ip=ip, target=target,
+                     action=action, details=details)
+
+
+async def audit_with(writer: Optional[AuditLog], event_type: str, *, actor: str, ip: str | None,
+                     target: str, action: str, details: Mapping[str, Any]) -> None:
+    """Write through ``writer``, the one audit writer (``app.audit``, S7); a failed write is
+    logged, never raised."""
     if writer is None:
         log.warning("Audit writer not installed; {event_type} on {target} not recorded",
                     event_type=event_type, target=target)
@@ -61,22 +73,31 @@ async def audit(ctx: Any, event_type: str, *, actor: str, ip: str | None, target
 class ProviderManager(Service):
     name = "providers"
 
-    def __init__(self, ctx: Any):
-        self.ctx = ctx
+    def __init__(self, config: Config, reactor: Any, clock: IReactorTime, db: Database,
+                 secrets: SecretsManager, audit: AuditLog):
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock
+        self.db = db
+        self.secrets = secrets
+        self.audit = audit
+        #: Called with the provider's name when its API token was replaced or removed
+        #: (the webhooks surface forgets the signing secret learnt with the old token).
+        self.token_changed_hooks: list[Callable[[str], None]] = []
         self._api: dict[str, dict[str, Any]] = {p: {} for p in ps.PROVIDERS}
         # File values validated once (INI gives strings; bad values are
         # reported and ignored rather than breaking every provider call).
         self._file: dict[str, dict[str, Any]] = {}
         for provider in ps.PROVIDERS:
-            values, errors = ps.normalise_file_values(ctx.config.providers.get(provider, {}) or {})
+            values, errors = ps.normalise_file_values(config.providers.get(provider, {}) or {})
             for error in errors:
                 log.error("Ignoring providers.{provider}.{field}: {reason}", provider=provider,
                           field=error.field, reason=error.reason)
             self._file[provider] = values
-        self.breakers = BreakerRegistry(ctx.clock, on_change=self._breaker_changed)
-        self.http = HTTPClientFactory(ctx.reactor, self.outbound)
+        self.breakers = BreakerRegistry(clock, on_change=self._breaker_changed)
+        self.http = HTTPClientFactory(reactor, self.outbound)
         self.replicate = ReplicateClient(
-            self.http, self.breaker("replicate"), ctx.clock,
+            self.http, self.breaker("replicate"), clock,
             token=lambda: self.token("replicate"),
             api_base_url=lambda: self.value("replicate", "api_base_url"))
         # Newest version per Replicate model, on the injected clock (TTL read per call).
@@ -86,7 +107,7 @@ class ProviderManager(Service):
     async def load(self) -> None:
         """Read settings saved through the API (start-up, after restore)."""
         for provider in ps.PROVIDERS:
-            raw = await self.ctx.db.run_read(settings_store.read_namespace, f"provider:{provider}")
+            raw = await self.db.run_read(settings_store.read_namespace, f"provider:{provider}")
             values = {}
             for key, value in raw.items():
                 try:
@@ -107,10 +128,10 @@ class ProviderManager(Service):
         return self._file.get(provider, {})
 
     def effective(self, provider: str) -> dict[str, tuple[Any, str]]:
-        result = ps.effective(self.file_values(provider), self.ctx.config.environ, self._api[provider])
-        if result["s3_public_url"][0] == "" and self.ctx.config.server.public_url:
-            source = self.ctx.config.sources.get("server.public_url", "file")
-            result["s3_public_url"] = (self.ctx.config.server.public_url.rstrip("/"), source)
+        result = ps.effective(self.file_values(provider), self.config.environ, self._api[provider])
+        if result["s3_public_url"][0] == "" and self.config.server.public_url:
+            source = self.config.sources.get("server.public_url", "file")
+            result["s3_public_url"] = (self.config.server.public_url.rstrip("/"), source)
         return result
 
     def values(self, provider: str) -> dict[str, Any]:
@@ -124,7 +145,7 @@ class ProviderManager(Service):
         by ``outbound_settings`` so HTTPS_PROXY and HTTP_PROXY stay distinct)."""
         chosen = {name: value for name, (value, source) in self.effective(provider).items()
                   if source in ("file", "api")}
-        return outbound_settings(chosen, self.ctx.config.environ)
+        return outbound_settings(chosen, self.config.environ)
 
     def breaker_settings(self, provider: str) -> BreakerSettings:
         values = self.values(provider)
@@ -147,22 +168,16 @@ class ProviderManager(Service):
         return breaker
 
     def token(self, provider: str):
-        secrets = getattr(self.ctx, "secrets", None)
-        if secrets is None:
-            return None
-        return secrets.get(TOKEN_NAMES[provider])
+        return self.secrets.get(TOKEN_NAMES[provider])
 
     def token_changed(self, provider: str) -> None:
         """The API token was replaced or removed: forget what was learnt with the old one."""
         self.versions.clear()
-        webhooks = getattr(self.ctx, "webhooks", None)
-        forget = getattr(webhooks, "forget_secret", None)
-        if callable(forget):
-            forget(provider)
+        for hook in self.token_changed_hooks:
+            hook(provider)
 
     def token_known(self, provider: str) -> bool:
-        secrets = getattr(self.ctx, "secrets", None)
-        return bool(secrets is not None and secrets.known(TOKEN_NAMES[provider]))
+        return bool(self.secrets.known(TOKEN_NAMES[provider]))
 
     def model_version(self, provider: str, profile: str) -> str | None:
         """The version configuration sets for ``profile`` (``version_override``,
@@ -187,7 +202,7 @@ class ProviderManager(Service):
 
     async def newest_version(self, provider: str, model_id: str) -> mv.ModelVersion:
         self.versions.ttl = float(self.value(provider, "model_version_ttl"))
-        now = self.ctx.clock.seconds()
+        now = self.clock.seconds()
         cached = self.versions.get(model_id, now)
         if cached is not None:
             return cached
@@ -199,7 +214,7 @@ class ProviderManager(Service):
             newest = listed[0] if listed else None
         if newest is None:
             raise ProviderAPIError(404, f"Replicate model {model_id} has no versions")
-        self.versions.put(model_id, newest, self.ctx.clock.seconds())
+        self.versions.put(model_id, newest, self.clock.seconds())
         log.info("Replicate model {model_id}: newest version {version}", model_id=model_id,
                  version=newest.id)
         return newest
@@ -209,7 +224,7 @@ class ProviderManager(Service):
         listed = mv.parse_versions(model_id, await self.replicate.list_versions(owner, name))
         if listed:
             self.versions.ttl = float(self.value(provider, "model_version_ttl"))
-            self.versions.put(model_id, listed[0], self.ctx.clock.seconds())
+            self.versions.put(model_id, listed[0], self.clock.seconds())
         return listed
 
     async def is_configured(self, provider: str) -> bool:
@@ -233,11 +248,10 @@ class ProviderManager(Service):
             }
             for name, hw in costs.HARDWARE_PROFILES.items()
         }
-        secrets = getattr(self.ctx, "secrets", None)
         return {
             "provider": provider,
             "configured": self.token_known(provider) if configured is None else configured,
-            "token_source": secrets.source(TOKEN_NAMES[provider]) if secrets is not None else None,
+            "token_source": self.secrets.source(TOKEN_NAMES[provider]),
             "config": config,
             "sources": {name: source for name, (_v, source) in effective.items()},
             "circuit_breaker": self.breaker(provider).snapshot(),
@@ -250,7 +264,7 @@ class ProviderManager(Service):
         bundle = changes.get("ssl_ca_bundle")
         if bundle:
             try:
-                await threads.deferToThreadPool(self.ctx.reactor, self.ctx.reactor.getThreadPool(),
+                await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                                 load_ca_bundle, bundle)
             except CABundleError as exc:
                 raise InvalidValue("ssl_ca_bundle", str(exc)) from None
@@ -258,12 +272,12 @@ class ProviderManager(Service):
         merged.update({k: v for k, v in changes.items() if v is not None})
         for key in [k for k, v in changes.items() if v is None]:
             merged.pop(key, None)
-        check = {k: v for k, v in ps.effective(self.file_values(provider), self.ctx.config.environ,
+        check = {k: v for k, v in ps.effective(self.file_values(provider), self.config.environ,
                                                merged).items()}
         if check["breaker_success_threshold"][0] > check["breaker_half_open_max_calls"][0]:
             raise InvalidValue("breaker_success_threshold", "must not exceed breaker_half_open_max_calls")
         before = self.effective(provider)
-        await self.ctx.db.run_write(settings_store.write_changes, f"provider:{provider}", changes, self.ctx.now())
+        await self.db.run_write(settings_store.write_changes, f"provider:{provider}", changes, self.clock.seconds())
         self._api[provider] = merged
         self.versions.clear()  # a provider change (token, models, base URL) re-resolves versions
         after = self.effective(provider)
@@ -275,7 +289,7 @@ class ProviderManager(Service):
                         provider=provider, actor=actor)
         log.info("Provider {provider} configured by {actor}: {fields}", provider=provider,
                  actor=actor, fields=", ".join(sorted(changes)))
-        await audit(self.ctx, "provider.configured", actor=actor, ip=ip, target=provider,
+        await audit_with(self.audit, "provider.configured", actor=actor, ip=ip, target=provider,
                     action="update", details={"old": diff_old, "new": diff_new})
         return self.describe(provider, await self.is_configured(provider))
 
@@ -285,8 +299,6 @@ class ProviderManager(Service):
                     old=old, new=new, last_failure=breaker.last_failure)
 
     async def breaker_health(self, provider: str):
-        from stdaemon.health.service import DEGRADED, HEALTHY, Component
-
         snap = self.breaker(provider).snapshot()
         name = f"circuit_breaker:{provider}"
         if snap["state"] == "closed":
@@ -298,10 +310,8 @@ class ProviderManager(Service):
                          f"half-opens in {snap['retry_after']:.0f} s", 0.0)
 
     async def provider_health(self, provider: str):
-        from stdaemon.health.service import DEGRADED, HEALTHY, Component
-
         name = f"provider:{provider}"
-        started = self.ctx.clock.seconds()
+        started = self.clock.seconds()
         try:
             account = await self.replicate.account()
         except ProviderNotConfigured as exc:
@@ -313,21 +323,7 @@ class ProviderManager(Service):
             return Component(name, DEGRADED, f"Replicate answered {exc.status}: {exc.message}")
         except ProviderUnavailable as exc:
             return Component(name, DEGRADED, str(exc))
-        latency = round((self.ctx.clock.seconds() - started) * 1000, 3)
+        latency = round((self.clock.seconds() - started) * 1000, 3)
         who = account.get("username") or account.get("name") or "unknown account"
         return Component(name, HEALTHY, f"Replicate API reachable (account {who})", latency)
 
-
-def install(ctx: Any) -> ProviderManager:
-    """Wire providers into the App context (before the database is open)."""
-    manager = ProviderManager(ctx)
-    manager.setServiceParent(ctx.services)
-    ctx.providers = manager
-    ctx.http_clients = manager.http
-    ctx.breakers = manager.breakers
-    for provider in ps.PROVIDERS:
-        ctx.health.register(f"circuit_breaker:{provider}",
-                            lambda p=provider: manager.breaker_health(p))
-        ctx.health.register(f"provider:{provider}",
-                            lambda p=provider: manager.provider_health(p), optional=True)
-    return manager

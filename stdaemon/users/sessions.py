@@ -1,17 +1,15 @@
 """Browser sessions: the ``st_session`` cookie strategy, CSRF and expiry (S12).
 
-``install(ctx)`` (called from ``wire_capabilities``) sets ``ctx.sessions`` to a
-:class:`SessionManager` which
-
-- registers the session strategy with ``ctx.auth.add_strategy`` (after the
-  API-key strategy, so a request with a key is authenticated by the key and
-  is exempt from CSRF);
+``build_app`` builds one :class:`SessionManager` (``app.sessions``), registers
+its strategy with ``app.auth.add_strategy`` (after the API-key strategy, so a
+request with a key is authenticated by the key and is exempt from CSRF) and
+its sweep timer; the manager
 - refuses (403) a state-changing session request whose ``X-CSRF-Token`` does
   not match its ``st_csrf`` cookie and session, or whose ``Origin`` is not the
   daemon's own origin or ``server.public_url`` (see ``stdaemon.users.csrf``);
-- owns a small thread pool for Argon2 (memory-hard: at most two hashes at a
-  time, never on the reactor thread);
-- sweeps expired sessions with a reactor timer (``session-sweep``).  Lookups
+- hashes and verifies passwords on its own small thread pool (Argon2 is
+  memory-hard: at most two hashes at a time, never on the reactor thread);
+- sweeps expired sessions (the ``session-sweep`` timer).  Lookups
   also check expiry, so a session is dead the moment it expires.
 """
 
@@ -20,14 +18,15 @@ from __future__ import annotations
 import inspect
 from typing import Any, Optional
 
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IReactorTime
 
+from stdaemon.store.database import Database
 from stdaemon.users import csrf
 from stdaemon.http.errors import ApiError
 from stdaemon.logs import get_logger
 from stdaemon.users import store as users
 from stdaemon.users.api_keys import Principal
-from stdaemon.threads import BlockingPool, install_pool
+from stdaemon.threads import BlockingPool
 
 log = get_logger("stdaemon.sessions")
 
@@ -81,34 +80,30 @@ async def record_audit(ctx: Any, event_type: str, request: Any = None, *,
 
 
 class SessionManager:
-    def __init__(self, ctx: Any):
-        self.ctx = ctx
-        self.ttl = float(ctx.config.auth.session_ttl)
-        self.public_url = ctx.config.server.public_url
-        self._pool: Optional[BlockingPool] = None
+    """``passwords`` is the pool Argon2 runs on; ``ttl`` is ``auth.session_ttl``;
+    ``public_url`` is ``server.public_url``."""
+
+    def __init__(self, db: Database, clock: IReactorTime, passwords: BlockingPool, ttl: float,
+                 public_url: str):
+        self.db = db
+        self.clock = clock
+        self._pool = passwords
+        self.ttl = float(ttl)
+        self.public_url = public_url
         self.swept = 0
 
-    def install(self) -> None:
-        self.ctx.auth.add_strategy(self.authenticate)
-        self._new_pool()
-        self.ctx.add_timer("session-sweep", min(SWEEP_INTERVAL, max(self.ttl, 1.0)), self.sweep)
-
-    def _new_pool(self) -> None:
-        self._pool = install_pool(self.ctx, "stdaemon-passwords", maxthreads=2)
+    @property
+    def sweep_interval(self) -> float:
+        """Seconds between two runs of the ``session-sweep`` timer."""
+        return min(SWEEP_INTERVAL, max(self.ttl, 1.0))
 
     # -- passwords (off the reactor thread) -------------------------------------
 
-    def _run(self, fn: Any, *args: Any) -> Any:
-        if self._pool is None:
-            # Not installed (tool use): still keep Argon2 off the reactor thread.
-            return deferToThreadPool(self.ctx.reactor, self.ctx.reactor.getThreadPool(), fn, *args)
-        return self._pool.run(fn, *args)
-
     def hash_password(self, password: str) -> Any:
-        return self._run(users.hash_password, password)
+        return self._pool.run(users.hash_password, password)
 
     def verify_password(self, password_hash: Optional[str], password: str) -> Any:
-        return self._run(users.verify_password, password_hash, password)
+        return self._pool.run(users.verify_password, password_hash, password)
 
     # -- the strategy ------------------------------------------------------------
 
@@ -116,7 +111,7 @@ class SessionManager:
         token = cookie(request, SESSION_COOKIE)
         if not token:
             return None
-        info = await self.ctx.db.run_read(users.lookup_session, token, self.ctx.now())
+        info = await self.db.run_read(users.lookup_session, token, self.clock.seconds())
         if info is None:
             return None
         method = request.method.decode("latin-1").upper()
@@ -161,15 +156,9 @@ class SessionManager:
     # -- expiry ------------------------------------------------------------------
 
     async def sweep(self) -> int:
-        removed = await self.ctx.db.run_write(users.sweep_sessions, self.ctx.now())
+        removed = await self.db.run_write(users.sweep_sessions, self.clock.seconds())
         self.swept += removed
         if removed:
             log.info("Removed {count} expired session(s)", count=removed)
         return removed
 
-
-def install(ctx: Any) -> SessionManager:
-    manager = SessionManager(ctx)
-    manager.install()
-    ctx.sessions = manager
-    return manager
