@@ -161,41 +161,49 @@ def _pairs(value: str) -> dict[str, str]:
     return out
 
 
-def _versions(value: Any) -> dict[str, str]:
+def _mapping(value: Any, what: str, item: Callable[[str, Any], Any]) -> dict[str, Any]:
+    """A mapping (or its INI form ``"a=1, b=2"``) whose entries ``item(key, value)`` checks
+    and normalises; ``what`` completes "must be a mapping of …"."""
     if value is None:
         return {}
     if isinstance(value, str):
         value = _pairs(value)
     if not isinstance(value, Mapping):
-        raise ValueError("must be a mapping of hardware profile to Replicate model version")
-    out = {}
-    for key, version in value.items():
-        if key not in costs.HARDWARE_PROFILES and key != "default":
-            raise ValueError(f"{key!r} is not a hardware profile "
-                             f"({', '.join(costs.HARDWARE_PROFILES)} or default)")
-        if not isinstance(version, str) or not version.strip():
-            raise ValueError(f"version for {key} must be a non-empty string")
-        out[key] = version.strip()
-    return out
+        raise ValueError(f"must be a mapping of {what}")
+    return {key: item(key, entry) for key, entry in value.items()}
+
+
+def _version_entry(key: str, version: Any) -> str:
+    if key not in costs.HARDWARE_PROFILES and key != "default":
+        raise ValueError(f"{key!r} is not a hardware profile "
+                         f"({', '.join(costs.HARDWARE_PROFILES)} or default)")
+    if not isinstance(version, str) or not version.strip():
+        raise ValueError(f"version for {key} must be a non-empty string")
+    return version.strip()
+
+
+def _model_entry(key: str, model: Any) -> str:
+    if key not in costs.HARDWARE_PROFILES:
+        raise ValueError(f"{key!r} is not a hardware profile ({', '.join(costs.HARDWARE_PROFILES)})")
+    try:
+        mv.parse_model_id(model)
+    except ValueError as exc:
+        raise ValueError(f"model for {key} {exc}") from None
+    return model.strip()
+
+
+def _price_entry(key: str, price: Any) -> float:
+    if key not in set(costs.HARDWARE_PROFILES) | set(costs.DEFAULT_GPU_PRICES):
+        raise ValueError(f"{key!r} is not a GPU type or hardware profile")
+    return _number(0.0)(price)
+
+
+def _versions(value: Any) -> dict[str, str]:
+    return _mapping(value, "hardware profile to Replicate model version", _version_entry)
 
 
 def _models(value: Any) -> dict[str, str]:
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        value = _pairs(value)
-    if not isinstance(value, Mapping):
-        raise ValueError("must be a mapping of hardware profile to Replicate model owner/name")
-    out = {}
-    for key, model in value.items():
-        if key not in costs.HARDWARE_PROFILES:
-            raise ValueError(f"{key!r} is not a hardware profile ({', '.join(costs.HARDWARE_PROFILES)})")
-        try:
-            mv.parse_model_id(model)
-        except ValueError as exc:
-            raise ValueError(f"model for {key} {exc}") from None
-        out[key] = model.strip()
-    return out
+    return _mapping(value, "hardware profile to Replicate model owner/name", _model_entry)
 
 
 def _version(value: Any) -> str:
@@ -205,19 +213,7 @@ def _version(value: Any) -> str:
 
 
 def _prices(value: Any) -> dict[str, float]:
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        value = _pairs(value)
-    if not isinstance(value, Mapping):
-        raise ValueError("must be a mapping of GPU type or hardware profile to USD per GPU-second")
-    known = set(costs.HARDWARE_PROFILES) | set(costs.DEFAULT_GPU_PRICES)
-    out = {}
-    for key, price in value.items():
-        if key not in known:
-            raise ValueError(f"{key!r} is not a GPU type or hardware profile")
-        out[key] = _number(0.0)(price)
-    return out
+    return _mapping(value, "GPU type or hardware profile to USD per GPU-second", _price_entry)
 
 
 @dataclass(frozen=True)
@@ -295,11 +291,10 @@ def validate_field(name: str, value: Any) -> Any:
 
 
 def validate_update(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a partial update; ``None`` resets a field to its lower layers."""
+    """Validate a partial update; ``None`` resets a field to its lower layers.  The request
+    model (``ProviderUpdate``) admits only known fields, so every name here is one."""
     out: dict[str, Any] = {}
     for name, value in body.items():
-        if name not in FIELDS:
-            validate_field(name, value)  # raises unknown_field
         out[name] = None if value is None else validate_field(name, value)
     breaker = {k: out.get(k) for k in ("breaker_half_open_max_calls", "breaker_success_threshold")}
     if (breaker["breaker_half_open_max_calls"] is not None and breaker["breaker_success_threshold"] is not None
