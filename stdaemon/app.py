@@ -21,7 +21,7 @@ from stdaemon.health.service import HealthRegistry
 from stdaemon.metrics.service import Metrics
 from stdaemon.store.database import Database
 from stdaemon.timers import SafeTimerService
-from stdaemon.users.api_keys import change_counters
+from stdaemon.users.store import change_counters
 
 if TYPE_CHECKING:  # the capability services' types; the App itself imports none of them
     from stdaemon.approvals.service import ApprovalService, QuotaService

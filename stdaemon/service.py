@@ -62,7 +62,7 @@ from stdaemon.s3.progress import UploadProgress
 from stdaemon.s3.service import S3Service
 from stdaemon.secrets.service import SecretsService
 from stdaemon.threads import BlockingPool, PoolService, install_pool
-from stdaemon.users import api_keys, store as users
+from stdaemon.users import store as users
 from stdaemon.users.sessions import SessionManager
 from stdaemon.webhooks.service import SWEEP_INTERVAL as WEBHOOK_SWEEP_INTERVAL
 from stdaemon.webhooks.service import WebhookService
@@ -390,7 +390,7 @@ class StdaemonService(MultiService):
         ctx = self.ctx
         version = await ctx.db.start()
         key_path = ctx.path("config", "cloud", "admin.key")
-        written = await ctx.db.run_write(api_keys.ensure_admin_key, key_path, ctx.now())
+        written = await ctx.db.run_write(users.ensure_admin_key, key_path, ctx.now())
         if written:
             log.warning("Created the first admin API key; it is in {path} (mode 0600)", path=written)
         await self._setup_link()

@@ -158,9 +158,9 @@ async def test_admin_key_file_is_private_and_works(daemon):
     path = daemon.ctx.path("config", "cloud", "admin.key")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert daemon.admin_key.startswith("st_")
-    from stdaemon.users import api_keys
+    from stdaemon.users import api_keys, store as users_store
 
-    principal = await daemon.ctx.db.run_read(api_keys.lookup, daemon.admin_key, daemon.ctx.now())
+    principal = await daemon.ctx.db.run_read(users_store.lookup, daemon.admin_key, daemon.ctx.now())
     assert principal.role == "admin"
     stored = await daemon.ctx.db.run_read(
         lambda c: [r[0] for r in c.execute("SELECT key_hash FROM api_keys")])

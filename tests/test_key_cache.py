@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest_twisted
 import treq
 
-from stdaemon.users import api_keys
+from stdaemon.users import api_keys, store as users_store
 from stdaemon.jobs import store as job_store
 from stdaemon.store.database import connect
 
@@ -87,18 +87,18 @@ async def test_a_change_by_another_process_is_seen_at_the_next_generation_poll(d
 async def test_the_generation_counter_follows_every_rights_change(daemon):
     conn = connect(daemon.ctx.db.path)
     try:
-        before = api_keys.auth_generation(conn)
-        jobs_before = api_keys.change_counters(conn)["jobs"]
+        before = users_store.auth_generation(conn)
+        jobs_before = users_store.change_counters(conn)["jobs"]
         with conn:
             conn.execute("UPDATE api_keys SET last_used_at = 5")       # not a rights change
-        assert api_keys.auth_generation(conn) == before
+        assert users_store.auth_generation(conn) == before
         with conn:
             conn.execute("UPDATE users SET disabled = 0")
-        assert api_keys.auth_generation(conn) == before + 1
+        assert users_store.auth_generation(conn) == before + 1
         with conn:
             conn.execute("UPDATE api_keys SET expires_at = NULL")
-        assert api_keys.auth_generation(conn) == before + 2
-        assert api_keys.change_counters(conn)["jobs"] == jobs_before
+        assert users_store.auth_generation(conn) == before + 2
+        assert users_store.change_counters(conn)["jobs"] == jobs_before
     finally:
         conn.close()
 

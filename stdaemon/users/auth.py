@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable, Optional
 
-from stdaemon.users import api_keys
+from twisted.internet.interfaces import IReactorTime
+
+from stdaemon.store.database import Database
+from stdaemon.users import api_keys, store
 from stdaemon.users.api_keys import Principal
 
 Strategy = Callable[[Any], Awaitable[Optional[Principal]]]
@@ -40,7 +43,7 @@ def presented_api_key(request: Any) -> Optional[str]:
 
 
 class Authenticator:
-    def __init__(self, db: Any, clock: Any):
+    def __init__(self, db: Database, clock: IReactorTime):
         self.db = db
         self.clock = clock
         self.strategies: list[Strategy] = [self._api_key]
@@ -82,7 +85,7 @@ class Authenticator:
                 return cached[0]
             del self._cache[digest]
         epoch = self._epoch
-        principal, expires_at = await self.db.run_read(api_keys.lookup_with_expiry, key, now)
+        principal, expires_at = await self.db.run_read(store.lookup_with_expiry, key, now)
         if principal is not None and epoch == self._epoch:
             while len(self._cache) >= _CACHE_MAX:
                 del self._cache[next(iter(self._cache))]

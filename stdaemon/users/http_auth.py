@@ -33,7 +33,7 @@ from stdaemon.http.errors import ApiError, forbidden, invalid_field, not_found
 from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, path_id, route
 from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel
 from stdaemon.users.sessions import SESSION_COOKIE, cookie, record_audit
-from stdaemon.users import api_keys, store as users
+from stdaemon.users import store as users
 from stdaemon.invalid import InvalidValue
 
 MAX_KEY_DAYS = 3650
@@ -140,7 +140,7 @@ class AuthSurface(Surface):
         if not key.strip():
             raise invalid_field("api_key", "an API key (st_…) is required")
         key = key.strip()
-        principal = await self.ctx.db.run_read(api_keys.lookup, key, self.ctx.now())
+        principal = await self.ctx.db.run_read(users.lookup, key, self.ctx.now())
         if principal is None:
             await record_audit(self.ctx, "auth.login.failed", request, actor=key[:7], target=key[:7],
                                action="login", details={"reason": "invalid API key", "via": "api_key"},
@@ -280,7 +280,7 @@ class AuthSurface(Surface):
         expires_at = None
         if expires_days is not None:
             expires_at = self.ctx.now() + float(expires_days) * 86400.0
-        key_id, key = await self.ctx.db.run_write(api_keys.create_key, owner_id, name.strip(), role,
+        key_id, key = await self.ctx.db.run_write(users.create_key, owner_id, name.strip(), role,
                                                   self.ctx.now(), expires_at)
         await record_audit(self.ctx, "api_key.created", request, target=f"api_key:{key_id}",
                            action="create", details={"name": name.strip(), "role": role,
