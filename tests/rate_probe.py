@@ -3,6 +3,7 @@ rate-limit tests cover each row whatever surfaces exist yet."""
 
 import pytest
 from klein import Klein
+from twisted.internet import defer
 
 import stdaemon.service as service_module
 from stdaemon.http.surface import PUBLIC, Surface, route
@@ -82,6 +83,9 @@ class FakeAudit:
 
     async def record(self, event_type, **fields):
         self.entries.append(dict(fields, event_type=event_type))
+
+    def record_soon(self, event_type, sampled=False, **fields):
+        return defer.ensureDeferred(self.record(event_type, **fields))
 
 
 @pytest.fixture

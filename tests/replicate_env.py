@@ -6,7 +6,7 @@ import json
 import os
 
 import treq
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from tests.fake_replicate import FakeReplicate
 
@@ -21,6 +21,9 @@ class RecordingAudit:
 
     async def record(self, event_type, **fields):
         self.events.append({"event_type": event_type, **fields})
+
+    def record_soon(self, event_type, sampled=False, **fields):
+        return defer.ensureDeferred(self.record(event_type, **fields))
 
     def of(self, event_type):
         return [e for e in self.events if e["event_type"] == event_type]

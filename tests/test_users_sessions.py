@@ -6,7 +6,7 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from stdaemon.users import csrf
 from stdaemon.users import store as users
@@ -20,6 +20,9 @@ class RecordingAudit:
 
     async def record(self, event_type, **fields):
         self.entries.append((event_type, fields))
+
+    def record_soon(self, event_type, sampled=False, **fields):
+        return defer.ensureDeferred(self.record(event_type, **fields))
 
     def types(self):
         return [entry[0] for entry in self.entries]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, TypeVar
 from stdaemon.approvals import rules as rules_core
 from stdaemon.approvals import store
 from stdaemon.approvals.rules import QuotaResult, Usage
+from stdaemon.audit.service import request_actor
 from stdaemon.http.errors import ApiError, invalid_field, not_found
 from stdaemon.invalid import InvalidValue
 from stdaemon.jobs import store as jobs_store
@@ -49,18 +50,6 @@ def checked(validate: Callable[[Mapping[str, Any]], T], given: Mapping[str, Any]
         return validate(given)
     except InvalidValue as error:
         raise invalid_field(error.field, str(error)) from None
-
-
-async def record(audit: "AuditLog", event_type: str, http_request: Any = None, *, actor: str,
-                 target: str, action: str, details: Optional[Mapping[str, Any]] = None) -> None:
-    """One audit entry (S7), with the caller's address when a request caused it; a failed write
-    is logged and never fails the change, which is committed."""
-    ip = getattr(http_request, "client_ip", None) if http_request is not None else None
-    try:
-        await audit.record(event_type, actor=actor, ip=ip, target=target, action=action,
-                           details=dict(details or {}))
-    except Exception:
-        log.failure("Could not write audit entry {event_type}", event_type=event_type)
 
 
 @dataclass(frozen=True)
@@ -107,16 +96,17 @@ class ApprovalService:
         name, condition, value = checked(rules_core.validate_rule, given)
         actor = http_request.principal.actor
         rule = await self.db.run_write(store.add_rule, name, condition, value, self.now(), actor)
-        await record(self.audit, "approval.rule_created", http_request, actor=actor,
-                     target=f"approval_rule:{rule['id']}", action="create",
-                     details={"name": name, "condition": condition, "value": value})
+        await self.audit.record_soon("approval.rule_created", **request_actor(http_request, actor),
+                                     target=f"approval_rule:{rule['id']}", action="create",
+                                     details={"name": name, "condition": condition, "value": value})
         return rule
 
     async def delete_rule(self, number: int, raw_id: str, http_request: Any) -> None:
         if not await self.db.run_write(store.delete_rule, number):
             raise not_found(f"Approval rule {raw_id} not found")
-        await record(self.audit, "approval.rule_deleted", http_request,
-                     actor=http_request.principal.actor, target=f"approval_rule:{number}", action="delete")
+        await self.audit.record_soon("approval.rule_deleted",
+                                     **request_actor(http_request, http_request.principal.actor),
+                                     target=f"approval_rule:{number}", action="delete", details={})
 
     # -- the submission path ---------------------------------------------------------
 
@@ -153,9 +143,10 @@ class ApprovalService:
             decision.reason or "approval required", decision.estimate_usd, now, now + self.ttl,
             dict(details or {}, hardware_profile=decision.hardware_profile))
         self.counts["pending"] = self.counts.get("pending", 0) + 1
-        await record(self.audit, "approval.requested", actor=getattr(principal, "actor", "system"),
-                           target=f"job:{job_id}", action="hold",
-                           details={"rule": decision.rule_name, "estimate_usd": decision.estimate_usd})
+        await self.audit.record_soon("approval.requested",
+                                     actor=getattr(principal, "actor", "system"),
+                                     target=f"job:{job_id}", action="hold",
+                                     details={"rule": decision.rule_name, "estimate_usd": decision.estimate_usd})
         return request
 
     async def hold_job(self, job: dict, principal: Any) -> dict:
@@ -229,9 +220,10 @@ class ApprovalService:
                 raise ApiError(409, "job_not_pending",
                                f"Job {current['job_id']} is {status}; it can no longer be approved")
         decided = await self._decide(request_id, "approved", principal.actor, reason)
-        await record(self.audit, "approval.approved", http_request, actor=principal.actor,
-                           target=f"job:{decided['job_id']}", action="approve",
-                           details={"request_id": request_id, "reason": reason})
+        await self.audit.record_soon("approval.approved",
+                                     **request_actor(http_request, principal.actor),
+                                     target=f"job:{decided['job_id']}", action="approve",
+                                     details={"request_id": request_id, "reason": reason})
         job = await self._submit(decided)
         return dict(decided, job_status=job.get("status") if job else None)
 
@@ -256,9 +248,10 @@ class ApprovalService:
     async def reject(self, request_id: int, principal: Any, reason: Optional[str] = None,
                      http_request: Any = None) -> dict:
         decided = await self._decide(request_id, "rejected", principal.actor, reason)
-        await record(self.audit, "approval.rejected", http_request, actor=principal.actor,
-                           target=f"job:{decided['job_id']}", action="reject",
-                           details={"request_id": request_id, "reason": reason})
+        await self.audit.record_soon("approval.rejected",
+                                     **request_actor(http_request, principal.actor),
+                                     target=f"job:{decided['job_id']}", action="reject",
+                                     details={"request_id": request_id, "reason": reason})
         await self._cancel(decided["job_id"], f"Approval rejected: {reason or 'no reason given'}")
         return decided
 
@@ -275,9 +268,9 @@ class ApprovalService:
             expired += 1
             self.counts["pending"] = max(0, self.counts.get("pending", 0) - 1)
             self.counts["expired"] = self.counts.get("expired", 0) + 1
-            await record(self.audit, "approval.expired", actor="system",
-                               target=f"job:{decided['job_id']}", action="expire",
-                               details={"request_id": request_id})
+            await self.audit.record_soon("approval.expired", actor="system",
+                                         target=f"job:{decided['job_id']}", action="expire",
+                                         details={"request_id": request_id})
             await self._cancel(decided["job_id"], "Approval request expired")
         if expired:
             log.info("Expired {count} approval request(s)", count=expired)
@@ -304,15 +297,17 @@ class QuotaService:
             row = await self.db.run_write(store.add_quota, quota, self.clock.seconds(), actor)
         except LookupError:
             raise invalid_field("user_id", "no such user") from None
-        await record(self.audit, "quota.created", http_request, actor=actor, target=f"quota:{row['id']}",
-                     action="create", details=quota)
+        await self.audit.record_soon("quota.created", **request_actor(http_request, actor),
+                                     target=f"quota:{row['id']}", action="create",
+                                     details=dict(quota))
         return row
 
     async def delete(self, number: int, raw_id: str, http_request: Any) -> None:
         if not await self.db.run_write(store.delete_quota, number):
             raise not_found(f"Quota {raw_id} not found")
-        await record(self.audit, "quota.deleted", http_request, actor=http_request.principal.actor,
-                     target=f"quota:{number}", action="delete")
+        await self.audit.record_soon("quota.deleted",
+                                     **request_actor(http_request, http_request.principal.actor),
+                                     target=f"quota:{number}", action="delete", details={})
 
     async def usage(self, user_id: int) -> Usage:
         raw = await self.db.run_read(jobs_store.user_usage, user_id, self.clock.seconds())

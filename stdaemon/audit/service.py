@@ -363,14 +363,18 @@ class AuditLog(Service):
         return deleted
 
 
-def request_actor(request: Any, anonymous: str = "anonymous") -> dict[str, Any]:
-    """The actor and ip of a request, as ``record``'s keyword arguments: the principal's
-    name (``anonymous`` when nobody signed in) and the client's address (or ``None``)."""
-    principal = getattr(request, "principal", None)
-    if principal is None:
-        actor = anonymous
-    else:
-        actor = str(getattr(principal, "username", None) or getattr(principal, "user_id", "anonymous"))
+def request_actor(request: Any, actor: Optional[str] = None,
+                  anonymous: str = "anonymous") -> dict[str, Any]:
+    """The actor and ip of a request, as keyword arguments of ``record``/``record_soon``/
+    ``sampled``: ``actor`` when the caller names one (a login attempt's name), else the
+    signed-in principal's name, else ``anonymous``; ``ip`` is the client's address (``None``
+    without a request)."""
+    if actor is None:
+        principal = getattr(request, "principal", None)
+        if principal is None:
+            actor = anonymous
+        else:
+            actor = str(getattr(principal, "username", None) or getattr(principal, "user_id", "anonymous"))
     return {"actor": actor, "ip": getattr(request, "client_ip", None)}
 
 

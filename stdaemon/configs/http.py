@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 from klein import Klein
 from pydantic import ConfigDict, Field
 
-from stdaemon.providers.service import audit
+from stdaemon.audit.service import request_actor
 from stdaemon.timestamps import iso
 from stdaemon.http.errors import ApiError, not_found
 from stdaemon.http.surface import OPERATOR, Response, Surface, route
@@ -49,11 +49,6 @@ def public(entry: dict) -> dict:
     out = dict(entry)
     out["updated_at"] = iso(entry.get("updated_at"))
     return out
-
-
-def _actor(request) -> str:
-    principal = getattr(request, "principal", None)
-    return principal.actor if principal is not None else "system"
 
 
 class ConfigsSurface(Surface):
@@ -98,9 +93,9 @@ class ConfigsSurface(Surface):
             created = await self.configs.put(name, config, dataloader)
         except store.ConfigError as exc:
             raise ApiError(409, "config_unwritable", str(exc)) from None
-        await audit(self.ctx, "config.saved", actor=_actor(request),
-                    ip=getattr(request, "client_ip", None), target=name,
-                    action="create" if created else "update", details={"name": name})
+        await self.ctx.audit.record_soon("config.saved", **request_actor(request, anonymous="system"),
+                                         target=name, action="create" if created else "update",
+                                         details={"name": name})
         entry = await self.configs.get(name)
         return Response(public(entry), status=201 if created else 200)
 
@@ -112,7 +107,6 @@ class ConfigsSurface(Surface):
             raise _invalid_name(exc) from None
         if not deleted:
             raise ApiError(404, "not_found", f"Config {name[:128]} not found", success=False)
-        await audit(self.ctx, "config.deleted", actor=_actor(request),
-                    ip=getattr(request, "client_ip", None), target=name, action="delete",
-                    details={"name": name})
+        await self.ctx.audit.record_soon("config.deleted", **request_actor(request, anonymous="system"),
+                                         target=name, action="delete", details={"name": name})
         return {"success": True, "name": name}

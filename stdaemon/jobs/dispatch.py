@@ -203,10 +203,10 @@ class Submissions:
         if not created:
             self.jobs.counters["idempotent_hits"] += 1
             return self._submit_response(job, idempotent_hit=True)
-        await self.jobs.record("job.submitted", actor=_actor(principal), ip=ip, target=job_id,
-                    action="submit", details={"provider": provider, "hardware_profile": profile,
-                                              "config_name": config_name,
-                                              "pending_approval": pending_approval})
+        await self.jobs.audit.record_soon("job.submitted", actor=_actor(principal), ip=ip, target=job_id,
+                                          action="submit", details={"provider": provider, "hardware_profile": profile,
+                                                                    "config_name": config_name,
+                                                                    "pending_approval": pending_approval})
         self.jobs.publish(job, None)
         if pending_approval:
             for hold in self.hold_hooks:

@@ -109,15 +109,6 @@ class JobService:
     def now(self) -> float:
         return self.clock.seconds()
 
-    async def record(self, event_type: str, **fields: Any) -> None:
-        """Write through the one audit writer (S7); the change is committed, so a lost audit
-        line is logged, never answered as an error."""
-        try:
-            await self.audit.record(event_type, **fields)
-        except Exception:
-            log.failure("Could not write audit entry {event_type} for {target}",
-                        event_type=event_type, target=fields.get("target"))
-
     def public(self, job: dict) -> dict:
         """A job as the API shows it: times ISO 8601 (S18) and the fields
         SimpleTuner's CLI reads (``job_type``, ``is_terminal``, ``is_active``,
@@ -289,7 +280,7 @@ class JobService:
             # Revoked in the transaction; this also drops cached copies.
             await self.revoke_credentials(applied.job_id)
         if applied.pending_audit is not None:
-            await self.record("job.status_changed", **applied.pending_audit)
+            await self.audit.record_soon("job.status_changed", **applied.pending_audit)
 
     async def apply_status(self, job_id: str, new_status: str, *, actor: str = "system",
                            source: str = "poller", ip: Optional[str] = None, **fields) -> store.TransitionResult:
@@ -381,8 +372,8 @@ class JobService:
             latest = result.job or job
             if latest["status"] != st.CANCELLED:
                 raise conflict(f"Job {job_id} is already {latest['status']}", code="job_terminal")
-        await self.record("job.cancelled", actor=_actor(principal), ip=ip, target=job_id,
-                    action="cancel", details={"provider": job["provider"], "external_id": job["external_id"]})
+        await self.audit.record_soon("job.cancelled", actor=_actor(principal), ip=ip, target=job_id,
+                                     action="cancel", details={"provider": job["provider"], "external_id": job["external_id"]})
         return {"success": True, "job_id": job_id, "status": st.CANCELLED}
 
     async def delete(self, job_id: str, principal, ip: Optional[str]) -> dict:
@@ -394,8 +385,8 @@ class JobService:
                            "jobs can be deleted (cancel it first)", code="job_active")
         if await self.db.run_write(store.delete_job, job_id):
             self.track(job, None)  # leaves the status gauge; counters keep it
-        await self.record("job.deleted", actor=_actor(principal), ip=ip, target=job_id,
-                    action="delete", details={"status": job["status"]})
+        await self.audit.record_soon("job.deleted", actor=_actor(principal), ip=ip, target=job_id,
+                                     action="delete", details={"status": job["status"]})
         return {"success": True, "job_id": job_id}
 
     async def logs(self, job_id: str) -> dict:

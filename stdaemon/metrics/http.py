@@ -36,6 +36,7 @@ from typing import Annotated, Any, Literal, Mapping, Optional, Union
 from klein import Klein
 from pydantic import ConfigDict, Field
 
+from stdaemon.audit.service import request_actor
 from stdaemon.metrics import settings as m
 from stdaemon.metrics import service as metrics_service
 from stdaemon.metrics.service import Metrics
@@ -318,21 +319,9 @@ class MetricsSurface(Surface):
         details: dict[str, Any] = {"old": {k: before[k] for k in changes}, "new": {k: after[k] for k in changes}}
         if template is not None:
             details["template"] = template
-        await self._audit(request, action, details)
+        await self.ctx.audit.record_soon("metrics.configured", **request_actor(request, anonymous="system"),
+                                         target="metrics", action=action, details=details)
         return self._describe()
-
-    async def _audit(self, request: Any, action: str, details: dict) -> None:
-        writer = getattr(self.ctx, "audit", None)
-        if writer is None:
-            return
-        try:
-            result = writer.record("metrics.configured", actor=_actor(request),
-                                   ip=getattr(request, "client_ip", None), target="metrics",
-                                   action=action, details=details)
-            if hasattr(result, "__await__") or hasattr(result, "addCallback"):
-                await result
-        except Exception:  # the change is committed; a lost audit line is logged
-            log.failure("Could not write audit entry metrics.configured")
 
     # -- preview -----------------------------------------------------------------------
 

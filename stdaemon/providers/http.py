@@ -32,7 +32,8 @@ from typing import Annotated, Optional, Union
 from klein import Klein
 from pydantic import ConfigDict, Field, create_model
 
-from stdaemon.providers.service import TOKEN_NAMES, audit_with
+from stdaemon.audit.service import request_actor
+from stdaemon.providers.service import TOKEN_NAMES
 from stdaemon.providers.replicate import (
     CircuitOpenError, ProviderAPIError, ProviderNotConfigured, ProviderUnavailable,
 )
@@ -258,10 +259,10 @@ class ProvidersSurface(Surface):
         actor = _actor(request)
         log.info("{name} {action} in the secrets file {path} by {actor}", name=name,
                  action="saved" if token is not None else "removed", path=result["path"], actor=actor)
-        await audit_with(self.ctx.audit,
-                         "provider.token_set" if token is not None else "provider.token_deleted",
-                         actor=actor, ip=getattr(request, "client_ip", None), target=provider,
-                         action=action, details={"name": name, "file": result["path"], "changed": result["changed"]})
+        event_type = "provider.token_set" if token is not None else "provider.token_deleted"
+        await self.ctx.audit.record_soon(event_type, **request_actor(request, actor), target=provider,
+                                         action=action, details={"name": name, "file": result["path"],
+                                                                 "changed": result["changed"]})
         status = await self._token_status(provider)
         status.update({"success": True, "changed": result["changed"], "file_path": result["path"]})
         if token is not None and status["source"] not in (None, "file"):

@@ -15,7 +15,7 @@ factory asks for them on every call, so a change applies to the next call.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
@@ -45,29 +45,6 @@ log = get_logger("stdaemon.providers")
 TOKEN_NAMES = {"replicate": "REPLICATE_API_TOKEN"}
 BREAKER_FIELDS = ("breaker_failure_threshold", "breaker_recovery_timeout",
                   "breaker_half_open_max_calls", "breaker_success_threshold")
-
-
-async def audit(ctx: Any, event_type: str, *, actor: str, ip: str | None, target: str,
-                action: str, details: Mapping[str, Any]) -> None:
-    """Write through the one audit writer (``ctx.audit``, S7)."""
-    await audit_with(getattr(ctx, "audit", None), event_type, actor=actor, ip=ip, target=target,
-                     action=action, details=details)
-
-
-async def audit_with(writer: Optional[AuditLog], event_type: str, *, actor: str, ip: str | None,
-                     target: str, action: str, details: Mapping[str, Any]) -> None:
-    """Write through ``writer``, the one audit writer (``app.audit``, S7); a failed write is
-    logged, never raised."""
-    if writer is None:
-        log.warning("Audit writer not installed; {event_type} on {target} not recorded",
-                    event_type=event_type, target=target)
-        return
-    try:
-        await defer.maybeDeferred(writer.record, event_type, actor=actor, ip=ip, target=target,
-                                  action=action, details=dict(details))
-    except Exception:  # the change is committed; a lost audit line is logged, not a 500
-        log.failure("Could not write audit entry {event_type} for {target}",
-                    event_type=event_type, target=target)
 
 
 class ProviderManager(Service):
@@ -289,8 +266,8 @@ class ProviderManager(Service):
                         provider=provider, actor=actor)
         log.info("Provider {provider} configured by {actor}: {fields}", provider=provider,
                  actor=actor, fields=", ".join(sorted(changes)))
-        await audit_with(self.audit, "provider.configured", actor=actor, ip=ip, target=provider,
-                    action="update", details={"old": diff_old, "new": diff_new})
+        await self.audit.record_soon("provider.configured", actor=actor, ip=ip, target=provider,
+                                     action="update", details={"old": diff_old, "new": diff_new})
         return self.describe(provider, await self.is_configured(provider))
 
     # -- health -----------------------------------------------------------------

@@ -45,8 +45,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
-from twisted.internet import defer
-
 from stdaemon.http.client_ip import is_loopback
 from stdaemon.http.errors import ApiError
 from stdaemon.logs import get_logger
@@ -156,6 +154,5 @@ class RateLimitMiddleware:
         details = {"endpoint": endpoint, "method": method, "user_agent": user_agent,
                    "rule": rule, "suppressed": suppressed}
         # The 429 does not wait for the audit write; a failed write is logged.
-        d = defer.maybeDeferred(self.audit.record, "rate_limited", actor="system", ip=ip,
-                                target=endpoint, action=method, details=details)
-        d.addErrback(lambda f: log.failure("Could not audit a rate limit violation", failure=f))
+        self.audit.record_soon("rate_limited", actor="system", ip=ip, target=endpoint, action=method,
+                               details=details)

@@ -25,8 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from twisted.internet import defer
-
 from stdaemon.http.root import client_ip
 from stdaemon.logs import get_logger
 from stdaemon.s3 import sigv4
@@ -205,8 +203,4 @@ def record_denial(audit: "AuditLog", trusted_proxies: Any, request: Any, reason:
         target = path.decode("latin-1", "replace")
     fields = dict(actor="anonymous", ip=ip, target=target[:200], action=method.decode("latin-1", "replace"),
                   details={"reason": reason, "access_key_id": access_key[:64]})
-    try:
-        d = defer.ensureDeferred(audit.sampled("upload.denied", **fields))
-        d.addErrback(lambda f: log.failure("audit of a refused upload failed", failure=f))
-    except Exception:
-        log.failure("audit of a refused upload failed")
+    audit.record_soon("upload.denied", sampled=True, **fields)

@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field
 from stdaemon.http.errors import ApiError, forbidden, invalid_field, not_found
 from stdaemon.http.surface import ADMIN, PUBLIC, VIEWER, Response, Surface, path_id, route
 from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel
-from stdaemon.users.sessions import record_audit
+from stdaemon.audit.service import request_actor
 from stdaemon.users import store as users
 from stdaemon.invalid import InvalidValue
 
@@ -210,8 +210,9 @@ class UsersSurface(Surface):
                 user = await self.ctx.db.run_write(users.update_user, user["id"], {"disabled": 1})
         except InvalidValue as error:
             raise _error(error) from None
-        await record_audit(self.ctx, "user.created", request, target=f"user:{user['id']}",
-                           action="create", details={"username": username, "role": role})
+        await self.ctx.audit.record_soon("user.created", **request_actor(request),
+                                         target=f"user:{user['id']}", action="create",
+                                         details={"username": username, "role": role})
         return Response(user, status=201)
 
     @route(app, "/api/users/<user_id>", methods=["PATCH"], access=ADMIN, max_body=USER_BODY, body=UserFields,
@@ -265,8 +266,8 @@ class UsersSurface(Surface):
         shown = {k: v for k, v in changes.items() if k != "password_hash"}
         if "password_hash" in changes:
             shown["password"] = "changed"
-        await record_audit(self.ctx, "user.updated", request, target=f"user:{uid}", action="update",
-                           details=shown)
+        await self.ctx.audit.record_soon("user.updated", **request_actor(request),
+                                         target=f"user:{uid}", action="update", details=shown)
         return user
 
     @route(app, "/api/users/<user_id>/activate", methods=["POST"], access=ADMIN, max_body=USER_BODY)
@@ -292,5 +293,6 @@ class UsersSurface(Surface):
         if not deleted:
             raise not_found(f"User {user_id} not found")
         self.ctx.auth.invalidate()
-        await record_audit(self.ctx, "user.deleted", request, target=f"user:{uid}", action="delete")
+        await self.ctx.audit.record_soon("user.deleted", **request_actor(request),
+                                         target=f"user:{uid}", action="delete", details={})
         return {"success": True, "id": uid}

@@ -27,12 +27,13 @@ from typing import Any, Optional, Union
 from klein import Klein
 from pydantic import ConfigDict, Field
 
+from stdaemon.audit.service import request_actor
 from stdaemon.store import settings as settings_store
 from stdaemon.timestamps import iso
 from stdaemon.http.errors import ApiError, forbidden, invalid_field, not_found
 from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, path_id, route
 from stdaemon.http.validation import SQLITE_MAX_INT, BodyModel, QueryModel
-from stdaemon.users.sessions import SESSION_COOKIE, cookie, record_audit
+from stdaemon.users.sessions import SESSION_COOKIE, cookie
 from stdaemon.users import store as users
 from stdaemon.invalid import InvalidValue
 
@@ -123,16 +124,20 @@ class AuthSurface(Surface):
         row = await self.ctx.db.run_read(users.find_login, login)
         ok = await self.sessions.verify_password(row["password_hash"] if row else None, password)
         if not ok or row is None or row["disabled"]:
-            await record_audit(self.ctx, "auth.login.failed", request, actor=login[:64],
-                               target=login[:64], action="login",
-                               details={"reason": "invalid credentials"}, sampled=True)
+            await self.ctx.audit.record_soon("auth.login.failed",
+                                             **request_actor(request, login[:64]),
+                                             target=login[:64], action="login",
+                                             details={"reason": "invalid credentials"},
+                                             sampled=True)
             raise ApiError(401, "invalid_credentials", "Invalid username or password")
         session = await self.ctx.db.run_write(
             users.create_session, row["id"], self.ctx.now(), self.sessions.ttl,
             getattr(request, "client_ip", None), request.getHeader("user-agent"))
         self.sessions.set_cookies(request, session)
-        await record_audit(self.ctx, "auth.login.success", request, actor=row["username"],
-                           target=row["username"], action="login", details={"via": "password"})
+        await self.ctx.audit.record_soon("auth.login.success",
+                                         **request_actor(request, row["username"]),
+                                         target=row["username"], action="login",
+                                         details={"via": "password"})
         return {"success": True, "user": users.user_dict(row), "expires_at": iso(session.expires_at),
                 "csrf_token": session.csrf}
 
@@ -142,18 +147,20 @@ class AuthSurface(Surface):
         key = key.strip()
         principal = await self.ctx.db.run_read(users.lookup, key, self.ctx.now())
         if principal is None:
-            await record_audit(self.ctx, "auth.login.failed", request, actor=key[:7], target=key[:7],
-                               action="login", details={"reason": "invalid API key", "via": "api_key"},
-                               sampled=True)
+            await self.ctx.audit.record_soon("auth.login.failed", **request_actor(request, key[:7]),
+                                             target=key[:7], action="login",
+                                             details={"reason": "invalid API key", "via": "api_key"},
+                                             sampled=True)
             raise ApiError(401, "invalid_credentials", "Invalid or revoked API key")
         row = await self.ctx.db.run_read(users.get_user, principal.user_id)
         session = await self.ctx.db.run_write(
             users.create_session, principal.user_id, self.ctx.now(), self.sessions.ttl,
             getattr(request, "client_ip", None), request.getHeader("user-agent"), principal.key_id)
         self.sessions.set_cookies(request, session)
-        await record_audit(self.ctx, "auth.login.success", request, actor=principal.username,
-                           target=principal.username, action="login",
-                           details={"via": "api_key", "key_id": principal.key_id, "role": principal.role})
+        await self.ctx.audit.record_soon("auth.login.success",
+                                         **request_actor(request, principal.username),
+                                         target=principal.username, action="login",
+                                         details={"via": "api_key", "key_id": principal.key_id, "role": principal.role})
         user = dict(row or {})
         user["role"] = principal.role  # the session's ceiling
         return {"success": True, "user": user, "expires_at": iso(session.expires_at),
@@ -180,8 +187,10 @@ class AuthSurface(Surface):
                            "This setup link is not valid: it was used already or has expired "
                            "(restart the daemon for a new one, or sign in with the API key in admin.key)")
         if await self.ctx.db.run_read(users.setup_token_user, token, self.ctx.now()) is None:
-            await record_audit(self.ctx, "auth.login.failed", request, actor="setup", target="setup",
-                               action="setup", details={"reason": "invalid setup token"}, sampled=True)
+            await self.ctx.audit.record_soon("auth.login.failed", **request_actor(request, "setup"),
+                                             target="setup", action="setup",
+                                             details={"reason": "invalid setup token"},
+                                             sampled=True)
             raise invalid
         password_hash = await self.sessions.hash_password(password)
         row = await self.ctx.db.run_write(users.consume_setup_token, token, password_hash, self.ctx.now())
@@ -192,8 +201,10 @@ class AuthSurface(Surface):
             users.create_session, row["id"], self.ctx.now(), self.sessions.ttl,
             getattr(request, "client_ip", None), request.getHeader("user-agent"))
         self.sessions.set_cookies(request, session)
-        await record_audit(self.ctx, "auth.setup.completed", request, actor=row["username"],
-                           target=row["username"], action="setup", details={"user_id": row["id"]})
+        await self.ctx.audit.record_soon("auth.setup.completed",
+                                         **request_actor(request, row["username"]),
+                                         target=row["username"], action="setup",
+                                         details={"user_id": row["id"]})
         return {"success": True, "user": users.user_dict(row), "expires_at": iso(session.expires_at),
                 "csrf_token": session.csrf}
 
@@ -224,8 +235,9 @@ class AuthSurface(Surface):
             value = body.registration_enabled
             await self.ctx.db.run_write(settings_store.write_key, "auth", "registration_enabled", value,
                                         self.ctx.now())
-            await record_audit(self.ctx, "auth.settings.changed", request, target="auth",
-                               action="update", details={"registration_enabled": value})
+            await self.ctx.audit.record_soon("auth.settings.changed", **request_actor(request),
+                                             target="auth", action="update",
+                                             details={"registration_enabled": value})
         return {"registration_enabled": await registration_enabled(self.ctx)}
 
     @route(app, "/api/auth/register", methods=["POST"], access=PUBLIC, max_body=AUTH_BODY, body=Register)
@@ -246,8 +258,9 @@ class AuthSurface(Surface):
                                                "viewer", self.ctx.now())
         except InvalidValue as error:
             raise ApiError(409, "conflict", f"{error.field} {error}", field=error.field) from None
-        await record_audit(self.ctx, "user.registered", request, actor=username, target=username,
-                           action="register", details={"role": "viewer"})
+        await self.ctx.audit.record_soon("user.registered", **request_actor(request, username),
+                                         target=username, action="register",
+                                         details={"role": "viewer"})
         return Response({"success": True, "user": user}, status=201)
 
     # -- API keys ----------------------------------------------------------------
@@ -282,10 +295,11 @@ class AuthSurface(Surface):
             expires_at = self.ctx.now() + float(expires_days) * 86400.0
         key_id, key = await self.ctx.db.run_write(users.create_key, owner_id, name.strip(), role,
                                                   self.ctx.now(), expires_at)
-        await record_audit(self.ctx, "api_key.created", request, target=f"api_key:{key_id}",
-                           action="create", details={"name": name.strip(), "role": role,
-                                                     "owner": owner["username"],
-                                                     "expires_at": iso(expires_at)})
+        await self.ctx.audit.record_soon("api_key.created", **request_actor(request),
+                                         target=f"api_key:{key_id}", action="create",
+                                         details={"name": name.strip(), "role": role,
+                                                  "owner": owner["username"],
+                                                  "expires_at": iso(expires_at)})
         return Response({"id": key_id, "key": key, "name": name.strip(), "role": role,
                          "prefix": key[:7], "user_id": owner_id, "expires_at": iso(expires_at),
                          "note": "Store this key now: it is not shown again."}, status=201)
@@ -321,6 +335,7 @@ class AuthSurface(Surface):
         revoked = await self.ctx.db.run_write(users.revoke_key, key_number, self.ctx.now())
         self.ctx.auth.invalidate()
         if revoked:
-            await record_audit(self.ctx, "api_key.revoked", request, target=f"api_key:{key_number}",
-                               action="revoke", details={"name": key["name"], "owner": key["username"]})
+            await self.ctx.audit.record_soon("api_key.revoked", **request_actor(request),
+                                             target=f"api_key:{key_number}", action="revoke",
+                                             details={"name": key["name"], "owner": key["username"]})
         return {"success": True, "id": key_number, "already_revoked": not revoked}

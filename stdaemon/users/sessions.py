@@ -15,7 +15,6 @@ its sweep timer; the manager
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Optional
 
 from twisted.internet.interfaces import IReactorTime
@@ -52,31 +51,6 @@ def request_is_https(request: Any, public_url: str = "") -> bool:
     # Behind a TLS-terminating proxy the public URL says https.
     proto = (request.getHeader("x-forwarded-proto") or "").lower()
     return proto == "https" and public_url.lower().startswith("https://")
-
-
-async def record_audit(ctx: Any, event_type: str, request: Any = None, *,
-                       actor: Optional[str] = None, target: Optional[str] = None,
-                       action: Optional[str] = None, details: Optional[dict] = None,
-                       sampled: bool = False) -> None:
-    """Write one audit entry when the audit writer is installed; a failed
-    write is logged and never fails the request that caused it.  ``sampled``
-    is for events anyone can trigger at will (failed logins): the writer
-    bounds them per IP and window."""
-    audit = getattr(ctx, "audit", None)
-    if audit is None:
-        return
-    if actor is None and request is not None:
-        principal = getattr(request, "principal", None)
-        actor = principal.actor if principal is not None else "anonymous"
-    ip = getattr(request, "client_ip", None) if request is not None else None
-    try:
-        write = audit.sampled if sampled and hasattr(audit, "sampled") else audit.record
-        result = write(event_type, actor=actor or "system", ip=ip, target=target,
-                       action=action, details=details or {})
-        if inspect.isawaitable(result):
-            await result
-    except Exception:
-        log.failure("Could not write audit entry {event_type}", event_type=event_type)
 
 
 class SessionManager:

@@ -178,12 +178,9 @@ class WebhookService:
     async def reject(self, ip: Optional[str], provider: str, status: int, code: str, reason: str,
                      detail: str) -> None:
         """Audit (sampled) and log a refused delivery, then refuse it."""
-        try:
-            await self.audit.sampled("webhook_rejected", actor="anonymous", ip=ip,
+        await self.audit.record_soon("webhook_rejected", sampled=True, actor="anonymous", ip=ip,
                                      target=f"provider:{provider}", action="reject",
                                      details={"provider": provider, "reason": reason, "status": status})
-        except Exception:
-            log.failure("Could not audit a rejected webhook")
         log.info("Webhook for {provider} from {ip} rejected: {reason}", provider=provider, ip=ip,
                  reason=reason)
         raise ApiError(status, code, detail, reason=reason)
