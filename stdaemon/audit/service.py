@@ -72,7 +72,7 @@ from stdaemon.audit import store
 from stdaemon.audit.chain import DAY, MINUTE, clip, entry_ok
 from stdaemon.audit.sampler import AuditSampler
 from stdaemon.config import state_path
-from stdaemon.config.schema import AuditConfig
+from stdaemon.config.schema import AuditConfig, Config
 from stdaemon.health.service import HEALTHY, UNHEALTHY, Component
 from stdaemon.logs import get_logger
 from stdaemon.store.database import Database, connect
@@ -86,9 +86,9 @@ log = get_logger("stdaemon.audit")
 # -- key --------------------------------------------------------------------------------
 
 
-def key_file_path(config: Any) -> str:
+def key_file_path(config: Config) -> str:
     """``audit.key_file``, else ``<state>/config/cloud/audit.key``."""
-    configured = getattr(getattr(config, "audit", None), "key_file", "") or ""
+    configured = config.audit.key_file or ""
     return os.path.expanduser(configured) if configured else state_path(config, "config", "cloud",
                                                                          "audit.key")
 
@@ -378,7 +378,7 @@ def request_actor(request: Any, actor: Optional[str] = None,
     return {"actor": actor, "ip": getattr(request, "client_ip", None)}
 
 
-def append_from_tool(config: Any, db_path: str, event_type: str, actor: Any = "system",
+def append_from_tool(config: Config, db_path: str, event_type: str, actor: Any = "system",
                      ip: Any = None, target: Any = None, action: Any = None, details: Any = None,
                      *, now: float, key: Optional[bytes] = None) -> int:
     """Blocking: append one entry from a command-line tool (``stdaemon-admin``).
@@ -387,7 +387,7 @@ def append_from_tool(config: Any, db_path: str, event_type: str, actor: Any = "s
     secrets stores passes it), else ``AUDIT_HMAC_KEY`` from the config's
     environment snapshot, else the key file.  ``now`` is the caller's clock."""
     if key is None:
-        value = (getattr(config, "environ", None) or {}).get("AUDIT_HMAC_KEY")
+        value = (config.environ or {}).get("AUDIT_HMAC_KEY")
         key = value.encode("utf-8") if value else load_or_create_key_file(key_file_path(config))
     conn = connect(db_path)
     try:
