@@ -121,6 +121,25 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     wire_capabilities(app)
     # rate limiting: its middleware is the first thing every routed request meets
     root.middlewares.insert(0, app.rate_limit_middleware)
+    # sessions: the st_session strategy (after API keys) + CSRF, the password pool, the sweep timer
+    passwords = BlockingPool(reactor, "stdaemon-passwords", maxthreads=2)
+    sessions = SessionManager(app.db, app.clock, passwords, ttl=config.auth.session_ttl,
+                              public_url=config.server.public_url)
+    app.auth.add_strategy(sessions.authenticate)
+    PoolService(passwords).setServiceParent(app.services)
+    app.add_timer("session-sweep", sessions.sweep_interval, sessions.sweep)
+    app.sessions = sessions
+    # providers: settings, the outbound client factory and breakers; circuit_breaker:/provider: health
+    providers = ProviderManager(config, reactor, app.clock, app.db, app.secrets, app.audit)
+    providers.setServiceParent(app.services)
+    for name in PROVIDERS:
+        app.health.register(f"circuit_breaker:{name}", lambda p=name: providers.breaker_health(p))
+        app.health.register(f"provider:{name}", lambda p=name: providers.provider_health(p), optional=True)
+    app.providers = providers
+    app.http_clients = providers.http
+    app.breakers = providers.breakers
+    # state cached from the database is reloaded after a restore swaps it (sessions' keys, providers)
+    app.backups.after_restore.extend([app.providers.load, _forget_verified_keys(app)])
     # job log streams (SSE, `jobs logs --follow`): ended when the daemon drains
     app.job_log_streams = LogStreams()
     app.drain_hooks.append(app.job_log_streams.close_all)
@@ -221,25 +240,6 @@ def wire_capabilities(ctx: App) -> None:
     ctx.health.register("rate_limiter", limiting.health)
     ctx.metrics.set_tracked_clients_source(ctx.rate_limit_middleware.tracked_clients)
     ctx.add_timer("rate-limit-clients-sweep", 30.0, ctx.rate_limit_middleware.sweep)
-    # sessions: the st_session strategy (after API keys) + CSRF, the password pool, the sweep timer
-    passwords = BlockingPool(ctx.reactor, "stdaemon-passwords", maxthreads=2)
-    sessions = SessionManager(ctx.db, ctx.clock, passwords, ttl=ctx.config.auth.session_ttl,
-                              public_url=ctx.config.server.public_url)
-    ctx.auth.add_strategy(sessions.authenticate)
-    PoolService(passwords).setServiceParent(ctx.services)
-    ctx.add_timer("session-sweep", sessions.sweep_interval, sessions.sweep)
-    ctx.sessions = sessions
-    # providers: settings, the outbound client factory and breakers; circuit_breaker:/provider: health
-    providers = ProviderManager(ctx.config, ctx.reactor, ctx.clock, ctx.db, ctx.secrets, ctx.audit)
-    providers.setServiceParent(ctx.services)
-    for name in PROVIDERS:
-        ctx.health.register(f"circuit_breaker:{name}", lambda p=name: providers.breaker_health(p))
-        ctx.health.register(f"provider:{name}", lambda p=name: providers.provider_health(p), optional=True)
-    ctx.providers = providers
-    ctx.http_clients = providers.http
-    ctx.breakers = providers.breakers
-    # State cached from the database is reloaded after a restore swaps it (jobs, webhooks: build_app).
-    ctx.backups.after_restore.extend([ctx.providers.load, _forget_verified_keys(ctx)])
 
 
 def wire_metrics(ctx: App) -> None:
