@@ -23,6 +23,7 @@ PACKAGE = os.path.join(REPO, "stdaemon")
 #: Modules of pure logic: no I/O, no clock reads, no Twisted reactor; they import only each other.
 PURE_MODULES = {
     "stdaemon.timestamps",
+    "stdaemon.invalid",
     "stdaemon.http.client_ip",
     "stdaemon.outbound.breaker",
     "stdaemon.outbound.retry",

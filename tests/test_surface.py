@@ -10,6 +10,7 @@ from treq.testing import StubTreq
 from pydantic import ConfigDict
 from twisted.internet import task
 
+from stdaemon.health.service import HealthRegistry
 from stdaemon.http.errors import ApiError, invalid_field
 from stdaemon.http.root import Root, UnprotectedRoute
 from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, route
@@ -72,6 +73,7 @@ class FakeCtx:
         self.clock = task.Clock()
         self.auth = FakeAuth()
         self.metrics = Metrics(self.clock)
+        self.health = HealthRegistry(self.clock)
         self.trusted_proxies = ()
 
 

@@ -11,12 +11,14 @@ shape ``{error, detail, field?}``. The S3 surface answers XML and is described m
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Iterable
 
 from klein import Klein
 from pydantic.json_schema import models_json_schema
 
+from stdaemon.http.root import route_table
 from stdaemon.http.surface import PUBLIC, Access, RouteInfo, Surface, route
 
 REF = "#/components/schemas/{model}"
@@ -153,11 +155,7 @@ class OpenApiSurface(Surface):
     def openapi(self, request):
         """This document."""
         if self._document is None:
-            import json
-
-            from stdaemon.http.root import route_table
-
-            body = document(route_table(self.surfaces), getattr(self.ctx, "version", "0"))
+            body = document(route_table(self.surfaces), self.ctx.version)
             self._document = json.dumps(body, separators=(",", ":")).encode()
         request.setHeader("Content-Type", "application/json")
         return self._document

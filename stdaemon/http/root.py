@@ -40,7 +40,7 @@ from werkzeug.routing import Map, RequestRedirect, Rule
 from stdaemon.http.client_ip import derive_client_ip
 from stdaemon.http.errors import ApiError, forbidden, unauthorized
 from stdaemon.http.request import BodyPolicy
-from stdaemon.http.surface import ROUTES, Access, RouteInfo, Surface, render_error
+from stdaemon.http.surface import Access, RouteInfo, Surface, render_error, route_info
 from stdaemon.logs import correlation_id_var, debug_enabled, get_logger
 
 log = get_logger("stdaemon.http")
@@ -112,11 +112,12 @@ class Dispatch:
         for surface in surfaces:
             app = surface.app
             for rule in app.url_map.iter_rules():
-                if rule.endpoint not in ROUTES:
+                info = route_info(app, rule.endpoint)
+                if info is None:
                     raise UnprotectedRoute(
                         f"{type(surface).__name__}: route {rule.rule} has no access policy; "
                         "register it with stdaemon.http.surface.route")
-                entry = _Route(surface, app, rule.endpoint, rule.rule, ROUTES[rule.endpoint])
+                entry = _Route(surface, app, rule.endpoint, rule.rule, info)
                 self.routes[rule.endpoint] = entry
                 rules.append(_match_only(rule))
                 if not rule.arguments:
@@ -399,9 +400,7 @@ class Root(Resource):
     def _observe(self, request: Any, match: Optional[RouteMatch], method: str, started: float) -> None:
         if method not in _READ_METHODS:
             # what the request changed shows in the next health report (kept results forgotten)
-            invalidate = getattr(getattr(self.ctx, "health", None), "invalidate", None)
-            if invalidate is not None:
-                invalidate()
+            self.ctx.health.invalidate()
         template = match.label if match else "unmatched"
         label = self._labels.get((method, template))
         if label is None:   # bounded: methods of KNOWN_METHODS × route templates
@@ -412,7 +411,7 @@ class Root(Resource):
             self.ctx.metrics.observe_http(label, status, latency_ms)
         except Exception:
             log.failure("metrics hook failed")
-        phase = getattr(self.ctx.health, "phase", "ready")
+        phase = self.ctx.health.phase
         if status == 503 and phase != "ready":
             # Expected while starting or stopping (probes, retried webhooks): not an error.
             emit = log.debug if match is not None and match.template.startswith(
@@ -442,7 +441,7 @@ def route_table(surfaces: list[Surface]) -> list[tuple[str, tuple[str, ...], str
     for surface in surfaces:
         for rule in surface.app.url_map.iter_rules():
             methods = tuple(sorted(m for m in (rule.methods or ()) if m not in ("HEAD", "OPTIONS")))
-            out.append((rule.rule, methods, rule.endpoint, ROUTES[rule.endpoint]))
+            out.append((rule.rule, methods, rule.endpoint, route_info(surface.app, rule.endpoint)))
     return out
 
 

@@ -86,9 +86,10 @@ class Response:
     content_type: Optional[str] = None
 
 
-# endpoint name → RouteInfo, filled by ``route``; endpoint names are unique
-# because they include the surface class.
-ROUTES: dict[str, RouteInfo] = {}
+def route_info(app: Klein, endpoint: str) -> Optional[RouteInfo]:
+    """The access policy and models ``route`` gave an endpoint of ``app`` (None: not declared
+    with ``route``). The info travels with the endpoint's handler: there is no global table."""
+    return getattr(app.endpoints.get(endpoint), "route_info", None)
 
 
 def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
@@ -126,7 +127,6 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
                          path_ids=dict(path_ids or {}), max_body_from=max_body_from,
                          produces=tuple(produces), signed_body=signed_body,
                          summary=(inspect.getdoc(fn) or "").split("\n", 1)[0])
-        ROUTES[endpoint] = info
 
         @functools.wraps(fn)
         async def handler(self: Any, request: Any, **kwargs: Any) -> Any:
@@ -153,6 +153,7 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
                                                       "Internal server error"))
             return render_result(request, result)
 
+        handler.route_info = info  # type: ignore[attr-defined]  (read back by route_info)
         app.route(path, methods=list(methods), endpoint=endpoint)(handler)
         return fn
 
