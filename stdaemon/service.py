@@ -25,45 +25,58 @@ from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
 from stdaemon.app import App
-from stdaemon.approvals.service import EXPIRY_INTERVAL as APPROVAL_EXPIRY_INTERVAL
+from stdaemon.approvals.http import ApprovalsSurface
+from stdaemon.approvals.http_quotas import QuotasSurface
 from stdaemon.approvals.service import ApprovalService, QuotaService
+from stdaemon.approvals.service import EXPIRY_INTERVAL as APPROVAL_EXPIRY_INTERVAL
 from stdaemon.audit import store as audit_store
 from stdaemon.audit.chain import MINUTE
+from stdaemon.audit.http import AuditSurface
 from stdaemon.audit.service import AuditLog, key_file_path
+from stdaemon.backup.http import AdminBackupsSurface
 from stdaemon.backup.service import BackupService
 from stdaemon.backup.store import JobStore
 from stdaemon.config import Config
+from stdaemon.configs.http import ConfigsSurface
 from stdaemon.configs.service import ConfigService
+from stdaemon.console.http import ConsoleSurface
+from stdaemon.events.http import EventsSurface
 from stdaemon.events.service import EventBus
 from stdaemon.health.checks import CoreChecks
 from stdaemon.health.http import HealthSurface
+from stdaemon.http.openapi import OpenApiSurface
 from stdaemon.http.request import StdaemonSite
 from stdaemon.http.root import Root
 from stdaemon.jobs.dispatch import Submissions
+from stdaemon.jobs.http import JobsSurface
+from stdaemon.jobs.http_logs import JobLogsSurface
 from stdaemon.jobs.http_logs import LogStreams
 from stdaemon.jobs.service import JobService
-from stdaemon.logs import (
-    configure_structured_logging,
-    get_logger,
-    make_observer,
-    reopen_log_files,
-    track_observer,
-)
+from stdaemon.logs import configure_structured_logging, get_logger, make_observer, reopen_log_files, track_observer
 from stdaemon.metrics import service as metrics_service
+from stdaemon.metrics.http import MetricsSurface
 from stdaemon.metrics.spend import SPEND_REFRESH_INTERVAL
+from stdaemon.providers.http import ProvidersSurface
 from stdaemon.providers.service import ProviderManager
 from stdaemon.providers.settings import PROVIDERS
 from stdaemon.ratelimit import service as rate_limit
 from stdaemon.ratelimit.http import RateLimitMiddleware
 from stdaemon.ratelimit.rules import rule_set_from_config
 from stdaemon.s3.credentials import UPLOAD_BUCKET, UploadCredentials
+from stdaemon.s3.http import StorageSurface
 from stdaemon.s3.multipart import StorageEngine
 from stdaemon.s3.progress import UploadProgress
 from stdaemon.s3.service import S3Service
+from stdaemon.secrets.http import AdminSecretsSurface
 from stdaemon.secrets.service import SecretsService
 from stdaemon.threads import BlockingPool, PoolService, install_pool
 from stdaemon.users import store as users
+from stdaemon.users.auth import GENERATION_POLL_SECONDS
+from stdaemon.users.http import UsersSurface
+from stdaemon.users.http_auth import AuthSurface
 from stdaemon.users.sessions import SessionManager
+from stdaemon.webhooks.http import WebhooksSurface
+from stdaemon.webhooks.http_endpoints import WebhookEndpointsSurface
 from stdaemon.webhooks.service import SWEEP_INTERVAL as WEBHOOK_SWEEP_INTERVAL
 from stdaemon.webhooks.service import WebhookService
 
@@ -117,10 +130,22 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
                        s3_pool, app.upload_progress, app.clock, app.outputs_root)
     app.add_timer("upload-credential-expiry", 60.0, app.upload_credentials.sweep)
     app.add_timer("s3-multipart-cleanup", 3600.0, app.s3.cleanup, now=True)
-    root = Root(app, build_surfaces(app))
-    wire_capabilities(app)
-    # rate limiting: its middleware is the first thing every routed request meets
-    root.middlewares.insert(0, app.rate_limit_middleware)
+
+    # rate limiting: one RateLimiting (also behind the guide's get_rate_limiter), its middleware, health, sweep
+    limits = config.rate_limit
+    rules = rule_set_from_config(limits)  # malformed rules stop start-up (InvalidValue naming the key path)
+    limiting = rate_limit.make_rate_limiting(limits, app.clock, reactor, app.state_dir)
+    limiting.setName("rate-limiter")
+    limiting.setServiceParent(app.services)
+    rate_limit.install(limiting)
+    app.rate_limiter = limiting
+    # surfaces that refuse before the body (S3) count their refusals through it too
+    app.rate_limit_middleware = RateLimitMiddleware(limiting, rules, clock=app.clock, metrics=app.metrics,
+                                                    audit=app.audit, exempt_loopback=limits.exempt_loopback)
+    app.health.register("rate_limiter", limiting.health)
+    app.metrics.set_tracked_clients_source(app.rate_limit_middleware.tracked_clients)
+    app.add_timer("rate-limit-clients-sweep", 30.0, app.rate_limit_middleware.sweep)
+
     # sessions: the st_session strategy (after API keys) + CSRF, the password pool, the sweep timer
     passwords = BlockingPool(reactor, "stdaemon-passwords", maxthreads=2)
     sessions = SessionManager(app.db, app.clock, passwords, ttl=config.auth.session_ttl,
@@ -169,77 +194,38 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     app.providers.token_changed_hooks.append(app.webhooks.forget_secret)
     # metrics: the figures the capabilities above keep; the providers' spend in their cost period
     wire_metrics(app)
+
+    # the surfaces: they only read the services above; rate limiting is the first middleware
+    root = Root(app, build_surfaces(app))
+    root.middlewares.insert(0, app.rate_limit_middleware)
     return app, root
 
 
-def build_surfaces(ctx: App) -> list:
-    """Every HTTP surface, composed under one root.  Add new surfaces here."""
-    surfaces: list = [HealthSurface(ctx)]
-    from stdaemon.backup.http import AdminBackupsSurface
-
-    surfaces.append(AdminBackupsSurface(ctx))  # /api/admin/backups*, /api/admin/database, /api/backup*, /api/database/*
-    from stdaemon.secrets.http import AdminSecretsSurface
-
-    surfaces.append(AdminSecretsSurface(ctx))  # /api/admin/secrets (states, never values)
-    from stdaemon.users.http_auth import AuthSurface
-    from stdaemon.users.http import UsersSurface
-
-    surfaces += [AuthSurface(ctx), UsersSurface(ctx)]  # /api/auth/*, /api/users*
-    from stdaemon.approvals.http import ApprovalsSurface
-    from stdaemon.events.http import EventsSurface
-    from stdaemon.approvals.http_quotas import QuotasSurface
-
-    surfaces += [ApprovalsSurface(ctx), QuotasSurface(ctx), EventsSurface(ctx)]  # /api/approvals*, /api/quotas*, /api/events/stream
-    from stdaemon.console.http import ConsoleSurface
-
-    surfaces.append(ConsoleSurface(ctx))  # web console: /, /console/, /static/<name> (S15)
-    from stdaemon.jobs.http import JobsSurface
-    from stdaemon.providers.http import ProvidersSurface
-
-    surfaces += [ProvidersSurface(ctx), JobsSurface(ctx)]  # /api/cloud/providers*, /api/cloud/jobs*
-    from stdaemon.configs.http import ConfigsSurface
-
-    surfaces.append(ConfigsSurface(ctx))  # /api/configs* (named training configs; app.configs)
-    from stdaemon.jobs.http_logs import JobLogsSurface
-
-    surfaces.append(JobLogsSurface(ctx))  # /api/cloud/jobs/<id>/logs/stream (SSE, `jobs logs --follow`)
-    from stdaemon.s3.http import StorageSurface
-
-    surfaces.append(StorageSurface(ctx))  # /api/cloud/storage (S3); reads ctx.s3, ctx.upload_credentials
-    from stdaemon.audit.http import AuditSurface
-    from stdaemon.webhooks.http import WebhooksSurface
-
-    surfaces += [AuditSurface(ctx), WebhooksSurface(ctx)]  # /api/audit*, /api/webhooks/<provider>; app.webhooks
-    from stdaemon.webhooks.http_endpoints import WebhookEndpointsSurface
-
-    surfaces.append(WebhookEndpointsSurface(ctx))  # GET /api/webhooks* (SimpleTuner's `webhooks` commands)
-    from stdaemon.metrics.http import MetricsSurface
-
-    surfaces.append(MetricsSurface(ctx))  # /api/cloud/metrics/prometheus, /api/cloud/metrics/config*, /api/metrics/*
-    from stdaemon.http.openapi import OpenApiSurface
-
-    surfaces.append(OpenApiSurface(ctx, surfaces))  # /api/openapi.json, from the routes above (S19)
+def build_surfaces(app: App) -> list:
+    """Every HTTP surface, composed under one root, in the order their routes are matched.
+    Add new surfaces here."""
+    surfaces: list = [
+        HealthSurface(app),  # /health, /api/cloud/health*
+        AdminBackupsSurface(app),  # /api/admin/backups*, /api/admin/database, /api/backup*, /api/database/*
+        AdminSecretsSurface(app),  # /api/admin/secrets (states, never values)
+        AuthSurface(app),  # /api/auth/*
+        UsersSurface(app),  # /api/users*
+        ApprovalsSurface(app),  # /api/approvals*
+        QuotasSurface(app),  # /api/quotas*
+        EventsSurface(app),  # /api/events/stream
+        ConsoleSurface(app),  # web console: /, /console/, /static/<name> (S15)
+        ProvidersSurface(app),  # /api/cloud/providers*
+        JobsSurface(app),  # /api/cloud/jobs*
+        ConfigsSurface(app),  # /api/configs* (named training configs)
+        JobLogsSurface(app),  # /api/cloud/jobs/<id>/logs/stream (SSE, `jobs logs --follow`)
+        StorageSurface(app),  # /api/cloud/storage (S3)
+        AuditSurface(app),  # /api/audit*
+        WebhooksSurface(app),  # /api/webhooks/<provider>
+        WebhookEndpointsSurface(app),  # GET /api/webhooks* (SimpleTuner's `webhooks` commands)
+        MetricsSurface(app),  # /api/cloud/metrics/prometheus, /api/cloud/metrics/config*, /api/metrics/*
+    ]
+    surfaces.append(OpenApiSurface(app, surfaces))  # /api/openapi.json, from the routes above (S19)
     return surfaces
-
-
-def wire_capabilities(ctx: App) -> None:
-    """Attach capabilities that are not surfaces (auth strategies, health components,
-    timers) to the context.  Runs before the database is open; anything needing the
-    database goes in ``start_capabilities``."""
-    # rate limiting: one RateLimiting (also behind the guide's get_rate_limiter), its middleware, health, sweep
-    limits = ctx.config.rate_limit
-    rules = rule_set_from_config(limits)  # malformed rules stop start-up (InvalidValue naming the key path)
-    limiting = rate_limit.make_rate_limiting(limits, ctx.clock, ctx.reactor, ctx.state_dir)
-    limiting.setName("rate-limiter")
-    limiting.setServiceParent(ctx.services)
-    rate_limit.install(limiting)
-    ctx.rate_limiter = limiting
-    # surfaces that refuse before the body (S3) count their refusals through it too
-    ctx.rate_limit_middleware = RateLimitMiddleware(limiting, rules, clock=ctx.clock, metrics=ctx.metrics,
-                                                    audit=ctx.audit, exempt_loopback=limits.exempt_loopback)
-    ctx.health.register("rate_limiter", limiting.health)
-    ctx.metrics.set_tracked_clients_source(ctx.rate_limit_middleware.tracked_clients)
-    ctx.add_timer("rate-limit-clients-sweep", 30.0, ctx.rate_limit_middleware.sweep)
 
 
 def wire_metrics(ctx: App) -> None:
@@ -271,8 +257,6 @@ def _forget_verified_keys(ctx: App) -> Any:
 
 async def start_capabilities(ctx: App) -> None:
     """Start-up work that needs the open database (runs before ``ready``)."""
-    from stdaemon.users.auth import GENERATION_POLL_SECONDS
-
     await ctx.poll_change_counters()
     # Key/user and job changes by another instance or stdaemon-admin: verified keys and kept job
     # rows are forgotten within a second.
@@ -456,6 +440,8 @@ class StdaemonService(MultiService):
 
 
 def _global_reactor() -> Any:
+    # Imported when asked for, not at module import: importing it installs the default reactor,
+    # and twistd must be free to install the one it was asked for first.
     from twisted.internet import reactor
 
     return reactor

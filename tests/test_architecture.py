@@ -231,6 +231,7 @@ def test_services_are_wired_only_by_the_composition_root():
     assert declared, "App declares its services as annotations"
     assert {k: v for k, v in assigned.items() if v != 1} == {}
     assert sorted(declared - set(assigned)) == []
+    assert sorted(set(assigned) - declared) == [], "build_app sets an attribute the App does not declare"
 
 
 def test_the_wheel_holds_every_module_and_each_imports_from_it(tmp_path):

@@ -34,7 +34,7 @@ from klein import Klein
 from twisted.web.server import NOT_DONE_YET
 
 from stdaemon.http import validation
-from stdaemon.http.errors import ApiError
+from stdaemon.http.errors import ApiError, not_found
 from stdaemon.logs import get_logger
 
 log = get_logger("stdaemon.http")
@@ -192,8 +192,6 @@ def render_error(request: Any, error: ApiError) -> bytes:
 def path_id(value: Any, what: str) -> int:
     """A numeric id from a path or body: a positive integer SQLite can hold,
     else 404 (an id that cannot exist is simply not found)."""
-    from stdaemon.http.errors import not_found
-
     try:
         number = int(str(value), 10)
     except ValueError:

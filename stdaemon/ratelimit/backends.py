@@ -131,14 +131,8 @@ class SQLiteBackend(Service):
         "CREATE INDEX IF NOT EXISTS rate_limit_expires ON rate_limit (expires_at)",
     )
 
-    def __init__(self, path: str, clock: Any, reactor: Any = None, busy_timeout: float = 5.0,
+    def __init__(self, path: str, clock: Any, reactor: Any, busy_timeout: float = 5.0,
                  sweep_interval: float = 60.0):
-        if reactor is None:
-            # Deferred import: importing the global reactor installs it; only a caller that
-            # passes none (a script) gets it, the daemon passes its own.
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
         self.path = path
         self.clock = clock
         self.reactor = reactor

@@ -107,15 +107,9 @@ def _score(value: Any) -> Optional[float]:
 class RedisBackend(Service):
     backend_name = "redis"
 
-    def __init__(self, url: str, clock: Any, reactor: Any = None, timeout: float = 0.5,
+    def __init__(self, url: str, clock: Any, reactor: Any, timeout: float = 0.5,
                  namespace: str = "stdaemon:ratelimit", poolsize: int = 2,
                  connect_timeout: float = 2.0, max_reconnect_delay: float = 5.0):
-        if reactor is None:
-            # Deferred import: importing the global reactor installs it; only a caller that
-            # passes none (a script) gets it, the daemon passes its own.
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
         self.url, self.settings = url, parse_redis_url(url)
         self.clock, self.reactor = clock, reactor
         self.namespace = namespace

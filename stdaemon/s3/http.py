@@ -2,6 +2,9 @@
 request parsed, the S3 service (:mod:`stdaemon.s3.service`, ``app.s3``) called, the S3 answer
 shaped. Errors are S3 XML documents with S3 codes and statuses (:mod:`stdaemon.s3.errors`).
 
+Size: a little over 500 lines because every S3 operation's route is here, each a few lines of
+parse-call-answer; the work they call lives in the modules named below.
+
 Request flow for an upload (PutObject / UploadPart):
 
 1. when the headers are complete (``body_policy`` → ``admit``), before a byte of the body is

@@ -1,6 +1,6 @@
 """AWS request signatures as S3 clients send them (pure, no I/O).
 
-About 600 lines in one module on purpose: the four signature forms below share the canonical
+Size: about 600 lines in one module on purpose: the four signature forms below share the canonical
 request, the claim (:class:`AuthClaim`) and the time-window checks, and :func:`verify_claim` is
 their one entry point; split apart, each half would need the other's internals.
 
