@@ -37,6 +37,7 @@ from stdaemon.timestamps import iso
 from stdaemon.http.errors import bad_request, not_found
 from stdaemon.http.surface import OPERATOR, Surface, path_id, route
 from stdaemon.http.validation import SQLITE_MAX_INT, QueryModel
+from stdaemon.users import store as users_store
 from stdaemon.audit import store as audit_store
 from stdaemon.audit.chain import EVENT_TYPES
 
@@ -92,19 +93,6 @@ class VerifyQuery(QueryModel):
     end_id: Optional[int] = Field(None, ge=1, le=SQLITE_MAX_INT)
 
 
-def _user_ids(conn: Any, names: set) -> dict:
-    if not names:
-        return {}
-    marks = ", ".join("?" for _ in names)
-    return {row[1]: row[0] for row in conn.execute(
-        f"SELECT id, username FROM users WHERE username IN ({marks})", tuple(names))}
-
-
-def _username(conn: Any, user_id: int) -> Optional[str]:
-    row = conn.execute("SELECT username FROM users WHERE id = ?", (user_id,)).fetchone()
-    return row[0] if row else None
-
-
 def public_entry(entry: dict, user_ids: dict) -> dict:
     """One entry as the API shows it (S7 columns + the CLI's names, ISO time)."""
     out = dict(entry)
@@ -128,7 +116,7 @@ class AuditSurface(Surface):
     async def _page(self, limit: int, offset: int, **filters: Any) -> dict:
         def read(conn: Any) -> dict:
             page = audit_store.query_entries(conn, limit=limit, offset=offset, **filters)
-            ids = _user_ids(conn, {e["actor"] for e in page["entries"] if e.get("actor")})
+            ids = users_store.ids_by_username(conn, {e["actor"] for e in page["entries"] if e.get("actor")})
             page["entries"] = [public_entry(e, ids) for e in page["entries"]]
             page["has_more"] = offset + len(page["entries"]) < page["total"]
             return page
@@ -147,7 +135,7 @@ class AuditSurface(Surface):
         limit, offset = query.limit, query.offset
         actor_id = query.actor_id
         if actor_id is not None:
-            name = await self.ctx.db.run_read(_username, actor_id)
+            name = await self.ctx.db.run_read(users_store.username_of, actor_id)
             if name is None or (actor is not None and actor != name):
                 return {"entries": [], "total": 0, "limit": limit, "offset": offset, "has_more": False}
             actor = name
@@ -163,7 +151,7 @@ class AuditSurface(Surface):
     async def user_entries(self, request: Any, user_id: str, query: Paging) -> dict:
         """Entries by or about one user."""
         uid = path_id(user_id, "User")
-        name = await self.ctx.db.run_read(_username, uid)
+        name = await self.ctx.db.run_read(users_store.username_of, uid)
         if name is None:
             raise not_found(f"User {user_id} not found")
         return await self._page(query.limit, query.offset, actor_or_target=(name, f"user:{uid}"))

@@ -27,19 +27,17 @@ from __future__ import annotations
 
 import os
 import re
-import sqlite3
-from datetime import datetime, timezone
 from typing import Annotated, Optional
 
 from klein import Klein
 from pydantic import Field
 
-from stdaemon.timestamps import iso
 from stdaemon.http.errors import ApiError, invalid_field, not_found
 from stdaemon.http.surface import ADMIN, Response, Surface, route
 from stdaemon.http.validation import BodyModel, QueryModel
 from stdaemon.audit.service import request_actor
 from stdaemon.backup.service import BackupService
+from stdaemon.store import inspect
 from stdaemon.backup.store import BACKUP_PREFIX, BackupError, RestoreRefused
 
 _REFUSED_STATUS = {"not_found": 404, "invalid_name": 400, "invalid_path": 400}
@@ -237,13 +235,13 @@ class AdminBackupsSurface(Surface):
     async def db_health(self, request):
         """SimpleTuner's ``database health``: size, tables, a quick integrity check."""
         info = await self.backups.info()
-        check = await self.ctx.db.run_read(_quick_check)
+        check = await self.ctx.db.run_read(inspect.quick_check)
         issues = [] if check == "ok" else [f"PRAGMA quick_check: {check}"]
         scheduled = info.get("scheduled") or {}
         if scheduled.get("consecutive_failures"):
             issues.append(f"scheduled backups failing: {scheduled.get('last_error')}")
         databases = [dict(name=name, path=info["path"], exists=info["exists"], size_bytes=info["size_bytes"],
-                          table_count=await self.ctx.db.run_read(_table_count), shared=True)
+                          table_count=await self.ctx.db.run_read(inspect.table_count), shared=True)
                      for name in _SHARED_DATABASES]
         return {"healthy": check == "ok", "total_size_bytes": info["size_bytes"] + info["wal_size_bytes"],
                 "databases": databases, "issues": issues, "info": info}
@@ -252,7 +250,7 @@ class AdminBackupsSurface(Surface):
     async def db_verify(self, request, database):
         """SimpleTuner's ``database verify``: integrity and foreign-key checks."""
         name = self._database_name(database)
-        integrity, foreign = await self.ctx.db.run_read(_verify)
+        integrity, foreign = await self.ctx.db.run_read(inspect.verify)
         return {"database": name, "valid": integrity == ["ok"] and not foreign,
                 "integrity_check": "; ".join(integrity), "foreign_key_check": foreign, "issues": []}
 
@@ -268,7 +266,7 @@ class AdminBackupsSurface(Surface):
     async def db_migrations(self, request, query: DatabaseQuery):
         """SimpleTuner's ``database migrations``: the applied schema migrations."""
         name = self._database_name(query.database)
-        applied = await self.ctx.db.run_read(_applied_migrations)
+        applied = await self.ctx.db.run_read(inspect.applied_migrations)
         return {"database": name, "current_version": applied[-1]["name"] if applied else None,
                 "schema_version": len(applied), "applied_migrations": applied, "pending_migrations": []}
 
@@ -284,7 +282,7 @@ class AdminBackupsSurface(Surface):
     async def db_stats(self, request):
         """SimpleTuner's ``database stats``: pages and row counts per table."""
         info = await self.backups.info()
-        tables = await self.ctx.db.run_read(_row_counts)
+        tables = await self.ctx.db.run_read(inspect.row_counts)
         stats = {"exists": info["exists"], "path": info["path"], "size_bytes": info["size_bytes"],
                  "wal_size_bytes": info["wal_size_bytes"], "page_count": info.get("page_count", 0),
                  "page_size": info.get("page_size", 0), "freelist_count": info.get("freelist_count", 0),
@@ -319,39 +317,4 @@ def _check_components(field: str, path: str) -> None:
     """No file system has names longer than 255 bytes: say so instead of failing in the OS."""
     if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME for part in path.split("/")):
         raise invalid_field(field, f"a path component is longer than {MAX_NAME} bytes")
-
-
-def _quick_check(conn: sqlite3.Connection) -> str:
-    rows = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
-    return "; ".join(rows[:3])
-
-
-def _table_count(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
-
-
-def _verify(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
-    integrity = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
-    foreign = [f"{r[0]} row {r[1]} -> {r[2]}" for r in conn.execute("PRAGMA foreign_key_check").fetchall()]
-    return integrity[:20], foreign[:100]
-
-
-def _applied_migrations(conn: sqlite3.Connection) -> list[dict]:
-    out = []
-    for number, (name, applied_at) in enumerate(conn.execute(
-            "SELECT name, applied_at FROM schema_migrations ORDER BY name"), start=1):
-        try:  # SQLite's datetime('now'): "YYYY-MM-DD HH:MM:SS" in UTC
-            moment = datetime.strptime(applied_at, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
-            applied_at = iso(moment.timestamp())
-        except (TypeError, ValueError):
-            pass
-        out.append({"version": number, "name": name, "applied_at": applied_at})
-    return out
-
-
-def _row_counts(conn: sqlite3.Connection) -> dict:
-    names = [r[0] for r in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
-    # Table names come from sqlite_master itself; quoted as identifiers.
-    return {name: {"row_count": conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]} for name in names}
 

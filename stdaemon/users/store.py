@@ -138,6 +138,20 @@ def list_users(conn: sqlite3.Connection) -> list[dict]:
     return [user_dict(r) for r in rows]
 
 
+def ids_by_username(conn: sqlite3.Connection, names: set) -> dict:
+    """``{username: id}`` of the users among ``names`` (audit entries name their actor)."""
+    if not names:
+        return {}
+    marks = ", ".join("?" for _ in names)
+    return {row[1]: row[0] for row in conn.execute(
+        f"SELECT id, username FROM users WHERE username IN ({marks})", tuple(names))}
+
+
+def username_of(conn: sqlite3.Connection, user_id: int) -> Optional[str]:
+    row = conn.execute("SELECT username FROM users WHERE id = ?", (user_id,)).fetchone()
+    return row[0] if row else None
+
+
 def get_user(conn: sqlite3.Connection, user_id: int) -> Optional[dict]:
     row = conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (user_id,)).fetchone()
     return user_dict(row) if row else None
