@@ -422,8 +422,30 @@ class StorageSurface(Surface):
         sink = request.content
         if not isinstance(sink, UploadSink):
             raise S3Error("InvalidRequest", "The request body could not be read")
-        await sink.finished()
-        pending = sink.pending
+        target = sink.target
+        now = self.s3.clock.seconds()
+
+        def verify_and_commit(pending: Any) -> tuple:
+            # in the s3-io thread, in the same call that wrote and fsynced the body: one hop per object
+            checksums, response_headers = self._verified(request, sink, pending)
+            if target.upload_id:
+                part = self.s3.place_part(target, pending, checksums, now)
+                return part.size, False, part.etag, response_headers
+            content_type, system, user = stored_metadata(request)
+            conditions = write_conditions(request)
+            info = self.s3.place_object(bucket, key, pending, checksums, content_type, user, system, conditions,
+                                        now)
+            return info.size, True, info.etag, response_headers
+
+        size, object_completed, etag, response_headers = await sink.finished(verify_and_commit)
+        sink.committed(size, object_completed=object_completed)
+        response_headers["ETag"] = etag
+        return Response(body=b"", headers=response_headers)
+
+    @staticmethod
+    def _verified(request: Any, sink: UploadSink, pending: Any) -> tuple[dict, dict]:
+        """The body's digests checked against what the client sent: ``(checksums, response headers)``;
+        ``S3Error`` on a mismatch. Pure computation on the request's headers."""
         headers = request.requestHeaders
         # chunk signatures were verified as the chunks arrived (the signer was known before the body)
         payload_hash = (headers.getRawHeaders(b"x-amz-content-sha256") or [b""])[0].decode("latin-1").strip()
@@ -452,17 +474,7 @@ class StorageSurface(Surface):
         response_headers = {}
         for algorithm, value in checksums.items():
             response_headers[f"x-amz-checksum-{algorithm}"] = value
-        if sink.target.upload_id:
-            part = await self.s3.commit_part(sink.target, pending, checksums)
-            sink.committed(part.size, object_completed=False)
-            response_headers["ETag"] = part.etag
-        else:
-            content_type, system, user = stored_metadata(request)
-            info = await self.s3.commit_object(bucket, key, pending, checksums, content_type, user, system,
-                                               write_conditions(request))
-            sink.committed(info.size, object_completed=True)
-            response_headers["ETag"] = info.etag
-        return Response(body=b"", headers=response_headers)
+        return checksums, response_headers
 
     async def _create_multipart(self, request: Any, bucket: str, key: str) -> Any:
         algorithm = request.getHeader("x-amz-checksum-algorithm")

@@ -79,8 +79,9 @@ class PartInfo:
 def _write_json_atomic(path: str, data: Any, tmp_dir: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.json")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
+    encoded = json.dumps(data).encode("utf-8")  # one write, not one per JSON token
+    with open(tmp, "wb") as fh:
+        fh.write(encoded)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -108,6 +109,7 @@ class PendingWrite:
         self.checksums = {name: s3_checksums.new_checksum(name) for name in checksum_algorithms}
         self.max_size = max_size
         self.closed = False
+        self.mtime_ns: Optional[int] = None  # of the durable temp file (a rename keeps it)
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -129,6 +131,7 @@ class PendingWrite:
         """Make the temp file durable (before it is renamed into place)."""
         self._fh.flush()
         os.fsync(self._fh.fileno())
+        self.mtime_ns = os.fstat(self._fh.fileno()).st_mtime_ns
         self._fh.close()
         self.closed = True
 
@@ -247,7 +250,8 @@ class ObjectStore:
         """Place the object. ``if_none_match`` (``If-None-Match: *``) and ``if_match`` (an ETag
         list or ``*``) make the write conditional: checked and placed under one lock, so two
         conditional writers of one key cannot both succeed."""
-        bucket = self.bucket(bucket_name)
+        # begin_put made the bucket's directories; _place and the sidecar make what is missing since
+        bucket = self.buckets.get(bucket_name) or self.bucket(bucket_name)
         path = bucket.object_path(key)
         if not pending.closed:
             pending.flush()
@@ -273,7 +277,7 @@ class ObjectStore:
             raise
         pending.release()
         meta = asdict(info)
-        meta["mtime_ns"] = os.stat(path).st_mtime_ns
+        meta["mtime_ns"] = pending.mtime_ns if pending.mtime_ns is not None else os.stat(path).st_mtime_ns
         _write_json_atomic(bucket.meta_path(key), meta, bucket.tmp)
         return info
 
@@ -290,8 +294,9 @@ class ObjectStore:
 
     def _place(self, bucket: Bucket, path: str, tmp_path: str) -> None:
         parent = os.path.dirname(path)
-        # a key may not be both an object and a "directory" of other objects
-        probe = parent
+        # a key may not be both an object and a "directory" of other objects; when the parent is a
+        # directory, none of its ancestors is a file (one stat instead of one per level)
+        probe = bucket.root if os.path.isdir(parent) else parent
         while probe != bucket.root and len(probe) > len(bucket.root):
             if os.path.isfile(probe):
                 raise StorageError(

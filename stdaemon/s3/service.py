@@ -164,8 +164,15 @@ class S3Service:
     async def commit_object(self, bucket: str, key: str, pending: PendingWrite, checksums: dict,
                             content_type: Optional[str], user: dict, system: dict, conditions: dict) -> ObjectInfo:
         """PutObject's body, verified, placed as the object."""
-        return await self.run(self.engine.commit_put, bucket, key, pending, self.clock.seconds(), content_type,
-                              user, checksums, headers=system, **conditions)
+        return await self.run(self.place_object, bucket, key, pending, checksums, content_type, user, system,
+                              conditions, self.clock.seconds())
+
+    def place_object(self, bucket: str, key: str, pending: PendingWrite, checksums: dict,
+                     content_type: Optional[str], user: dict, system: dict, conditions: dict,
+                     now: float) -> ObjectInfo:
+        """In a worker thread: :meth:`commit_object` (``now`` read on the reactor thread)."""
+        return self.engine.commit_put(bucket, key, pending, now, content_type, user, checksums, headers=system,
+                                      **conditions)
 
     # -- multipart -----------------------------------------------------------------------------
 
@@ -176,8 +183,12 @@ class S3Service:
 
     async def commit_part(self, target: Target, pending: PendingWrite, checksums: dict) -> PartInfo:
         """UploadPart's body, verified, kept as the part."""
-        return await self.run(self.engine.commit_part, target.bucket, target.key, target.upload_id,
-                              target.part_number, pending, self.clock.seconds(), checksums)
+        return await self.run(self.place_part, target, pending, checksums, self.clock.seconds())
+
+    def place_part(self, target: Target, pending: PendingWrite, checksums: dict, now: float) -> PartInfo:
+        """In a worker thread: :meth:`commit_part` (``now`` read on the reactor thread)."""
+        return self.engine.commit_part(target.bucket, target.key, target.upload_id, target.part_number, pending,
+                                       now, checksums)
 
     async def complete_multipart(self, bucket: str, key: str, upload_id: str, parts: list,
                                  object_checksum: Optional[tuple[str, str]], conditions: dict) -> ObjectInfo:

@@ -6,11 +6,16 @@ queues the bytes and a worker thread of the S3 service decodes ``aws-chunked`` (
 signatures as they come), hashes (MD5 for the ETag, SHA-256, requested CRCs) and writes a temp
 file. The transport is paused while too much is queued, so memory stays flat. The handler then
 waits for :meth:`UploadSink.finished`; any failure deletes the temp file.
+
+The last bytes of a body whose length is known are not sent to the pool on their own: they wait
+for :meth:`UploadSink.finished`, which writes them, ends the stream, fsyncs and runs the handler's
+verify-and-commit step in one call in the pool. A small PutObject costs one thread hop, not one per
+step.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -54,6 +59,8 @@ class UploadSink(NullSink):
         self._waiters: list[defer.Deferred] = []
         self._finalised = False
         self.received = 0
+        self.length = length  # the HTTP body's length when the client declared it
+        self._tail = False  # every byte arrived: the queue waits for finished()
         headers = request.requestHeaders
         payload = (headers.getRawHeaders(b"x-amz-content-sha256") or [b""])[0].decode("latin-1")
         encoding = b",".join(headers.getRawHeaders(b"content-encoding") or []).decode("latin-1").lower()
@@ -100,6 +107,8 @@ class UploadSink(NullSink):
             return  # refused already: drain and drop
         self._queue += data
         self._queued += len(data)
+        if self.length is not None and self.received >= self.length:
+            self._tail = True
         if self._queued > HIGH_WATER and not self._paused:
             transport = getattr(getattr(self.request, "channel", None), "transport", None)
             if transport is not None:
@@ -124,9 +133,10 @@ class UploadSink(NullSink):
     # worker -------------------------------------------------------------------------------
 
     def _kick(self) -> None:
-        if self._busy or not self._queue:
-            if not self._busy and not self._queue:
-                self._wake()
+        if self._busy:
+            return
+        if not self._queue or self._tail:
+            self._wake()  # idle: nothing to do before finished()
             return
         batch = bytes(self._queue[:BATCH_BYTES])
         del self._queue[:BATCH_BYTES]
@@ -146,12 +156,15 @@ class UploadSink(NullSink):
             err = as_s3_error(self.error)
             body = s3_xml.error(err.code, err.message, "", f"/{self.target.bucket}/{self.target.key}", **err.extra)
             self.request.refuse_body(err.status, REASONS.get(err.status, b"Error"), b"application/xml", body)
+        self._maybe_resume()
+        self._kick()
+
+    def _maybe_resume(self) -> None:
         if self._paused and self._queued < LOW_WATER:
             self._paused = False
             transport = getattr(getattr(self.request, "channel", None), "transport", None)
             if transport is not None:
                 transport.resumeProducing()
-        self._kick()
 
     def _process(self, batch: bytes) -> None:
         """In a worker thread: decode, hash and write one batch."""
@@ -187,22 +200,36 @@ class UploadSink(NullSink):
     def _drained(self) -> defer.Deferred:
         """Fires once every queued chunk has been written by the I/O thread."""
         d = defer.Deferred()
-        if not self._busy and not self._queue:
+        if not self._busy and (not self._queue or self._tail):
             d.callback(None)
         else:
             self._waiters.append(d)
         return d
 
-    async def finished(self) -> None:
-        """Wait for every byte to be written and the stream to end; raise ``S3Error`` if it failed."""
+    async def finished(self, then: Optional[Callable[[Any], Any]] = None) -> Any:
+        """Wait for every byte to be written and the stream to end; raise ``S3Error`` if it failed.
+
+        ``then(pending)``, when given, runs in the same pool call once the temp file is durable
+        (verification and commit: blocking, raising ``S3Error``); its result is returned."""
         await self._drained()
-        await self.storage.run(self._end_in_thread)
+        rest = self._take_rest()
+        result = await self.storage.run(self._end_in_thread, rest, then)
         if self.error is not None:
             raise as_s3_error(self.error)
+        return result
 
-    def _end_in_thread(self) -> None:
+    def _take_rest(self) -> bytes:
+        rest = bytes(self._queue)
+        self._queue.clear()
+        self._queued -= len(rest)
+        self._maybe_resume()
+        return rest
+
+    def _end_in_thread(self, rest: bytes = b"", then: Optional[Callable[[Any], Any]] = None) -> Any:
+        if rest:
+            self._process(rest)
         if self.error is not None:
-            return
+            return None
         try:
             if self.pending is None:
                 self.pending = self.storage.begin_write(self.target, self.checksum_algorithms, self.max_size,
@@ -212,12 +239,15 @@ class UploadSink(NullSink):
             self.pending.flush()
         except (ChunkedError, StorageError, InvalidKey, S3Error) as exc:
             self.error = as_s3_error(exc)
+            return None
+        return then(self.pending) if then is not None else None
 
     async def discard(self) -> None:
         """Delete what was written (refused request)."""
         if self._finalised:
             return
         self._finalised = True
+        self._take_rest()  # bytes never written: nothing to delete
         await self._drained()
         await self.storage.run(self._abort_in_thread)
         if self.progress_token is not None:
