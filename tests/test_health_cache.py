@@ -56,7 +56,28 @@ async def test_checks_are_kept_for_the_interval_and_shared_by_concurrent_request
 
 
 @pytest_twisted.ensureDeferred
-async def test_by_default_every_report_runs_the_checks(daemon):
+async def test_by_default_results_are_kept_one_second(make_daemon):
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    daemon = await make_daemon(None, clock=clock)
+    assert daemon.ctx.health.cache_seconds == 1.0
+    runs = []
+
+    async def probe():
+        runs.append(1)
+        return Component("probe", HEALTHY, f"run {len(runs)}")
+
+    daemon.ctx.health.register("probe", probe)
+    assert (await report(daemon))["probe"]["message"] == "run 1"
+    clock.advance(0.5)
+    assert (await report(daemon))["probe"]["message"] == "run 1"
+    clock.advance(0.5)
+    assert (await report(daemon))["probe"]["message"] == "run 2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_zero_runs_every_check_for_every_report(make_daemon):
+    daemon = await make_daemon({"server": {"health_cache_seconds": 0}})
     runs = []
 
     async def probe():

@@ -30,7 +30,7 @@ class ServerConfig:
     ssl_cert: str = ""
     ssl_key: str = ""
     shutdown_timeout: float = 10.0
-    health_cache_seconds: float = 0.0
+    health_cache_seconds: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,8 @@ Check = Callable[[], Awaitable[Component]]
 
 
 #: How long a component's result is reused (seconds of the injected clock; config
-#: ``server.health_cache_seconds``). 0: only concurrent reports share a run.
-CACHE_SECONDS = 0.0
+#: ``server.health_cache_seconds``, default 1). 0: only concurrent reports share a run.
+CACHE_SECONDS = 1.0
 
 
 class HealthRegistry:
