@@ -35,6 +35,10 @@ log = get_logger("stdaemon.http.storage")
 HIGH_WATER = 8 * 1024 * 1024
 LOW_WATER = 2 * 1024 * 1024
 BATCH_BYTES = 4 * 1024 * 1024
+#: A batch goes to the pool once this much is queued, or FLUSH_DELAY after it began to queue: large
+#: bodies are decoded, hashed and written in big blocks, not one pool call per network read.
+MIN_BATCH = 1024 * 1024
+FLUSH_DELAY = 0.005
 
 
 class UploadSink(NullSink):
@@ -61,6 +65,7 @@ class UploadSink(NullSink):
         self.received = 0
         self.length = length  # the HTTP body's length when the client declared it
         self._tail = False  # every byte arrived: the queue waits for finished()
+        self._timer: Any = None  # the delayed dispatch of a batch smaller than MIN_BATCH
         headers = request.requestHeaders
         payload = (headers.getRawHeaders(b"x-amz-content-sha256") or [b""])[0].decode("latin-1")
         encoding = b",".join(headers.getRawHeaders(b"content-encoding") or []).decode("latin-1").lower()
@@ -121,6 +126,7 @@ class UploadSink(NullSink):
         if self.closed:
             return
         self.closed = True
+        self._cancel_timer()
         if not self._finalised:
             self._finalised = True
             self._queue.clear()
@@ -136,10 +142,34 @@ class UploadSink(NullSink):
         if self._busy:
             return
         if not self._queue or self._tail:
+            self._cancel_timer()
             self._wake()  # idle: nothing to do before finished()
             return
-        batch = bytes(self._queue[:BATCH_BYTES])
-        del self._queue[:BATCH_BYTES]
+        if len(self._queue) < MIN_BATCH:
+            if self._timer is None:
+                self._timer = self.storage.clock.callLater(FLUSH_DELAY, self._flush_small)
+            return
+        self._dispatch()
+
+    def _flush_small(self) -> None:
+        self._timer = None
+        if not self._busy and self._queue and not self._tail and not self.closed:
+            self._dispatch()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _dispatch(self) -> None:
+        self._cancel_timer()
+        if len(self._queue) <= BATCH_BYTES:
+            batch = bytes(self._queue)  # the usual case: one copy, not a slice and a copy
+            self._queue.clear()
+        else:
+            batch = bytes(self._queue[:BATCH_BYTES])
+            del self._queue[:BATCH_BYTES]
         size = len(batch)
         self._busy = True
         d = self.storage.run(self._process, batch)
@@ -211,6 +241,8 @@ class UploadSink(NullSink):
 
         ``then(pending)``, when given, runs in the same pool call once the temp file is durable
         (verification and commit: blocking, raising ``S3Error``); its result is returned."""
+        self._tail = True  # the handler runs once the whole body arrived
+        self._cancel_timer()
         await self._drained()
         rest = self._take_rest()
         result = await self.storage.run(self._end_in_thread, rest, then)
@@ -248,6 +280,7 @@ class UploadSink(NullSink):
             return
         self._finalised = True
         self._take_rest()  # bytes never written: nothing to delete
+        self._cancel_timer()
         await self._drained()
         await self.storage.run(self._abort_in_thread)
         if self.progress_token is not None:
