@@ -32,8 +32,10 @@ UNHEALTHY = "unhealthy"
 _RANK = {HEALTHY: 0, DEGRADED: 1, UNHEALTHY: 2}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Component:
+    """One component's finding. Frozen: a kept result is handed to every report that reuses it."""
+
     name: str
     status: str
     message: str = ""
@@ -85,19 +87,29 @@ class HealthRegistry:
     def names(self, include_optional: bool = False) -> list[str]:
         return [n for n, (_, opt) in self._checks.items() if include_optional or not opt]
 
-    async def check_all(self, include_optional: bool = False) -> list[Component]:
+    def check_all(self, include_optional: bool = False) -> defer.Deferred:
+        """A Deferred of every component (registration order). When every result is still kept,
+        it has already fired: a report then costs no Deferred per component."""
         names = self.names(include_optional)
         now = self.clock.seconds()
-        pending = []
+        results: list = []
+        pending: list[tuple[int, defer.Deferred]] = []
         for name in names:
             kept = self._results.get(name)
             if kept is not None and now - kept[1] < self.cache_seconds and not self._checks[name][1]:
-                pending.append(defer.succeed(kept[0]))
+                results.append(kept[0])
             else:
-                pending.append(self._shared_run(name))
-        results = await defer.gatherResults(pending)
-        # copies: a caller may not change what the next caller gets
-        return [replace(component) for component in results]
+                pending.append((len(results), self._shared_run(name)))
+                results.append(None)
+        if not pending:
+            return defer.succeed(results)
+
+        def fill(found: list) -> list:
+            for (index, _), component in zip(pending, found):
+                results[index] = component
+            return results
+
+        return defer.gatherResults([d for _, d in pending]).addCallback(fill)
 
     def _shared_run(self, name: str) -> defer.Deferred:
         """The result of the check run in progress for ``name`` (one is started if none is)."""
@@ -129,5 +141,5 @@ class HealthRegistry:
         except Exception as e:  # a broken check is a finding, not a 500
             return Component(name, UNHEALTHY, f"check failed: {type(e).__name__}")
         if component.latency_ms is None:
-            component.latency_ms = round((self.clock.seconds() - started) * 1000, 3)
+            component = replace(component, latency_ms=round((self.clock.seconds() - started) * 1000, 3))
         return component

@@ -15,6 +15,7 @@ offending value itself is never echoed.
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from typing import Any, Mapping
@@ -109,21 +110,29 @@ def query_string_args(request: Any) -> Mapping[bytes, list]:
 def validate_query(request: Any, model: type[QueryModel]) -> QueryModel:
     args = query_string_args(request)
     data: dict[str, Any] = {}
-    listed = _list_fields(model)
-    for name, info in model.model_fields.items():
-        key = (info.alias or name).encode()
-        values = args.get(key)
-        if not values:
-            continue
-        try:
-            texts = [v.decode("utf-8") for v in values]
-        except UnicodeDecodeError:
-            raise ApiError(400, "invalid_query", f"{name}: is not valid UTF-8", field=name) from None
-        texts = [t for t in texts if t != ""]
-        if not texts:
-            continue
-        data[info.alias or name] = texts if name in listed else texts[0]
+    if args:
+        for name, key, alias, listed in _query_plan(model):
+            values = args.get(key)
+            if not values:
+                continue
+            try:
+                texts = [v.decode("utf-8") for v in values]
+            except UnicodeDecodeError:
+                raise ApiError(400, "invalid_query", f"{name}: is not valid UTF-8", field=name) from None
+            texts = [t for t in texts if t != ""]
+            if not texts:
+                continue
+            data[alias] = texts if listed else texts[0]
     return validate(model, data, code="invalid_query")
+
+
+@functools.lru_cache(maxsize=None)  # one entry per query model class: a bounded set
+def _query_plan(model: type[QueryModel]) -> tuple[tuple[str, bytes, str, bool], ...]:
+    """Per field: its name, the query key (bytes), the key pydantic validates and whether it
+    takes every value (a list) or the first — worked out once per model, not per request."""
+    listed = _list_fields(model)
+    return tuple((name, (info.alias or name).encode(), info.alias or name, name in listed)
+                 for name, info in model.model_fields.items())
 
 
 def validate(model: type[BaseModel], data: Any, code: str = "invalid_field") -> Any:
