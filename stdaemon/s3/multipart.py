@@ -365,6 +365,7 @@ def _part_checksums_match(listed: Mapping[str, str], stored: Mapping[str, str]) 
 def _copy_file(src, dst, size: int) -> None:
     """Append ``src`` to ``dst`` in the kernel when it can (``copy_file_range``), else by blocks."""
     dst.flush()
+    start = dst.seek(0, os.SEEK_END)  # the parts already appended stay if the kernel copy fails
     copy_range = getattr(os, "copy_file_range", None)
     if copy_range is not None:
         try:
@@ -380,6 +381,6 @@ def _copy_file(src, dst, size: int) -> None:
             src.seek(size - remaining)
         except OSError:
             src.seek(0)
-            dst.seek(0)
+            dst.seek(start)
             dst.truncate()
     shutil.copyfileobj(src, dst, 1024 * 1024)
