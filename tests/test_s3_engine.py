@@ -198,3 +198,26 @@ def test_files_placed_by_hand_are_listed_and_odd_names_skipped(engine, tmp_path)
     assert engine.iter_keys("outputs") == ["job-1/a", "job-1/by-hand.txt"]
     info = engine.head("outputs", "job-1/by-hand.txt")
     assert info.size == 4 and info.etag.startswith('"')
+
+
+def test_part_copy_falls_back_without_losing_the_parts_before(tmp_path, monkeypatch):
+    """When the kernel copy fails for a later part, the plain copy appends that part after the
+    ones already assembled instead of starting the object again."""
+    from stdaemon.s3 import multipart
+
+    calls = []
+
+    def failing_copy(*args, **kwargs):
+        calls.append(args)
+        raise OSError(18, "Invalid cross-device link")
+
+    assembled = tmp_path / "assembled"
+    part = tmp_path / "part"
+    part.write_bytes(b"B" * 5000)
+    with open(assembled, "wb") as dst:
+        dst.write(b"A" * 3000)
+        monkeypatch.setattr(multipart.os, "copy_file_range", failing_copy, raising=False)
+        with open(part, "rb") as src:
+            multipart._copy_file(src, dst, 5000)
+    assert calls, "the kernel copy was tried first"
+    assert assembled.read_bytes() == b"A" * 3000 + b"B" * 5000
