@@ -55,19 +55,24 @@ async def test_checks_are_kept_for_the_interval_and_shared_by_concurrent_request
     assert {r["probe"]["message"] for r in results} == {"run 4"} and len(runs) == 4
 
 
-@pytest_twisted.ensureDeferred
-async def test_by_default_results_are_kept_one_second(make_daemon):
-    clock = task.Clock()
-    clock.advance(1_800_000_000)
-    daemon = await make_daemon(None, clock=clock)
-    assert daemon.ctx.health.cache_seconds == 1.0
+def counting_probe():
+    """A check whose message says how many times it ran."""
     runs = []
 
     async def probe():
         runs.append(1)
         return Component("probe", HEALTHY, f"run {len(runs)}")
 
-    daemon.ctx.health.register("probe", probe)
+    return probe
+
+
+@pytest_twisted.ensureDeferred
+async def test_by_default_results_are_kept_one_second(make_daemon):
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    daemon = await make_daemon(None, clock=clock)
+    assert daemon.ctx.health.cache_seconds == 1.0
+    daemon.ctx.health.register("probe", counting_probe())
     assert (await report(daemon))["probe"]["message"] == "run 1"
     clock.advance(0.5)
     assert (await report(daemon))["probe"]["message"] == "run 1"
@@ -78,12 +83,6 @@ async def test_by_default_results_are_kept_one_second(make_daemon):
 @pytest_twisted.ensureDeferred
 async def test_zero_runs_every_check_for_every_report(make_daemon):
     daemon = await make_daemon({"server": {"health_cache_seconds": 0}})
-    runs = []
-
-    async def probe():
-        runs.append(1)
-        return Component("probe", HEALTHY, f"run {len(runs)}")
-
-    daemon.ctx.health.register("probe", probe)
+    daemon.ctx.health.register("probe", counting_probe())
     assert (await report(daemon))["probe"]["message"] == "run 1"
     assert (await report(daemon))["probe"]["message"] == "run 2"
