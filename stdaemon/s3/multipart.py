@@ -80,6 +80,8 @@ class StorageEngine(ObjectStore):
             return False
         return True
 
+    upload_active = upload_exists  # on local disk the cheap check is the authoritative one
+
     def upload_info(self, bucket_name: str, upload_id: str, key: Optional[str] = None) -> dict:
         return self._upload(self.bucket(bucket_name), upload_id, key)[1]
 

@@ -200,6 +200,15 @@ class ObjectStore:
 
     # ------------------------------------------------------------------ buckets
 
+    def has_bucket(self, name: str) -> bool:
+        return name in self.buckets
+
+    def follow_bucket_root(self, name: str, root: str) -> None:
+        """New uploads to bucket ``name`` land in ``root`` from now on."""
+        current = self.buckets.get(name)
+        if current is None or current.root != os.path.abspath(root):
+            self.buckets[name] = Bucket(name, root)
+
     def bucket(self, name: str) -> Bucket:
         bucket = self.buckets.get(name)
         if bucket is None:

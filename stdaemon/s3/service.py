@@ -17,8 +17,8 @@ from stdaemon.logs import get_logger
 from stdaemon.s3.auth import Caller
 from stdaemon.s3.credentials import UPLOAD_BUCKET
 from stdaemon.s3.keys import InvalidKey, validate_key
-from stdaemon.s3.multipart import StorageEngine
-from stdaemon.s3.objects import Bucket, ObjectInfo, PartInfo, PendingWrite
+from stdaemon.s3.backend import ObjectBackend
+from stdaemon.s3.objects import ObjectInfo, PartInfo, PendingWrite
 from stdaemon.s3.progress import UploadProgress
 from stdaemon.threads import BlockingPool
 
@@ -45,7 +45,7 @@ class S3Service:
     provider setting ``s3_output_path`` when set, else ``<state>/outputs``); ``cleanup`` is run by
     the ``s3-multipart-cleanup`` timer."""
 
-    def __init__(self, engine: StorageEngine, pool: BlockingPool, progress: UploadProgress, clock: Any,
+    def __init__(self, engine: ObjectBackend, pool: BlockingPool, progress: UploadProgress, clock: Any,
                  outputs_root: Callable[[], str], multipart_max_age: float = MULTIPART_MAX_AGE):
         self.engine = engine
         self.pool = pool
@@ -72,16 +72,13 @@ class S3Service:
 
     def refresh_buckets(self) -> None:
         """Follow a changed ``s3_output_path`` (new uploads land in the new directory)."""
-        root = self.outputs_root()
-        current = self.engine.buckets.get(UPLOAD_BUCKET)
-        if current is None or current.root != root:
-            self.engine.buckets[UPLOAD_BUCKET] = Bucket(UPLOAD_BUCKET, root)
+        self.engine.follow_bucket_root(UPLOAD_BUCKET, self.outputs_root())
 
     def has_bucket(self, bucket: str) -> bool:
-        return bucket in self.engine.buckets
+        return self.engine.has_bucket(bucket)
 
     def upload_in_progress(self, bucket: str, upload_id: str) -> bool:
-        """A multipart upload is in progress (one stat, on the calling thread)."""
+        """A multipart upload is in progress (cheap, on the calling thread: no network call)."""
         return self.engine.upload_exists(bucket, upload_id)
 
     @staticmethod
@@ -194,7 +191,7 @@ class S3Service:
                                  object_checksum: Optional[tuple[str, str]], conditions: dict) -> ObjectInfo:
         """Assemble the object; the job's upload progress counts it once (a repeated Complete of an
         upload already completed does not)."""
-        already = await self.run(self.engine.upload_exists, bucket, upload_id)
+        already = await self.run(self.engine.upload_active, bucket, upload_id)
         info = await self.run(self.engine.complete_multipart, bucket, key, upload_id, parts,
                               self.clock.seconds(), object_checksum, **conditions)
         job_id = self.job_for(Target(bucket, key))
