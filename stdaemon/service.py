@@ -69,6 +69,7 @@ from stdaemon.s3.progress import UploadProgress
 from stdaemon.s3.service import S3Service
 from stdaemon.secrets.http import AdminSecretsSurface
 from stdaemon.secrets.service import SecretsService
+from stdaemon.store import key_fingerprints
 from stdaemon.threads import BlockingPool, PoolService, install_pool
 from stdaemon.users import store as users
 from stdaemon.users.auth import GENERATION_POLL_SECONDS
@@ -263,10 +264,38 @@ async def start_capabilities(ctx: App) -> None:
     ctx.add_timer("change-counters", GENERATION_POLL_SECONDS,
                   lambda: defer.ensureDeferred(ctx.poll_change_counters()))
     await ctx.audit.start()  # audit HMAC key (secrets or 0600 key file) and counters
+    await ctx.upload_credentials.start(ctx.secrets)  # its key (secrets or 0600 key file)
+    await check_shared_keys(ctx)
     await ctx.providers.load()  # provider settings saved through the API
     await ctx.jobs.load()  # running job totals for metrics (ctx.jobs.metrics())
     await ctx.approvals.load()  # approval request counts for metrics
     await metrics_service.load_saved(ctx.metrics, ctx.db)  # metrics settings saved through the API; provider spend
+
+
+class KeyMismatch(RuntimeError):
+    """This instance's keys differ from the ones the shared database was written with."""
+
+
+async def check_shared_keys(ctx: App) -> None:
+    """Compare this instance's audit and upload-credential keys with the fingerprints recorded in
+    the database (:mod:`stdaemon.store.key_fingerprints`). On a shared database a difference stops
+    start-up (the instance stays not ready, saying which key): serving with it would write audit
+    entries that never verify and fail uploads whose credentials another instance issued. On the
+    embedded database the operator replaced a key file: the new fingerprint is recorded."""
+    mine = {"audit": ctx.audit.key_fingerprint(),
+            "upload_credentials": key_fingerprints.fingerprint(ctx.upload_credentials.key)}
+    differing = await ctx.db.run_write(key_fingerprints.compare_and_record, mine, ctx.now(),
+                                       not ctx.db.shared)
+    if not differing:
+        return
+    names = ", ".join(sorted(differing))
+    if ctx.db.shared:
+        raise KeyMismatch(
+            f"this instance's {names} key differs from the one the shared database was written with: "
+            "give every instance the same AUDIT_HMAC_KEY and UPLOAD_CREDENTIALS_KEY secrets (or copy "
+            "the key files; README: Running several instances)")
+    log.warning("The {names} key changed since the last start; older audit entries verify only with "
+                "the old key, and upload credentials issued before cannot be read", names=names)
 
 
 def listen_descriptions(config: Config) -> list[str]:

@@ -76,6 +76,7 @@ from stdaemon.config.schema import AuditConfig, Config
 from stdaemon.health.service import HEALTHY, UNHEALTHY, Component
 from stdaemon.logs import get_logger
 from stdaemon.store.database import Database, connect
+from stdaemon.store.key_fingerprints import fingerprint
 
 if TYPE_CHECKING:
     from stdaemon.secrets.service import SecretsManager
@@ -149,6 +150,10 @@ class AuditLog(Service):
         self.write_failures = 0
 
     # -- lifecycle --------------------------------------------------------------------
+
+    def key_fingerprint(self) -> str:
+        """A fingerprint of the key in use (:mod:`stdaemon.store.key_fingerprints`); after ``start``."""
+        return fingerprint(self._key)
 
     async def start(self) -> None:
         """Load the key and the counters (database open).  Called from

@@ -1,8 +1,9 @@
 """Per-job S3 upload credentials (S8).
 
 A job gets, at submission, an access key id (its upload token) and a secret. SigV4 clients never
-send the secret, so it must be recoverable: it is stored encrypted (Fernet, key in a 0600 key file
-``<state>/config/cloud/upload_credentials.key``) plus a SHA-256 hash used to recognise the plain
+send the secret, so it must be recoverable: it is stored encrypted (Fernet; the key is the secret
+``UPLOAD_CREDENTIALS_KEY`` when the secrets stores hold it, else a 0600 key file
+``<state>/config/cloud/upload_credentials.key`` created on first start) plus a SHA-256 hash used to recognise the plain
 ``X-Upload-Token``/``X-SimpleTuner-Secret`` header. A credential is valid only for its bucket and
 prefix (``outputs`` / ``<job_id>/``, i.e. ``outputs/<job_id>/…``), until it is revoked (the job
 reached a terminal status) or expires (``jobs.upload_credential_ttl``; a reactor timer sweeps).
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from cryptography.fernet import Fernet, InvalidToken
+from twisted.internet import defer, threads
 
 from stdaemon.logs import get_logger
 from stdaemon.s3.store import expire, find, insert, job_metadata, revoke
@@ -38,6 +40,8 @@ UPLOAD_BUCKET = "outputs"
 DEFAULT_BUCKET = UPLOAD_BUCKET
 TERMINAL = ("completed", "failed", "cancelled")
 ACCESS_KEY_PREFIX = "STUP"
+#: The secret that, when the secrets stores hold it, replaces the key file (S9).
+SECRET_NAME = "UPLOAD_CREDENTIALS_KEY"
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class UploadCredentials:
         self.key_path = key_path
         self.ttl = float(ttl)
         self._fernet: Optional[Fernet] = None
+        self.key = b""  # set by start() (or the first use of ``fernet``)
         # access key id → credential; short-lived cache, dropped on revoke/expiry
         self._cache: dict[str, UploadCredential] = {}
         # job id → prefixes its credentials may also read (resume_from_job)
@@ -102,8 +107,40 @@ class UploadCredentials:
     @property
     def fernet(self) -> Fernet:
         if self._fernet is None:
-            self._fernet = Fernet(load_or_create_key(self.key_path))
+            self.key = load_or_create_key(self.key_path)
+            self._fernet = Fernet(self.key)
         return self._fernet
+
+    #: Where the key of the running daemon came from: ``secrets`` (``UPLOAD_CREDENTIALS_KEY``) or
+    #: ``file`` (the 0600 key file, created on first start).
+    key_source = "file"
+
+    async def start(self, secrets_service: Any = None) -> bytes:
+        """Load the key that encrypts stored secrets: ``UPLOAD_CREDENTIALS_KEY`` from the secrets
+        stores when they hold it (several instances sharing one database must share this key), else
+        the key file (read in a thread). Returns the key. A value that is not a Fernet key stops
+        start-up with a message naming it, rather than failing every upload later."""
+        value = None
+        if secrets_service is not None:
+            try:
+                value = await defer.maybeDeferred(secrets_service.get, SECRET_NAME)
+            except Exception:
+                log.failure("Could not read {name} from secrets; using the key file", name=SECRET_NAME)
+                value = None
+        if value:
+            key = value.strip().encode("ascii", "replace")
+            try:
+                self._fernet, self.key = Fernet(key), key
+            except ValueError:
+                raise ValueError(f"secret {SECRET_NAME} is not a Fernet key (32 url-safe base64 bytes, "
+                                 "as `python -c 'from cryptography.fernet import Fernet; "
+                                 "print(Fernet.generate_key().decode())'` prints)") from None
+            self.key_source = "secrets"
+            return key
+        key = await threads.deferToThread(load_or_create_key, self.key_path)
+        self._fernet, self.key = Fernet(key), key
+        self.key_source = "file"
+        return key
 
     async def issue(self, job_id: str) -> tuple[str, str]:
         """New ``(access_key_id, secret)`` valid only for the job's prefix (the secret's only exit)."""

@@ -148,6 +148,10 @@ class Database:
                 self._connections.append(local.conn)
         return local.conn
 
+    #: Whether other daemons may write to this database at the same time (several instances on one
+    #: PostgreSQL, S20). The embedded SQLite file belongs to one daemon (and ``stdaemon-admin``).
+    shared = False
+
     # -- what the daemon keeps in memory from the database ---------------------------------------
     #: Bumped when a write is submitted and when it ends, on a restore and when another process
     #: changed job rows (``saw_counter``): a value read from the database may be kept in memory

@@ -2,7 +2,7 @@
 
 One row per ``(namespace, key)``; namespaces in use: ``provider:<name>``
 (provider settings), ``metrics`` (metrics settings), ``auth`` (the first
-sign-in setup token).  This module is the only place the table is touched.
+sign-in setup token), ``key_fingerprints`` (:mod:`stdaemon.store.key_fingerprints`).  This module is the only place the table is touched.
 
 Functions take the connection first and run inside the caller's transaction
 (``db.run_read(read_namespace, ...)``, or from within a ``db.run_write``
