@@ -122,11 +122,16 @@ class App:
 
     async def poll_change_counters(self) -> None:
         """One read of the database's change counters (bumped by triggers, whoever writes): the
-        verified-key cache and the kept job rows forget what another process may have changed."""
+        verified-key cache and the kept job rows forget what another process may have changed;
+        with a shared database the job totals are read again when jobs changed."""
 
         counters = await self.db.run_read(change_counters)
         self.auth.saw_generation(counters.get("auth", 0))
-        self.db.saw_counter("jobs", counters.get("jobs", 0))
+        moved = self.db.saw_counter("jobs", counters.get("jobs", 0))
+        if moved and self.db.shared:
+            # Other instances change jobs too: the running totals behind the job metrics are
+            # read again (one aggregate query) so every instance reports the shared figures.
+            await self.jobs.load()
 
     def outputs_dir(self) -> str:
         """Root of stored job outputs (S8 ``s3_output_path`` default)."""

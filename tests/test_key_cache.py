@@ -170,3 +170,35 @@ async def test_a_job_changed_by_another_process_is_seen_after_the_counter_poll(d
         conn.close()
     await daemon.ctx.poll_change_counters()
     assert (await get_job(daemon, "elsewhere"))["status"] == "failed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_a_shared_database_a_job_changed_elsewhere_is_seen_at_once(daemon, monkeypatch):
+    """Several instances on one database: no job row is kept, so a change another instance
+    acknowledged is seen by the very next GET here, without waiting for the counter poll."""
+    monkeypatch.setattr(daemon.ctx.db, "shared", True)
+    insert_job(daemon.ctx.db.path, "shared-row")
+    assert (await get_job(daemon, "shared-row"))["status"] == "running"
+    conn = connect(daemon.ctx.db.path)
+    try:
+        with conn:
+            conn.execute("UPDATE jobs SET status = 'failed', error_message = 'x' WHERE job_id = 'shared-row'")
+    finally:
+        conn.close()
+    assert (await get_job(daemon, "shared-row"))["status"] == "failed"  # no poll in between
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_a_shared_database_job_totals_follow_other_instances(daemon, monkeypatch):
+    """The job metrics (running totals) count the jobs other instances created once the counter
+    poll sees them; on the embedded database only this daemon writes, and they are kept as is."""
+    ctx = daemon.ctx
+    before = ctx.jobs.stats["created_total"]
+    insert_job(ctx.db.path, "made-elsewhere")
+    await ctx.poll_change_counters()
+    assert ctx.jobs.stats["created_total"] == before  # embedded: another process is a tool, not counted
+    monkeypatch.setattr(ctx.db, "shared", True)
+    insert_job(ctx.db.path, "made-elsewhere-too")
+    await ctx.poll_change_counters()
+    assert ctx.jobs.stats["created_total"] == before + 2
+    assert ctx.jobs.stats["by_status"].get("running", 0) >= 2

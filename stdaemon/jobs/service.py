@@ -141,8 +141,13 @@ class JobService:
         ``write_update`` included), a restore, or a job change by another process seen by the
         ``change-counters`` timer (triggers bump it) moves the epoch, and the next read goes to
         SQLite again. Bounded (``ROW_CACHE_SIZE`` ids, oldest dropped first). The row is shared:
-        callers must not change it (``public`` copies)."""
+        callers must not change it (``public`` copies). With a shared database (several instances)
+        nothing is kept: a job acknowledged by one instance is seen at once by every other."""
         db = self.db
+        if db.shared:
+            # Another instance may have changed the row a moment ago (its webhook, its poller):
+            # a row kept here would be seen for up to the counters' poll interval. Read it.
+            return await db.run_read(store.get_job, job_id)
         epoch = db.write_epoch
         rows = self._rows
         kept = rows.get(job_id)

@@ -161,12 +161,15 @@ class Database:
     def changed(self) -> None:
         self.write_epoch += 1
 
-    def saw_counter(self, name: str, value: int) -> None:
-        """A change counter of the database as just read (another process's writes)."""
+    def saw_counter(self, name: str, value: int) -> bool:
+        """A change counter of the database as just read (another process's writes); True when it
+        moved since the last read."""
         counters = self.__dict__.setdefault("_counters", {})
-        if counters.get(name, value) != value:
+        moved = counters.get(name, value) != value
+        if moved:
             self.changed()
         counters[name] = value
+        return moved
 
     def run_write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
         if not self._running:
