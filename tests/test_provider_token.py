@@ -165,3 +165,20 @@ async def test_default_secrets_file_is_looked_up_in_state_then_home(make_daemon,
         assert await daemon.ctx.secrets.get("REPLICATE_API_TOKEN") == "r8_state"
     finally:
         await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_several_instances_the_token_is_not_written_to_one_instances_file(
+        make_daemon, tmp_path, home, monkeypatch):
+    daemon, fake = await start(make_daemon, tmp_path)
+    try:
+        monkeypatch.setattr(daemon.ctx.db, "shared", True)
+        target = os.path.join(daemon.ctx.path(), "secrets.json")
+        for method, body in (("PUT", {"token": fake.state.token}), ("DELETE", None)):
+            response, answer = await call(daemon, method, "/api/cloud/providers/replicate/token", body,
+                                          key=daemon.admin_key)
+            assert response.code == 409, answer
+            assert answer["error"] == "secrets_not_shared" and "REPLICATE_API_TOKEN" in json.dumps(answer), answer
+        assert not os.path.exists(target)
+    finally:
+        await fake.stop()

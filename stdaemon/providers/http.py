@@ -11,7 +11,9 @@ versions, newest first, the one submissions run marked ``current``.
 token into the secrets file (0600, atomic rename, created when absent, other
 entries kept) and reloads that store, so the next provider call uses it.  The
 token is never returned, logged or audited; ``GET …/token`` says whether one
-is configured and which store provides it (env, file, aws, vault).
+is configured and which store provides it (env, file, aws, vault). With several
+instances on one database (``db.shared``) a PUT/DELETE answers 409: the file is one
+instance's own, and the token must live where every instance reads it.
 Every answer carries the effective values (``config``) and where each came
 from (``sources``: default, file, env or api).  Reading needs an operator,
 changing needs an admin.
@@ -246,6 +248,14 @@ class ProvidersSurface(Surface):
     async def _write_token(self, request, provider: str, token):
         secrets = self.ctx.secrets
         name = TOKEN_NAMES[provider]
+        if self.ctx.db.shared:
+            # The file is this instance's own: the others would go on with the old token, and a
+            # round-robin proxy would make every other submission fail. Refuse rather than half-apply.
+            raise ApiError(409, "secrets_not_shared",
+                           f"Several instances share this database, but the secrets file belongs to this "
+                           f"instance alone: set {name} where every instance reads it (the environment, "
+                           "AWS Secrets Manager or Vault; README: Running several instances)",
+                           success=False)
         try:
             result = await secrets.write_file_secret(name, token)
         except SecretStoreError as exc:
