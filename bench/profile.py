@@ -1,6 +1,6 @@
 """Where the time of a request goes: a daemon run under cProfile while wrk drives one path.
 
-Usage: ``python -m bench.profile [--seconds 5] [--top 30] [--path live|job|health] ...``
+Usage: ``python -m bench.profile [--seconds 5] [--top 30] [--path live|job|health|webhook] ...``
 
 For each path asked for, starts the daemon with ``bench/profiled_daemon.py`` (profiled from ready
 on; fresh state dir, rate limiting off, one job row seeded), drives it with ``wrk -t1 -c16`` for ``--seconds``, stops it
@@ -25,14 +25,19 @@ import yaml
 
 from bench import procs as P
 from bench import wrk
+from bench.run import _webhook_requests
 
 GET_JOB = "benchget"
-PATHS = {"live": "/api/cloud/health/live", "job": f"/api/cloud/jobs/{GET_JOB}", "health": "/api/cloud/health"}
+PATHS = {"live": "/api/cloud/health/live", "job": f"/api/cloud/jobs/{GET_JOB}", "health": "/api/cloud/health",
+         "webhook": "/api/webhooks/replicate"}
+#: Signed deliveries prepared for the ``webhook`` path (each completes its own running job), which
+#: also bounds that run.
+WEBHOOK_DELIVERIES = 20_000
 
 
 def profile_path(name: str, seconds: int, top: int, base: str) -> str:
     state = os.path.join(base, name, "state")
-    P.seed_state(state, get_job=GET_JOB)
+    P.seed_state(state, get_job=GET_JOB, webhook_jobs=WEBHOOK_DELIVERIES if name == "webhook" else 0)
     directory = os.path.join(base, name)
     port = P.free_port()
     config = {"server": {"listen": [f"tcp:{port}:interface=127.0.0.1"]}, "logging": {"level": "WARNING"},
@@ -43,7 +48,8 @@ def profile_path(name: str, seconds: int, top: int, base: str) -> str:
     out = os.path.join(directory, "profile.out")
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("REPLICATE_", "AWS_", "VAULT_", "RATE_LIMIT_", "SIMPLETUNER_"))}
-    environ.update({"SIMPLETUNER_STATE_DIR": state, "PYTHONUNBUFFERED": "1"})
+    environ.update({"SIMPLETUNER_STATE_DIR": state, "PYTHONUNBUFFERED": "1",
+                    "REPLICATE_WEBHOOK_SECRET": P.WEBHOOK_SECRET})
     argv = [sys.executable, "-m", "bench.profiled_daemon", config_path, out]
     processes = P.Processes(directory)
     try:
@@ -54,10 +60,16 @@ def profile_path(name: str, seconds: int, top: int, base: str) -> str:
         if name == "job":
             with open(P.state_paths(state)["admin_key"]) as fh:
                 headers = {"X-API-Key": fh.read().strip()}
-        wrk.run(proc.url(PATHS[name]), seconds=1, max_requests=2000, connections=16, headers=headers,
-                workdir=directory)
-        result = wrk.run(proc.url(PATHS[name]), seconds=seconds, max_requests=10_000_000, connections=16,
-                         headers=headers, workdir=directory)
+        if name == "webhook":
+            lua = os.path.join(directory, "webhooks.lua")
+            wrk.write_requests(lua, _webhook_requests(port, WEBHOOK_DELIVERIES))
+            result = wrk.run(proc.url(PATHS[name]), seconds=seconds, max_requests=WEBHOOK_DELIVERIES,
+                             connections=16, requests_lua=lua, workdir=directory)
+        else:
+            wrk.run(proc.url(PATHS[name]), seconds=1, max_requests=2000, connections=16, headers=headers,
+                    workdir=directory)
+            result = wrk.run(proc.url(PATHS[name]), seconds=seconds, max_requests=10_000_000, connections=16,
+                             headers=headers, workdir=directory)
         proc.popen.send_signal(signal.SIGTERM)
         proc.popen.wait(60)
     finally:
@@ -65,7 +77,7 @@ def profile_path(name: str, seconds: int, top: int, base: str) -> str:
     text = io.StringIO()
     stats = pstats.Stats(out, stream=text)
     stats.strip_dirs()
-    text.write(f"## GET {PATHS[name]}: {result.rate:,.0f} req/s under the profiler, "
+    text.write(f"## {'POST' if name == 'webhook' else 'GET'} {PATHS[name]}: {result.rate:,.0f} req/s under the profiler, "
                f"{result.requests} requests, {result.status_errors} non-2xx\n\n")
     text.write(by_file(stats))
     text.write("\n### by own time\n")
