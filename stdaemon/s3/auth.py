@@ -94,22 +94,48 @@ class Caller:
         return scope
 
 
-def _first(headers: Any, name: bytes) -> Optional[str]:
-    values = headers.getRawHeaders(name)
-    return values[0].decode("latin-1") if values else None
+def parsed_headers(request: Any) -> dict[str, list[str]]:
+    """The request's headers as ``{lower-case name: [values]}``, each value decoded one character
+    per wire byte (Latin-1): what SigV4 signs and what the checksum scan, the stored metadata and
+    the conditions read. Built once per request (the head is complete before anything asks) and
+    kept on the request; callers only read it."""
+    headers = request.requestHeaders
+    kept = getattr(request, "_s3_headers", None)
+    if kept is not None and kept[0] is headers:
+        return kept[1]
+    parsed = sigv4.headers_from_raw(headers.getAllRawHeaders())
+    try:
+        request._s3_headers = (headers, parsed)
+    except AttributeError:  # a request object that takes no attributes: parse again next time
+        pass
+    return parsed
+
+
+def first(headers: dict[str, list[str]], name: str) -> Optional[str]:
+    """The first value of a lower-case header ``name`` in :func:`parsed_headers`."""
+    values = headers.get(name)
+    return values[0] if values else None
+
+
+def header_items(headers: dict[str, list[str]]):
+    """``(lower-case name, value)`` pairs of :func:`parsed_headers`, in the order they arrived."""
+    return ((name, value) for name, values in headers.items() for value in values)
 
 
 def header_pairs(headers: Any):
+    """``(lower-case name, value)`` pairs of a twisted ``Headers`` (prefer :func:`parsed_headers`,
+    which decodes them once per request)."""
     for name, values in headers.getAllRawHeaders():
         for value in values:
             yield name.decode("latin-1").lower(), value.decode("latin-1")
 
 
-def presents_principal(headers: Any) -> bool:
-    """The head carries what an operator authenticates with (API key, bearer token, session cookie)."""
-    if headers.getRawHeaders(b"x-api-key") or headers.getRawHeaders(b"cookie"):
+def presents_principal(headers: dict[str, list[str]]) -> bool:
+    """The head (:func:`parsed_headers`) carries what an operator authenticates with (API key,
+    bearer token, session cookie)."""
+    if headers.get("x-api-key") or headers.get("cookie"):
         return True
-    authorization = (_first(headers, b"authorization") or "").strip()
+    authorization = (first(headers, "authorization") or "").strip()
     return authorization[:7].lower() == "bearer "
 
 
@@ -130,7 +156,7 @@ class S3Authenticator:
     async def principal_from_head(self, request: Any, method: bytes) -> Any:
         """The operator principal of a request whose body has not been read (the root has not
         authenticated it yet). ``None`` when it presents none or a wrong one."""
-        if not presents_principal(request.requestHeaders):
+        if not presents_principal(parsed_headers(request)):
             return None
         request.method = method  # not set before the body; the session strategy checks CSRF by it
         try:
@@ -145,10 +171,10 @@ class S3Authenticator:
             if principal.role not in ("admin", "operator"):
                 raise access_denied()
             return Caller("operator", can_write=principal.role == "admin")
-        headers = request.requestHeaders
-        claim = sigv4.parse_request_auth(method, raw_path, raw_query, sigv4.headers_from_pairs(header_pairs(headers)))
+        headers = parsed_headers(request)
+        claim = sigv4.parse_request_auth(method, raw_path, raw_query, headers)
         now = self.clock.seconds()
-        token = next((value for value in (_first(headers, name.encode()) for name in TOKEN_HEADERS) if value), None)
+        token = next((value for value in (first(headers, name) for name in TOKEN_HEADERS) if value), None)
         if token:
             cred = await self.credentials.lookup_token(token.strip())
             if cred is None or not cred.active(now) or not await self.credentials.check_job_active(cred):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import zlib
+from typing import Iterable
 
 ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
 
@@ -97,6 +98,18 @@ def algorithm_from_header(name: str) -> str | None:
         return None
     algorithm = name[len(prefix):]
     return algorithm if algorithm in ALGORITHMS else None
+
+
+def requested_algorithms(names: Iterable[str]) -> list[str]:
+    """The algorithms of the ``x-amz-checksum-<algorithm>`` headers among lower-case header
+    ``names``, each once, in the order they came."""
+    found: list[str] = []
+    for name in names:
+        if name.startswith("x-amz-checksum-"):
+            algorithm = algorithm_from_header(name)
+            if algorithm and algorithm not in found:
+                found.append(algorithm)
+    return found
 
 
 def checksum_b64(algorithm: str, data: bytes) -> str:

@@ -40,7 +40,7 @@ from stdaemon.s3 import (
     checksums as s3_checksums, digests, subresources as s3_subresources, xml_documents as s3_xml, sigv4,
 )
 from stdaemon.s3.answers import S3Headers, api_error_document, xml_error
-from stdaemon.s3.auth import Caller, S3Authenticator, header_pairs, record_denial
+from stdaemon.s3.auth import Caller, S3Authenticator, header_items, parsed_headers, record_denial
 from stdaemon.s3.downloads import get_object, gone
 from stdaemon.s3.errors import (
     REASONS, S3Error, access_denied, as_s3_error, internal_error, malformed_xml, missing_bucket,
@@ -408,7 +408,7 @@ class StorageSurface(Surface):
             body = read_small_body(request)
             verify_small_body(request, caller, body)
             canned = (request.getHeader("x-amz-acl") or "").strip().lower()
-            grants = any(name.startswith("x-amz-grant-") for name, _ in header_pairs(request.requestHeaders))
+            grants = any(name.startswith("x-amz-grant-") for name in parsed_headers(request))
             if canned != "private" or grants or body.strip():
                 raise S3Error("NotImplemented", "Only the canned 'private' ACL is supported; objects are private "
                               "to their job and the operators. Nothing was changed.")
@@ -503,7 +503,7 @@ class StorageSurface(Surface):
         except s3_xml.MalformedXML:
             raise malformed_xml() from None
         object_checksum = None
-        for name, value in header_pairs(request.requestHeaders):
+        for name, value in header_items(parsed_headers(request)):
             algorithm = s3_checksums.algorithm_from_header(name)
             if algorithm:
                 object_checksum = (algorithm, value)

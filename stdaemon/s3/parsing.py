@@ -7,7 +7,7 @@ from typing import Any, Optional
 from urllib.parse import unquote_to_bytes
 
 from stdaemon.s3 import digests, metadata as s3_metadata, sigv4
-from stdaemon.s3.auth import Caller, header_pairs
+from stdaemon.s3.auth import Caller, header_items, parsed_headers
 from stdaemon.s3.errors import S3Error
 
 PREFIX = "/api/cloud/storage"
@@ -46,7 +46,7 @@ def query_of(raw_query: str) -> dict[str, str]:
 def stored_metadata(request: Any) -> tuple[Optional[str], dict, dict]:
     """(content type, system headers, user metadata) to store with the object."""
     try:
-        return s3_metadata.from_headers(header_pairs(request.requestHeaders))
+        return s3_metadata.from_headers(header_items(parsed_headers(request)))
     except s3_metadata.MetadataTooLarge as exc:
         raise S3Error(exc.code, exc.message) from None
 
@@ -74,4 +74,4 @@ def verify_small_body(request: Any, caller: Caller, body: bytes, checksums: bool
     claim = caller.claim
     digests.check_small_body(body, claim.payload_hash if claim is not None else None,
                              request.getHeader("content-md5"),
-                             header_pairs(request.requestHeaders) if checksums else ())
+                             header_items(parsed_headers(request)) if checksums else ())

@@ -601,3 +601,17 @@ def headers_from_pairs(pairs: Iterable[tuple[str | bytes, str | bytes]]) -> dict
             value = value.decode("latin-1")
         result.setdefault(name.lower(), []).append(value)
     return result
+
+def headers_from_raw(items: Iterable[tuple[bytes, Sequence[bytes]]]) -> dict[str, list[str]]:
+    """:func:`headers_from_pairs` of ``Headers.getAllRawHeaders()`` (a name and its values), each
+    value decoded one character per byte (Latin-1)."""
+    result: dict[str, list[str]] = {}
+    for name, values in items:
+        decoded = [value.decode("latin-1") for value in values]
+        key = name.decode("latin-1").lower()
+        known = result.get(key)
+        if known is None:
+            result[key] = decoded
+        else:
+            known.extend(decoded)
+    return result

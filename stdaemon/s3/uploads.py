@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from stdaemon.http.request import NullSink
 from stdaemon.logs import get_logger
 from stdaemon.s3 import checksums as s3_checksums, sigv4, xml_documents as s3_xml
-from stdaemon.s3.auth import Caller, header_pairs
+from stdaemon.s3.auth import Caller, first, parsed_headers
 from stdaemon.s3.aws_chunked import AwsChunkedDecoder, ChunkedError
 from stdaemon.s3.errors import REASONS, S3Error, StorageError, as_s3_error, internal_error
 from stdaemon.s3.keys import InvalidKey
@@ -66,19 +66,16 @@ class UploadSink(NullSink):
         self.length = length  # the HTTP body's length when the client declared it
         self._tail = False  # every byte arrived: the queue waits for finished()
         self._timer: Any = None  # the delayed dispatch of a batch smaller than MIN_BATCH
+        parsed = parsed_headers(request)
         headers = request.requestHeaders
-        payload = (headers.getRawHeaders(b"x-amz-content-sha256") or [b""])[0].decode("latin-1")
-        encoding = b",".join(headers.getRawHeaders(b"content-encoding") or []).decode("latin-1").lower()
+        payload = first(parsed, "x-amz-content-sha256") or ""
+        encoding = ",".join(parsed.get("content-encoding", ())).lower()
         self.streaming = payload in sigv4.STREAMING_PAYLOADS or "aws-chunked" in encoding
         # the body's SHA-256 is needed only when the client signed it (64 hex digits)
         self.signed_payload = len(payload) == 64 and not self.streaming
         self.max_size = max_size
         self.decoder: Optional[AwsChunkedDecoder] = None
-        self.checksum_algorithms: list[str] = []
-        for name, _ in header_pairs(headers):
-            algorithm = s3_checksums.algorithm_from_header(name)
-            if algorithm and algorithm not in self.checksum_algorithms:
-                self.checksum_algorithms.append(algorithm)
+        self.checksum_algorithms: list[str] = s3_checksums.requested_algorithms(parsed)
         if self.streaming:
             trailer = b",".join(headers.getRawHeaders(b"x-amz-trailer") or []).decode("latin-1")
             decoded = (headers.getRawHeaders(b"x-amz-decoded-content-length") or [b""])[0]
