@@ -247,3 +247,57 @@ def test_uri_encode_and_canonical_query():
     assert sigv4.canonical_query("uploads") == "uploads="
     assert sigv4.canonical_query("b=2&a=1&X-Amz-Signature=zz", exclude=("X-Amz-Signature",)) == "a=1&b=2"
     assert sigv4.canonical_query("p=a%2fb") == "p=a%2Fb"
+
+
+def _dated_claim(day: str, secret: str, key_day: str | None = None):
+    """The S3 documentation's ranged GET signed on ``day`` (YYYYMMDD) with a key derived for
+    ``key_day`` (default: the same day)."""
+    amz_date = day + "T000000Z"
+    signed = "host;range;x-amz-content-sha256;x-amz-date"
+    headers = {"host": ["examplebucket.s3.amazonaws.com"], "x-amz-date": [amz_date],
+               "x-amz-content-sha256": [sigv4.EMPTY_SHA256], "range": ["bytes=0-9"]}
+    canonical = sigv4.canonical_request("GET", "/test.txt", "", headers, signed.split(";"), sigv4.EMPTY_SHA256)
+    scope = f"{day}/us-east-1/s3/aws4_request"
+    key = sigv4.signing_key(secret, key_day or day, "us-east-1", "s3")
+    signature = sigv4.sign(key, sigv4.string_to_sign(amz_date, scope, canonical))
+    headers["authorization"] = [f"AWS4-HMAC-SHA256 Credential={S3_KEY}/{scope},SignedHeaders={signed},"
+                                f"Signature={signature}"]
+    return sigv4.parse_request_auth("GET", "/test.txt", "", headers)
+
+
+def test_cached_signing_key_still_refuses_a_wrong_signature_a_changed_secret_or_date():
+    sigv4._derived_key.cache_clear()
+    claim = _dated_claim("20130524", S3_SECRET)
+    assert claim.signature == "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"  # the AWS example
+    sigv4.verify_claim(claim, S3_SECRET, S3_NOW)
+    sigv4.verify_claim(claim, S3_SECRET, S3_NOW)
+    assert sigv4._derived_key.cache_info().hits >= 2  # the key was derived once, then served from the cache
+
+    wrong = claim.signature[:-1] + ("0" if claim.signature[-1] != "0" else "1")
+    tampered = sigv4.AuthClaim(**{**claim.__dict__, "signature": wrong})
+    hits = sigv4._derived_key.cache_info().hits
+    with pytest.raises(SignatureError) as err:
+        sigv4.verify_claim(tampered, S3_SECRET, S3_NOW)
+    assert err.value.code == "SignatureDoesNotMatch"
+    assert sigv4._derived_key.cache_info().hits == hits + 1  # refused with the cached key
+
+    with pytest.raises(SignatureError) as err:  # the secret changed (a re-issued credential)
+        sigv4.verify_claim(claim, S3_SECRET + "x", S3_NOW)
+    assert err.value.code == "SignatureDoesNotMatch"
+
+    next_day = S3_NOW + 86400
+    sigv4.verify_claim(_dated_claim("20130525", S3_SECRET), S3_SECRET, next_day)
+    # signed on the 25th with the 24th's (cached) key: refused
+    with pytest.raises(SignatureError) as err:
+        sigv4.verify_claim(_dated_claim("20130525", S3_SECRET, key_day="20130524"), S3_SECRET, next_day)
+    assert err.value.code == "SignatureDoesNotMatch"
+    assert sigv4._derived_key.cache_info().currsize <= sigv4.SIGNING_KEY_CACHE_SIZE
+
+
+def test_signing_key_cache_is_bounded():
+    sigv4._derived_key.cache_clear()
+    for index in range(sigv4.SIGNING_KEY_CACHE_SIZE + 50):
+        sigv4.signing_key(f"secret-{index}", "20130524", "us-east-1", "s3")
+    assert sigv4._derived_key.cache_info().currsize == sigv4.SIGNING_KEY_CACHE_SIZE
+    assert sigv4.signing_key("secret-0", "20130524", "us-east-1", "s3") == \
+        sigv4._derived_key.__wrapped__("secret-0", "20130524", "us-east-1", "s3")

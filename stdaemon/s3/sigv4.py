@@ -36,6 +36,7 @@ import re
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_tz, mktime_tz
+from functools import lru_cache
 from typing import Iterable, Mapping, Sequence
 from urllib.parse import unquote_to_bytes
 
@@ -185,8 +186,21 @@ def string_to_sign(amz_date: str, scope: str, canonical: str) -> str:
     return f"{ALGORITHM}\n{amz_date}\n{scope}\n{digest}"
 
 
+#: Derived signing keys kept (one per credential, day, region and service in use).
+SIGNING_KEY_CACHE_SIZE = 256
+
+
 def signing_key(secret: str, date: str, region: str, service: str) -> bytes:
-    """``kSigning`` = HMAC chain over date, region, service and ``aws4_request``."""
+    """``kSigning`` = HMAC chain over date, region, service and ``aws4_request``.
+
+    The four HMACs are the same for every request a credential signs on one day, so the result is
+    kept in a bounded in-process cache keyed by all four inputs (a changed secret or date derives a
+    new key). The cache is never logged or exported; it holds nothing the credential store does not."""
+    return _derived_key(secret, date, region, service)
+
+
+@lru_cache(maxsize=SIGNING_KEY_CACHE_SIZE)
+def _derived_key(secret: str, date: str, region: str, service: str) -> bytes:
     key = ("AWS4" + secret).encode("utf-8")
     for part in (date, region, service, "aws4_request"):
         key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
@@ -226,8 +240,11 @@ class ChunkSigner:
 # --------------------------------------------------------------------------- dates
 
 
+@lru_cache(maxsize=64)
 def parse_amz_date(value: str) -> float:
-    """``20150830T123600Z`` → POSIX seconds. Raises ``SignatureError`` when malformed."""
+    """``20150830T123600Z`` → POSIX seconds. Raises ``SignatureError`` when malformed.
+
+    Concurrent requests signed in the same second carry the same value: the last few are kept."""
     if not _AMZ_DATE_RE.match(value or ""):
         raise SignatureError("AccessDenied", "X-Amz-Date must be in the ISO8601 basic format")
     try:
@@ -547,16 +564,16 @@ def verify_claim(claim: AuthClaim, secret: str, now: float, max_skew: float = MA
             exclude = ("X-Amz-Signature",)
         scope = claim.credential.scope
         key = signing_key(secret, claim.credential.date, claim.credential.region, claim.credential.service)
-        matched = False
-        for raw_path, signed_as in _endpoint_readings(claim, path_prefix):
-            for headers in _header_readings(signed_as, claim.signed_headers):
-                canonical = canonical_request(
-                    claim.method, raw_path, claim.raw_query, headers, claim.signed_headers,
-                    claim.payload_hash, exclude_query=exclude,
-                )
-                if _compare(sign(key, string_to_sign(claim.amz_date, scope, canonical)), claim.signature):
-                    matched = True
-        if not matched:
+        # the readings are tried in order and the first that matches ends the search (which reading
+        # matched tells nothing about the secret; each comparison is constant-time)
+        if not any(
+            _compare(sign(key, string_to_sign(claim.amz_date, scope, canonical_request(
+                claim.method, raw_path, claim.raw_query, headers, claim.signed_headers,
+                claim.payload_hash, exclude_query=exclude,
+            ))), claim.signature)
+            for raw_path, signed_as in _endpoint_readings(claim, path_prefix)
+            for headers in _header_readings(signed_as, claim.signed_headers)
+        ):
             raise _does_not_match()
         if claim.kind == "v4-header" and claim.payload_hash in (STREAMING_SIGNED, STREAMING_SIGNED_TRAILER):
             return ChunkSigner(key=key, amz_date=claim.amz_date, scope=scope, seed_signature=claim.signature)
@@ -601,6 +618,7 @@ def headers_from_pairs(pairs: Iterable[tuple[str | bytes, str | bytes]]) -> dict
             value = value.decode("latin-1")
         result.setdefault(name.lower(), []).append(value)
     return result
+
 
 def headers_from_raw(items: Iterable[tuple[bytes, Sequence[bytes]]]) -> dict[str, list[str]]:
     """:func:`headers_from_pairs` of ``Headers.getAllRawHeaders()`` (a name and its values), each
