@@ -20,6 +20,7 @@ from stdaemon.http.client_ip import parse_networks
 from stdaemon.health.service import HealthRegistry
 from stdaemon.metrics.service import Metrics
 from stdaemon.store.database import Database
+from stdaemon.store.engines import engine_for
 from stdaemon.timers import SafeTimerService
 from stdaemon.users.store import change_counters
 
@@ -81,7 +82,8 @@ class App:
         # Every timer and timestamp goes through ``clock`` (IReactorTime).
         self.clock = clock if clock is not None else reactor
         self.started_at = self.clock.seconds()
-        self.db = db or Database(self.database_path, reactor)
+        self.db = db or Database(self.database_path, reactor, readers=config.database.pool_size,
+                                 engine=engine_for(config.database.url, self.database_path))
         self.health = HealthRegistry(self.clock, cache_seconds=config.server.health_cache_seconds)
         self.metrics = Metrics(self.clock, config.metrics, started_at=self.started_at)
         self.auth = Authenticator(self.db, self.clock)

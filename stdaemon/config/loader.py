@@ -26,6 +26,7 @@ from stdaemon.invalid import InvalidValue
 from stdaemon.outbound.tls import CABundleError, load_ca_bundle
 from stdaemon.providers.settings import config_validators
 from stdaemon.ratelimit.rules import parse_rules
+from stdaemon.store.engines import check_config_url
 
 METRIC_CATEGORIES = (
     "jobs",
@@ -57,6 +58,7 @@ ENV_KEYS: dict[str, str] = {
     "VAULT_ADDR": "secrets.vault_addr",
     "SIMPLETUNER_BACKUP_DIR": "backup.dir",
     "SIMPLETUNER_METRICS_TOKEN": "metrics.bearer_token",
+    "SIMPLETUNER_DATABASE_URL": "database.url",
 }
 
 # Variables kept in ``Config.environ`` for modules that need environment
@@ -314,6 +316,8 @@ VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "jobs.upload_credential_ttl": _check_positive,
     "jobs.max_submit_bytes": _check_positive,
     "audit.retention_days": _check_non_negative,
+    "database.url": check_config_url,
+    "database.pool_size": _check_positive,
 }
 
 # Validators for ``providers.<name>.<field>``, from the provider settings

@@ -106,6 +106,15 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class DatabaseConfig:
+    # "" = the embedded SQLite file (<state_dir>/config/cloud/jobs.db);
+    # postgresql://user:password@host:port/dbname = PostgreSQL (several instances may share it).
+    url: str = ""
+    # Reader threads, each with its own connection (the one writer is extra).
+    pool_size: int = 2
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -116,6 +125,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
     # ``providers.<name>.<field>`` as given in the file (validated by the
     # provider settings module); values are plain Python types.
     providers: Mapping[str, Mapping[str, Any]] = field(default_factory=_frozen_mapping)

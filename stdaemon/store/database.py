@@ -1,15 +1,22 @@
-"""SQLite access off the reactor thread, with exactly one writer.
+"""The database off the reactor thread, with exactly one writer thread.
 
 ``Database.run_write(fn, ...)`` runs ``fn(conn, ...)`` on the single writer
-thread inside ``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back if ``fn`` raises)
-and fires its Deferred only after the commit is on disk (WAL,
-``synchronous=FULL``): a 2xx acknowledged after ``run_write`` is durable.
+thread inside a write transaction (SQLite: ``BEGIN IMMEDIATE`` … ``COMMIT``,
+rolled back if ``fn`` raises) and fires its Deferred only after the commit is
+on disk (SQLite: WAL, ``synchronous=FULL``; PostgreSQL: a SERIALIZABLE
+transaction, retried on a serialization failure, committed with
+``synchronous_commit=on``): a 2xx acknowledged after ``run_write`` is durable.
 
 ``Database.run_read(fn, ...)`` runs ``fn(conn, ...)`` on one of a small pool
 of reader threads; WAL lets readers proceed while the writer commits.
 
-Connections are per thread and opened lazily.  ``reopen()`` (used by restore)
-closes every connection; the next call opens the new file.
+What differs between SQLite and PostgreSQL is the engine's business
+(:mod:`stdaemon.store.engines`); this module only owns the threads, the
+connections and the order of work.
+
+Connections are per thread and opened lazily (again after a lost PostgreSQL
+connection).  ``reopen()`` (used by restore) closes every connection; the
+next call opens the new file.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from stdaemon.store import schema
+from stdaemon.store.engines import BUSY_TIMEOUT_MS, Engine, LostBeforeCommit, SqliteEngine, sqlite_connect
 
 T = TypeVar("T")
 
-BUSY_TIMEOUT_MS = 5000
+__all__ = ["BUSY_TIMEOUT_MS", "Database", "DatabaseClosed", "connect"]
 
 
 class DatabaseClosed(RuntimeError):
@@ -36,21 +44,16 @@ class DatabaseClosed(RuntimeError):
 
 
 def connect(path: str, readonly: bool = False) -> sqlite3.Connection:
-    """Open a connection with stdaemon's pragmas (also used by tools and tests)."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                           timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    if not readonly:
-        conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    return conn
+    """Open a SQLite connection with stdaemon's pragmas (also used by tools and tests)."""
+    return sqlite_connect(path, readonly)
 
 
 class Database:
-    def __init__(self, path: str, reactor: Any, readers: int = 2):
+    def __init__(self, path: str, reactor: Any, readers: int = 2, engine: Engine | None = None):
+        #: the SQLite file (also where a PostgreSQL daemon's backups would have gone: unused there)
         self.path = path
+        self.engine = engine if engine is not None else SqliteEngine(path)
+        self.dialect = self.engine.dialect
         self._reactor = reactor
         self._reader_count = readers
         self._writer: ThreadPool | None = None
@@ -68,7 +71,7 @@ class Database:
     def start(self) -> Deferred:
         """Start the threads and apply migrations (on the writer thread)."""
         directory = os.path.dirname(self.path)
-        if directory:
+        if directory and self.dialect == "sqlite":
             os.makedirs(directory, mode=0o700, exist_ok=True)
         # Thread pools cannot be restarted once stopped: new ones each start.
         self._writer = ThreadPool(minthreads=1, maxthreads=1, name="stdaemon-db-writer")
@@ -80,7 +83,7 @@ class Database:
         return deferToThreadPool(self._reactor, self._writer, self._migrate)
 
     def _migrate(self) -> int:
-        return schema.migrate(self._connection())
+        return schema.migrate_any(self._connection())
 
     def stop(self) -> None:
         """Finish queued work, stop the threads, close every connection."""
@@ -111,38 +114,34 @@ class Database:
                 self._generation += 1
             if swap is not None:
                 swap()
-            schema.migrate(self._connection())
+            schema.migrate_any(self._connection())
 
         self.write_epoch += 1
         return deferToThreadPool(self._reactor, self._writer, on_writer).addBoth(self._write_ended)
 
-    def _forget(self, conn: sqlite3.Connection) -> None:
+    def _forget(self, conn: Any) -> None:
         with self._lock:
             if conn in self._connections:
                 self._connections.remove(conn)
-        try:
-            conn.close()
-        except sqlite3.Error:
-            pass
+        self.engine.close(conn)
 
     def _close_all(self) -> None:
         with self._lock:
             connections, self._connections = self._connections, []
         for conn in connections:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
+            self.engine.close(conn)
 
     # -- running work -------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self) -> Any:
         local = self._local
-        if getattr(local, "generation", None) != self._generation or local.conn is None:
+        if getattr(local, "generation", None) != self._generation or local.conn is None \
+                or not self.engine.usable(local.conn):
             stale = getattr(local, "conn", None)
             if stale is not None:
                 self._forget(stale)
-            local.conn = connect(self.path)
+            local.conn = None
+            local.conn = self.engine.connect()
             local.generation = self._generation
             with self._lock:
                 self._connections.append(local.conn)
@@ -181,18 +180,15 @@ class Database:
                                  lambda conn: fn(conn, *args, **kwargs))
         return work.addBoth(self._write_ended)
 
-    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """``work(conn)`` inside ``BEGIN IMMEDIATE … COMMIT`` on the writer thread (rollback on
-        any exception)."""
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
+    def _transaction(self, work: Callable[[Any], T]) -> T:
+        """``work(conn)`` inside the engine's write transaction on the writer thread (rollback on
+        any exception; retried by the engine where it must be, see :mod:`engines`)."""
         try:
-            result = work(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
+            return self.engine.transaction(self._connection(), work)
+        except LostBeforeCommit:
+            # Nothing was committed (PostgreSQL restarted, a network blip): once more, on a new
+            # connection.  A connection lost during COMMIT is not retried: its outcome is unknown.
+            return self.engine.transaction(self._connection(), work)
 
     def _write_ended(self, outcome: Any) -> Any:
         self.write_epoch += 1
@@ -230,13 +226,17 @@ class Database:
         self._group_running = True
         self.write_epoch += 1
 
-        def each_in_a_savepoint(conn: sqlite3.Connection) -> list:
+        retryable = self.engine.retryable
+
+        def each_in_a_savepoint(conn: Any) -> list:
             outcomes: list = []
             for fn, args, kwargs, _ in batch:
                 conn.execute("SAVEPOINT grouped_write")
                 try:
                     value = fn(conn, *args, **kwargs)
-                except Exception:
+                except Exception as exc:
+                    if retryable(exc):  # the whole group is run again (PostgreSQL)
+                        raise
                     conn.execute("ROLLBACK TO grouped_write")
                     outcomes.append((False, Failure()))
                 else:
@@ -267,6 +267,14 @@ class Database:
             return fail(DatabaseClosed("database is closed"))
 
         def read() -> T:
+            conn = self._connection()
+            try:
+                return fn(conn, *args, **kwargs)
+            except Exception:
+                if self.engine.usable(conn):
+                    raise
+            # The connection was lost (PostgreSQL restarted, a network blip): a read is safe to
+            # run once more, on a new connection.
             return fn(self._connection(), *args, **kwargs)
 
         return deferToThreadPool(self._reactor, self._readers, read)
