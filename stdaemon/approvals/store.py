@@ -41,7 +41,8 @@ def add_rule(conn: sqlite3.Connection, name: str, condition: str, value: Any, no
              created_by: str) -> dict:
     rule_id = conn.execute(
         "INSERT INTO approval_rules (name, condition, value_json, created_at, created_by)"
-        " VALUES (?, ?, ?, ?, ?)", (name, condition, json.dumps(value), now, created_by)).lastrowid
+        " VALUES (?, ?, ?, ?, ?) RETURNING id",
+        (name, condition, json.dumps(value), now, created_by)).fetchone()[0]
     return rule_dict(conn.execute("SELECT * FROM approval_rules WHERE id = ?", (rule_id,)).fetchone())
 
 
@@ -74,9 +75,9 @@ def create_request(conn: sqlite3.Connection, job_id: str, provider: str, user_id
     request_id = conn.execute(
         "INSERT INTO approval_requests (job_id, provider, user_id, username, rule_id, rule_name,"
         " reason, estimate_usd, status, created_at, expires_at, details_json)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?) RETURNING id",
         (job_id, provider, user_id, username, rule_id, rule_name, reason, estimate, now, expires_at,
-         json.dumps(details, default=str))).lastrowid
+         json.dumps(details, default=str))).fetchone()[0]
     return get_request(conn, request_id)
 
 
@@ -139,9 +140,9 @@ def add_quota(conn: sqlite3.Connection, quota: dict, now: float, created_by: str
         raise LookupError("user_id")
     quota_id = conn.execute(
         "INSERT INTO quotas (quota_type, limit_value, action, user_id, role, created_at, created_by)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (quota["quota_type"], quota["limit"], quota["action"], quota["user_id"], quota["role"], now,
-         created_by)).lastrowid
+         created_by)).fetchone()[0]
     return quota_dict(conn.execute("SELECT * FROM quotas WHERE id = ?", (quota_id,)).fetchone())
 
 

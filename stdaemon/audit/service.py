@@ -75,7 +75,8 @@ from stdaemon.config import state_path
 from stdaemon.config.schema import AuditConfig, Config
 from stdaemon.health.service import HEALTHY, UNHEALTHY, Component
 from stdaemon.logs import get_logger
-from stdaemon.store.database import Database, connect
+from stdaemon.store.database import Database
+from stdaemon.store.engines import engine_for
 from stdaemon.store.key_fingerprints import fingerprint
 
 if TYPE_CHECKING:
@@ -390,19 +391,16 @@ def append_from_tool(config: Config, db_path: str, event_type: str, actor: Any =
 
     The key is ``key`` (a tool that resolved ``AUDIT_HMAC_KEY`` from the
     secrets stores passes it), else ``AUDIT_HMAC_KEY`` from the config's
-    environment snapshot, else the key file.  ``now`` is the caller's clock."""
+    environment snapshot, else the key file.  ``now`` is the caller's clock.  The
+    database is the daemon's: ``database.url`` when set, else the SQLite file ``db_path``."""
     if key is None:
         value = (config.environ or {}).get("AUDIT_HMAC_KEY")
         key = value.encode("utf-8") if value else load_or_create_key_file(key_file_path(config))
-    conn = connect(db_path)
+    engine = engine_for(config.database.url, db_path)
+    conn = engine.connect()
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            row = store.append_entry(conn, key, now, event_type, actor, ip, target, action, details)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        row = engine.transaction(conn, lambda c: store.append_entry(
+            c, key, now, event_type, actor, ip, target, action, details))
         return row["id"]
     finally:
         conn.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, Iterable, Optional, Sequence
 
+from stdaemon.store.engines import is_postgres, lock_audit_chain
 from stdaemon.audit.chain import (
     COLUMNS,
     GENESIS,
@@ -35,23 +36,36 @@ def chain_head(conn: sqlite3.Connection) -> tuple[int, str]:
     return 0, GENESIS
 
 
+def high_water(conn: sqlite3.Connection) -> int:
+    """The highest id the chain ever gave (SQLite's AUTOINCREMENT sequence; on PostgreSQL the
+    ``audit_sequence`` row written with each append), 0 before the first."""
+    if is_postgres(conn):
+        row = conn.execute("SELECT seq FROM audit_sequence WHERE id = 1").fetchone()
+    else:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit_log'").fetchone()
+    return int(row[0]) if row else 0
+
+
 def append_entry(conn: sqlite3.Connection, key: bytes, now: float, event_type: str,
                  actor: Any = "system", ip: Any = None, target: Any = None, action: Any = None,
                  details: Any = None) -> dict:
     """Append one entry inside the caller's write transaction; returns the row.
 
     Must run on the writer (inside ``BEGIN IMMEDIATE``) so that reading the
-    chain head and inserting are one step."""
+    chain head and inserting are one step; on PostgreSQL it first takes the
+    chain's advisory lock, so other instances' appenders wait their turn."""
     if not event_type or not isinstance(event_type, str):
         raise ValueError("audit event_type must be a non-empty string")
+    lock_audit_chain(conn)
     last_id, previous = chain_head(conn)
-    seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit_log'").fetchone()
-    next_id = max(last_id, int(seq[0]) if seq else 0) + 1
+    next_id = max(last_id, high_water(conn)) + 1
     row = new_row(key, next_id, previous, now, event_type, actor, ip, target, action, details)
     conn.execute(
         f"INSERT INTO audit_log ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
         tuple(row[c] for c in COLUMNS),
     )
+    if is_postgres(conn):
+        conn.execute("UPDATE audit_sequence SET seq = ? WHERE id = 1", (next_id,))
     return row
 
 
@@ -135,9 +149,8 @@ def verify_start(conn: sqlite3.Connection, key: bytes) -> dict:
         "SELECT last_id, last_hash, pruned_total, anchor_hash FROM audit_anchor WHERE id = 1"
     ).fetchone()
     head = conn.execute("SELECT max(id), count(*) FROM audit_log").fetchone()
-    seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit_log'").fetchone()
     state = {"after_id": 0, "previous_hash": GENESIS, "anchor_ok": True, "anchor": None,
-             "max_id": int(head[0] or 0), "count": int(head[1]), "sequence": int(seq[0]) if seq else 0}
+             "max_id": int(head[0] or 0), "count": int(head[1]), "sequence": high_water(conn)}
     if anchor is not None:
         state.update(after_id=int(anchor[0]), previous_hash=anchor[1],
                      anchor={"last_id": int(anchor[0]), "pruned_total": int(anchor[2])},
@@ -189,11 +202,13 @@ def prune_before(conn: sqlite3.Connection, key: bytes, cutoff: float, now: float
 
 def minute_counts(conn: sqlite3.Connection, since: float) -> tuple[int, dict[int, int]]:
     total = conn.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+    # the minute of each entry: SQLite's CAST truncates, PostgreSQL's would round
+    minute = "floor(timestamp / 60)" if is_postgres(conn) else "CAST(timestamp / 60 AS INTEGER)"
     buckets = {
         int(m): int(n)
         for m, n in conn.execute(
-            "SELECT CAST(timestamp / 60 AS INTEGER) AS m, count(*) FROM audit_log "
-            "WHERE timestamp >= ? GROUP BY m", (since,)
+            f"SELECT {minute} AS m, count(*) FROM audit_log WHERE timestamp >= ? GROUP BY m",
+            (since,)
         )
     }
     return int(total), buckets

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Optional
 from stdaemon.jobs import updates as job_updates
 from stdaemon.jobs import status as st
 from stdaemon.jobs.costs import period_start
+from stdaemon.store.engines import is_postgres
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
 
@@ -55,7 +56,8 @@ def find_by_external(conn, provider: str, external_id: str) -> Optional[dict]:
 
 
 def _by_idempotency_key(conn, user_id: Optional[int], key: str) -> Optional[dict]:
-    return _one(conn, "SELECT * FROM jobs WHERE idempotency_key = ? AND user_id IS ?", (key, user_id))
+    return _one(conn, "SELECT * FROM jobs WHERE idempotency_key = ? AND user_id IS NOT DISTINCT FROM ?",
+                (key, user_id))
 
 
 def find_idempotent(conn, user_id: Optional[int], key: str, now: float) -> Optional[dict]:
@@ -207,13 +209,14 @@ def period_summary(conn, since: float, now: float, recent: int = 10) -> dict:
     ``metrics costs`` / ``metrics usage``): totals by provider and hardware
     profile, GPU-seconds run, counts by status, the most recent costs."""
     conn.row_factory = sqlite3.Row
+    larger = "GREATEST" if is_postgres(conn) else "MAX"   # the larger of two values
     by_provider: dict[str, float] = {}
     by_profile: dict[str, dict] = {}
     by_status: dict[str, int] = {}
     for row in conn.execute(
             "SELECT provider, hardware_type, status, count(*) AS n, COALESCE(SUM(cost_usd), 0) AS cost,"
             " COALESCE(SUM(CASE WHEN started_at IS NOT NULL"
-            "   THEN MAX(0, COALESCE(completed_at, ?) - started_at) END), 0) AS seconds"
+            f"   THEN {larger}(0, COALESCE(completed_at, ?) - started_at) END), 0) AS seconds"
             " FROM jobs WHERE created_at >= ? GROUP BY provider, hardware_type, status", (now, since)):
         by_provider[row["provider"]] = by_provider.get(row["provider"], 0.0) + float(row["cost"])
         profile = by_profile.setdefault(row["hardware_type"] or "unknown",

@@ -174,8 +174,8 @@ def create_user(conn: sqlite3.Connection, username: str, email: Optional[str],
         raise InvalidValue(field, "is already taken", show_path=False)
     user_id = conn.execute(
         "INSERT INTO users (username, email, password_hash, role, created_at, display_name)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        (username, email, password_hash, role, now, display_name)).lastrowid
+        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+        (username, email, password_hash, role, now, display_name)).fetchone()[0]
     return get_user(conn, user_id)
 
 
@@ -308,11 +308,11 @@ def create_key(conn: sqlite3.Connection, user_id: int, name: str, role: str, now
                expires_at: Optional[float] = None) -> tuple[int, str]:
     """Insert a new key; return ``(id, key)``. The key is never stored."""
     key = new_key()
-    cur = conn.execute(
+    key_id = conn.execute(
         "INSERT INTO api_keys (user_id, name, key_hash, prefix, role, created_at, expires_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (user_id, name, hash_key(key), key[:7], role, now, expires_at))
-    return cur.lastrowid, key
+        " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (user_id, name, hash_key(key), key[:7], role, now, expires_at)).fetchone()[0]
+    return key_id, key
 
 
 def lookup(conn: sqlite3.Connection, key: str, now: float) -> Optional[Principal]:
@@ -363,8 +363,8 @@ def ensure_admin_key(conn: sqlite3.Connection, key_path: str, now: float) -> Opt
     row = conn.execute("SELECT id FROM users WHERE username = 'admin'").fetchone()
     if row is None:
         user_id = conn.execute(
-            "INSERT INTO users (username, role, created_at) VALUES ('admin', 'admin', ?)",
-            (now,)).lastrowid
+            "INSERT INTO users (username, role, created_at) VALUES ('admin', 'admin', ?) RETURNING id",
+            (now,)).fetchone()[0]
     else:
         user_id = row["id"]
     _, key = create_key(conn, user_id, "initial admin key", "admin", now)
