@@ -14,6 +14,10 @@ transaction that the daemon's connections see at once (the HTTP endpoint
 settings).  Both are recorded in the audit log through its tool entry point
 (``stdaemon.audit.service.append_from_tool``).
 
+With PostgreSQL (``database.url``) ``db-info`` reports that database and
+``backup``, ``restore`` and ``list-backups`` fail (exit 1) saying to use
+``pg_dump`` and ``pg_restore`` instead.
+
 Exit codes: 0 done, 1 failed, 2 bad usage or configuration, 3 restore refused.
 """
 

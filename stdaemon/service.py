@@ -117,7 +117,11 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
                             preserved_tables=audit_store.PRESERVED_TABLES)
     app.backups = BackupService(app.db, backup_store, backup_pool, config.backup, app.clock)
     app.backups.after_restore.append(audit.refresh_counts)  # the restored log is recounted
-    if config.backup.enabled:
+    if config.backup.enabled and app.db.dialect == "postgresql":
+        log.warning("backup.enabled is set, but the database is PostgreSQL: stdaemon takes no "
+                    "scheduled backups of it; back it up with pg_dump (README, Backup and restore)")
+        app.health.register("backup", app.backups.health)
+    elif config.backup.enabled:
         app.add_timer("backup", config.backup.interval, app.backups.scheduled)
         app.health.register("backup", app.backups.health)
 
@@ -402,6 +406,8 @@ class StdaemonService(MultiService):
     async def _start(self) -> None:
         ctx = self.ctx
         version = await ctx.db.start()
+        log.info("Database: {engine} {where}", engine=ctx.db.dialect,
+                 where=ctx.db.engine.description)  # a URL without its password
         key_path = ctx.path("config", "cloud", "admin.key")
         written = await ctx.db.run_write(users.ensure_admin_key, key_path, ctx.now())
         if written:

@@ -38,7 +38,7 @@ from stdaemon.http.validation import BodyModel, QueryModel
 from stdaemon.audit.service import request_actor
 from stdaemon.backup.service import BackupService
 from stdaemon.store import inspect
-from stdaemon.backup.store import BACKUP_PREFIX, BackupError, RestoreRefused
+from stdaemon.backup.store import BACKUP_PREFIX, NOT_SUPPORTED, BackupError, RestoreRefused
 
 _REFUSED_STATUS = {"not_found": 404, "invalid_name": 400, "invalid_path": 400}
 _BACKUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -122,7 +122,13 @@ class AdminBackupsSurface(Surface):
     @route(app, "/api/admin/backups", access=ADMIN)
     async def list_backups(self, request):
         """Backups, newest first."""
-        return {"backups": await self.backups.list(), "backup_dir": str(self.backups.store.backup_dir)}
+        return {"backups": await self._list(), "backup_dir": str(self.backups.store.backup_dir)}
+
+    async def _list(self) -> list[dict]:
+        try:
+            return await self.backups.list()
+        except BackupError as exc:  # PostgreSQL: backed up with pg_dump, not here
+            raise ApiError(409, exc.code, exc.detail) from None
 
     @route(app, "/api/admin/backups/restore", methods=("POST",), access=ADMIN, body=RestoreBackup)
     async def restore(self, request, body: RestoreBackup):
@@ -138,6 +144,7 @@ class AdminBackupsSurface(Surface):
     async def _restore(self, request, name: Optional[str] = None, path: Optional[str] = None,
                        dry_run: bool = False) -> dict:
         try:
+            self.backups.store.refuse_on_postgresql()
             source = self.backups.resolve(name=name, path=path)
             if dry_run:
                 return await self.backups.check(source)
@@ -145,7 +152,7 @@ class AdminBackupsSurface(Surface):
         except RestoreRefused as exc:
             raise ApiError(_REFUSED_STATUS.get(exc.code, 422), exc.code, exc.detail) from None
         except BackupError as exc:
-            raise ApiError(500, exc.code, exc.detail) from None
+            raise ApiError(409 if exc.code == NOT_SUPPORTED else 500, exc.code, exc.detail) from None
         await self.ctx.audit.record("backup.restored", **request_actor(request),
                                     target=result["restored_from"], action="restore",
                                     details={"safety_copy": result["safety_copy"],
@@ -160,11 +167,12 @@ class AdminBackupsSurface(Surface):
         return dict(entry, id=entry["name"], components=list(COMPONENTS))
 
     async def _entry(self, backup_id: str) -> dict:
+        entries = await self._list()
         try:
             source = self.backups.resolve(name=backup_id)
         except RestoreRefused:
             raise not_found(f"Backup {backup_id[:100]} not found") from None
-        for entry in await self.backups.list():
+        for entry in entries:
             if entry["path"] == str(source):
                 return entry
         raise not_found(f"Backup {backup_id[:100]} not found")
@@ -173,7 +181,7 @@ class AdminBackupsSurface(Surface):
     async def cli_list(self, request, query: CliListBackups):
         """SimpleTuner's ``backup list``: the backup files (``id`` is the file name)."""
         limit = query.limit
-        entries = await self.backups.list()
+        entries = await self._list()
         return {"backups": [self._cli_entry(e) for e in entries[:limit]], "total": len(entries),
                 "total_size_bytes": sum(e["size_bytes"] for e in entries),
                 "backup_dir": str(self.backups.store.backup_dir)}
@@ -183,6 +191,10 @@ class AdminBackupsSurface(Surface):
         """SimpleTuner's ``backup create``: a backup now (``name`` → ``jobs_backup_<name>.db``)."""
         name = body.name
         path = None
+        try:
+            self.backups.store.refuse_on_postgresql()
+        except BackupError as exc:
+            raise ApiError(409, exc.code, exc.detail) from None
         if name is not None:
             if not _BACKUP_NAME.match(name):
                 raise invalid_field("name", "must be 1-100 letters, digits, '.', '_' or '-'")
@@ -217,6 +229,8 @@ class AdminBackupsSurface(Surface):
             entry = await self.backups.delete(backup_id)
         except RestoreRefused as exc:
             raise ApiError(_REFUSED_STATUS.get(exc.code, 422), exc.code, exc.detail) from None
+        except BackupError as exc:
+            raise ApiError(409, exc.code, exc.detail) from None
         await self.ctx.audit.record("backup.deleted", **request_actor(request), target=entry["path"],
                                     action="delete",
                                     details={"name": entry["name"], "size_bytes": entry["size_bytes"]})

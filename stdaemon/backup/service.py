@@ -84,7 +84,10 @@ class BackupService:
         return await self._in_pool(listing)
 
     async def info(self) -> dict:
-        info = await self._in_pool(self.store.get_database_info)
+        if self.store.database_url:  # PostgreSQL: its facts, read on the database's own threads
+            info = await self.db.run_read(self.store.get_database_info)
+        else:
+            info = await self._in_pool(self.store.get_database_info)
         info["scheduled"] = self.schedule_status()
         return info
 
@@ -110,6 +113,7 @@ class BackupService:
         """Remove one backup file of the backup directory (by ``name``); the
         entry it was.  Raises :class:`RestoreRefused` (``not_found``,
         ``invalid_name``)."""
+        self.store.refuse_on_postgresql()
         path = self.resolve(name=name)
 
         def unlink() -> dict:
@@ -190,6 +194,9 @@ class BackupService:
 
     async def health(self) -> Component:
         """The ``backup`` health component (registered when ``backup.enabled``)."""
+        if self.store.database_url:  # not a failure: PostgreSQL is backed up with pg_dump
+            return Component("backup", HEALTHY, "the database is PostgreSQL: backed up with pg_dump, "
+                                                "not by stdaemon")
         if self.consecutive_failures:
             return Component("backup", DEGRADED,
                              f"last scheduled backup failed ({self.consecutive_failures} in a row, "

@@ -30,6 +30,15 @@ How it stays trustworthy:
   and ``stdaemon-admin`` pass the audit log's, ``stdaemon.audit.store.PRESERVED_TABLES``)
   keep their live rows: a restore cannot erase history.
 
+With PostgreSQL (``database.url``) none of this pretends to work: ``backup``,
+``restore`` and ``list_backups`` raise :class:`BackupError` (``not_supported``,
+answered 409) saying that PostgreSQL is backed up with ``pg_dump`` and restored
+with ``pg_restore`` (README, "Backup and restore"); ``get_database_info``
+reports the PostgreSQL database's facts.
+
+Size: over 500 lines: backup, validation, restore with carried-over tables and
+retention form one procedure over one file, best read in one place.
+
 Everything here blocks: in the daemon it runs in the backup service's own
 thread (validation, copies) and on the database's writer thread (the swap,
 through ``Database.reopen``), see ``stdaemon/backup/service.py``.
@@ -58,6 +67,10 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 REQUIRED_JOB_COLUMNS = {"job_id", "provider", "status", "created_at"}
 BUSY_TIMEOUT_MS = 10000
 _COPY_CHUNK = 1024 * 1024
+NOT_SUPPORTED = "not_supported"
+POSTGRESQL_DETAIL = ("stdaemon's database is PostgreSQL (database.url): back it up with pg_dump and "
+                     "restore it with pg_restore (see the README, Backup and restore); stdaemon's own "
+                     "backups copy the embedded SQLite file only")
 
 
 class BackupError(Exception):
@@ -149,8 +162,13 @@ class JobStore:
         config: Any = None,
         clock: Any = None,
         preserved_tables: Sequence[str] = (),
+        database_url: str | None = None,
     ):
         self.preserved_tables = tuple(preserved_tables)
+        if database_url is None and config is not None:
+            database_url = config.database.url
+        #: the PostgreSQL database the daemon uses instead of the SQLite file ("" = none)
+        self.database_url = database_url or ""
         if path is None:
             # The daemon's database: same config file/env resolution as the daemon.
             if config is None:
@@ -174,6 +192,11 @@ class JobStore:
 
     # -- backup --------------------------------------------------------------
 
+    def refuse_on_postgresql(self) -> None:
+        """:class:`BackupError` ``not_supported`` when the daemon's database is PostgreSQL."""
+        if self.database_url:
+            raise BackupError(NOT_SUPPORTED, POSTGRESQL_DETAIL)
+
     def default_backup_path(self, prefix: str = BACKUP_PREFIX) -> Path:
         stamp = _timestamp(self.clock.seconds())
         candidate = self.backup_dir / f"{prefix}{stamp}.db"
@@ -190,6 +213,7 @@ class JobStore:
         ``path`` ending in ``.gz`` (or ``compress=True``) writes a gzip file.
         ``source`` lets the caller pass an open connection to the live database.
         """
+        self.refuse_on_postgresql()
         if source is None and not self.path.exists():
             raise BackupError("no_database", f"database {self.path} does not exist")
         if path is None:
@@ -253,6 +277,7 @@ class JobStore:
 
     def list_backups(self) -> list[Path]:
         """Backup files in the backup directory (including safety copies), newest first."""
+        self.refuse_on_postgresql()
         if not self.backup_dir.is_dir():
             return []
         found = []
@@ -263,6 +288,8 @@ class JobStore:
         return [p for _, _, p in found]
 
     def get_database_info(self, conn: sqlite3.Connection | None = None) -> dict:
+        if self.database_url:
+            return self._postgresql_info(conn)
         wal = Path(str(self.path) + "-wal")
         info: dict[str, Any] = {
             "path": str(self.path),
@@ -298,6 +325,31 @@ class JobStore:
                 c.close()
         return info
 
+    def _postgresql_info(self, conn: Any = None) -> dict:
+        from stdaemon.store.engines import PostgresEngine
+
+        engine = PostgresEngine(self.database_url)
+        own = conn is None
+        c = engine.connect() if own else conn
+        try:
+            applied = [r[0] for r in c.execute("SELECT name FROM schema_migrations ORDER BY name")]
+            size = c.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+            info: dict[str, Any] = {
+                "engine": "postgresql", "path": engine.description, "exists": True,
+                "size_bytes": int(size), "size_mb": round(int(size) / (1024 * 1024), 3),
+                "wal_size_bytes": 0, "backup_dir": str(self.backup_dir), "backup_count": 0,
+                "latest_backup": None, "backups": POSTGRESQL_DETAIL,
+                "schema_version": len(applied), "latest_migration": applied[-1] if applied else None,
+                "job_count": c.execute("SELECT count(*) FROM jobs").fetchone()[0],
+                "jobs_by_status": {r[0]: r[1] for r in c.execute(
+                    "SELECT status, count(*) FROM jobs GROUP BY status ORDER BY status")},
+                "server_version": c.execute("SHOW server_version").fetchone()[0],
+            }
+        finally:
+            if own:
+                c.close()
+        return info
+
     # -- restore -------------------------------------------------------------
 
     def resolve_backup(self, name_or_path: str) -> Path:
@@ -314,6 +366,7 @@ class JobStore:
         Returns ``(staging, facts)``; the caller removes the staging file.
         Raises :class:`RestoreRefused` for anything unsound.
         """
+        self.refuse_on_postgresql()
         candidate = Path(os.path.expanduser(str(path)))
         if not candidate.is_file():
             raise RestoreRefused("not_found", f"backup {candidate} does not exist")
@@ -382,6 +435,7 @@ class JobStore:
         Runs where it may block: on the daemon's writer thread (inside
         ``Database.reopen``) or in a tool.
         """
+        self.refuse_on_postgresql()
         result: dict[str, Any] = {"safety_copy": None}
         live = _connect(self.path)
         try:
@@ -475,6 +529,7 @@ class JobStore:
     def prune(self, keep_days: float, keep_count: int, now: float | None = None) -> list[Path]:
         """Delete backups older than ``keep_days`` and scheduled backups beyond the
         newest ``keep_count`` (0 = no limit).  Files elsewhere are never touched."""
+        self.refuse_on_postgresql()
         now = self.clock.seconds() if now is None else now
         doomed = []
         index = 0
