@@ -15,6 +15,7 @@ import pytest_twisted
 import yaml
 
 from stdaemon.config import load_config
+from tests.postgres_fixture import engine_conn, make_database, postgres_server, postgres_url  # noqa: F401
 
 warnings.filterwarnings("error", message=".*was never awaited", category=RuntimeWarning)
 

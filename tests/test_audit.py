@@ -14,8 +14,7 @@ from twisted.internet import defer, task
 from stdaemon.audit import chain, service, store
 from stdaemon.audit.sampler import AuditSampler
 from stdaemon.config.schema import AuditConfig
-from stdaemon.store.database import Database, connect
-from stdaemon.store.schema import migrate
+from tests.postgres_fixture import begin, migrated_connection
 
 KEY = b"k" * 64
 
@@ -23,16 +22,14 @@ KEY = b"k" * 64
 # -- pure chain functions on a plain connection -----------------------------------------
 
 
-@pytest.fixture
-def conn(tmp_path):
-    c = connect(str(tmp_path / "audit.db"))
-    migrate(c)
-    yield c
-    c.close()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def conn(request, tmp_path):
+    """A migrated connection on each engine in turn."""
+    return migrated_connection(request.param, tmp_path, request)
 
 
 def _append(conn, now, event_type="job.submitted", **kw):
-    conn.execute("BEGIN IMMEDIATE")
+    begin(conn)
     row = store.append_entry(conn, KEY, now, event_type, **kw)
     conn.execute("COMMIT")
     return row
@@ -90,7 +87,7 @@ def test_details_are_canonical_and_bounded(conn):
 
 def test_prune_keeps_the_chain_verifiable_through_an_anchor(conn):
     rows = [_append(conn, 1000.0 + i) for i in range(6)]
-    conn.execute("BEGIN IMMEDIATE")
+    begin(conn)
     deleted = store.prune_before(conn, KEY, cutoff=1003.5, now=5000.0)
     conn.execute("COMMIT")
     assert deleted == 4
@@ -102,7 +99,7 @@ def test_prune_keeps_the_chain_verifiable_through_an_anchor(conn):
     assert new["id"] == rows[5]["id"] + 1
     assert _verify(conn) is None
     # Everything pruned: the next entry links to the anchor.
-    conn.execute("BEGIN IMMEDIATE")
+    begin(conn)
     store.prune_before(conn, KEY, cutoff=10_000.0, now=10_000.0)
     conn.execute("COMMIT")
     after = _append(conn, 10_001.0)
@@ -114,7 +111,7 @@ def test_prune_keeps_the_chain_verifiable_through_an_anchor(conn):
 def test_a_forged_anchor_is_detected(conn):
     for i in range(3):
         _append(conn, 1000.0 + i)
-    conn.execute("BEGIN IMMEDIATE")
+    begin(conn)
     store.prune_before(conn, KEY, cutoff=1001.5, now=2000.0)
     conn.execute("COMMIT")
     conn.execute("UPDATE audit_anchor SET pruned_total = 0")
@@ -213,12 +210,12 @@ class _Secrets:
         return defer.succeed(self.values.get(name))
 
 
-async def _audit_log(tmp_path, secrets=None, retention_days=365, **kw):
+async def _audit_log(tmp_path, make_database, secrets=None, retention_days=365, **kw):
     from twisted.internet import reactor
 
     clock = task.Clock()
     clock.advance(1_700_000_000)
-    db = Database(str(tmp_path / "jobs.db"), reactor)
+    db = make_database()
     await db.start()
     log = service.AuditLog(db, clock, reactor, AuditConfig(retention_days=retention_days),
                            os.path.join(str(tmp_path), "config", "cloud", "audit.key"), secrets, **kw)
@@ -227,8 +224,8 @@ async def _audit_log(tmp_path, secrets=None, retention_days=365, **kw):
 
 
 @pytest_twisted.ensureDeferred
-async def test_record_returns_ids_and_counts(tmp_path):
-    log = await _audit_log(tmp_path)
+async def test_record_returns_ids_and_counts(tmp_path, make_database):
+    log = await _audit_log(tmp_path, make_database)
     try:
         assert log.key_source == "file"
         assert os.path.exists(tmp_path / "config" / "cloud" / "audit.key")
@@ -253,8 +250,8 @@ async def test_record_returns_ids_and_counts(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_key_from_secrets_is_preferred(tmp_path):
-    log = await _audit_log(tmp_path, secrets=_Secrets({"AUDIT_HMAC_KEY": "s" * 40}))
+async def test_key_from_secrets_is_preferred(tmp_path, make_database):
+    log = await _audit_log(tmp_path, make_database, secrets=_Secrets({"AUDIT_HMAC_KEY": "s" * 40}))
     try:
         assert log.key_source == "secrets"
         assert not os.path.exists(tmp_path / "config" / "cloud" / "audit.key")
@@ -266,8 +263,8 @@ async def test_key_from_secrets_is_preferred(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_verify_names_the_edited_entry_and_a_truncated_tail(tmp_path):
-    log = await _audit_log(tmp_path)
+async def test_verify_names_the_edited_entry_and_a_truncated_tail(tmp_path, make_database):
+    log = await _audit_log(tmp_path, make_database)
     try:
         ids = [await log.record("job.submitted", target=f"j{i}") for i in range(7)]
         assert (await log.verify(batch=3))["valid"] is True
@@ -290,8 +287,8 @@ async def test_verify_names_the_edited_entry_and_a_truncated_tail(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_sampled_flood_writes_a_bounded_number_of_entries(tmp_path):
-    log = await _audit_log(tmp_path, sample_limit=3, sample_global_limit=20)
+async def test_sampled_flood_writes_a_bounded_number_of_entries(tmp_path, make_database):
+    log = await _audit_log(tmp_path, make_database, sample_limit=3, sample_global_limit=20)
     try:
         for i in range(300):
             await log.sampled("webhook_rejected", ip="203.0.113.9", target="replicate",
@@ -312,8 +309,8 @@ async def test_sampled_flood_writes_a_bounded_number_of_entries(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_retention_prunes_old_entries_and_verify_still_passes(tmp_path):
-    log = await _audit_log(tmp_path, retention_days=1)
+async def test_retention_prunes_old_entries_and_verify_still_passes(tmp_path, make_database):
+    log = await _audit_log(tmp_path, make_database, retention_days=1)
     try:
         for _ in range(5):
             await log.record("job.submitted")
@@ -332,8 +329,8 @@ async def test_retention_prunes_old_entries_and_verify_still_passes(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_append_inside_a_caller_transaction_rolls_back_with_it(tmp_path):
-    log = await _audit_log(tmp_path)
+async def test_append_inside_a_caller_transaction_rolls_back_with_it(tmp_path, make_database):
+    log = await _audit_log(tmp_path, make_database)
     try:
         def failing(conn):
             log.append(conn, "job.status_changed", target="j1")
@@ -350,13 +347,13 @@ async def test_append_inside_a_caller_transaction_rolls_back_with_it(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_restart_with_the_same_key_file_keeps_the_chain(tmp_path):
-    log = await _audit_log(tmp_path)
+async def test_restart_with_the_same_key_file_keeps_the_chain(tmp_path, make_database):
+    log = await _audit_log(tmp_path, make_database)
     try:
         first = await log.record("job.submitted")
     finally:
         log.db.stop()
-    again = await _audit_log(tmp_path)
+    again = await _audit_log(tmp_path, make_database)
     try:
         assert again.total == 1
         second = await again.record("job.cancelled")
@@ -365,7 +362,7 @@ async def test_restart_with_the_same_key_file_keeps_the_chain(tmp_path):
     finally:
         again.db.stop()
     # A different key (from secrets) no longer verifies the old entries.
-    other = await _audit_log(tmp_path, secrets=_Secrets({"AUDIT_HMAC_KEY": "z" * 40}))
+    other = await _audit_log(tmp_path, make_database, secrets=_Secrets({"AUDIT_HMAC_KEY": "z" * 40}))
     try:
         result = await other.verify()
         assert result["valid"] is False and result["first_broken_id"] == first

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEAVY = ("boto3", "botocore", "hvac", "redis")
+HEAVY = ("boto3", "botocore", "hvac", "redis", "psycopg")
 
 SCRIPT = r"""
 import json, os, sys

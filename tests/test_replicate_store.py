@@ -1,20 +1,17 @@
-"""The jobs table helpers on a real SQLite database (migrated schema)."""
+"""The jobs table helpers on a real database of each engine (migrated schema)."""
 
 from __future__ import annotations
 
 import pytest
 
 from stdaemon.jobs import store
-from stdaemon.store.database import connect
-from stdaemon.store.schema import migrate
+from tests.postgres_fixture import migrated_connection
 
 
-@pytest.fixture
-def conn(tmp_path):
-    connection = connect(str(tmp_path / "jobs.db"))
-    migrate(connection)
-    yield connection
-    connection.close()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def conn(request, tmp_path):
+    """A migrated connection on each engine in turn."""
+    return migrated_connection(request.param, tmp_path, request)
 
 
 def job(job_id, **extra):
