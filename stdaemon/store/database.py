@@ -54,6 +54,8 @@ class Database:
         self.path = path
         self.engine = engine if engine is not None else SqliteEngine(path)
         self.dialect = self.engine.dialect
+        #: PostgreSQL may be shared by several instances (see ``shared`` below)
+        self.shared = self.dialect == "postgresql"
         self._reactor = reactor
         self._reader_count = readers
         self._writer: ThreadPool | None = None
