@@ -1,8 +1,15 @@
 """The ``x-amz-checksum-*`` algorithms S3 clients send (pure, incremental).
 
-CRC32 uses ``zlib`` (what botocore defaults to without the AWS CRT). CRC32C and CRC64/NVME are
-table-driven pure Python: correct but slow, and only used when a client explicitly asks for them
-(botocore needs the optional CRT package to send them at all). SHA-1/SHA-256 use ``hashlib``.
+Each algorithm runs in C, from the library botocore itself uses for it:
+
+* CRC32: ``zlib.crc32`` (what botocore computes without the AWS CRT);
+* CRC32C: the ``crc32c`` package (SSE 4.2 / ARMv8 instructions, a table in C otherwise);
+* CRC64/NVME: ``awscrt.checksums.crc64nvme``, the AWS common runtime that botocore needs to send
+  it at all (``boto3[crt]``);
+* SHA-1/SHA-256: ``hashlib``.
+
+When ``crc32c`` or ``awscrt`` cannot be imported, the table-driven pure-Python CRCs below are used
+instead: the same values, hundreds of times slower (:func:`native` tells which is in use).
 Every checksum is transmitted as base64 of the big-endian digest.
 """
 
@@ -11,9 +18,31 @@ from __future__ import annotations
 import base64
 import hashlib
 import zlib
-from typing import Iterable
+from typing import Any, Callable, Iterable, Optional
 
 ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
+
+_native: dict[str, Optional[Callable[[Any, int], int]]] = {}
+
+
+def _c_function(algorithm: str) -> Optional[Callable[[Any, int], int]]:
+    """The C function of a CRC (``None`` when its library cannot be imported), imported on first
+    use: the AWS runtime is a large module that a daemon never asked for CRC64/NVME does not load."""
+    if algorithm not in _native:
+        try:
+            if algorithm == "crc32c":
+                from crc32c import crc32c as function
+            else:
+                from awscrt.checksums import crc64nvme as function
+        except ImportError:
+            function = None
+        _native[algorithm] = function
+    return _native[algorithm]
+
+
+def native(algorithm: str) -> bool:
+    """The algorithm runs in C here (``False``: the pure-Python fallback is in use)."""
+    return algorithm.lower() not in ("crc32c", "crc64nvme") or _c_function(algorithm.lower()) is not None
 
 
 def _reflected_table(poly: int, width: int) -> tuple[int, ...]:
@@ -26,31 +55,44 @@ def _reflected_table(poly: int, width: int) -> tuple[int, ...]:
     return tuple(table)
 
 
-_CRC32C_TABLE = _reflected_table(0x82F63B78, 32)
-_CRC64NVME_TABLE = _reflected_table(0x9A6C9329AC4BC9B5, 64)
+_CRC32C_POLY = 0x82F63B78
+_CRC64NVME_POLY = 0x9A6C9329AC4BC9B5
 
 
-class _Crc32:
-    size = 4
+class _Crc:
+    """A CRC kept as the running value of a C function ``crc(data, previous) -> int`` (the
+    convention of ``zlib.crc32``, ``crc32c.crc32c`` and ``awscrt.checksums``: start at 0, feed the
+    previous result back)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_function", "_value", "size")
+
+    def __init__(self, function: Callable[[Any, int], int], size: int) -> None:
+        self._function = function
         self._value = 0
+        self.size = size
 
-    def update(self, data: bytes) -> None:
-        self._value = zlib.crc32(data, self._value)
+    def update(self, data: Any) -> None:
+        self._value = self._function(data, self._value)
 
     def digest(self) -> bytes:
-        return (self._value & 0xFFFFFFFF).to_bytes(4, "big")
+        return self._value.to_bytes(self.size, "big")
 
 
 class _TableCrc:
-    def __init__(self, table: tuple[int, ...], width: int) -> None:
+    """The fallback: a reflected table-driven CRC in pure Python."""
+
+    _tables: dict = {}
+
+    def __init__(self, poly: int, width: int) -> None:
+        table = self._tables.get(poly)
+        if table is None:
+            table = self._tables[poly] = _reflected_table(poly, width)
         self._table = table
         self._mask = (1 << width) - 1
         self._value = self._mask
         self.size = width // 8
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: Any) -> None:
         crc = self._value
         table = self._table
         for byte in data:
@@ -61,28 +103,22 @@ class _TableCrc:
         return (self._value ^ self._mask).to_bytes(self.size, "big")
 
 
-class _Hash:
-    def __init__(self, name: str) -> None:
-        self._hash = hashlib.new(name)
-
-    def update(self, data: bytes) -> None:
-        self._hash.update(data)
-
-    def digest(self) -> bytes:
-        return self._hash.digest()
+def _crc32(data: Any, previous: int) -> int:
+    return zlib.crc32(data, previous) & 0xFFFFFFFF
 
 
 def new_checksum(algorithm: str):
     """A fresh incremental checksum object with ``update(bytes)`` and ``digest()``."""
     algorithm = algorithm.lower()
     if algorithm == "crc32":
-        return _Crc32()
-    if algorithm == "crc32c":
-        return _TableCrc(_CRC32C_TABLE, 32)
-    if algorithm == "crc64nvme":
-        return _TableCrc(_CRC64NVME_TABLE, 64)
+        return _Crc(_crc32, 4)
+    if algorithm in ("crc32c", "crc64nvme"):
+        function = _c_function(algorithm)
+        if algorithm == "crc32c":
+            return _Crc(function, 4) if function is not None else _TableCrc(_CRC32C_POLY, 32)
+        return _Crc(function, 8) if function is not None else _TableCrc(_CRC64NVME_POLY, 64)
     if algorithm in ("sha1", "sha256"):
-        return _Hash(algorithm)
+        return hashlib.new(algorithm)
     raise ValueError(f"unsupported checksum algorithm {algorithm!r}")
 
 
@@ -90,7 +126,7 @@ def b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def algorithm_from_header(name: str) -> str | None:
+def algorithm_from_header(name: str) -> Optional[str]:
     """``x-amz-checksum-crc32`` → ``crc32`` (``None`` when not a checksum header we know)."""
     name = name.lower()
     prefix = "x-amz-checksum-"
