@@ -114,7 +114,9 @@ async def test_submission_without_configuration_is_a_clear_error(make_daemon, tm
 
 @pytest_twisted.ensureDeferred
 async def test_provider_error_is_502_with_its_message_and_nothing_half_created(env):
-    env.ctx.providers._api["replicate"]["model_versions"] = {"default": "forbidden-version"}
+    response, _ = await env.call("PUT", "/api/cloud/providers/replicate",
+                                 {"model_versions": {"default": "forbidden-version"}})
+    assert response.code == 200
     response, body = await env.submit()
     assert response.code == 502
     assert body["error"] == "provider_error"

@@ -62,6 +62,7 @@ class ProviderManager(Service):
         #: (the webhooks surface forgets the signing secret learnt with the old token).
         self.token_changed_hooks: list[Callable[[str], None]] = []
         self._api: dict[str, dict[str, Any]] = {p: {} for p in ps.PROVIDERS}
+        self._effective: dict[str, dict[str, tuple[Any, str]]] = {}
         # File values validated once (INI gives strings; bad values are
         # reported and ignored rather than breaking every provider call).
         self._file: dict[str, dict[str, Any]] = {}
@@ -92,7 +93,7 @@ class ProviderManager(Service):
                 except InvalidValue as exc:
                     log.warning("Ignoring saved provider setting {provider}.{field}: {reason}",
                                 provider=provider, field=key, reason=exc.reason)
-            self._api[provider] = values
+            self._set_api(provider, values)
             self.breaker(provider)
 
     def stopService(self):
@@ -104,18 +105,30 @@ class ProviderManager(Service):
     def file_values(self, provider: str) -> Mapping[str, Any]:
         return self._file.get(provider, {})
 
-    def effective(self, provider: str) -> dict[str, tuple[Any, str]]:
-        result = ps.effective(self.file_values(provider), self.config.environ, self._api[provider])
-        if result["s3_public_url"][0] == "" and self.config.server.public_url:
-            source = self.config.sources.get("server.public_url", "file")
-            result["s3_public_url"] = (self.config.server.public_url.rstrip("/"), source)
+    def _resolved(self, provider: str) -> dict[str, tuple[Any, str]]:
+        """The effective settings, worked out once per change of the saved ones (file values and
+        the environment snapshot never change while the daemon runs). Shared: callers get copies."""
+        result = self._effective.get(provider)
+        if result is None:
+            result = ps.effective(self.file_values(provider), self.config.environ, self._api[provider])
+            if result["s3_public_url"][0] == "" and self.config.server.public_url:
+                source = self.config.sources.get("server.public_url", "file")
+                result["s3_public_url"] = (self.config.server.public_url.rstrip("/"), source)
+            self._effective[provider] = result
         return result
 
+    def _set_api(self, provider: str, values: dict[str, Any]) -> None:
+        self._api[provider] = values
+        self._effective.pop(provider, None)
+
+    def effective(self, provider: str) -> dict[str, tuple[Any, str]]:
+        return {name: (_copy(value), source) for name, (value, source) in self._resolved(provider).items()}
+
     def values(self, provider: str) -> dict[str, Any]:
-        return {name: value for name, (value, _source) in self.effective(provider).items()}
+        return {name: _copy(value) for name, (value, _source) in self._resolved(provider).items()}
 
     def value(self, provider: str, field: str) -> Any:
-        return self.effective(provider)[field][0]
+        return _copy(self._resolved(provider)[field][0])
 
     def outbound(self, provider: str) -> OutboundSettings:
         """Outbound settings for the HTTP factory (env-sourced values are re-read
@@ -255,7 +268,7 @@ class ProviderManager(Service):
             raise InvalidValue("breaker_success_threshold", "must not exceed breaker_half_open_max_calls")
         before = self.effective(provider)
         await self.db.run_write(settings_store.write_changes, f"provider:{provider}", changes, self.clock.seconds())
-        self._api[provider] = merged
+        self._set_api(provider, merged)
         self.versions.clear()  # a provider change (token, models, base URL) re-resolves versions
         after = self.effective(provider)
         self.breaker(provider)
@@ -304,3 +317,7 @@ class ProviderManager(Service):
         who = account.get("username") or account.get("name") or "unknown account"
         return Component(name, HEALTHY, f"Replicate API reachable (account {who})", latency)
 
+
+def _copy(value: Any) -> Any:
+    """A list or dict setting as a fresh copy (a caller may change it); other values are immutable."""
+    return type(value)(value) if isinstance(value, (list, dict)) else value
