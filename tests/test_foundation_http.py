@@ -240,3 +240,20 @@ async def test_https_listener_from_certificate_settings(make_daemon, tmp_path):
         return "served"
 
     assert await deferToThread(plain) == "refused"
+
+
+@pytest_twisted.ensureDeferred
+async def test_post_bodies_are_not_parsed_as_forms_by_twisted_web(daemon, monkeypatch):
+    """Routes read their own bodies: twisted.web's form parsing (the e-mail header parser over
+    every POST's Content-Type) is off, and a form-encoded body is refused as JSON would be."""
+    from twisted.web import http as twisted_http
+
+    calls = []
+    original = twisted_http._parseContentType
+    monkeypatch.setattr(twisted_http, "_parseContentType", lambda line: calls.append(line) or original(line))
+    for content_type in (b"application/json", b"application/x-www-form-urlencoded"):
+        response = await treq.post(daemon.url + "/api/auth/login", data=b"username=admin&password=x",
+                                   headers={b"Content-Type": content_type})
+        body = json.loads(await response.content())
+        assert response.code == 400, body
+    assert calls == []
