@@ -391,3 +391,28 @@ async def test_concurrent_copies_of_one_delivery_apply_once(make_daemon, tmp_pat
     assert statuses == ["applied"] + ["duplicate"] * 7
     assert len(audit_rows(daemon, "job.status_changed")) == 1
     assert (await get_job(daemon))["cost_usd"] == pytest.approx(10.0 * 0.001525 * 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_terminal_delivery_is_one_write_transaction(make_daemon, tmp_path):
+    """The status change, the credential revocation, the audit entry and the replay record commit
+    together: no second transaction (and fsync) afterwards to revoke the credentials again."""
+    daemon = await start_daemon(make_daemon, tmp_path)
+    await add_job(daemon, status="running")
+    creds = daemon.ctx.upload_credentials
+    access_key_id, _ = await creds.issue("job-1")
+    assert (await creds.lookup(access_key_id)).active(daemon.ctx.now())
+    db = daemon.ctx.db
+    writes = []
+    for name in ("run_write", "run_write_grouped"):
+        original = getattr(db, name)
+        setattr(db, name, lambda fn, *a, _name=name, _original=original, **k:
+                writes.append(_name) or _original(fn, *a, **k))
+    try:
+        code, body = await deliver(daemon, prediction("succeeded", predict_time=10.0), "msg-terminal")
+    finally:
+        del db.run_write, db.run_write_grouped
+    assert code == 200 and body["job_status"] == "completed", body
+    assert writes == ["run_write_grouped"]
+    cred = await creds.lookup(access_key_id)
+    assert cred is not None and not cred.active(daemon.ctx.now())  # revoked, and not kept active

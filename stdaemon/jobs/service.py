@@ -282,8 +282,9 @@ class JobService:
         if applied.changed:
             self.publish(applied.result.job, plan.previous)
         if plan.terminal:
-            # Revoked in the transaction; this also drops cached copies.
-            await self.revoke_credentials(applied.job_id)
+            # Revoked in the transaction (``write_update``): only the kept copies are dropped here,
+            # with no second write transaction (and fsync) per terminal update.
+            self.credentials.forget_job(applied.job_id)
         if applied.pending_audit is not None:
             await self.audit.record_soon("job.status_changed", **applied.pending_audit)
 

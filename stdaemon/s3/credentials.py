@@ -168,10 +168,15 @@ class UploadCredentials:
 
     async def revoke_job(self, job_id: str) -> int:
         count = await self.db.run_write(revoke, job_id, self.clock.seconds())
+        self.forget_job(job_id)
+        return count
+
+    def forget_job(self, job_id: str) -> None:
+        """Drop the kept copies of a job's credentials whose revocation the caller committed itself
+        (in the transaction that made the job terminal)."""
         for key, cred in list(self._cache.items()):
             if cred.job_id == job_id:
                 del self._cache[key]
-        return count
 
     async def sweep(self) -> list[str]:
         """Expire credentials past their lifetime (the reactor timer calls this)."""
