@@ -191,5 +191,15 @@ def begin(conn) -> None:
     conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE" if is_postgres(conn) else "BEGIN IMMEDIATE")
 
 
-__all__ = ["PostgresServer", "begin", "engine_conn", "make_database", "migrated_connection",
-           "postgres_server", "postgres_url"]
+
+
+def engine_settings(request, engine_name: str) -> dict:
+    """Daemon settings for ``engine_name``: nothing for SQLite (the embedded default), a fresh
+    PostgreSQL database's ``database.url`` otherwise."""
+    if engine_name == "sqlite":
+        return {}
+    return {"database": {"url": request.getfixturevalue("postgres_url")}}
+
+
+__all__ = ["PostgresServer", "begin", "engine_conn", "engine_settings", "make_database",
+           "migrated_connection", "postgres_server", "postgres_url"]

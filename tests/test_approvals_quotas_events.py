@@ -16,7 +16,16 @@ from stdaemon.jobs import store as jobs_store
 from stdaemon.users.api_keys import Principal
 from stdaemon.invalid import InvalidValue
 from tests.authhelpers import create_user, user_key
+from tests.postgres_fixture import engine_settings
 from tests.replicate_env import start_env
+
+
+@pytest_twisted.async_yield_fixture(params=["sqlite", "postgresql"])
+async def env(request, make_daemon, tmp_path):
+    """The daemon wired to the fake Replicate, on each engine in turn."""
+    environment = await start_env(make_daemon, tmp_path, settings=engine_settings(request, request.param))
+    yield environment
+    await environment.fake.stop()
 
 
 # -- pure ----------------------------------------------------------------------------

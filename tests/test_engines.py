@@ -407,6 +407,12 @@ async def test_a_daemon_on_postgresql_serves_a_submission_a_webhook_and_the_job(
         assert response.code == 200 and info["engine"] == "postgresql" and info["job_count"] == 1
         response, db_health = await env.call("GET", "/api/database/health")
         assert response.code == 200 and db_health["healthy"] is True
+        response, body = await env.call("POST", "/api/database/vacuum/jobs")
+        assert response.code == 409 and "autovacuum" in body["detail"]
+        response, verify = await env.call("GET", "/api/database/verify/jobs")
+        assert response.code == 200 and verify["valid"] is True
+        response, migrations = await env.call("GET", "/api/database/migrations?database=jobs")
+        assert migrations["schema_version"] == len(schema.MIGRATIONS)
         response, stats = await env.call("GET", "/api/database/stats")
         assert stats["jobs"]["tables"]["jobs"]["row_count"] == 1
     finally:

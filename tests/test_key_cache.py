@@ -4,12 +4,27 @@ expiry)."""
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 import treq
+from twisted.internet import defer
 
 from stdaemon.users import api_keys, store as users_store
 from stdaemon.jobs import store as job_store
-from stdaemon.store.database import connect
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_daemon(request, make_daemon):
+    """A daemon on each engine in turn (PostgreSQL: a fresh database on the test server)."""
+    settings = None
+    if request.param == "postgresql":
+        settings = {"database": {"url": request.getfixturevalue("postgres_url")}}
+    return pytest_twisted.blockon(defer.ensureDeferred(make_daemon(settings)))
+
+
+def connect(daemon):
+    """Another process's connection to the daemon's database (either engine)."""
+    return daemon.ctx.db.engine.connect()
 
 
 def count_reads(ctx):
@@ -39,7 +54,8 @@ async def status(daemon, key, path="/api/auth/api-keys"):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_known_key_reads_nothing_from_sqlite(daemon):
+async def test_a_known_key_reads_nothing_from_sqlite(any_daemon):
+    daemon = any_daemon
     created = await make_key(daemon)
     assert await status(daemon, created["key"], "/api/cloud/health/ready") == 200
     assert await status(daemon, created["key"], "/api/cloud/metrics/config") == 403   # viewer < admin
@@ -53,7 +69,8 @@ async def test_a_known_key_reads_nothing_from_sqlite(daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_revocation_through_the_api_is_seen_at_once(daemon):
+async def test_revocation_through_the_api_is_seen_at_once(any_daemon):
+    daemon = any_daemon
     created = await make_key(daemon)
     assert await status(daemon, created["key"]) == 200
     response = await treq.delete(f"{daemon.url}/api/auth/api-keys/{created['id']}", headers=daemon.admin_headers)
@@ -63,13 +80,14 @@ async def test_revocation_through_the_api_is_seen_at_once(daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_change_by_another_process_is_seen_at_the_next_generation_poll(daemon):
+async def test_a_change_by_another_process_is_seen_at_the_next_generation_poll(any_daemon):
+    daemon = any_daemon
     created = await make_key(daemon)
     demoted = await make_key(daemon, role="operator")
     assert await status(daemon, created["key"]) == 200
     assert await status(daemon, demoted["key"], "/api/approvals/rules") == 200
     # Another instance (or stdaemon-admin) on the same database: a plain connection.
-    conn = connect(daemon.ctx.db.path)
+    conn = connect(daemon)
     try:
         with conn:
             conn.execute("UPDATE api_keys SET revoked_at = 1 WHERE id = ?", (created["id"],))
@@ -84,8 +102,9 @@ async def test_a_change_by_another_process_is_seen_at_the_next_generation_poll(d
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_generation_counter_follows_every_rights_change(daemon):
-    conn = connect(daemon.ctx.db.path)
+async def test_the_generation_counter_follows_every_rights_change(any_daemon):
+    daemon = any_daemon
+    conn = connect(daemon)
     try:
         before = users_store.auth_generation(conn)
         jobs_before = users_store.change_counters(conn)["jobs"]
@@ -104,7 +123,8 @@ async def test_the_generation_counter_follows_every_rights_change(daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_cached_key_stops_at_its_expiry(daemon):
+async def test_a_cached_key_stops_at_its_expiry(any_daemon):
+    daemon = any_daemon
     created = await make_key(daemon, expires_days=1)
     assert await status(daemon, created["key"]) == 200
     digest = api_keys.hash_key(created["key"])
@@ -112,7 +132,7 @@ async def test_a_cached_key_stops_at_its_expiry(daemon):
     assert until <= daemon.ctx.now() + 86400.0
     # The entry ends at the key's expiry even when that is sooner than the cache's own bound.
     daemon.ctx.auth._cache[digest] = (principal, daemon.ctx.now() - 1)
-    conn = connect(daemon.ctx.db.path)
+    conn = connect(daemon)
     try:
         with conn:
             conn.execute("UPDATE api_keys SET expires_at = 1 WHERE id = ?", (created["id"],))
@@ -121,8 +141,8 @@ async def test_a_cached_key_stops_at_its_expiry(daemon):
     assert await status(daemon, created["key"]) == 401
 
 
-def insert_job(path, job_id, status="running"):
-    conn = connect(path)
+def insert_job(daemon, job_id, status="running"):
+    conn = connect(daemon)
     try:
         with conn:
             job_store.insert_job(conn, {"job_id": job_id, "provider": "replicate", "status": status,
@@ -140,7 +160,7 @@ async def get_job(daemon, job_id):
 
 @pytest_twisted.ensureDeferred
 async def test_a_hot_job_row_is_read_once_and_forgotten_on_any_write(daemon):
-    insert_job(daemon.ctx.db.path, "hotjob")
+    insert_job(daemon, "hotjob")
     await daemon.ctx.poll_change_counters()
     assert (await get_job(daemon, "hotjob"))["status"] == "running"
     calls = count_reads(daemon.ctx)
@@ -158,11 +178,12 @@ async def test_a_hot_job_row_is_read_once_and_forgotten_on_any_write(daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_job_changed_by_another_process_is_seen_after_the_counter_poll(daemon):
-    insert_job(daemon.ctx.db.path, "elsewhere")
+async def test_a_job_changed_by_another_process_is_seen_after_the_counter_poll(any_daemon):
+    daemon = any_daemon
+    insert_job(daemon, "elsewhere")
     await daemon.ctx.poll_change_counters()
     assert (await get_job(daemon, "elsewhere"))["status"] == "running"
-    conn = connect(daemon.ctx.db.path)
+    conn = connect(daemon)
     try:
         with conn:
             conn.execute("UPDATE jobs SET status = 'failed', error_message = 'x' WHERE job_id = 'elsewhere'")
@@ -177,9 +198,9 @@ async def test_with_a_shared_database_a_job_changed_elsewhere_is_seen_at_once(da
     """Several instances on one database: no job row is kept, so a change another instance
     acknowledged is seen by the very next GET here, without waiting for the counter poll."""
     monkeypatch.setattr(daemon.ctx.db, "shared", True)
-    insert_job(daemon.ctx.db.path, "shared-row")
+    insert_job(daemon, "shared-row")
     assert (await get_job(daemon, "shared-row"))["status"] == "running"
-    conn = connect(daemon.ctx.db.path)
+    conn = connect(daemon)
     try:
         with conn:
             conn.execute("UPDATE jobs SET status = 'failed', error_message = 'x' WHERE job_id = 'shared-row'")
@@ -194,11 +215,11 @@ async def test_with_a_shared_database_job_totals_follow_other_instances(daemon, 
     poll sees them; on the embedded database only this daemon writes, and they are kept as is."""
     ctx = daemon.ctx
     before = ctx.jobs.stats["created_total"]
-    insert_job(ctx.db.path, "made-elsewhere")
+    insert_job(daemon, "made-elsewhere")
     await ctx.poll_change_counters()
     assert ctx.jobs.stats["created_total"] == before  # embedded: another process is a tool, not counted
     monkeypatch.setattr(ctx.db, "shared", True)
-    insert_job(ctx.db.path, "made-elsewhere-too")
+    insert_job(daemon, "made-elsewhere-too")
     await ctx.poll_change_counters()
     assert ctx.jobs.stats["created_total"] == before + 2
     assert ctx.jobs.stats["by_status"].get("running", 0) >= 2

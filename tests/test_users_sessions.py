@@ -12,6 +12,14 @@ from stdaemon.users import csrf
 from stdaemon.users import store as users
 from stdaemon.invalid import InvalidValue
 from tests.authhelpers import call, create_user, login, user_key
+from tests.postgres_fixture import engine_settings
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def daemon(request, make_daemon):
+    """The daemon on each engine in turn (users, keys and sessions are rows of its database)."""
+    settings = engine_settings(request, request.param)
+    return pytest_twisted.blockon(defer.ensureDeferred(make_daemon(settings)))
 
 
 class RecordingAudit:

@@ -272,6 +272,9 @@ class AdminBackupsSurface(Surface):
     async def db_vacuum(self, request, database):
         """SimpleTuner's ``database vacuum``: refused while the daemon serves."""
         self._database_name(database)
+        if self.backups.store.database_url:
+            raise ApiError(409, "not_supported", "The database is PostgreSQL: its autovacuum keeps it "
+                           "compact; run VACUUM with psql when an operator decides to.")
         raise ApiError(409, "not_supported", "stdaemon does not VACUUM its live database: it would hold the "
                        "write lock for as long as it runs. Stop the daemon and run sqlite3 <db> VACUUM, "
                        "or restore a fresh backup.")

@@ -64,6 +64,9 @@ AUDIT_CHAIN_LOCK = 0x5354415544495400  # "STAUDIT"
 #: webhook delivery).  Any other unique violation is the caller's error, raised at once.
 RACE_CONSTRAINTS = frozenset({"audit_log_pkey", "jobs_idempotency", "webhook_deliveries_pkey"})
 
+#: Seconds to wait for a PostgreSQL connection unless the URL says (``?connect_timeout=``).
+CONNECT_TIMEOUT = 10
+
 #: Attempts of one PostgreSQL write transaction (the first and the retries).
 WRITE_ATTEMPTS = 30
 
@@ -285,6 +288,12 @@ class PgConnection:
         cursor.executemany(to_pyformat(sql), [tuple(r) for r in rows])
         return cursor
 
+    def __enter__(self) -> "PgConnection":
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False   # autocommit: each statement outside BEGIN … COMMIT is already committed
+
     @property
     def in_transaction(self) -> bool:
         from psycopg import pq
@@ -324,7 +333,10 @@ class PostgresEngine(Engine):
     def connect(self, readonly: bool = False) -> PgConnection:
         import psycopg  # imported only when PostgreSQL is configured
 
-        raw = psycopg.connect(self.url, autocommit=True, application_name="stdaemon")
+        # A server that does not answer makes start-up (or a reconnect) fail after 10 s instead
+        # of hanging on libpq's default of waiting for ever; the URL may say otherwise.
+        extra = {} if "connect_timeout=" in self.url else {"connect_timeout": CONNECT_TIMEOUT}
+        raw = psycopg.connect(self.url, autocommit=True, application_name="stdaemon", **extra)
         if self._dumper is None:
             self._dumper = _bool_dumper()
         raw.adapters.register_dumper(bool, self._dumper)
