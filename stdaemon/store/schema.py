@@ -141,8 +141,9 @@ MIGRATIONS: list[Migration] = [
         CREATE INDEX jobs_created ON jobs(created_at);
         CREATE UNIQUE INDEX jobs_external ON jobs(provider, external_id)
             WHERE external_id IS NOT NULL;
-        -- One key per user, the anonymous "no user" included (NULLs would all be distinct).
-        CREATE UNIQUE INDEX jobs_idempotency ON jobs(COALESCE(user_id, -1), idempotency_key)
+        -- One key per user, the anonymous "no user" included (NULLs would all be distinct);
+        -- the key first, so a lookup by key reads the index, not the table.
+        CREATE UNIQUE INDEX jobs_idempotency ON jobs(idempotency_key, COALESCE(user_id, -1))
             WHERE idempotency_key IS NOT NULL;
         """,
     ),
