@@ -18,7 +18,7 @@ from stdaemon.users.auth import Authenticator
 from stdaemon.config import Config, state_path
 from stdaemon.http.client_ip import parse_networks
 from stdaemon.health.service import HealthRegistry
-from stdaemon.metrics.service import Metrics
+from stdaemon.metrics.service import Metrics, load_saved as load_saved_metrics_settings
 from stdaemon.store.database import Database
 from stdaemon.store.engines import engine_for
 from stdaemon.timers import SafeTimerService
@@ -124,11 +124,17 @@ class App:
 
     async def poll_change_counters(self) -> None:
         """One read of the database's change counters (bumped by triggers, whoever writes): the
-        verified-key cache and the kept job rows forget what another process may have changed;
-        with a shared database the job totals are read again when jobs changed."""
+        verified-key cache and the kept job rows forget what another process may have changed,
+        settings saved through the API are read again when they changed, and with a shared
+        database the job totals are read again when jobs changed."""
 
         counters = await self.db.run_read(change_counters)
         self.auth.saw_generation(counters.get("auth", 0))
+        if self.db.saw_counter("settings", counters.get("settings", 0)):
+            # Provider and metrics settings saved through the API (here, by another instance or
+            # by a restore) are read again.
+            await self.providers.load()
+            await load_saved_metrics_settings(self.metrics, self.db)
         moved = self.db.saw_counter("jobs", counters.get("jobs", 0))
         if moved and self.db.shared:
             # Other instances change jobs too: the running totals behind the job metrics are

@@ -484,3 +484,37 @@ def test_a_tool_appends_to_the_audit_chain_of_a_postgresql_database(postgres_url
     finally:
         conn.close()
     assert not (tmp_path / "unused.db").exists()
+
+
+def test_every_change_counter_moves_on_both_engines(engine_conn):
+    """Jobs, settings and rights changes each move their counter, whoever writes (triggers)."""
+    conn = engine_conn
+    before = users.change_counters(conn)
+    assert set(before) == {"auth", "jobs", "settings"}
+    jobs.insert_job(conn, job("counted"))
+    settings.write_key(conn, "provider:replicate", "hardware_profile", "h100", 1.0)
+    after = users.change_counters(conn)
+    assert after["jobs"] > before["jobs"] and after["settings"] > before["settings"]
+    assert after["auth"] == before["auth"]
+
+
+def test_job_writes_of_two_instances_do_not_conflict_over_the_counters(postgres_url):
+    """On PostgreSQL the counters are sequences: two serializable transactions changing different
+    jobs both commit (a counter row would make one of them fail and retry)."""
+    engine = engines.PostgresEngine(postgres_url)
+    first, second = engine.connect(), engine.connect()
+    try:
+        schema.migrate_any(first)
+        jobs.insert_job(first, job("left"))
+        jobs.insert_job(first, job("right"))
+        second.execute("SET lock_timeout = '2s'")  # a counter row lock would fail here, not hang
+        for conn in (first, second):
+            conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+        jobs.update_job(first, "left", error_message="a")
+        jobs.update_job(second, "right", error_message="b")
+        first.execute("COMMIT")
+        second.execute("COMMIT")  # no serialization failure
+        assert jobs.get_job(first, "right")["error_message"] == "b"
+    finally:
+        first.close()
+        second.close()

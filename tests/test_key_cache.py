@@ -223,3 +223,21 @@ async def test_with_a_shared_database_job_totals_follow_other_instances(daemon, 
     await ctx.poll_change_counters()
     assert ctx.jobs.stats["created_total"] == before + 2
     assert ctx.jobs.stats["by_status"].get("running", 0) >= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_settings_saved_by_another_process_are_read_at_the_next_counter_poll(daemon):
+    """A provider setting saved through another instance's API (the same ``settings`` row) is used
+    here after the next counter poll, not only after a restart."""
+    from stdaemon.store import settings as settings_store
+
+    ctx = daemon.ctx
+    chosen = "l40s" if ctx.providers.value("replicate", "hardware_profile") != "l40s" else "h100"
+    conn = connect(ctx.db.path)
+    try:
+        with conn:
+            settings_store.write_key(conn, "provider:replicate", "hardware_profile", chosen, 1_700_000_000.0)
+    finally:
+        conn.close()
+    await ctx.poll_change_counters()
+    assert ctx.providers.value("replicate", "hardware_profile") == chosen

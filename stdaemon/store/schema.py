@@ -467,6 +467,43 @@ MIGRATIONS: list[Migration] = [
             FOR EACH ROW EXECUTE FUNCTION change_counters_bump('jobs');
         """,
     ),
+    Migration(
+        # Settings saved through the API (provider, metrics) change under every instance sharing the
+        # database: a ``settings`` counter tells the others to read them again. On PostgreSQL the
+        # counters become sequences read through a view of the same name and shape: ``nextval``
+        # takes no row lock, so job writes of two instances no longer queue on (and, serializable,
+        # conflict over) one counter row.
+        "0046_settings_counter",
+        """
+        INSERT INTO change_counters (name, value) VALUES ('settings', 0);
+        CREATE TRIGGER change_counters_settings_insert AFTER INSERT ON settings
+            BEGIN UPDATE change_counters SET value = value + 1 WHERE name = 'settings'; END;
+        CREATE TRIGGER change_counters_settings_update AFTER UPDATE ON settings
+            BEGIN UPDATE change_counters SET value = value + 1 WHERE name = 'settings'; END;
+        CREATE TRIGGER change_counters_settings_delete AFTER DELETE ON settings
+            BEGIN UPDATE change_counters SET value = value + 1 WHERE name = 'settings'; END;
+        """,
+        """
+        CREATE SEQUENCE change_counter_auth;
+        CREATE SEQUENCE change_counter_jobs;
+        CREATE SEQUENCE change_counter_settings;
+        CREATE OR REPLACE FUNCTION change_counters_bump() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM nextval('change_counter_' || TG_ARGV[0]);
+            RETURN NULL;
+        END
+        $$;
+        DROP TABLE change_counters;
+        CREATE VIEW change_counters AS
+            SELECT 'auth'::text AS name, CASE WHEN is_called THEN last_value ELSE 0 END AS value
+                FROM change_counter_auth
+            UNION ALL SELECT 'jobs', CASE WHEN is_called THEN last_value ELSE 0 END FROM change_counter_jobs
+            UNION ALL SELECT 'settings', CASE WHEN is_called THEN last_value ELSE 0 END
+                FROM change_counter_settings;
+        CREATE TRIGGER change_counters_settings AFTER INSERT OR UPDATE OR DELETE ON settings
+            FOR EACH ROW EXECUTE FUNCTION change_counters_bump('settings');
+        """,
+    ),
 ]
 
 
