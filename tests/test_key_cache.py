@@ -226,14 +226,14 @@ async def test_with_a_shared_database_job_totals_follow_other_instances(daemon, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_settings_saved_by_another_process_are_read_at_the_next_counter_poll(daemon):
+async def test_settings_saved_by_another_process_are_read_at_the_next_counter_poll(any_daemon):
     """A provider setting saved through another instance's API (the same ``settings`` row) is used
     here after the next counter poll, not only after a restart."""
     from stdaemon.store import settings as settings_store
 
-    ctx = daemon.ctx
+    ctx = any_daemon.ctx
     chosen = "l40s" if ctx.providers.value("replicate", "hardware_profile") != "l40s" else "h100"
-    conn = connect(ctx.db.path)
+    conn = connect(any_daemon)
     try:
         with conn:
             settings_store.write_key(conn, "provider:replicate", "hardware_profile", chosen, 1_700_000_000.0)
