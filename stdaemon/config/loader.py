@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from stdaemon.config.schema import SECTIONS, Config
+from stdaemon.config.storage import STORAGE_VALIDATORS, check_storage
 from stdaemon.invalid import InvalidValue
 from stdaemon.outbound.tls import CABundleError, load_ca_bundle
 from stdaemon.providers.settings import config_validators
@@ -318,6 +319,7 @@ VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "audit.retention_days": _check_non_negative,
     "database.url": check_config_url,
     "database.pool_size": _check_positive,
+    **STORAGE_VALIDATORS,
 }
 
 # Validators for ``providers.<name>.<field>``, from the provider settings
@@ -432,6 +434,7 @@ def load_config(
     if bool(server.ssl_cert) != bool(server.ssl_key):
         raise InvalidValue("server.ssl_key" if server.ssl_cert else "server.ssl_cert",
                           "ssl_cert and ssl_key must be set together")
+    built["storage"] = check_storage(built["storage"])
     backend = built["rate_limit"].backend
     if backend == "redis" and "rate_limit.redis_url" not in sources and "REDIS_URL" in environ:
         built["rate_limit"] = dataclasses.replace(

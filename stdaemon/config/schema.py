@@ -115,6 +115,25 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Where the S3 endpoint keeps objects: ``local`` (the state directory, the default) or ``s3``
+    (an S3-compatible store reached through boto3; several instances can share it)."""
+
+    backend: str = "local"
+    endpoint_url: str = ""
+    region: str = ""
+    bucket: str = ""
+    prefix: str = ""
+    addressing_style: str = "auto"
+    access_key_id_secret: str = ""
+    secret_access_key_secret: str = ""
+    ssl_verify: bool = True
+    ssl_ca_bundle: str = ""
+    multipart_threshold: int = 64 * 1024 * 1024
+    spool_dir: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -126,6 +145,7 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     # ``providers.<name>.<field>`` as given in the file (validated by the
     # provider settings module); values are plain Python types.
     providers: Mapping[str, Mapping[str, Any]] = field(default_factory=_frozen_mapping)
