@@ -5,8 +5,8 @@ Two implementations: :class:`stdaemon.s3.multipart.StorageEngine` (local disk, t
 :class:`stdaemon.s3.backing_store.BackingStore` (an S3-compatible store through boto3, shared by
 several instances). ``storage.backend`` chooses one in ``build_app``.
 
-Every method except :meth:`ObjectBackend.has_bucket`, :meth:`ObjectBackend.follow_bucket_root`
-and :meth:`ObjectBackend.upload_exists` blocks: the service runs them in its ``s3-io`` pool. Each
+Every method except :meth:`ObjectBackend.start`, :meth:`ObjectBackend.has_bucket`,
+:meth:`ObjectBackend.follow_bucket_root` and :meth:`ObjectBackend.upload_exists` blocks: the service runs them in its ``s3-io`` pool. Each
 takes ``now`` where it records a time; none reads the clock. Errors are
 :class:`~stdaemon.s3.errors.StorageError` (S3 codes) or :class:`~stdaemon.s3.keys.InvalidKey`.
 
@@ -34,7 +34,10 @@ class ObjectReader(Protocol):
 
 
 class ObjectBackend(Protocol):
-    # -- on the calling thread (cheap) ------------------------------------------------------
+    # -- on the reactor thread ------------------------------------------------------------
+    async def start(self) -> None:
+        """Prepare what the store needs (its keys resolved from secrets); run again hourly."""
+
     def has_bucket(self, name: str) -> bool: ...
 
     def follow_bucket_root(self, name: str, root: str) -> None:

@@ -200,6 +200,9 @@ class ObjectStore:
 
     # ------------------------------------------------------------------ buckets
 
+    async def start(self) -> None:
+        """Nothing to prepare on local disk."""
+
     def has_bucket(self, name: str) -> bool:
         return name in self.buckets
 

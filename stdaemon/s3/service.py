@@ -61,7 +61,12 @@ class S3Service:
         """Run blocking storage work in the ``s3-io`` pool."""
         return self.pool.run(fn, *args, **kwargs)
 
+    async def start(self) -> None:
+        """Before the daemon is ready: whatever the store needs first (its keys from secrets)."""
+        await self.engine.start()
+
     async def cleanup(self) -> None:
+        await self.engine.start()  # rotated store keys are picked up within the timer's interval
         self.refresh_buckets()
         if not self._cleaned_at_start:
             self._cleaned_at_start = True
