@@ -16,6 +16,7 @@ from botocore.exceptions import ClientError
 from twisted.internet.threads import deferToThread
 
 from stdaemon.s3 import checksums as s3_checksums
+from tests.s3_backing import backing, moto_s3, storage_backend  # noqa: F401 (fixtures)
 from tests.s3_helpers import tls  # noqa: F401 (fixture)
 
 MIB = 1024 * 1024
@@ -40,10 +41,11 @@ def _file_sha(path) -> str:
     return digest.hexdigest()
 
 
-async def _start(make_daemon, tls, scheme):
-    settings = None
+async def _start(make_daemon, tls, scheme, storage=None):
+    """``storage``: the settings of a storage backend (``storage_backend``), local disk by default."""
+    settings = dict(storage or {})
     if scheme == "https":
-        settings = {"server": {"ssl_cert": tls["cert"], "ssl_key": tls["key"]}}
+        settings["server"] = {"ssl_cert": tls["cert"], "ssl_key": tls["key"]}
     daemon = await make_daemon(settings=settings)
     access_key, secret = await daemon.ctx.upload_credentials.issue("job-1")
     client = _client(daemon, access_key, secret, verify=tls["ca"] if scheme == "https" else None)
@@ -149,8 +151,8 @@ async def test_presigned_urls_fetched_with_a_plain_http_client(make_daemon, tls,
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest_twisted.ensureDeferred
-async def test_boto3_low_level_multipart_out_of_order_list_parts_abort(make_daemon, tls, scheme):
-    daemon, client, access_key, secret = await _start(make_daemon, tls, scheme)
+async def test_boto3_low_level_multipart_out_of_order_list_parts_abort(make_daemon, tls, scheme, storage_backend):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, scheme, storage_backend)
     key = "job-1/manual.bin"
     created = await deferToThread(client.create_multipart_upload, Bucket="outputs", Key=key,
                                   ContentType="application/x-ckpt")
@@ -226,8 +228,8 @@ async def test_list_objects_v1_markers_start_after_and_url_encoding(make_daemon,
 
 
 @pytest_twisted.ensureDeferred
-async def test_presigned_put_and_signed_streaming_chunks(make_daemon, tls):
-    daemon, client, access_key, secret = await _start(make_daemon, tls, "http")
+async def test_presigned_put_and_signed_streaming_chunks(make_daemon, tls, storage_backend):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, "http", storage_backend)
     v4 = boto3.client("s3", endpoint_url=daemon.url + "/api/cloud/storage", aws_access_key_id=access_key,
                       aws_secret_access_key=secret, region_name="us-east-1",
                       config=BotoConfig(signature_version="s3v4"))
@@ -271,8 +273,8 @@ async def test_presigned_put_and_signed_streaming_chunks(make_daemon, tls):
 
 
 @pytest_twisted.ensureDeferred
-async def test_delete_objects_and_response_overrides(make_daemon, tls):
-    daemon, client, access_key, secret = await _start(make_daemon, tls, "http")
+async def test_delete_objects_and_response_overrides(make_daemon, tls, storage_backend):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, "http", storage_backend)
     for name in ("a", "b", "c"):
         await deferToThread(client.put_object, Bucket="outputs", Key=f"job-1/del/{name}", Body=b"x")
     answer = await deferToThread(client.delete_objects, Bucket="outputs", Delete={"Objects": [
@@ -293,8 +295,8 @@ async def test_delete_objects_and_response_overrides(make_daemon, tls):
 
 
 @pytest_twisted.ensureDeferred
-async def test_full_object_checksum_is_returned_and_validated_by_botocore(make_daemon, tls):
-    daemon, client, access_key, secret = await _start(make_daemon, tls, "http")
+async def test_full_object_checksum_is_returned_and_validated_by_botocore(make_daemon, tls, storage_backend):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, "http", storage_backend)
     data = os.urandom(10_000)
     await deferToThread(client.put_object, Bucket="outputs", Key="job-1/ck.bin", Body=data)
     got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/ck.bin", ChecksumMode="ENABLED")
@@ -306,7 +308,7 @@ async def test_full_object_checksum_is_returned_and_validated_by_botocore(make_d
 @pytest.mark.parametrize("algorithm", ["SHA256", "SHA1", "CRC32"])
 @pytest_twisted.ensureDeferred
 async def test_requested_checksum_algorithms_header_and_trailer(make_daemon, tls, scheme, algorithm,
-                                                                 monkeypatch):
+                                                                 monkeypatch, storage_backend):
     from stdaemon.s3 import uploads as storage
 
     decoders = []
@@ -317,7 +319,7 @@ async def test_requested_checksum_algorithms_header_and_trailer(make_daemon, tls
             super().__init__(**kwargs)
 
     monkeypatch.setattr(storage, "AwsChunkedDecoder", CountingDecoder)
-    daemon, client, access_key, secret = await _start(make_daemon, tls, scheme)
+    daemon, client, access_key, secret = await _start(make_daemon, tls, scheme, storage_backend)
     data = os.urandom(70_000)
     put = await deferToThread(client.put_object, Bucket="outputs", Key="job-1/sum.bin", Body=data,
                               ChecksumAlgorithm=algorithm)
@@ -335,8 +337,8 @@ async def test_requested_checksum_algorithms_header_and_trailer(make_daemon, tls
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest_twisted.ensureDeferred
-async def test_empty_objects(make_daemon, tls, scheme):
-    daemon, client, access_key, secret = await _start(make_daemon, tls, scheme)
+async def test_empty_objects(make_daemon, tls, scheme, storage_backend):
+    daemon, client, access_key, secret = await _start(make_daemon, tls, scheme, storage_backend)
     put = await deferToThread(client.put_object, Bucket="outputs", Key="job-1/empty", Body=b"")
     assert put["ETag"] == '"d41d8cd98f00b204e9800998ecf8427e"'
     got = await deferToThread(client.get_object, Bucket="outputs", Key="job-1/empty")

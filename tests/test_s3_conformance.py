@@ -9,12 +9,14 @@ import os
 import xml.etree.ElementTree as ET
 
 import boto3
+import pytest
 import pytest_twisted
 import treq
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 from twisted.internet.threads import deferToThread
 
+from tests.s3_backing import backing, moto_s3, storage_backend, stored_bytes  # noqa: F401 (fixtures)
 from tests.s3_helpers import raw_request, sign
 
 MIB = 1024 * 1024
@@ -33,8 +35,8 @@ async def _start(make_daemon, job="job-1", settings=None):
 
 
 def _on_disk(daemon, key):
-    with open(os.path.join(daemon.ctx.outputs_dir(), *key.split("/")), "rb") as fh:
-        return fh.read()
+    """What the daemon's store holds under ``key`` (local disk or the backing store)."""
+    return stored_bytes(daemon, key)
 
 
 async def _error(fn, **kwargs):
@@ -256,10 +258,10 @@ async def _multipart(client, key, chunks, checksum=True, **create):
 
 
 @pytest_twisted.ensureDeferred
-async def test_complete_multipart_is_idempotent_with_composite_checksums(make_daemon):
+async def test_complete_multipart_is_idempotent_with_composite_checksums(make_daemon, storage_backend):
     import base64
 
-    daemon, client = await _start(make_daemon)
+    daemon, client = await _start(make_daemon, settings=storage_backend)
     chunks = [os.urandom(5 * MIB), os.urandom(123_456)]
     upload_id, parts = await _multipart(client, "job-1/ckpt.bin", chunks)
     done = await deferToThread(client.complete_multipart_upload, Bucket="outputs", Key="job-1/ckpt.bin",
@@ -286,15 +288,16 @@ async def test_complete_multipart_is_idempotent_with_composite_checksums(make_da
 
 
 @pytest_twisted.ensureDeferred
-async def test_complete_with_a_whole_object_checksum_header(make_daemon):
-    daemon, client = await _start(make_daemon)
+async def test_complete_with_a_whole_object_checksum_header(make_daemon, storage_backend):
+    daemon, client = await _start(make_daemon, settings=storage_backend)
     chunks = [os.urandom(5 * MIB), os.urandom(1000)]
     whole = b"".join(chunks)
     upload_id, parts = await _multipart(client, "job-1/full.bin", chunks, checksum=False)
     assert await _error(client.complete_multipart_upload, Bucket="outputs", Key="job-1/full.bin",
                         UploadId=upload_id, MultipartUpload={"Parts": parts},
                         ChecksumCRC32=_crc32_b64(b"not it")) == (400, "BadDigest")
-    assert not os.path.exists(os.path.join(daemon.ctx.outputs_dir(), "job-1", "full.bin"))
+    with pytest.raises(FileNotFoundError):
+        _on_disk(daemon, "job-1/full.bin")
     done = await deferToThread(client.complete_multipart_upload, Bucket="outputs", Key="job-1/full.bin",
                                UploadId=upload_id, MultipartUpload={"Parts": parts},
                                ChecksumCRC32=_crc32_b64(whole))
@@ -306,8 +309,8 @@ async def test_complete_with_a_whole_object_checksum_header(make_daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_get_and_head_by_part_number(make_daemon):
-    daemon, client = await _start(make_daemon)
+async def test_get_and_head_by_part_number(make_daemon, storage_backend):
+    daemon, client = await _start(make_daemon, settings=storage_backend)
     chunks = [os.urandom(5 * MIB), os.urandom(5 * MIB + 17), os.urandom(999)]
     upload_id, parts = await _multipart(client, "job-1/parts.bin", chunks)
     await deferToThread(client.complete_multipart_upload, Bucket="outputs", Key="job-1/parts.bin",
@@ -335,8 +338,8 @@ async def test_get_and_head_by_part_number(make_daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_conditional_writes(make_daemon):
-    daemon, client = await _start(make_daemon)
+async def test_conditional_writes(make_daemon, storage_backend):
+    daemon, client = await _start(make_daemon, settings=storage_backend)
     first = await deferToThread(client.put_object, Bucket="outputs", Key="job-1/c", Body=b"one", IfNoneMatch="*")
     assert await _error(client.put_object, Bucket="outputs", Key="job-1/c", Body=b"two",
                         IfNoneMatch="*") == (412, "PreconditionFailed")
@@ -367,10 +370,10 @@ SYSTEM = {"CacheControl": "max-age=60", "ContentDisposition": 'attachment; filen
 
 
 @pytest_twisted.ensureDeferred
-async def test_system_and_user_metadata_round_trip(make_daemon):
+async def test_system_and_user_metadata_round_trip(make_daemon, storage_backend):
     import datetime
 
-    daemon, client = await _start(make_daemon)
+    daemon, client = await _start(make_daemon, settings=storage_backend)
     expires = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
     meta = {"step": "1000", "note": "best so far"}
     await deferToThread(client.put_object, Bucket="outputs", Key="job-1/m.bin", Body=b"x" * 10, Expires=expires,
@@ -412,8 +415,8 @@ async def test_utf8_header_values_sign_and_round_trip(make_daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_folder_markers(make_daemon):
-    daemon, client = await _start(make_daemon)
+async def test_folder_markers(make_daemon, storage_backend):
+    daemon, client = await _start(make_daemon, settings=storage_backend)
     await deferToThread(client.put_object, Bucket="outputs", Key="job-1/folder/", Body=b"")
     await deferToThread(client.put_object, Bucket="outputs", Key="job-1/folder/inner/", Body=b"")
     await deferToThread(client.put_object, Bucket="outputs", Key="job-1/folder/a.txt", Body=b"a")
@@ -436,8 +439,8 @@ async def test_folder_markers(make_daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_max_keys_zero_is_an_empty_untruncated_page(make_daemon):
-    daemon, client = await _start(make_daemon)
+async def test_max_keys_zero_is_an_empty_untruncated_page(make_daemon, storage_backend):
+    daemon, client = await _start(make_daemon, settings=storage_backend)
     for index in range(3):
         await deferToThread(client.put_object, Bucket="outputs", Key=f"job-1/{index}", Body=b"x")
     v2 = await deferToThread(client.list_objects_v2, Bucket="outputs", Prefix="job-1/", MaxKeys=0)
@@ -448,9 +451,9 @@ async def test_max_keys_zero_is_an_empty_untruncated_page(make_daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_version_ids_other_than_null_change_nothing(make_daemon):
+async def test_version_ids_other_than_null_change_nothing(make_daemon, storage_backend):
     """Versioning is never enabled: deleting a named version must not delete the object."""
-    daemon, client = await _start(make_daemon)
+    daemon, client = await _start(make_daemon, settings=storage_backend)
     await deferToThread(client.put_object, Bucket="outputs", Key="job-1/v", Body=b"kept")
     assert await _error(client.delete_object, Bucket="outputs", Key="job-1/v",
                         VersionId="3HL4kqtJlcpXroDTDmjVBH40Nrjfkd") == (400, "InvalidArgument")
@@ -460,8 +463,8 @@ async def test_version_ids_other_than_null_change_nothing(make_daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_list_parts_reports_part_checksums(make_daemon):
-    daemon, client = await _start(make_daemon)
+async def test_list_parts_reports_part_checksums(make_daemon, storage_backend):
+    daemon, client = await _start(make_daemon, settings=storage_backend)
     chunks = [os.urandom(5 * MIB), b"tail"]
     upload_id, parts = await _multipart(client, "job-1/lp.bin", chunks)
     listed = await deferToThread(client.list_parts, Bucket="outputs", Key="job-1/lp.bin", UploadId=upload_id)
@@ -470,8 +473,8 @@ async def test_list_parts_reports_part_checksums(make_daemon):
 
 
 @pytest_twisted.ensureDeferred
-async def test_full_object_checksum_type_asked_for_on_create(make_daemon):
-    daemon, client = await _start(make_daemon)
+async def test_full_object_checksum_type_asked_for_on_create(make_daemon, storage_backend):
+    daemon, client = await _start(make_daemon, settings=storage_backend)
     chunks = [os.urandom(5 * MIB), b"end"]
     upload_id, parts = await _multipart(client, "job-1/fo.bin", chunks, ChecksumType="FULL_OBJECT")
     done = await deferToThread(client.complete_multipart_upload, Bucket="outputs", Key="job-1/fo.bin",
