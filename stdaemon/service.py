@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any, Optional
 
@@ -63,11 +62,9 @@ from stdaemon.providers.settings import PROVIDERS
 from stdaemon.ratelimit import service as rate_limit
 from stdaemon.ratelimit.http import RateLimitMiddleware
 from stdaemon.ratelimit.rules import rule_set_from_config
-from stdaemon.s3.backend import ObjectBackend
-from stdaemon.s3.backing_store import BackingStore
+from stdaemon.s3.backend import object_backend
 from stdaemon.s3.credentials import UPLOAD_BUCKET, UploadCredentials
 from stdaemon.s3.http import StorageSurface
-from stdaemon.s3.multipart import StorageEngine
 from stdaemon.s3.progress import UploadProgress
 from stdaemon.s3.service import S3Service
 from stdaemon.secrets.http import AdminSecretsSurface
@@ -134,7 +131,10 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
                                                app.path("config", "cloud", "upload_credentials.key"),
                                                config.jobs.upload_credential_ttl)
     app.upload_progress = UploadProgress(app.clock)
-    app.s3 = S3Service(object_store(app, config), s3_pool, app.upload_progress, app.clock, app.outputs_root)
+    # storage.backend: the outputs directory (default) or an S3-compatible store shared by instances
+    store = object_backend(config.storage, app.outputs_dir(), app.path("spool"), app.clock.seconds(),
+                           config.environ, app.secrets.get)
+    app.s3 = S3Service(store, s3_pool, app.upload_progress, app.clock, app.outputs_root)
     app.add_timer("upload-credential-expiry", 60.0, app.upload_credentials.sweep)
     app.add_timer("s3-multipart-cleanup", 3600.0, app.s3.cleanup, now=True)
 
@@ -260,17 +260,6 @@ def _forget_verified_keys(ctx: App) -> Any:
     async def forget() -> None:
         ctx.auth.invalidate()
     return forget
-
-
-def object_store(app: App, config: Config) -> ObjectBackend:
-    """Where the S3 endpoint keeps objects (``storage.backend``): the outputs directory on local
-    disk (the default), or an S3-compatible store that several instances share."""
-    storage = config.storage
-    if storage.backend == "s3":
-        spool = os.path.expanduser(storage.spool_dir) if storage.spool_dir else app.path("spool")
-        return BackingStore(storage, spool, (UPLOAD_BUCKET,), created_at=app.clock.seconds(),
-                            environ=config.environ, secret=app.secrets.get)
-    return StorageEngine({UPLOAD_BUCKET: app.outputs_dir()}, created_at=app.clock.seconds())
 
 
 async def start_capabilities(ctx: App) -> None:

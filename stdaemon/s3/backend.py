@@ -18,8 +18,12 @@ verifies its digests and only then calls ``commit_put``/``commit_part``, which m
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Protocol
+import os
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional, Protocol
 
+from stdaemon.s3.backing_store import BackingStore
+from stdaemon.s3.credentials import UPLOAD_BUCKET
+from stdaemon.s3.multipart import StorageEngine
 from stdaemon.s3.objects import ObjectInfo, PartInfo, PendingWrite
 
 
@@ -92,3 +96,14 @@ class ObjectBackend(Protocol):
                            if_none_match: bool = False) -> ObjectInfo: ...
 
     def abort_multipart(self, bucket: str, key: str, upload_id: str) -> None: ...
+
+
+def object_backend(storage: Any, outputs_dir: str, default_spool: str, now: float, environ: Mapping[str, str],
+                   secret: Callable[[str], Awaitable[Optional[str]]]) -> ObjectBackend:
+    """The store ``storage.backend`` names: the outputs directory on local disk (the default), or
+    an S3-compatible store (bodies spooled in ``storage.spool_dir``, else ``default_spool``; the
+    store's keys resolved by ``secret``)."""
+    if storage.backend == "s3":
+        spool = os.path.expanduser(storage.spool_dir) if storage.spool_dir else default_spool
+        return BackingStore(storage, spool, (UPLOAD_BUCKET,), created_at=now, environ=environ, secret=secret)
+    return StorageEngine({UPLOAD_BUCKET: outputs_dir}, created_at=now)
