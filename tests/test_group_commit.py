@@ -10,6 +10,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from stdaemon.store.database import Database, connect
+from tests.postgres_fixture import engine_settings
 from tests.test_webhooks import add_job, audit_rows, get_job, post, prediction, signed_headers, start_daemon
 
 
@@ -52,9 +53,10 @@ async def test_grouped_writes_commit_together_and_a_failing_one_alone_is_rolled_
         db.stop()
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 @pytest_twisted.ensureDeferred
-async def test_concurrent_deliveries_for_different_jobs_all_apply(make_daemon, tmp_path):
-    daemon = await start_daemon(make_daemon, tmp_path)
+async def test_concurrent_deliveries_for_different_jobs_all_apply(make_daemon, tmp_path, engine, request):
+    daemon = await start_daemon(make_daemon, tmp_path, settings=engine_settings(request, engine))
     for n in range(6):
         await add_job(daemon, job_id=f"job-{n}", external_id=f"pred-{n}")
     posts = []

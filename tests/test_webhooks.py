@@ -82,7 +82,7 @@ async def deliver(daemon, payload, msg_id, xff=None, secret=SECRET, skew=0):
 
 
 def audit_rows(daemon, event_type=None):
-    conn = connect(daemon.ctx.database_path)
+    conn = daemon.ctx.db.engine.connect()   # another connection to the daemon's database (either engine)
     try:
         if event_type:
             rows = conn.execute("SELECT * FROM audit_log WHERE event_type = ? ORDER BY id",
