@@ -518,3 +518,22 @@ def test_job_writes_of_two_instances_do_not_conflict_over_the_counters(postgres_
     finally:
         first.close()
         second.close()
+
+
+def test_the_password_may_come_from_a_passfile_instead_of_the_url(postgres_server, postgres_url, tmp_path):
+    import psycopg
+
+    from tests.postgres_fixture import PASSWORD, SUPERUSER
+
+    dbname = postgres_url.rsplit("/", 1)[1]
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{postgres_server.port}:{dbname}:{SUPERUSER}:{PASSWORD}\n")
+    passfile.chmod(0o600)
+    base = f"postgresql://{SUPERUSER}@127.0.0.1:{postgres_server.port}/{dbname}"
+    conn = engines.PostgresEngine(f"{base}?passfile={passfile}").connect()
+    try:
+        assert conn.execute("SELECT current_user").fetchone()[0] == SUPERUSER
+    finally:
+        conn.close()
+    with pytest.raises(psycopg.OperationalError):
+        engines.PostgresEngine(f"{base}?passfile={tmp_path / 'none'}").connect().close()
