@@ -537,3 +537,17 @@ def test_the_password_may_come_from_a_passfile_instead_of_the_url(postgres_serve
         conn.close()
     with pytest.raises(psycopg.OperationalError):
         engines.PostgresEngine(f"{base}?passfile={tmp_path / 'none'}").connect().close()
+
+
+def test_a_connection_error_never_shows_the_password():
+    import psycopg
+
+    with pytest.raises(InvalidValue) as error:
+        load_config(None, environ={"SIMPLETUNER_DATABASE_URL": "postgresql://st:se%zzcret@db/x"})
+    assert error.value.path == "database.url" and "cret" not in str(error.value)
+    # a URL built by hand (not through the configuration): libpq quotes what it cannot parse
+    engine = engines.PostgresEngine.__new__(engines.PostgresEngine)
+    engine.url, engine._dumper = "postgresql://st:se%zzcret@127.0.0.1:1/x", None
+    with pytest.raises(psycopg.Error) as failure:
+        engine.connect()
+    assert "cret" not in str(failure.value)

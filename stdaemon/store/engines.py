@@ -45,7 +45,7 @@ import re
 import sqlite3
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -117,7 +117,26 @@ def check_url(url: str) -> str:
                           "file, or give postgresql://user:password@host:port/dbname")
     if not parts.path.strip("/") and not parts.hostname:
         raise EngineError("a postgresql:// URL needs at least a host or a database name")
+    if _BAD_ESCAPE.search(parts.netloc.rpartition("@")[0]):
+        # libpq would refuse it too, quoting the password in its message
+        raise EngineError("the user name or password holds a '%' that is not a %XX escape "
+                          "(write % as %25)")
     return url
+
+
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def scrub(message: str, url: str) -> str:
+    """``message`` without the password of ``url`` (as written, and decoded)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return message
+    if password:
+        for form in {password, unquote(password)}:
+            message = message.replace(form, "***")
+    return message
 
 
 def check_config_url(path: str, value: str) -> str:
@@ -336,7 +355,11 @@ class PostgresEngine(Engine):
         # A server that does not answer makes start-up (or a reconnect) fail after 10 s instead
         # of hanging on libpq's default of waiting for ever; the URL may say otherwise.
         extra = {} if "connect_timeout=" in self.url else {"connect_timeout": CONNECT_TIMEOUT}
-        raw = psycopg.connect(self.url, autocommit=True, application_name="stdaemon", **extra)
+        try:
+            raw = psycopg.connect(self.url, autocommit=True, application_name="stdaemon", **extra)
+        except psycopg.Error as exc:
+            # libpq may quote the part of the URL it could not parse: never the password
+            raise type(exc)(scrub(str(exc), self.url)) from None
         if self._dumper is None:
             self._dumper = _bool_dumper()
         raw.adapters.register_dumper(bool, self._dumper)
