@@ -135,6 +135,8 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     store = object_backend(config.storage, app.outputs_dir(), app.path("spool"), app.clock.seconds(),
                            config.environ, app.secrets.get)
     app.s3 = S3Service(store, s3_pool, app.upload_progress, app.clock, app.outputs_root)
+    if config.storage.backend == "s3":
+        app.health.register("object_store", app.s3.health)
     app.add_timer("upload-credential-expiry", 60.0, app.upload_credentials.sweep)
     app.add_timer("s3-multipart-cleanup", 3600.0, app.s3.cleanup, now=True)
 

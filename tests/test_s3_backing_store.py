@@ -373,3 +373,65 @@ def test_storage_settings_are_checked_at_load(tmp_path, moto_s3):
         with pytest.raises(InvalidValue) as err:
             _load(tmp_path, storage)
         assert err.value.path == path, storage
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_store_answers_503_keeps_nothing_and_degrades_health(make_daemon, backing,
+                                                                                  monkeypatch):
+    from botocore.config import Config as BotoConfig
+
+    from stdaemon.s3 import backing_client
+    from tests.services import free_port
+
+    monkeypatch.setattr(backing_client, "MAX_ATTEMPTS", 1)  # refused connections are not retried for long
+    local = await make_daemon(subdir="local")
+    assert "object_store" not in local.ctx.health.names()  # the default's health report is unchanged
+    settings, _, _ = backing
+    healthy = await make_daemon(settings=settings, subdir="up")
+    component = await healthy.ctx.s3.health()
+    assert "object_store" in healthy.ctx.health.names() and component.status == "healthy", component
+    settings["storage"]["endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+    daemon = await make_daemon(settings=settings, subdir="down")
+    access_key, secret = await daemon.ctx.upload_credentials.issue("job-1")
+    client = boto3.client("s3", endpoint_url=daemon.url + "/api/cloud/storage", aws_access_key_id=access_key,
+                          aws_secret_access_key=secret, region_name="us-east-1",
+                          config=BotoConfig(retries={"max_attempts": 1, "mode": "standard"}))
+    with pytest.raises(ClientError) as err:
+        await deferToThread(client.put_object, Bucket="outputs", Key="job-1/x.bin", Body=b"data")
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert err.value.response["Error"]["Code"] == "ServiceUnavailable"
+    assert os.listdir(daemon.ctx.path("spool")) == []
+    component = await daemon.ctx.s3.health()
+    assert component.status == "degraded", component
+
+
+@pytest_twisted.ensureDeferred
+async def test_complete_after_an_instance_died_between_assembling_and_recording(make_daemon, backing):
+    """The store assembled the object but the instance stopped before recording it: a retried
+    Complete (on any instance) finishes the job with the object's own metadata."""
+    import json
+
+    settings, store, bucket = backing
+    _, client = await _start(make_daemon, settings)
+    key = "job-1/interrupted.bin"
+    upload_id = (await deferToThread(client.create_multipart_upload, Bucket="outputs", Key=key,
+                                     Metadata={"step": "7"}))["UploadId"]
+    data = os.urandom(1000)
+    etag = (await deferToThread(client.upload_part, Bucket="outputs", Key=key, UploadId=upload_id, PartNumber=1,
+                                Body=data))["ETag"]
+    record = await deferToThread(store.get_object, Bucket=bucket,
+                                 Key=f"team-a/.stdaemon/outputs/uploads/{upload_id}.json")
+    backing_id = json.loads(record["Body"].read())["backing_upload_id"]
+    await deferToThread(store.complete_multipart_upload, Bucket=bucket, Key=f"team-a/outputs/{key}",
+                        UploadId=backing_id, MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
+    done = await deferToThread(client.complete_multipart_upload, Bucket="outputs", Key=key, UploadId=upload_id,
+                               MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
+    got = await deferToThread(client.get_object, Bucket="outputs", Key=key)
+    assert await deferToThread(got["Body"].read) == data
+    assert got["ETag"] == done["ETag"] and got["Metadata"] == {"step": "7"}
+    # and the upload is over: its parts' records are gone, a further part is refused
+    assert [k for k in await deferToThread(stored_keys, store, bucket, "team-a/.stdaemon/outputs/uploads/")
+            if k.count("/") > 4] == []
+    with pytest.raises(ClientError) as err:
+        await deferToThread(client.upload_part, Bucket="outputs", Key=key, UploadId=upload_id, PartNumber=2, Body=b"x")
+    assert err.value.response["Error"]["Code"] == "NoSuchUpload"

@@ -51,6 +51,9 @@ class ObjectBackend(Protocol):
         """Whether a multipart upload is known to be in progress (no network call)."""
 
     # -- blocking ---------------------------------------------------------------------------
+    def check(self) -> str:
+        """A cheap probe that the store answers (health); ``StorageError`` when it does not."""
+
     def upload_active(self, bucket: str, upload_id: str) -> bool:
         """Whether the multipart upload is in progress (asks the store)."""
 

@@ -22,6 +22,8 @@ from stdaemon.s3.errors import StorageError
 
 log = get_logger("stdaemon.s3.backing_store")
 
+#: Attempts per store call (botocore's standard retry mode: throttling, 5xx, connection errors).
+MAX_ATTEMPTS = 5
 #: How ``code(exc)`` names "not there" for the calls whose absence is an answer.
 MISSING = ("NoSuchKey", "404", "NotFound")
 
@@ -75,7 +77,7 @@ class StoreClient:
             "s3", endpoint_url=settings.endpoint_url or None, verify=verify,
             config=BotoConfig(
                 s3={"addressing_style": settings.addressing_style},
-                retries={"max_attempts": 5, "mode": "standard"},
+                retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
                 connect_timeout=10, read_timeout=120, max_pool_connections=32,
                 # Content-MD5 is sent with every body; no trailing checksums older stores refuse
                 request_checksum_calculation="when_required",

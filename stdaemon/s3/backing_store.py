@@ -90,6 +90,16 @@ class BackingStore:
             return
         self.store.set_credentials(key_id, secret_key)
 
+    def check(self) -> str:
+        """The health probe: the backing bucket answers (``StorageError`` when it does not)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.store.call("head_bucket")
+        except ClientError as exc:
+            raise StorageError("ServiceUnavailable", f"the store answered {code(exc) or 'an error'}", 503) from None
+        return f"bucket {self.store.bucket} answers"
+
     # -- names ---------------------------------------------------------------------------------
 
     def _check_bucket(self, name: str) -> None:
@@ -485,21 +495,26 @@ class BackingStore:
         self._check_write_conditions(bucket, key, if_match, if_none_match)
         checksums, checksum_type, full_object = records.object_checksums(record, metas, object_checksum)
         name = self._object_name(bucket, key)
+        digest = hashlib.md5(b"".join(bytes.fromhex(m["md5"]) for m in metas))
+        etag = f'"{digest.hexdigest()}-{len(metas)}"'
+        listed = [{"PartNumber": m["part_number"], "ETag": m["backing_etag"]} for m in metas]
         try:
-            answer = self.store.call("complete_multipart_upload", Key=name, UploadId=record["backing_upload_id"],
-                                MultipartUpload={"Parts": [{"PartNumber": m["part_number"], "ETag": m["backing_etag"]}
-                                                           for m in metas]})
+            backing_etag = self.store.call("complete_multipart_upload", Key=name, UploadId=record["backing_upload_id"],
+                                           MultipartUpload={"Parts": listed})["ETag"]
         except ClientError as exc:
             done = self._completed(bucket, upload_id, key)
             if done is not None:
                 return done  # another instance completed it meanwhile
             if code(exc) in ("InvalidPart", "InvalidPartOrder", "EntityTooSmall"):
                 raise StorageError("InvalidPart", "One or more of the specified parts could not be found.") from None
-            if code(exc) in ("NoSuchUpload", "404"):
+            if code(exc) not in ("NoSuchUpload", "404"):
+                raise self.store.error(exc, "complete_multipart_upload") from None
+            # the store assembled it, but the instance that asked stopped before recording it (or is
+            # recording it now): the object with these very parts is there, so this Complete finishes
+            backing_etag = self._assembled_etag(name, [m["backing_etag"] for m in metas])
+            if backing_etag is None:
                 raise no_such_upload(upload_id) from None
-            raise self.store.error(exc, "complete_multipart_upload") from None
-        digest = hashlib.md5(b"".join(bytes.fromhex(m["md5"]) for m in metas))
-        info = ObjectInfo(key=key, size=sum(m["size"] for m in metas), etag=f'"{digest.hexdigest()}-{len(metas)}"',
+        info = ObjectInfo(key=key, size=sum(m["size"] for m in metas), etag=etag,
                           last_modified=now, content_type=record.get("content_type") or "binary/octet-stream",
                           metadata=dict(record.get("metadata") or {}), checksums=checksums, parts=len(metas),
                           headers=dict(record.get("headers") or {}), part_sizes=[m["size"] for m in metas],
@@ -512,16 +527,34 @@ class BackingStore:
                 self._retire(bucket, upload_id, None, now)
                 raise StorageError("BadDigest", f"The {full_object[0].upper()} you specified did not match the "
                                    "calculated checksum.")
-        self.store.put_json(self._meta_name(bucket, key), records.object_record(info, answer["ETag"]))
+        self.store.put_json(self._meta_name(bucket, key), records.object_record(info, backing_etag))
         self._retire(bucket, upload_id, info, now)
         return info
+
+    def _assembled_etag(self, name: str, part_etags: list) -> Optional[str]:
+        """The backing ETag of the object at ``name`` when it is the multipart object made of
+        exactly these parts (its ETag is the MD5 of their MD5s and their count), else ``None``."""
+        from botocore.exceptions import ClientError
+
+        try:
+            current = self.store.call("head_object", Key=name)["ETag"]
+        except ClientError:
+            return None
+        joined = b"".join(bytes.fromhex(e.strip('"')) for e in part_etags if len(e.strip('"')) == 32)
+        expected = f'"{hashlib.md5(joined).hexdigest()}-{len(part_etags)}"'
+        return current if current == expected else None
 
     def _full_checksum(self, name: str, algorithm: str) -> str:
         """A FULL_OBJECT checksum of the assembled object, read back from the store."""
         from stdaemon.s3 import checksums as s3_checksums
 
+        from botocore.exceptions import ClientError
+
         state = s3_checksums.new_checksum(algorithm)
-        body = self.store.call("get_object", Key=name)["Body"]
+        try:
+            body = self.store.call("get_object", Key=name)["Body"]
+        except ClientError as exc:
+            raise self.store.error(exc, "get_object") from None
         try:
             for block in iter(lambda: body.read(READ_BLOCK), b""):
                 state.update(block)

@@ -203,6 +203,10 @@ class ObjectStore:
     async def start(self) -> None:
         """Nothing to prepare on local disk."""
 
+    def check(self) -> str:
+        """Local disk is checked by the daemon's own ``disk`` health component."""
+        return "local disk"
+
     def has_bucket(self, name: str) -> bool:
         return name in self.buckets
 

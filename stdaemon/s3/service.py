@@ -13,9 +13,11 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 
+from stdaemon.health.service import DEGRADED, HEALTHY, Component
 from stdaemon.logs import get_logger
 from stdaemon.s3.auth import Caller
 from stdaemon.s3.credentials import UPLOAD_BUCKET
+from stdaemon.s3.errors import StorageError
 from stdaemon.s3.keys import InvalidKey, validate_key
 from stdaemon.s3.backend import ObjectBackend
 from stdaemon.s3.objects import ObjectInfo, PartInfo, PendingWrite
@@ -26,6 +28,8 @@ log = get_logger("stdaemon.http.storage")
 
 #: Multipart uploads (and records of completed ones) older than this are removed by the timer.
 MULTIPART_MAX_AGE = 7 * 86400.0
+#: Seconds the ``object_store`` health probe waits for the backing store.
+HEALTH_TIMEOUT = 5.0
 
 
 @dataclass
@@ -74,6 +78,20 @@ class S3Service:
         removed = await self.run(self.engine.cleanup_stale, self.clock.seconds(), self.multipart_max_age)
         if removed:
             log.info("Removed {count} stale multipart uploads", count=removed)
+
+    async def health(self) -> Component:
+        """The ``object_store`` component (``storage.backend: s3``): the backing bucket answers
+        within :data:`HEALTH_TIMEOUT`; degraded otherwise (uploads are then answered 503)."""
+        started = self.clock.seconds()
+        probe = self.run(self.engine.check)
+        probe.addTimeout(HEALTH_TIMEOUT, self.clock)
+        try:
+            message = await probe
+        except defer.TimeoutError:
+            return Component("object_store", DEGRADED, f"no answer within {HEALTH_TIMEOUT:g} s")
+        except StorageError as exc:
+            return Component("object_store", DEGRADED, exc.message)
+        return Component("object_store", HEALTHY, message, round((self.clock.seconds() - started) * 1000.0, 1))
 
     def refresh_buckets(self) -> None:
         """Follow a changed ``s3_output_path`` (new uploads land in the new directory)."""
