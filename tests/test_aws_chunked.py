@@ -186,3 +186,14 @@ def test_decoder_state_stays_bounded_for_any_chunking():
         sizes.append(state_size(decoder))
         decoder.finish()
     assert sizes[1] <= sizes[0] + 64
+
+
+def test_decoded_pieces_are_views_of_the_input_not_copies():
+    data = os.urandom(3 * 65536 + 5)
+    body = _botocore_body(data, Crc32Checksum, "x-amz-checksum-crc32")
+    decoder = AwsChunkedDecoder(trailer_names=["x-amz-checksum-crc32"], decoded_length=len(data))
+    batch = bytearray(body)
+    pieces = decoder.feed(batch)
+    decoder.finish()
+    assert b"".join(pieces) == data
+    assert pieces and all(isinstance(piece, memoryview) and piece.obj is batch for piece in pieces)

@@ -14,10 +14,10 @@ Two variants reach an S3 endpoint:
 
 The transport's own ``Transfer-Encoding: chunked`` framing is removed by the HTTP server first;
 this decoder sees the aws-chunked stream. :meth:`AwsChunkedDecoder.feed` takes any slice of the
-stream (down to one byte) and returns the payload bytes decoded so far (slices of the input, never
-byte by byte), so a body is never held whole in memory, and what the decoder keeps between calls
-is bounded whatever the chunk sizes: one line buffer (:data:`MAX_LINE`), one running hash, the
-previous signature. As S3 does, every chunk but the last one carrying data must hold at least
+stream (down to one byte) and returns the payload bytes decoded so far (memoryviews of the
+input: never copied, never byte by byte), so a body is never held whole in memory, and what the
+decoder keeps between calls is bounded whatever the chunk sizes: one line buffer
+(:data:`MAX_LINE`), one running hash, the previous signature. As S3 does, every chunk but the last one carrying data must hold at least
 :data:`MIN_CHUNK` bytes (AWS: "the chunk size must be at least 8 KB … except the last chunk";
 botocore sends 1 MiB chunks): a stream of tiny chunks is refused at its second chunk rather than
 costing a signature check per byte. Errors raise :class:`ChunkedError` with the S3 error code to
@@ -106,8 +106,9 @@ class AwsChunkedDecoder:
 
     # ------------------------------------------------------------------ feeding
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Consume the next slice of the stream; return decoded payload pieces (maybe empty)."""
+    def feed(self, data: bytes | bytearray) -> list[memoryview]:
+        """Consume the next slice of the stream; return decoded payload pieces (maybe empty): views
+        of ``data``, valid while ``data`` is (the caller writes and hashes them, then drops them)."""
         out: list[bytes] = []
         view = memoryview(data)
         pos = 0
@@ -115,7 +116,7 @@ class AwsChunkedDecoder:
         while pos < length:
             if self._state == _DATA:
                 take = min(self._remaining, length - pos)
-                piece = bytes(view[pos:pos + take])
+                piece = view[pos:pos + take]  # a view of the input: the payload is not copied
                 pos += take
                 self._remaining -= take
                 self._account(piece)
@@ -154,7 +155,7 @@ class AwsChunkedDecoder:
 
     # ------------------------------------------------------------------ internals
 
-    def _account(self, piece: bytes) -> None:
+    def _account(self, piece: memoryview) -> None:
         self.decoded_bytes += len(piece)
         if self._max_decoded is not None and self.decoded_bytes > self._max_decoded:
             raise ChunkedError("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size")
