@@ -7,6 +7,8 @@ from urllib.parse import unquote
 
 MAX_KEY_BYTES = 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
 
 class InvalidKey(ValueError):
@@ -55,11 +57,11 @@ def validate_key(key: str) -> str:
         candidates.append(nxt)
         decoded = nxt
     for text in candidates:
-        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        if _CONTROL_RE.search(text):
             raise InvalidKey("Object key must not contain control characters")
         if "\\" in text:
             raise InvalidKey("Object key must not contain backslashes")
-        if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+        if text.startswith("/") or _DRIVE_RE.match(text):
             raise InvalidKey("Object key must be a relative path")
         if not _segments_ok(text):
             raise InvalidKey("Object key must not contain '.' or '..' segments")
