@@ -551,3 +551,19 @@ def test_a_connection_error_never_shows_the_password():
     with pytest.raises(psycopg.Error) as failure:
         engine.connect()
     assert "cret" not in str(failure.value)
+
+
+def test_a_commit_waits_for_the_wal_even_where_the_server_would_not(postgres_server, postgres_url):
+    dbname = postgres_url.rsplit("/", 1)[1]
+    postgres_server.admin(f'ALTER DATABASE "{dbname}" SET synchronous_commit = off')
+    conn = engines.PostgresEngine(postgres_url).connect()
+    try:
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+    finally:
+        conn.close()
+    postgres_server.admin(f'ALTER DATABASE "{dbname}" SET synchronous_commit = remote_apply')
+    conn = engines.PostgresEngine(postgres_url).connect()
+    try:   # a durable choice of the operator's is kept
+        assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "remote_apply"
+    finally:
+        conn.close()

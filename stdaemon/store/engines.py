@@ -33,7 +33,8 @@ never removed, an approval decided once):
 - Group commit is one transaction with a savepoint per write, as on SQLite; a retryable error
   inside a savepoint retries the whole group.
 - Acknowledged = committed: PostgreSQL's default ``synchronous_commit=on`` flushes the commit
-  to the WAL before ``COMMIT`` returns.
+  to the WAL before ``COMMIT`` returns; a connection finding it ``off`` (server, database or
+  role setting) turns it on for its own session.
 - Migrations run under a session advisory lock (:data:`MIGRATION_LOCK`), so two instances
   starting together against an empty database apply each migration once.
 """
@@ -363,7 +364,13 @@ class PostgresEngine(Engine):
         if self._dumper is None:
             self._dumper = _bool_dumper()
         raw.adapters.register_dumper(bool, self._dumper)
-        return PgConnection(raw)
+        conn = PgConnection(raw)
+        if conn.execute("SHOW synchronous_commit").fetchone()[0] == "off":
+            # A server, database or role set to not wait for the WAL flush: stdaemon acknowledges
+            # a write only once it is durable, so its own sessions wait ("local", "remote_apply"
+            # and the other durable settings are kept as the operator chose them).
+            conn.execute("SET synchronous_commit TO on")
+        return conn
 
     def usable(self, conn: PgConnection) -> bool:
         return not conn.closed
