@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.utils import getProcessOutputAndValue
 
+from tests.s3_backing import backing, moto_s3, storage_backend, stored_bytes  # noqa: F401 (fixtures)
 from tests.services import require_binary
 from tests.s3_helpers import file_sha256, tls  # noqa: F401 (fixture)
 
@@ -39,8 +40,10 @@ async def _aws(args, env):
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest_twisted.ensureDeferred
-async def test_aws_cli_cp_ls_sync_round_trip(make_daemon, tls, tmp_path, scheme):  # noqa: F811
-    settings = {"server": {"ssl_cert": tls["cert"], "ssl_key": tls["key"]}} if scheme == "https" else None
+async def test_aws_cli_cp_ls_sync_round_trip(make_daemon, tls, tmp_path, scheme, storage_backend):  # noqa: F811
+    settings = dict(storage_backend)
+    if scheme == "https":
+        settings["server"] = {"ssl_cert": tls["cert"], "ssl_key": tls["key"]}
     daemon = await make_daemon(settings=settings)
     access_key, secret = await daemon.ctx.upload_credentials.issue("job-7")
     home = tmp_path / "home"
@@ -95,6 +98,8 @@ async def test_aws_cli_cp_ls_sync_round_trip(make_daemon, tls, tmp_path, scheme)
     out, err, code = await _aws(["s3", "cp", str(tree / "a.txt"), "s3://outputs/job-8/a.txt", *endpoint], env)
     assert code != 0 and "AccessDenied" in err, (out, err)
     assert not os.path.exists(os.path.join(daemon.ctx.outputs_dir(), "job-8"))
+    with pytest.raises(FileNotFoundError):
+        stored_bytes(daemon, "job-8/a.txt")
 
 
 @pytest_twisted.ensureDeferred
