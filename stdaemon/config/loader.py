@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from stdaemon.cluster import settings as cluster_settings
 from stdaemon.config.schema import SECTIONS, Config
 from stdaemon.config.storage import STORAGE_VALIDATORS, check_storage
 from stdaemon.invalid import InvalidValue
@@ -60,6 +61,9 @@ ENV_KEYS: dict[str, str] = {
     "SIMPLETUNER_BACKUP_DIR": "backup.dir",
     "SIMPLETUNER_METRICS_TOKEN": "metrics.bearer_token",
     "SIMPLETUNER_DATABASE_URL": "database.url",
+    "SIMPLETUNER_CLUSTER_REDIS_URL": "cluster.redis_url",
+    "SIMPLETUNER_CLUSTER_INSTANCE_ID": "cluster.instance_id",
+    "SIMPLETUNER_CLUSTER_LEASE_SECONDS": "cluster.lease_seconds",
 }
 
 # Variables kept in ``Config.environ`` for modules that need environment
@@ -320,6 +324,7 @@ VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "database.url": check_config_url,
     "database.pool_size": _check_positive,
     **STORAGE_VALIDATORS,
+    **cluster_settings.VALIDATORS,
 }
 
 # Validators for ``providers.<name>.<field>``, from the provider settings
@@ -435,6 +440,7 @@ def load_config(
         raise InvalidValue("server.ssl_key" if server.ssl_cert else "server.ssl_cert",
                           "ssl_cert and ssl_key must be set together")
     built["storage"] = check_storage(built["storage"])
+    cluster_settings.check_section(built["cluster"])
     backend = built["rate_limit"].backend
     if backend == "redis" and "rate_limit.redis_url" not in sources and "REDIS_URL" in environ:
         built["rate_limit"] = dataclasses.replace(

@@ -134,6 +134,21 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several instances sharing one Redis (``stdaemon/cluster/``); ``redis_url`` "" = one instance."""
+
+    redis_url: str = ""
+    # "" = <hostname>-<pid>; names this instance in logs, health and lease values
+    instance_id: str = ""
+    # seconds a run-once timer's lease lives in Redis unless its holder renews it
+    lease_seconds: float = 30.0
+    # prefix of the Redis keys and the pub/sub channel (instances of one deployment share it)
+    namespace: str = "stdaemon"
+    # seconds per Redis call (and per connection attempt)
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -146,6 +161,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # ``providers.<name>.<field>`` as given in the file (validated by the
     # provider settings module); values are plain Python types.
     providers: Mapping[str, Mapping[str, Any]] = field(default_factory=_frozen_mapping)
