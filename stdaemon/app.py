@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the capability services' types; the App itself imports none
     from stdaemon.approvals.service import ApprovalService, QuotaService
     from stdaemon.audit.service import AuditLog
     from stdaemon.backup.service import BackupService
+    from stdaemon.cluster.service import ClusterService
     from stdaemon.configs.service import ConfigService
     from stdaemon.events.service import EventBus
     from stdaemon.health.checks import CoreChecks
@@ -52,6 +53,7 @@ class App:
 
     # -- capability services, each assigned once by stdaemon.service.build_app --
     health_checks: "CoreChecks"
+    cluster: "ClusterService"
     secrets: "SecretsManager"
     audit: "AuditLog"
     backups: "BackupService"
@@ -111,14 +113,15 @@ class App:
         return self.clock.seconds()
 
     def add_timer(self, name: str, interval: float, fn: Callable[[], Any],
-                  now: bool = False) -> SafeTimerService:
+                  now: bool = False, lease: Any = None) -> SafeTimerService:
         """A periodic job on the injected clock that survives its own errors
-        (logged and counted in ``timer_failures``)."""
+        (logged and counted in ``timer_failures``).  With a ``lease`` (several
+        instances, ``stdaemon.cluster.leases``) a tick runs only on the lease holder."""
 
         def count(timer: str) -> None:
             self.timer_failures[timer] = self.timer_failures.get(timer, 0) + 1
 
-        timer = SafeTimerService(name, interval, fn, self.clock, now=now, on_error=count)
+        timer = SafeTimerService(name, interval, fn, self.clock, now=now, on_error=count, lease=lease)
         timer.setServiceParent(self.services)
         return timer
 

@@ -36,12 +36,13 @@ from stdaemon.audit.service import AuditLog, key_file_path
 from stdaemon.backup.http import AdminBackupsSurface
 from stdaemon.backup.service import BackupService
 from stdaemon.backup.store import JobStore
+from stdaemon.cluster.service import ClusterService
 from stdaemon.config import Config
 from stdaemon.configs.http import ConfigsSurface
 from stdaemon.configs.service import ConfigService
 from stdaemon.console.http import ConsoleSurface
 from stdaemon.events.http import EventsSurface
-from stdaemon.events.service import EventBus
+from stdaemon.events.service import PUBLIC_JOB_FIELDS, EventBus
 from stdaemon.health.checks import CoreChecks
 from stdaemon.health.http import HealthSurface
 from stdaemon.http.openapi import OpenApiSurface
@@ -95,6 +96,18 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     checks.register(app.health)
     app.metrics.set_db_latency_source(lambda: checks.last_db_latency_ms)
 
+    # cluster (cluster.redis_url): several instances on one Redis. Job events are relayed to the other
+    # instances (see "events" below) and the timers that must run once take a lease first: they are
+    # given lease=once. Without cluster.redis_url, relay and once are None: events stay in process and
+    # every timer runs here, as on a single instance.
+    # Run once (DB-wide or provider-facing work): audit-retention, backup, upload-credential-expiry,
+    # session-sweep, jobs.poll, approval-expiry, webhook-deliveries-sweep.
+    # Run on every instance (its own memory or disk): audit-sampler, audit-counts, s3-multipart-cleanup
+    # (local multipart parts), rate-limit-clients-sweep, metrics.provider_spend, change-counters.
+    app.cluster = ClusterService(config.cluster, app.clock, reactor, event_fields=PUBLIC_JOB_FIELDS)
+    app.cluster.setServiceParent(app.services)
+    once = app.cluster.leases
+
     # secrets: env -> file -> AWS -> Vault, cached; its own thread pool; health "secrets"
     secrets = SecretsService(config, app.clock, reactor=reactor)
     secrets.setServiceParent(app.services)
@@ -107,7 +120,7 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     app.audit = audit
     app.add_timer("audit-sampler", MINUTE, audit.flush_sampler)
     app.add_timer("audit-counts", 3600.0, audit.refresh_counts)
-    app.add_timer("audit-retention", 3600.0, audit.prune)
+    app.add_timer("audit-retention", 3600.0, audit.prune, lease=once)
     app.health.register("audit", audit.health)
 
     # backups: online backups and restore (keeping the audit log), one thread; S13
@@ -122,7 +135,7 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
                     "scheduled backups of it; back it up with pg_dump (README, Backup and restore)")
         app.health.register("backup", app.backups.health)
     elif config.backup.enabled:
-        app.add_timer("backup", config.backup.interval, app.backups.scheduled)
+        app.add_timer("backup", config.backup.interval, app.backups.scheduled, lease=once)
         app.health.register("backup", app.backups.health)
 
     # S3 (S8): per-job upload credentials, upload progress and the object store of /api/cloud/storage
@@ -137,7 +150,7 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     app.s3 = S3Service(store, s3_pool, app.upload_progress, app.clock, app.outputs_root)
     if config.storage.backend == "s3":
         app.health.register("object_store", app.s3.health)
-    app.add_timer("upload-credential-expiry", 60.0, app.upload_credentials.sweep)
+    app.add_timer("upload-credential-expiry", 60.0, app.upload_credentials.sweep, lease=once)
     app.add_timer("s3-multipart-cleanup", 3600.0, app.s3.cleanup, now=True)
 
     # rate limiting: one RateLimiting (also behind the guide's get_rate_limiter), its middleware, health, sweep
@@ -161,7 +174,7 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
                               public_url=config.server.public_url)
     app.auth.add_strategy(sessions.authenticate)
     PoolService(passwords).setServiceParent(app.services)
-    app.add_timer("session-sweep", sessions.sweep_interval, sessions.sweep)
+    app.add_timer("session-sweep", sessions.sweep_interval, sessions.sweep, lease=once)
     app.sessions = sessions
     # providers: settings, the outbound client factory and breakers; circuit_breaker:/provider: health
     providers = ProviderManager(config, reactor, app.clock, app.db, app.secrets, app.audit)
@@ -180,29 +193,36 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     # events: the live event bus behind /api/events/stream; its streams end when the daemon drains
     app.events = EventBus(app.clock)
     app.drain_hooks.append(app.events.close_all)
+    if app.cluster.relay is not None:  # several instances: job events to and from the others
+        app.events.relay = app.cluster.relay.send
+        app.cluster.relay.on_event.append(app.events.receive)
     # configs: named training configs in <state>/configs/<name>/, read and written in their own pool
     app.configs = ConfigService(app.path("configs"), install_pool(app, "stdaemon-configs", maxthreads=2))
     # jobs: the lifecycle and the one job-update path (poller, webhooks, API); "jobs.poll" timer
     app.jobs = JobService(app.db, app.clock, app.providers, app.audit, app.metrics, app.events,
                           app.upload_credentials)
-    app.jobs.timer = app.add_timer("jobs.poll", config.jobs.poll_interval, app.jobs.poll_once)
+    app.jobs.timer = app.add_timer("jobs.poll", config.jobs.poll_interval, app.jobs.poll_once, lease=once)
     app.backups.after_restore.append(app.jobs.load)
     app.submissions = Submissions(app.jobs, app.providers, app.configs, config.server.public_url)
     # approvals and quotas: checked at submission, a held job gets its request; "approval-expiry" timer
     app.quotas = QuotaService(app.db, app.clock, app.audit)
     app.approvals = ApprovalService(app.db, app.clock, app.audit, app.quotas, app.jobs, app.submissions,
                                     app.providers, config.providers)
-    app.add_timer("approval-expiry", APPROVAL_EXPIRY_INTERVAL, app.approvals.expire_due)
+    app.add_timer("approval-expiry", APPROVAL_EXPIRY_INTERVAL, app.approvals.expire_due, lease=once)
     app.submissions.submission_checks.append(app.approvals.submission_check)
     app.submissions.hold_hooks.append(app.approvals.hold_job)
     # webhooks: deliveries applied through the jobs' update path; "webhook-deliveries-sweep" timer
     app.webhooks = WebhookService(app.db, app.clock, app.jobs, app.providers, app.secrets, app.audit)
-    app.add_timer("webhook-deliveries-sweep", WEBHOOK_SWEEP_INTERVAL, app.webhooks.sweep)
+    app.add_timer("webhook-deliveries-sweep", WEBHOOK_SWEEP_INTERVAL, app.webhooks.sweep, lease=once)
     app.backups.after_restore.append(app.webhooks.forget_recent)
     # providers → webhooks: a replaced API token forgets the signing secret learnt with the old one
     app.providers.token_changed_hooks.append(app.webhooks.forget_secret)
     # metrics: the figures the capabilities above keep; the providers' spend in their cost period
     wire_metrics(app)
+    if app.cluster.enabled:  # several instances: health and figures of the relay and the leases, last
+        app.health.register("cluster_events", app.cluster.events_health)
+        app.health.register("cluster_leases", app.cluster.leases_health)
+        app.metrics.register_cluster_source(app.cluster.figures)
 
     # the surfaces: they only read the services above; rate limiting is the first middleware
     root = Root(app, build_surfaces(app))

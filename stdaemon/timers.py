@@ -4,6 +4,12 @@
 periodic job in stdaemon (poller, backups, sweeps, evictions) runs through
 :class:`SafeTimerService`, which catches, logs and counts each failure and
 keeps going.
+
+A timer that must run once across several instances is given a ``lease``
+(``stdaemon.cluster.leases.TimerLeases``, chosen in ``build_app``): each tick
+first asks ``lease.acquire(name)``; the run happens only if this instance holds
+the lease, otherwise the tick is skipped (``skipped``).  Without a lease (one
+instance, the default) every tick runs, as it always did.
 """
 
 from __future__ import annotations
@@ -20,13 +26,17 @@ log = get_logger("stdaemon.timers")
 
 class SafeTimerService(Service):
     def __init__(self, name: str, interval: float, fn: Callable[[], Any], clock: Any,
-                 now: bool = False, on_error: Callable[[str], None] | None = None):
+                 now: bool = False, on_error: Callable[[str], None] | None = None, lease: Any = None):
         self.name = name
         self.interval = interval
         self.fn = fn
         self.clock = clock
         self.now = now
         self.on_error = on_error
+        self.lease = lease
+        if lease is not None:
+            lease.register(name)
+        self.skipped = 0
         self.runs = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -48,10 +58,16 @@ class SafeTimerService(Service):
         return self._running_call
 
     def _tick(self) -> defer.Deferred:
-        d = defer.maybeDeferred(self.fn)
+        if self.lease is None:
+            d = defer.maybeDeferred(self.fn)
+        else:
+            d = defer.ensureDeferred(self._leased_run())
         self._running_call = d
 
-        def ok(_: Any) -> None:
+        def ok(result: Any) -> None:
+            if result is _SKIPPED:
+                self.skipped += 1
+                return
             self.runs += 1
             self.last_error = None
 
@@ -74,6 +90,19 @@ class SafeTimerService(Service):
         d.addCallbacks(ok, failed)
         d.addBoth(done)
         return d
+
+
+    async def _leased_run(self) -> Any:
+        """The run, if this instance holds the lease (``acquire`` counts and logs a skip)."""
+        if not await self.lease.acquire(self.name):
+            return _SKIPPED
+        result = self.fn()
+        if isinstance(result, defer.Deferred) or hasattr(result, "__await__"):
+            result = await result
+        return None if result is _SKIPPED else result
+
+
+_SKIPPED = object()
 
 
 def _error_level() -> Any:

@@ -37,6 +37,8 @@ PURE_MODULES = {
     "stdaemon.ratelimit.sliding_window",
     "stdaemon.users.csrf",
     "stdaemon.approvals.rules",
+    "stdaemon.cluster.messages",
+    "stdaemon.cluster.settings",
     "stdaemon.s3.aws_chunked",
     "stdaemon.s3.checksums",
     "stdaemon.s3.keys",

@@ -1,6 +1,6 @@
 """Start-up imports only what serving needs: the AWS SDK (and its common runtime), Vault's client and
 Redis's are imported on first use (a secrets lookup in AWS/Vault, the redis rate-limit backend, a
-CRC64/NVME checksum), not at start."""
+CRC64/NVME checksum, the cluster's Redis connections), not at start."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEAVY = ("boto3", "botocore", "awscrt", "hvac", "redis", "psycopg")
+HEAVY = ("boto3", "botocore", "awscrt", "hvac", "redis", "psycopg", "txredisapi")
 
 SCRIPT = r"""
 import json, os, sys

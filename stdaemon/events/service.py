@@ -16,18 +16,28 @@
 
 Only the public fields of a job are sent (never ``metadata``, which may hold
 the training config).
+
+Several instances (``cluster.redis_url``, :mod:`stdaemon.cluster.relay`): each
+event published here is also handed to ``relay`` (set by the composition root),
+and events other instances published arrive through :meth:`EventBus.receive`.
+A relayed event gets an id of this bus and goes through the same backlog,
+visibility rule, per-user bounds and heartbeats.  Order per job: a relayed event
+that would move a job backwards in its lifecycle (an older status than one this
+bus already showed for it, or any other status once it was shown finished) is
+dropped and counted (``stale``), so a stream never shows a job going back.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer, task
 
+from stdaemon.jobs.status import check_transition
 from stdaemon.timestamps import with_iso
 from stdaemon.logs import get_logger
 
@@ -38,6 +48,8 @@ TIME_FIELDS = ("created_at", "started_at", "completed_at")
 PUBLIC_JOB_FIELDS = ("job_id", "provider", "status", "config_name", "created_at", "started_at",
                      "completed_at", "cost_usd", "hardware_type", "error_message", "output_url",
                      "user_id", "external_id", "upload_progress", "previous_status", "progress")
+#: jobs whose last shown status is remembered for ordering relayed events (least recent forgotten)
+TRACKED_JOBS = 10_000
 
 
 def can_see_job(principal: Any, user_id: Optional[int]) -> bool:
@@ -136,6 +148,11 @@ class EventBus:
         self.retry_ms = retry_ms
         self.streams: set[Stream] = set()
         self.published = 0
+        self.received = 0     # events other instances published, shown here
+        self.stale = 0        # relayed events dropped because they would move a job backwards
+        #: called with ``(event_type, data, user_id)`` for every local event (the cluster relay)
+        self.relay: Optional[Callable[[str, dict, Optional[int]], None]] = None
+        self._last_status: OrderedDict[str, str] = OrderedDict()
 
     # -- producers ---------------------------------------------------------------
 
@@ -143,13 +160,41 @@ class EventBus:
         """Record a job change and deliver it; returns the event id.  Never
         raises into the caller's path (a broken stream is closed)."""
         data = with_iso({k: job[k] for k in PUBLIC_JOB_FIELDS if k in job}, TIME_FIELDS)
-        self.seq += 1
-        event = Event(f"{self.boot}-{self.seq}", self.seq, event_type, data, job.get("user_id"))
-        self.backlog.append(event)
+        event = self._deliver(event_type, data, job.get("user_id"))
         self.published += 1
+        if self.relay is not None:
+            try:
+                self.relay(event_type, data, event.user_id)
+            except Exception:
+                log.failure("Relaying job event {id} failed", id=event.id)
+        return event.id
+
+    def receive(self, event_type: str, data: dict, user_id: Optional[int]) -> Optional[str]:
+        """An event another instance published (already reduced to the public fields): shown
+        here unless it would move its job backwards.  Returns its id here, or None if dropped."""
+        job_id, status = data.get("job_id"), data.get("status")
+        if isinstance(job_id, str) and isinstance(status, str):
+            last = self._last_status.get(job_id)
+            if last is not None and last != status \
+                    and check_transition(last, status).reason in ("out_of_order", "terminal"):
+                self.stale += 1
+                return None
+        self.received += 1
+        return self._deliver(event_type, data, user_id).id
+
+    def _deliver(self, event_type: str, data: dict, user_id: Optional[int]) -> Event:
+        self.seq += 1
+        event = Event(f"{self.boot}-{self.seq}", self.seq, event_type, data, user_id)
+        self.backlog.append(event)
+        job_id, status = data.get("job_id"), data.get("status")
+        if isinstance(job_id, str) and isinstance(status, str):
+            self._last_status[job_id] = status
+            self._last_status.move_to_end(job_id)
+            if len(self._last_status) > TRACKED_JOBS:
+                self._last_status.popitem(last=False)
         for stream in list(self.streams):
             stream.send(event)
-        return event.id
+        return event
 
     # -- consumers ---------------------------------------------------------------
 

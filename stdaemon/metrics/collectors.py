@@ -134,6 +134,46 @@ def health_families(uptime_seconds: float, db_latency_ms: Optional[float]) -> It
     yield family
 
 
+def cluster_families(figures: Mapping[str, Any]) -> Iterable[Any]:
+    """Several instances on one Redis (exported with ``health`` when ``cluster.redis_url`` is set);
+    ``figures`` shaped like ``stdaemon.cluster.service.ClusterService.figures()``."""
+    yield CounterMetricFamily("simpletuner_cluster_events_relayed_total",
+                              "Job events this instance published to the other instances",
+                              value=figures["events_relayed"])
+    yield CounterMetricFamily("simpletuner_cluster_events_received_total",
+                              "Job events received from other instances and shown to this instance's streams",
+                              value=figures["events_received"])
+    yield CounterMetricFamily("simpletuner_cluster_events_dropped_total",
+                              "Job events never relayed (queue full while Redis was unreachable)",
+                              value=figures["events_dropped"])
+    yield GaugeMetricFamily("simpletuner_cluster_events_pending",
+                            "Job events waiting for Redis to be relayed", value=figures["events_pending"])
+    yield CounterMetricFamily("simpletuner_cluster_events_subscriptions_total",
+                              "Subscriptions to the events channel (the first and one per reconnection)",
+                              value=figures["subscriptions"])
+    connected = GaugeMetricFamily("simpletuner_cluster_redis_connected",
+                                  "1 while the connection to the cluster's Redis is up", labels=["connection"])
+    for name, up in sorted(figures["connected"].items()):
+        connected.add_metric([name], 1 if up else 0)
+    yield connected
+    held = GaugeMetricFamily("simpletuner_cluster_lease_held",
+                             "1 while this instance holds the timer's lease (it runs the timer)", labels=["timer"])
+    acquired = CounterMetricFamily("simpletuner_cluster_lease_acquired_total",
+                                   "Times this instance took the timer's lease", labels=["timer"])
+    lost = CounterMetricFamily("simpletuner_cluster_lease_lost_total",
+                               "Times this instance found its lease of the timer gone", labels=["timer"])
+    skipped = CounterMetricFamily("simpletuner_cluster_lease_skipped_total",
+                                  "Runs of the timer skipped here: another instance holds the lease, or Redis "
+                                  "was unreachable", labels=["timer", "reason"])
+    for timer, is_held, n_acquired, n_lost, elsewhere, unavailable in figures["leases"]:
+        held.add_metric([timer], 1 if is_held else 0)
+        acquired.add_metric([timer], n_acquired)
+        lost.add_metric([timer], n_lost)
+        skipped.add_metric([timer, "held_elsewhere"], elsewhere)
+        skipped.add_metric([timer, "redis_unavailable"], unavailable)
+    yield from (held, acquired, lost, skipped)
+
+
 #: (family type, name, help) of the ``circuit_breakers`` category, in the order of a row's values
 BREAKER_FAMILIES = (
     (GaugeMetricFamily, "simpletuner_circuit_breaker_state",

@@ -33,6 +33,8 @@ synchronous and never raise into the caller):
 ``register_uploads_source(fn)``                     the S3 endpoint: ``fn() -> (uploads_total,
                                                    upload_bytes_total, upload_failures_total)``
 ``set_db_latency_source(fn)``                       health: ``fn() -> ms | None``
+``register_cluster_source(fn)``                     cluster (only with ``cluster.redis_url``):
+                                                   ``fn() -> dict`` (exported with ``health``)
 ``register_jobs_source(fn, track=None)``            jobs: ``fn() -> dict`` like
                                                    :meth:`Metrics.jobs_figures`; the job hooks
                                                    then forward to ``track(before, after)``
@@ -118,6 +120,7 @@ class Metrics:
         # Health.
         self.uptime_origin = self.started_at
         self._db_latency_source: Callable[[], Optional[float]] = lambda: None
+        self._cluster_source: Optional[Callable[[], Mapping[str, Any]]] = None
         # Breakers and providers.
         self._breaker_sources: list[Callable[[], Iterable[tuple]]] = []
         self._provider_sources: list[Callable[[], Iterable[tuple]]] = []
@@ -384,6 +387,10 @@ class Metrics:
     def set_db_latency_source(self, fn: Callable[[], Optional[float]]) -> None:
         self._db_latency_source = fn
 
+    def register_cluster_source(self, fn: Callable[[], Mapping[str, Any]]) -> None:
+        """Events relayed/received and timer leases of several instances (``ClusterService.figures``)."""
+        self._cluster_source = fn
+
     def register_breaker_source(self, fn: Callable[[], Iterable[tuple]]) -> None:
         """``fn() -> [(provider, state_value 0|1|2, failures_total)]``."""
         self._breaker_sources.append(fn)
@@ -424,8 +431,10 @@ class Metrics:
         return families.audit_families(*self.audit_figures())
 
     def _collect_health(self) -> Iterable[Any]:
-        return families.health_families(max(0.0, self.clock.seconds() - self.uptime_origin),
-                                        self._db_latency_source())
+        yield from families.health_families(max(0.0, self.clock.seconds() - self.uptime_origin),
+                                            self._db_latency_source())
+        if self._cluster_source is not None:
+            yield from families.cluster_families(self._cluster_source())
 
     def _collect_breakers(self) -> Iterable[Any]:
         return families.breaker_families(first_per_provider(self._breaker_sources))
