@@ -96,9 +96,8 @@ class SafeTimerService(Service):
         """The run, if this instance holds the lease (``acquire`` counts and logs a skip)."""
         if not await self.lease.acquire(self.name):
             return _SKIPPED
-        result = self.fn()
-        if isinstance(result, defer.Deferred) or hasattr(result, "__await__"):
-            result = await result
+        # the lease is released on stop only once this run has ended
+        result = await self.lease.running(self.name, defer.maybeDeferred(self.fn))
         return None if result is _SKIPPED else result
 
 

@@ -236,6 +236,39 @@ async def test_the_subscription_comes_back_after_redis_restarts(cluster, redis_s
     assert (await a.events_health()).status == HEALTHY
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_redis_that_stops_answering_is_cut_off_on_the_clock_and_rejoined(cluster, redis_server):  # noqa: F811
+    clock = Clock()
+    a, b = cluster("a", clock=clock), cluster("b", clock=clock)
+    await _subscribed(a, b)
+    redis_server.pause()                             # accepts connections, answers nothing
+    try:
+        a.bus.publish({"job_id": "hung", "status": "queued", "user_id": None})
+        assert _statuses(a.bus) == [("hung", "queued")]          # shown here at once
+        assert a.commands.in_flight == 1
+        clock.advance(0.5)                           # cluster.timeout: the call is given up
+        await wait_until(lambda: not a.commands.connected, timeout=5)
+        assert a.relay.pending == 1                  # kept for the next connection
+        clock.advance(5)                             # the subscription's ping goes unanswered...
+        clock.advance(0.5)                           # ...and is given up: it reconnects too
+        await wait_until(lambda: not a.relay.subscribed, timeout=5)
+        assert (await a.events_health()).status == DEGRADED
+        for _ in range(3):                           # connecting to a frozen Redis times out too
+            failures = a.commands.failures
+            clock.advance(0.5)
+            clock.advance(0.5)
+            await wait_until(lambda: a.commands.failures > failures, timeout=5)
+    finally:
+        redis_server.resume()
+
+    async def back():
+        clock.advance(0.5)
+        return a.relay.healthy and b.relay.healthy and a.relay.pending == 0
+
+    await wait_until(back, timeout=15)
+    assert a.relay.relayed == 1
+
+
 # -- leases -----------------------------------------------------------------------------------
 
 def _leased_timer(service, clock, runs, name="jobs.poll"):
@@ -306,6 +339,26 @@ async def test_a_clean_stop_hands_the_lease_over_at_the_next_tick(cluster, redis
     assert redis_server.cli("exists", "stdaemon:lease:backup") == "0"
     await _tick(clock, [timer_b])
     assert runs == ["a", "a", "b"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopping_holder_keeps_the_lease_until_its_run_ends(cluster, redis_server):  # noqa: F811
+    clock = Clock()
+    a = cluster("a", clock=clock)
+    await wait_until(lambda: a.commands.connected, timeout=10)
+    run = defer.Deferred()
+    timer = SafeTimerService("approval-expiry", 10, lambda: run, clock, lease=a.leases)
+    timer.startService()
+    clock.advance(10)
+    await wait_until(lambda: "approval-expiry" in a.leases.held, timeout=5)
+    # the daemon stops its services together: the timer waits for its run, the cluster for the lease
+    stopping = defer.DeferredList([defer.maybeDeferred(timer.stopService), a.stopService()])
+    await until(lambda: False, rounds=5)
+    assert redis_server.cli("get", "stdaemon:lease:approval-expiry") == a.leases.token
+    run.callback(None)
+    await stopping
+    assert redis_server.cli("exists", "stdaemon:lease:approval-expiry") == "0"
+    assert timer.runs == 1
 
 
 @pytest_twisted.ensureDeferred

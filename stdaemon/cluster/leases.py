@@ -75,6 +75,7 @@ class TimerLeases:
         self.skipped: dict[tuple[str, str], int] = {}
         self.unavailable: Optional[str] = None    # the last Redis failure, until a call succeeds
         self._renewing: Optional[task.LoopingCall] = None
+        self._runs: dict[str, defer.Deferred] = {}  # timer → its run in progress (under our lease)
 
     @property
     def lease_ms(self) -> int:
@@ -91,8 +92,22 @@ class TimerLeases:
         self._renewing.clock = self.clock
         self._renewing.start(self.lease_seconds / 3.0, now=False)
 
+    def running(self, timer: str, run: defer.Deferred) -> defer.Deferred:
+        """``run`` (a leased timer's run in progress) is waited for before the leases are released."""
+        self._runs[timer] = run
+
+        def ended(result: Any) -> Any:
+            if self._runs.get(timer) is run:
+                del self._runs[timer]
+            return result
+
+        return run.addBoth(ended)
+
     async def stop(self) -> None:
-        """Stop renewing and release what is held (another instance takes over at its next tick)."""
+        """Once the runs in progress end (the lease stays renewed meanwhile), stop renewing and
+        release what is held: another instance takes over at its next tick."""
+        if self._runs:
+            await defer.DeferredList(list(self._runs.values()), consumeErrors=True)
         if self._renewing is not None and self._renewing.running:
             self._renewing.stop()
         for timer in list(self.held):
