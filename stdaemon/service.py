@@ -96,14 +96,9 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     checks.register(app.health)
     app.metrics.set_db_latency_source(lambda: checks.last_db_latency_ms)
 
-    # cluster (cluster.redis_url): several instances on one Redis. Job events are relayed to the other
-    # instances (see "events" below) and the timers that must run once take a lease first: they are
-    # given lease=once. Without cluster.redis_url, relay and once are None: events stay in process and
-    # every timer runs here, as on a single instance.
-    # Run once (DB-wide or provider-facing work): audit-retention, backup, upload-credential-expiry,
-    # session-sweep, jobs.poll, approval-expiry, webhook-deliveries-sweep.
-    # Run on every instance (its own memory or disk): audit-sampler, audit-counts, s3-multipart-cleanup
-    # (local multipart parts), rate-limit-clients-sweep, metrics.provider_spend, change-counters.
+    # cluster (cluster.redis_url): job events relayed to the other instances (see "events"); timers
+    # that must run once (DB-wide or provider work) get lease=once, those acting on this instance's
+    # memory or disk run everywhere. One instance: relay and once are None, every timer runs here.
     app.cluster = ClusterService(config.cluster, app.clock, reactor, event_fields=PUBLIC_JOB_FIELDS)
     app.cluster.setServiceParent(app.services)
     once = app.cluster.leases
@@ -193,9 +188,7 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     # events: the live event bus behind /api/events/stream; its streams end when the daemon drains
     app.events = EventBus(app.clock)
     app.drain_hooks.append(app.events.close_all)
-    if app.cluster.relay is not None:  # several instances: job events to and from the others
-        app.events.relay = app.cluster.relay.send
-        app.cluster.relay.on_event.append(app.events.receive)
+    app.cluster.relay_events(app.events)  # several instances: job events to and from the others
     # configs: named training configs in <state>/configs/<name>/, read and written in their own pool
     app.configs = ConfigService(app.path("configs"), install_pool(app, "stdaemon-configs", maxthreads=2))
     # jobs: the lifecycle and the one job-update path (poller, webhooks, API); "jobs.poll" timer
@@ -219,10 +212,7 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     app.providers.token_changed_hooks.append(app.webhooks.forget_secret)
     # metrics: the figures the capabilities above keep; the providers' spend in their cost period
     wire_metrics(app)
-    if app.cluster.enabled:  # several instances: health and figures of the relay and the leases, last
-        app.health.register("cluster_events", app.cluster.events_health)
-        app.health.register("cluster_leases", app.cluster.leases_health)
-        app.metrics.register_cluster_source(app.cluster.figures)
+    app.cluster.register(app.health, app.metrics)  # several instances: cluster_events/_leases, figures
 
     # the surfaces: they only read the services above; rate limiting is the first middleware
     root = Root(app, build_surfaces(app))

@@ -90,6 +90,21 @@ class ClusterService(Service):
         await self.leases.stop()
         await defer.gatherResults([self.commands.stop(), self.subscriber.stop()], consumeErrors=True)
 
+    # -- wiring (called by build_app; nothing happens on a single instance) ------------------
+
+    def relay_events(self, bus: Any) -> None:
+        """``bus`` (the EventBus) hands its events to the relay and shows the other instances'."""
+        if self.relay is not None:
+            bus.relay = self.relay.send
+            self.relay.on_event.append(bus.receive)
+
+    def register(self, health: Any, metrics: Any) -> None:
+        """Health components ``cluster_events`` and ``cluster_leases``; the metrics figures."""
+        if self.enabled:
+            health.register("cluster_events", self.events_health)
+            health.register("cluster_leases", self.leases_health)
+            metrics.register_cluster_source(self.figures)
+
     # -- health -------------------------------------------------------------------------
 
     async def events_health(self) -> Component:
