@@ -11,6 +11,9 @@
 - graceful stop on SIGTERM: not ready, stop accepting, let in-flight requests
   finish (bounded by ``server.shutdown_timeout``), stop timers, close the
   database.
+
+Size: ``build_app`` is the one composition root, so every capability's wiring lives here by
+design; splitting it would scatter the order in which services are built.
 """
 
 from __future__ import annotations

@@ -8,6 +8,13 @@ from urllib.parse import urlsplit
 
 from stdaemon.invalid import InvalidValue
 
+#: environment variable → key path, merged into the loader's table
+ENV_KEYS: dict[str, str] = {
+    "SIMPLETUNER_CLUSTER_REDIS_URL": "cluster.redis_url",
+    "SIMPLETUNER_CLUSTER_INSTANCE_ID": "cluster.instance_id",
+    "SIMPLETUNER_CLUSTER_LEASE_SECONDS": "cluster.lease_seconds",
+}
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 

@@ -61,9 +61,7 @@ ENV_KEYS: dict[str, str] = {
     "SIMPLETUNER_BACKUP_DIR": "backup.dir",
     "SIMPLETUNER_METRICS_TOKEN": "metrics.bearer_token",
     "SIMPLETUNER_DATABASE_URL": "database.url",
-    "SIMPLETUNER_CLUSTER_REDIS_URL": "cluster.redis_url",
-    "SIMPLETUNER_CLUSTER_INSTANCE_ID": "cluster.instance_id",
-    "SIMPLETUNER_CLUSTER_LEASE_SECONDS": "cluster.lease_seconds",
+    **cluster_settings.ENV_KEYS,
 }
 
 # Variables kept in ``Config.environ`` for modules that need environment
