@@ -6,6 +6,9 @@ metrics settings) are layered on top by their own modules, from the database.
 
 Errors name the key path (``rate_limit.backend: must be one of ...``) and are
 raised as :class:`~stdaemon.invalid.InvalidValue`; unknown keys become warnings.
+
+Size: the one place every section's values are read, coerced and validated; sections with
+many rules (storage, cluster) keep theirs in their own modules and register them here.
 """
 
 from __future__ import annotations
