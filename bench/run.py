@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from bench import procs as P
+from bench import scale_out
 from bench import sink as sink_mod
 from bench import wrk
 
@@ -618,6 +619,11 @@ def fig_ready(b: Bench) -> list[Row]:
                       "with_jobs_seconds": {str(n): s for n, s in b.ready_with_jobs.items()}})]
 
 
+def fig_scale_out(b: Bench) -> list[Row]:
+    """Two instances against one on a shared PostgreSQL (bench/scale_out.py)."""
+    return scale_out.figure(b, Row, na)
+
+
 FIGURES: list[tuple[str, Callable[[Bench], list[Row]]]] = [
     ("get", fig_small_get),
     ("webhook", fig_webhook),
@@ -626,6 +632,7 @@ FIGURES: list[tuple[str, Callable[[Bench], list[Row]]]] = [
     ("metrics", fig_metrics),
     ("rate_limit", fig_rate_limit),
     ("ready", fig_ready),
+    ("scale_out", fig_scale_out),
 ]
 
 

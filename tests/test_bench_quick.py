@@ -7,6 +7,7 @@ every figure (a ratio, a memory delta, or an explicit n/a).
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -17,12 +18,14 @@ from tests.services import require_binary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = {"get_live", "get_job", "webhook", "s3_put", "s3_multipart", "s3_rss", "metrics_scrape",
-            "rate_limit_memory", "rate_limit_redis", "ready"}
+            "rate_limit_memory", "rate_limit_redis", "ready", "scale_out_get", "scale_out_webhook"}
 
 
 def test_quick_bench_runs_and_writes_json(tmp_path):
     require_binary("wrk")
     require_binary("redis-server")
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        require_binary("initdb")  # the scale_out figure starts PostgreSQL
     out = tmp_path / "latest.json"
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     done = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=REPO, env=env,
