@@ -132,7 +132,8 @@ class App:
         database the job totals are read again when jobs changed."""
 
         counters = await self.db.run_read(change_counters)
-        self.auth.saw_generation(counters.get("auth", 0))
+        if self.db.saw_counter("auth", counters.get("auth", 0)):
+            self.auth.invalidate()
         if self.db.saw_counter("settings", counters.get("settings", 0)):
             # Provider and metrics settings saved through the API (here, by another instance or
             # by a restore) are read again.

@@ -241,3 +241,36 @@ async def test_settings_saved_by_another_process_are_read_at_the_next_counter_po
         conn.close()
     await ctx.poll_change_counters()
     assert ctx.providers.value("replicate", "hardware_profile") == chosen
+
+
+def test_a_moved_counter_counts_as_moved_for_the_settling_polls(tmp_path):
+    from stdaemon.store.database import Database
+
+    db = Database(str(tmp_path / "x.db"), None)
+    assert db.saw_counter("jobs", 5) is False           # the first read: nothing to compare with
+    assert db.saw_counter("jobs", 6) is True            # moved
+    assert [db.saw_counter("jobs", 6) for _ in range(db.SETTLE_POLLS)] == [True] * db.SETTLE_POLLS
+    assert db.saw_counter("jobs", 6) is False           # settled
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_committed_after_a_poll_saw_its_counter_move_is_read(make_daemon, postgres_url):
+    """PostgreSQL's counters are sequences: they move when the trigger fires, before the commit.
+    A poll in that gap reads the old rows; the next polls must still read again."""
+    from stdaemon.store import settings as settings_store
+    from tests.postgres_fixture import begin
+
+    daemon = await make_daemon({"database": {"url": postgres_url}})
+    ctx = daemon.ctx
+    chosen = "l40s" if ctx.providers.value("replicate", "hardware_profile") != "l40s" else "h100"
+    conn = connect(daemon)
+    try:
+        begin(conn)
+        settings_store.write_key(conn, "provider:replicate", "hardware_profile", chosen, 1_700_000_000.0)
+        await ctx.poll_change_counters()      # the counter moved; the row is not committed yet
+        assert ctx.providers.value("replicate", "hardware_profile") != chosen
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    await ctx.poll_change_counters()
+    assert ctx.providers.value("replicate", "hardware_profile") == chosen

@@ -162,15 +162,26 @@ class Database:
     def changed(self) -> None:
         self.write_epoch += 1
 
+    #: Polls after a counter moved during which it still counts as moved. On PostgreSQL a counter
+    #: is a sequence, which moves when its trigger fires, before the transaction commits: a poll in
+    #: between would read the old rows again and keep them as if they were the new ones. The
+    #: polls are a second apart and stdaemon's transactions last milliseconds.
+    SETTLE_POLLS = 2
+
     def saw_counter(self, name: str, value: int) -> bool:
         """A change counter of the database as just read (another process's writes); True when it
-        moved since the last read."""
+        moved since the last read, or at one of the ``SETTLE_POLLS`` reads after that."""
         counters = self.__dict__.setdefault("_counters", {})
-        moved = counters.get(name, value) != value
-        if moved:
-            self.changed()
+        settling = self.__dict__.setdefault("_settling", {})
+        if counters.get(name, value) != value:
+            settling[name] = self.SETTLE_POLLS + 1
         counters[name] = value
-        return moved
+        left = settling.get(name, 0)
+        if not left:
+            return False
+        settling[name] = left - 1
+        self.changed()
+        return True
 
     def run_write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
         if not self._running:

@@ -25,7 +25,8 @@ Strategy = Callable[[Any], Awaitable[Optional[Principal]]]
 # (revocation, user changes, a restore), and a change of the database's ``auth`` change counter
 # (bumped by triggers on api_keys/users, so another instance or stdaemon-admin is seen too),
 # read every GENERATION_POLL_SECONDS on a reader thread by the ``change-counters`` timer
-# (``App.poll_change_counters``).
+# (``App.poll_change_counters``, which also empties the cache at the settling polls after a move:
+# ``Database.saw_counter``).
 _CACHE_SECONDS = 60.0
 _CACHE_MAX = 10_000
 GENERATION_POLL_SECONDS = 1.0
@@ -50,7 +51,6 @@ class Authenticator:
         # sha256(key) → (principal, valid_until); bounded (oldest entries dropped first).
         self._cache: dict[str, tuple[Principal, float]] = {}
         self._epoch = 0                        # bumped by invalidate(): lookups begun before it are not cached
-        self._db_generation: Optional[int] = None
 
     def add_strategy(self, strategy: Strategy) -> None:
         self.strategies.append(strategy)
@@ -58,13 +58,6 @@ class Authenticator:
     def invalidate(self) -> None:
         self._cache.clear()
         self._epoch += 1
-
-    def saw_generation(self, value: int) -> None:
-        """The database's ``auth`` change counter as just read; a change empties the cache."""
-        if value != self._db_generation:
-            if self._db_generation is not None:
-                self.invalidate()
-            self._db_generation = value
 
     async def authenticate(self, request: Any) -> Optional[Principal]:
         for strategy in self.strategies:
