@@ -390,6 +390,8 @@ async def test_leased_runs_are_skipped_and_counted_while_redis_is_away(cluster, 
         return a.commands.connected
 
     await wait_until(back, timeout=15)
+    health = await a.leases_health()           # connected again: healthy before the next tick
+    assert health.status == HEALTHY and "2 run(s) skipped" in health.message
     await _tick(clock, [timer])
     assert runs == ["a", "a"] and (await a.leases_health()).status == HEALTHY
     assert a.leases.lost == {"jobs.poll": 1} and a.leases.acquired == {"jobs.poll": 2}

@@ -124,14 +124,16 @@ class ClusterService(Service):
     async def leases_health(self) -> Component:
         leases = self.leases
         held = sorted(leases.held)
-        if leases.unavailable is not None:
-            skipped = sum(n for (_, reason), n in leases.skipped.items() if reason == "redis_unavailable")
+        skipped = sum(n for (_, reason), n in leases.skipped.items() if reason == "redis_unavailable")
+        if leases.unavailable is not None and not self.commands.connected:
             return Component("cluster_leases", DEGRADED,
                              f"leased timers are skipped while Redis is unreachable ({skipped} skipped so "
                              f"far): {leases.unavailable}")
+        # connected again: the next tick of each leased timer takes or renews its lease
+        note = f"; {skipped} run(s) skipped while Redis was unreachable" if skipped else ""
         return Component("cluster_leases", HEALTHY,
                          f"holding {', '.join(held) if held else 'no lease'} of "
-                         f"{len(leases.timers)} leased timer(s)")
+                         f"{len(leases.timers)} leased timer(s){note}")
 
     # -- metrics ------------------------------------------------------------------------
 
