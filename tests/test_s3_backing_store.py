@@ -435,3 +435,25 @@ async def test_complete_after_an_instance_died_between_assembling_and_recording(
     with pytest.raises(ClientError) as err:
         await deferToThread(client.upload_part, Bucket="outputs", Key=key, UploadId=upload_id, PartNumber=2, Body=b"x")
     assert err.value.response["Error"]["Code"] == "NoSuchUpload"
+
+
+@pytest_twisted.ensureDeferred
+async def test_listings_read_a_multipart_shaped_objects_record_once(make_daemon, backing, monkeypatch):
+    settings, _, _ = backing
+    settings["storage"]["multipart_threshold"] = 5 * MIB
+    _, writer = await _start(make_daemon, settings, subdir="writer")
+    put = await deferToThread(writer.put_object, Bucket="outputs", Key="job-1/large.bin", Body=os.urandom(6 * MIB))
+    other, reader = await _start(make_daemon, settings, subdir="reader")
+    store = other.ctx.s3.engine.store
+    reads = []
+    original = store.get_json
+
+    def counting(name):
+        reads.append(name)
+        return original(name)
+
+    monkeypatch.setattr(store, "get_json", counting)
+    for _ in range(3):
+        listed = await deferToThread(reader.list_objects_v2, Bucket="outputs", Prefix="job-1/")
+        assert [o["ETag"] for o in listed["Contents"]] == [put["ETag"]]
+    assert len(reads) == 1

@@ -84,7 +84,8 @@ def object_record(info: ObjectInfo, backing_etag: str) -> dict:
     return record
 
 
-def _matches(record: Any, key: str, backing_etag: str, size: Optional[int] = None) -> bool:
+def describes(record: Any, key: str, backing_etag: str, size: Optional[int] = None) -> bool:
+    """Whether ``record`` is the record of the object ``key`` whose backing ETag is ``backing_etag``."""
     return isinstance(record, dict) and record.get("key") == key and record.get("backing_etag") == backing_etag \
         and (size is None or record.get("size") == size)
 
@@ -93,7 +94,7 @@ def object_info(key: str, record: Optional[dict], backing_etag: str, size: int, 
                 content_type: Optional[str]) -> ObjectInfo:
     """What stdaemon answers about an object: its record when it describes this very object, else
     what the store says (an object written by another tool, or a crash before the record)."""
-    if _matches(record, key, backing_etag, size):
+    if describes(record, key, backing_etag, size):
         try:
             return ObjectInfo(**{k: v for k, v in record.items() if k in _INFO_FIELDS})
         except TypeError:
@@ -103,7 +104,7 @@ def object_info(key: str, record: Optional[dict], backing_etag: str, size: int, 
 
 
 def answered_etag(record: Optional[dict], key: str, backing_etag: str) -> str:
-    if _matches(record, key, backing_etag) and isinstance(record.get("etag"), str):
+    if describes(record, key, backing_etag) and isinstance(record.get("etag"), str):
         return record["etag"]
     return backing_etag
 

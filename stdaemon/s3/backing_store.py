@@ -74,6 +74,8 @@ class BackingStore:
         self._lock = threading.Lock()
         self._known: "OrderedDict[str, None]" = OrderedDict()
         self._records: "OrderedDict[str, dict]" = OrderedDict()  # upload records (immutable until Complete)
+        # ETags stdaemon answered for (key, backing ETag): a record never changes for one backing ETag
+        self._etags: "OrderedDict[tuple[str, str], str]" = OrderedDict()
 
     # -- the store's keys -------------------------------------------------------------------------
 
@@ -147,6 +149,16 @@ class BackingStore:
                 self._records[upload_id] = record
                 while len(self._records) > KNOWN_UPLOADS:
                     self._records.popitem(last=False)
+
+    def _answered(self, key: str, backing_etag: str, etag: Optional[str] = None) -> Optional[str]:
+        """The ETag answered for this very object: kept when ``etag`` is given, else looked up."""
+        with self._lock:
+            if etag is None:
+                return self._etags.get((key, backing_etag))
+            self._etags[(key, backing_etag)] = etag
+            while len(self._etags) > KNOWN_UPLOADS:
+                self._etags.popitem(last=False)
+            return etag
 
     def _forget(self, upload_id: str) -> None:
         with self._lock:
@@ -228,6 +240,7 @@ class BackingStore:
                               checksums=dict(checksums or {}), headers=dict(headers or {}))
             backing_etag = self._send(name, pending, info.content_type, if_none_match)
             self.store.put_json(self._meta_name(bucket, key), records.object_record(info, backing_etag))
+            self._answered(key, backing_etag, info.etag)
             return info
         finally:
             pending.abort()  # the spool file: sent or refused, it is not needed any more
@@ -341,9 +354,14 @@ class BackingStore:
         for item in answer.get("Contents", []):
             key = item["Key"][len(base):]
             etag = item["ETag"]
-            if "-" in etag:
-                record = self.store.get_json(self._meta_name(bucket, key))
-                etag = records.answered_etag(record, key, etag)
+            if "-" in etag:  # a multipart upload's or a large PutObject's: only the record tells which
+                answered = self._answered(key, etag)
+                if answered is None:
+                    record = self.store.get_json(self._meta_name(bucket, key))
+                    answered = records.answered_etag(record, key, etag)
+                    if records.describes(record, key, etag):
+                        self._answered(key, etag, answered)
+                etag = answered
             entries.append((key, ObjectInfo(key=key, size=item["Size"], etag=etag,
                                             last_modified=item["LastModified"].timestamp())))
         for item in answer.get("CommonPrefixes", []):
@@ -528,6 +546,7 @@ class BackingStore:
                 raise StorageError("BadDigest", f"The {full_object[0].upper()} you specified did not match the "
                                    "calculated checksum.")
         self.store.put_json(self._meta_name(bucket, key), records.object_record(info, backing_etag))
+        self._answered(key, backing_etag, info.etag)
         self._retire(bucket, upload_id, info, now)
         return info
 
