@@ -65,6 +65,11 @@ async def test_aws_cli_cp_ls_sync_round_trip(make_daemon, tls, tmp_path, scheme,
     (tree / "a.txt").write_bytes(b"alpha")
     (tree / "sub" / "b.bin").write_bytes(os.urandom(70_000))
     (tree / "sub" / "space name.txt").write_bytes(b"spaces")
+    if storage_backend:
+        # listings carry the store's LastModified, whole seconds as S3's: a file written in the second
+        # of its upload would look newer to the second sync
+        for path in (tree / "a.txt", tree / "sub" / "b.bin", tree / "sub" / "space name.txt"):
+            os.utime(path, (os.path.getmtime(path) - 60, os.path.getmtime(path) - 60))
     out, err, code = await _aws(["s3", "sync", str(tree), "s3://outputs/job-7/tree/", *endpoint], env)
     assert code == 0, (out, err)
 
