@@ -149,7 +149,10 @@ def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tupl
     if config.storage.backend == "s3":
         app.health.register("object_store", app.s3.health)
     app.add_timer("upload-credential-expiry", 60.0, app.upload_credentials.sweep, lease=once)
-    app.add_timer("s3-multipart-cleanup", 3600.0, app.s3.cleanup, now=True)
+    # Stale multipart uploads live on this instance's disk (local), or in the store every instance
+    # shares (s3): there, one instance sweeps them.
+    app.add_timer("s3-multipart-cleanup", 3600.0, app.s3.cleanup, now=True,
+                  lease=once if config.storage.backend == "s3" else None)
 
     # rate limiting: one RateLimiting (also behind the guide's get_rate_limiter), its middleware, health, sweep
     limits = config.rate_limit

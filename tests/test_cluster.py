@@ -405,3 +405,22 @@ async def test_a_single_instance_takes_no_lease_and_shows_no_cluster_parts(daemo
     names = [c.name for c in await daemon.ctx.health.check_all()]
     assert not any(name.startswith("cluster") for name in names)
     assert "simpletuner_cluster" not in daemon.ctx.metrics.render(["health"])[0].decode()
+
+
+@pytest.mark.parametrize("backend, leased", [("local", False), ("s3", True)])
+def test_stale_multipart_uploads_are_swept_once_only_when_the_store_is_shared(tmp_path, backend, leased):
+    """With storage.backend s3 every instance sees the same stale uploads: one sweeps them. With
+    local storage each instance sweeps its own disk."""
+    from twisted.internet import reactor
+
+    from stdaemon.service import build_app
+    from tests.conftest import build_config
+
+    storage = {"backend": backend}
+    if backend == "s3":
+        storage.update(bucket="outputs-bucket", endpoint_url="http://127.0.0.1:9", region="us-east-1")
+    config = build_config(tmp_path, {"cluster": {"redis_url": "redis://127.0.0.1:9/0"}, "storage": storage})
+    app, _root = build_app(config, reactor, Clock())
+    timers = {t.name: t for t in app.services if isinstance(t, SafeTimerService)}
+    assert timers["jobs.poll"].lease is app.cluster.leases
+    assert (timers["s3-multipart-cleanup"].lease is app.cluster.leases) is leased
