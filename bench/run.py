@@ -279,14 +279,15 @@ def fig_small_get(b: Bench) -> list[Row]:
     return rows
 
 
-def _webhook_requests(port: int, count: int) -> list[bytes]:
+def _webhook_requests(port: int, count: int, first: int = 0, prediction_prefix: str = "benchpred") -> list[bytes]:
+    """``count`` signed "succeeded" deliveries for predictions ``<prefix><first>`` onwards."""
     from stdaemon.webhooks.signature import decode_secret, sign
 
     key = decode_secret(P.WEBHOOK_SECRET)
     now = int(time.time())
     out = []
-    for i in range(count):
-        body = json.dumps({"id": f"benchpred{i}", "status": "succeeded", "output": ["https://example.invalid/o.bin"],
+    for i in range(first, first + count):
+        body = json.dumps({"id": f"{prediction_prefix}{i}", "status": "succeeded", "output": ["https://example.invalid/o.bin"],
                            "metrics": {"predict_time": 12.5}}).encode()
         webhook_id = f"msg_bench{uuid.uuid4().hex}"
         headers = (f"POST /api/webhooks/replicate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
@@ -621,7 +622,7 @@ def fig_ready(b: Bench) -> list[Row]:
 
 def fig_scale_out(b: Bench) -> list[Row]:
     """Two instances against one on a shared PostgreSQL (bench/scale_out.py)."""
-    return scale_out.figure(b, Row, na)
+    return scale_out.figure(b, Row, na, _webhook_requests)
 
 
 FIGURES: list[tuple[str, Callable[[Bench], list[Row]]]] = [

@@ -16,10 +16,8 @@ committed webhook is on disk as it is in production.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import time
-import uuid
 from typing import Any, Callable
 
 from cryptography.fernet import Fernet
@@ -52,24 +50,6 @@ def _postgres(base: str) -> Any:
     return server
 
 
-def _signed_requests(port: int, first: int, count: int) -> list[bytes]:
-    from stdaemon.webhooks.signature import decode_secret, sign
-
-    key = decode_secret(P.WEBHOOK_SECRET)
-    now = int(time.time())
-    out = []
-    for i in range(first, first + count):
-        body = json.dumps({"id": f"scalepred{i}", "status": "succeeded",
-                           "output": ["https://example.invalid/o.bin"], "metrics": {"predict_time": 12.5}}).encode()
-        webhook_id = f"msg_scale{uuid.uuid4().hex}"
-        head = (f"POST /api/webhooks/replicate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                f"webhook-id: {webhook_id}\r\nwebhook-timestamp: {now}\r\n"
-                f"webhook-signature: {sign(key, webhook_id, now, body)}\r\n\r\n").encode()
-        out.append(head + body)
-    return out
-
-
 def _seed(url: str, jobs: int) -> None:
     """The job to GET and ``jobs`` running jobs with external ids ``scalepred<n>`` (one per delivery)."""
     import psycopg
@@ -85,8 +65,10 @@ def _seed(url: str, jobs: int) -> None:
                             rows)
 
 
-def figure(bench: Any, row: Callable[..., Any], na: Callable[..., Any]) -> list:
-    """The ``scale_out`` rows (``row``/``na`` build bench.run's rows)."""
+def figure(bench: Any, row: Callable[..., Any], na: Callable[..., Any],
+           webhook_requests: Callable[..., list]) -> list:
+    """The ``scale_out`` rows (``row``/``na`` build bench.run's rows; ``webhook_requests`` is its
+    signed-delivery maker)."""
     profile = bench.profile
     deliveries = DELIVERIES["quick" if profile.name == "quick" else "full"]
     method = (f"one instance: wrk -t1 -c16 against it; two instances: two wrk -t1 -c8 at once, one per "
@@ -137,7 +119,7 @@ def figure(bench: Any, row: Callable[..., Any], na: Callable[..., Any]) -> list:
             with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
                 for proc in targets:
                     lua = os.path.join(bench.base, f"scale-{proc.name}-{offset[0]}.lua")
-                    wrk.write_requests(lua, _signed_requests(proc.port, offset[0], per))
+                    wrk.write_requests(lua, webhook_requests(proc.port, per, offset[0], "scalepred"))
                     offset[0] += per
                     runs.append(pool.submit(wrk.run, proc.url("/api/webhooks/replicate"),
                                             seconds=profile.wrk_seconds, max_requests=per,

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 from stdaemon.s3 import checksums as s3_checksums
 from stdaemon.s3.errors import StorageError
 from stdaemon.s3.keys import InvalidKey, validate_key
-from stdaemon.s3.multipart import MIN_PART_SIZE, _part_checksums_match
+from stdaemon.s3.multipart import MIN_PART_SIZE, _part_checksums_match, parts_checksum
 from stdaemon.s3.objects import FOLDER_MARKER, SYSTEM_DIR, ObjectInfo, PartInfo
 
 _INFO_FIELDS = {f.name for f in fields(ObjectInfo)}
@@ -177,27 +177,9 @@ def object_checksums(upload: Mapping, metas: list, object_checksum: Optional[tup
     computes them. A FULL_OBJECT CRC is combined from the parts' CRCs (checked before anything is
     assembled); ``full object`` is ``(algorithm, given value or None)`` when it cannot be (SHA
     checksums, or parts sent without that CRC) and must be computed over the assembled bytes."""
-    algorithm = (upload.get("checksum_algorithm") or "").lower()
-    if object_checksum is not None:
-        algorithm = object_checksum[0]
-    composite = None
-    if algorithm in s3_checksums.ALGORITHMS and metas \
-            and all(algorithm in (m.get("checksums") or {}) for m in metas):
-        try:
-            joined = b"".join(base64.b64decode(m["checksums"][algorithm], validate=True) for m in metas)
-        except ValueError:
-            joined = None
-        if joined is not None:
-            composite = f"{s3_checksums.checksum_b64(algorithm, joined)}-{len(metas)}"
-    full_object = (upload.get("checksum_type") or "").upper() == "FULL_OBJECT"
-    if object_checksum is None and not (full_object and algorithm in s3_checksums.ALGORITHMS):
-        return ({algorithm: composite}, "COMPOSITE", None) if composite else ({}, "", None)
-    given = object_checksum[1].strip() if object_checksum is not None else None
-    if given is not None and "-" in given:
-        if composite is None or given != composite:
-            raise StorageError("BadDigest", f"The {algorithm.upper()} you specified did not match the "
-                               "calculated checksum.")
-        return {algorithm: composite}, "COMPOSITE", None
+    answer, algorithm, given = parts_checksum(upload, metas, object_checksum)
+    if answer is not None:
+        return answer[0], answer[1], None
     combined = combined_crc(algorithm, metas)
     if combined is not None:
         if given is not None and combined != given:

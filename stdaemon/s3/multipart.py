@@ -239,27 +239,9 @@ class StorageEngine(ObjectStore):
     def _object_checksums(upload: dict, metas: list, object_checksum: Optional[tuple[str, str]],
                           pending: PendingWrite) -> tuple[dict, str]:
         """``({algorithm: value}, checksum type)`` of an assembled multipart object."""
-        algorithm = (upload.get("checksum_algorithm") or "").lower()
-        if object_checksum is not None:
-            algorithm = object_checksum[0]
-        composite = None
-        if algorithm in s3_checksums.ALGORITHMS and metas \
-                and all(algorithm in (m.get("checksums") or {}) for m in metas):
-            try:
-                joined = b"".join(base64.b64decode(m["checksums"][algorithm], validate=True) for m in metas)
-            except ValueError:
-                joined = None
-            if joined is not None:
-                composite = f"{s3_checksums.checksum_b64(algorithm, joined)}-{len(metas)}"
-        full_object = (upload.get("checksum_type") or "").upper() == "FULL_OBJECT"
-        if object_checksum is None and not (full_object and algorithm in s3_checksums.ALGORITHMS):
-            return ({algorithm: composite}, "COMPOSITE") if composite else ({}, "")
-        given = object_checksum[1].strip() if object_checksum is not None else None
-        if given is not None and "-" in given:
-            if composite is None or given != composite:
-                raise StorageError("BadDigest", f"The {algorithm.upper()} you specified did not match the "
-                                   "calculated checksum.")
-            return {algorithm: composite}, "COMPOSITE"
+        answer, algorithm, given = parts_checksum(upload, metas, object_checksum)
+        if answer is not None:
+            return answer
         # a FULL_OBJECT checksum (given on Complete, or asked for on Create): computed over the
         # assembled bytes before they become visible
         state = s3_checksums.new_checksum(algorithm)
@@ -351,6 +333,37 @@ class StorageEngine(ObjectStore):
                 pass
         return removed
 
+
+
+def parts_checksum(upload: Mapping, metas: list, object_checksum: Optional[tuple[str, str]]
+                   ) -> tuple[Optional[tuple[dict, str]], str, Optional[str]]:
+    """Complete's checksum where the parts decide it (both storage backends):
+    ``(answer, algorithm, given)``. ``answer`` is ``({algorithm: value}, checksum type)`` — the
+    COMPOSITE checksum over the parts' checksums, or none — or None when a FULL_OBJECT checksum of
+    the assembled object is needed; ``given`` is the value sent on Complete (or None). A composite
+    value given on Complete that does not match is refused (``BadDigest``)."""
+    algorithm = (upload.get("checksum_algorithm") or "").lower()
+    if object_checksum is not None:
+        algorithm = object_checksum[0]
+    composite = None
+    if algorithm in s3_checksums.ALGORITHMS and metas \
+            and all(algorithm in (m.get("checksums") or {}) for m in metas):
+        try:
+            joined = b"".join(base64.b64decode(m["checksums"][algorithm], validate=True) for m in metas)
+        except ValueError:
+            joined = None
+        if joined is not None:
+            composite = f"{s3_checksums.checksum_b64(algorithm, joined)}-{len(metas)}"
+    full_object = (upload.get("checksum_type") or "").upper() == "FULL_OBJECT"
+    if object_checksum is None and not (full_object and algorithm in s3_checksums.ALGORITHMS):
+        return (({algorithm: composite}, "COMPOSITE") if composite else ({}, "")), algorithm, None
+    given = object_checksum[1].strip() if object_checksum is not None else None
+    if given is not None and "-" in given:
+        if composite is None or given != composite:
+            raise StorageError("BadDigest", f"The {algorithm.upper()} you specified did not match the "
+                               "calculated checksum.")
+        return ({algorithm: composite}, "COMPOSITE"), algorithm, given
+    return None, algorithm, given
 
 
 def _part_checksums_match(listed: Mapping[str, str], stored: Mapping[str, str]) -> bool:
