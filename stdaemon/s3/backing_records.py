@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 from stdaemon.s3 import checksums as s3_checksums
 from stdaemon.s3.errors import StorageError
 from stdaemon.s3.keys import InvalidKey, validate_key
-from stdaemon.s3.multipart import MIN_PART_SIZE, _part_checksums_match, parts_checksum
+from stdaemon.s3.multipart import check_complete as multipart_check_complete, parts_checksum
 from stdaemon.s3.objects import FOLDER_MARKER, SYSTEM_DIR, ObjectInfo, PartInfo
 
 _INFO_FIELDS = {f.name for f in fields(ObjectInfo)}
@@ -140,35 +140,10 @@ def completed_info(record: Optional[dict], key: str) -> Optional[ObjectInfo]:
                       checksum_type=done.get("checksum_type", ""), parts=done.get("parts", 0))
 
 
-def invalid_part(number: int) -> StorageError:
-    return StorageError("InvalidPart", "One or more of the specified parts could not be found. The part may not "
-                        "have been uploaded, or the specified entity tag may not match the part's entity tag.",
-                        PartNumber=number)
-
-
 def check_complete(parts: list, records: Mapping[int, dict]) -> list[dict]:
-    """The records of the parts a Complete lists (``[(number, etag[, {checksums}])]``), checked as
-    the local store checks them: order, ETags, listed checksums, sizes."""
-    parts = [(p[0], p[1], p[2] if len(p) > 2 else {}) for p in parts]
-    if not parts:
-        raise StorageError("MalformedXML", "The XML you provided was not well-formed or did not validate "
-                           "against our published schema.")
-    numbers = [n for n, _, _ in parts]
-    if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
-        raise StorageError("InvalidPartOrder", "The list of parts was not in ascending order. The parts "
-                           "list must be specified in order by part number.")
-    metas = []
-    for index, (number, etag, listed) in enumerate(parts):
-        record = records.get(number)
-        given = etag.strip().strip('"').lower()
-        if record is None or not given or record.get("md5") != given \
-                or not _part_checksums_match(listed, record.get("checksums") or {}):
-            raise invalid_part(number)
-        if index < len(parts) - 1 and record["size"] < MIN_PART_SIZE:
-            raise StorageError("EntityTooSmall", "Your proposed upload is smaller than the minimum "
-                               "allowed object size.", PartNumber=number)
-        metas.append(record)
-    return metas
+    """The records of the parts a Complete lists, checked as the local store checks them
+    (:func:`stdaemon.s3.multipart.check_complete`)."""
+    return multipart_check_complete(parts, records.get)
 
 
 def object_checksums(upload: Mapping, metas: list, object_checksum: Optional[tuple[str, str]]

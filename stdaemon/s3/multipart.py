@@ -13,7 +13,7 @@ import shutil
 import threading
 import uuid
 from dataclasses import asdict
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from stdaemon.s3 import checksums as s3_checksums
 from stdaemon.s3.errors import StorageError, no_such_upload
@@ -180,32 +180,12 @@ class StorageEngine(ObjectStore):
             if done is None:
                 raise
             return done
-        parts = [(p[0], p[1], p[2] if len(p) > 2 else {}) for p in parts]
         with self._lock:
             if upload_id in self._completing:
                 raise StorageError("OperationAborted", "A conflicting operation is in progress on this upload", 409)
             self._completing.add(upload_id)
         try:
-            if not parts:
-                raise StorageError("MalformedXML", "The XML you provided was not well-formed or did not validate "
-                                   "against our published schema.")
-            numbers = [n for n, _, _ in parts]
-            if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
-                raise StorageError("InvalidPartOrder", "The list of parts was not in ascending order. The parts "
-                                   "list must be specified in order by part number.")
-            metas = []
-            for index, (number, etag, listed) in enumerate(parts):
-                meta = self._read_part_meta(path, number)
-                given = etag.strip().strip('"').lower()
-                if meta is None or not given or meta["md5"] != given \
-                        or not _part_checksums_match(listed, meta.get("checksums") or {}):
-                    raise StorageError("InvalidPart", "One or more of the specified parts could not be found. The "
-                                       "part may not have been uploaded, or the specified entity tag may not match "
-                                       "the part's entity tag.", PartNumber=number)
-                if index < len(parts) - 1 and meta["size"] < MIN_PART_SIZE:
-                    raise StorageError("EntityTooSmall", "Your proposed upload is smaller than the minimum "
-                                       "allowed object size.", PartNumber=number)
-                metas.append(meta)
+            metas = check_complete(parts, lambda number: self._read_part_meta(path, number))
             pending = PendingWrite(bucket.tmp, sha256=False, live=self.live_temp_files)
             digest = hashlib.md5()
             try:
@@ -333,6 +313,35 @@ class StorageEngine(ObjectStore):
                 pass
         return removed
 
+
+
+def check_complete(parts: list, part_record: Callable[[int], Optional[dict]]) -> list[dict]:
+    """The records of the parts a Complete lists (``[(number, etag[, {checksums}])]``), in order,
+    checked as S3 checks them: ascending distinct numbers, each part there with that ETag and the
+    checksums listed, every part but the last at least ``MIN_PART_SIZE`` (both storage backends;
+    ``part_record(number)`` is the part's record or None)."""
+    parts = [(p[0], p[1], p[2] if len(p) > 2 else {}) for p in parts]
+    if not parts:
+        raise StorageError("MalformedXML", "The XML you provided was not well-formed or did not validate "
+                           "against our published schema.")
+    numbers = [n for n, _, _ in parts]
+    if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+        raise StorageError("InvalidPartOrder", "The list of parts was not in ascending order. The parts "
+                           "list must be specified in order by part number.")
+    metas = []
+    for index, (number, etag, listed) in enumerate(parts):
+        record = part_record(number)
+        given = etag.strip().strip('"').lower()
+        if record is None or not given or record.get("md5") != given \
+                or not _part_checksums_match(listed, record.get("checksums") or {}):
+            raise StorageError("InvalidPart", "One or more of the specified parts could not be found. The "
+                               "part may not have been uploaded, or the specified entity tag may not match "
+                               "the part's entity tag.", PartNumber=number)
+        if index < len(parts) - 1 and record["size"] < MIN_PART_SIZE:
+            raise StorageError("EntityTooSmall", "Your proposed upload is smaller than the minimum "
+                               "allowed object size.", PartNumber=number)
+        metas.append(record)
+    return metas
 
 
 def parts_checksum(upload: Mapping, metas: list, object_checksum: Optional[tuple[str, str]]
