@@ -19,19 +19,17 @@ import socket
 import threading
 import time
 import urllib.parse
-import uuid
-from datetime import datetime, timezone
 
 import boto3
 import pytest_twisted
 import treq
 from botocore.config import Config as BotoConfig
-from standardwebhooks.webhooks import Webhook
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.fake_replicate import FakeReplicate
+from tests.test_journey import _signed  # the journey's Standard Webhooks signer
 from tests.redis_fixture import redis_server  # noqa: F401 (fixture)
 from tests.round_robin_proxy import RoundRobinProxy
 from tests.secret_stores import MotoServer
@@ -92,15 +90,6 @@ class EventReader(threading.Thread):
 
     def statuses(self, job_id):
         return [e["status"] for e in self.events if e.get("job_id") == job_id]
-
-
-def signed(secret, payload):
-    data = json.dumps(payload)
-    msg_id = f"msg_{uuid.uuid4().hex}"
-    now = datetime.now(tz=timezone.utc)
-    return data.encode(), {"webhook-id": msg_id, "webhook-timestamp": str(int(now.timestamp())),
-                           "webhook-signature": Webhook(secret).sign(msg_id, now, data),
-                           "Content-Type": "application/json"}
 
 
 def s3_client(url, inputs):
@@ -202,7 +191,7 @@ async def test_two_instances_share_jobs_outputs_events_and_the_audit_chain(
         reasons = []
         for instance, status, extra in ((a, "starting", {}), (b, "processing", {}),
                                         (a, "succeeded", {"predict_time": 600.0})):
-            data, headers = signed(cluster.webhook_secret, fake.state.set_status(prediction_id, status, **extra))
+            data, headers = _signed(cluster.webhook_secret, fake.state.set_status(prediction_id, status, **extra))
             code, answer = await api.call("POST", f"{instance.url}/api/webhooks/replicate", data, headers)
             assert code == 200, answer
             reasons.append((answer["reason"], answer["job_status"]))
