@@ -9,6 +9,7 @@ bounded; every process started is stopped by :class:`Processes.close`.
 from __future__ import annotations
 
 import base64
+import compileall
 import http.client
 import json
 import os
@@ -76,6 +77,21 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     # after the command name: state is field 3, utime field 14, stime field 15 (1-based)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def compile_bytecode(base: str) -> list[str]:
+    """Compile the bytecode of the stdaemon the daemons will import (resolved as they resolve it:
+    this interpreter, from a directory outside the checkout) and of the bench's peer, as an
+    installed package has it (pip and ``scripts/setup`` compile it).  Without it, a checkout run
+    with ``PYTHONDONTWRITEBYTECODE`` (or read-only) compiles every module from source at each
+    start, and the start-to-ready figure measures the compiler.  Returns the directories."""
+    probe = ("import compileall, os, stdaemon; d = os.path.dirname(stdaemon.__file__); "
+             "compileall.compile_dir(d, quiet=1); print(d)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=base, capture_output=True, text=True,
+                         timeout=300, check=True).stdout.strip()
+    bench_dir = os.path.join(REPO, "bench")
+    compileall.compile_dir(bench_dir, quiet=1)
+    return [out, bench_dir]
 
 
 # ------------------------------------------------------------------ state seeding (before start)
