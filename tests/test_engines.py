@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sqlite3
 import threading
 
 import pytest
@@ -567,3 +568,64 @@ def test_a_commit_waits_for_the_wal_even_where_the_server_would_not(postgres_ser
         assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "remote_apply"
     finally:
         conn.close()
+
+
+class _CountingConnection:
+    """A SQLite connection that counts the COMMITs sent through it."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.commits = 0
+
+    def execute(self, sql, *args):
+        if sql.strip().upper() == "COMMIT":
+            self.commits += 1
+        return self.conn.execute(sql, *args)
+
+
+def _sqlite_schema(conn):
+    return sorted(tuple(row) for row in conn.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name != 'sqlite_sequence'"))
+
+
+def test_a_new_sqlite_database_is_migrated_in_one_transaction_and_an_old_one_step_by_step(tmp_path):
+    """A fresh database: every migration and its ledger row in one commit.  A database with some
+    migrations applied: each remaining one in its own transaction, as before.  Both end with the
+    same schema and ledger as applying every migration one by one."""
+    from stdaemon.store.database import connect
+
+    fresh = _CountingConnection(connect(str(tmp_path / "fresh.db")))
+    assert schema.migrate(fresh) == len(schema.MIGRATIONS)
+    assert fresh.commits == 1
+    assert [m["name"] for m in inspect.applied_migrations(fresh.conn)] == schema.known_migrations()
+
+    # an old database: the first three migrations applied one by one, as an older stdaemon did
+    old = connect(str(tmp_path / "old.db"))
+    old.execute("CREATE TABLE schema_migrations ("
+                " name TEXT PRIMARY KEY, applied_at TEXT NOT NULL DEFAULT (datetime('now')))")
+    for name, sql, _ in schema.MIGRATIONS[:3]:
+        old.execute("BEGIN IMMEDIATE")
+        for statement in schema._split(sql):
+            old.execute(statement)
+        old.execute("INSERT INTO schema_migrations (name) VALUES (?)", (name,))
+        old.execute("COMMIT")
+    upgraded = _CountingConnection(old)
+    assert schema.migrate(upgraded) == len(schema.MIGRATIONS)
+    assert upgraded.commits == len(schema.MIGRATIONS) - 3
+    assert _sqlite_schema(old) == _sqlite_schema(fresh.conn)
+    assert [m["name"] for m in inspect.applied_migrations(old)] == schema.known_migrations()
+    # and nothing is left to do the next time
+    again = _CountingConnection(old)
+    assert schema.migrate(again) == len(schema.MIGRATIONS) and again.commits == 0
+
+
+def test_a_failing_migration_of_a_new_sqlite_database_leaves_nothing(tmp_path, monkeypatch):
+    from stdaemon.store.database import connect
+
+    broken = schema.Migration("9999_broken", "CREATE TABLE oops (x INTEGER);\nSELECT * FROM no_such_table;")
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, broken])
+    conn = connect(str(tmp_path / "fresh.db"))
+    with pytest.raises(sqlite3.OperationalError):
+        schema.migrate(conn)
+    assert schema.schema_version(conn) == 0
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name IN ('jobs', 'oops')").fetchone()[0] == 0

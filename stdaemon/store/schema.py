@@ -508,27 +508,40 @@ MIGRATIONS: list[Migration] = [
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Apply pending migrations; return the schema version."""
+    """Apply pending migrations; return the schema version.
+
+    An existing database is upgraded one migration per transaction.  A new one (nothing applied
+    yet) gets every migration, and its rows in ``schema_migrations``, in a single transaction:
+    the same statements in the same order, with one commit (one fsync) instead of one each."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " name TEXT PRIMARY KEY, applied_at TEXT NOT NULL DEFAULT (datetime('now')))"
     )
-    applied = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
-    for name, sql, _ in MIGRATIONS:
-        if name in applied:
-            continue
+    applied = _applied(conn)
+    pending = [migration for migration in MIGRATIONS if migration.name not in applied]
+    steps = [pending] if pending and not applied else [[migration] for migration in pending]
+    for step in steps:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            # executescript would COMMIT the open transaction first; run the
-            # statements one by one so the migration is atomic.
-            for statement in _split(sql):
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_migrations (name) VALUES (?)", (name,))
+            # Read again under the write lock: another process may have migrated meanwhile.
+            done = _applied(conn)
+            for name, sql, _ in step:
+                if name in done:
+                    continue
+                # executescript would COMMIT the open transaction first; run the
+                # statements one by one so the migration is atomic.
+                for statement in _split(sql):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations (name) VALUES (?)", (name,))
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
     return schema_version(conn)
+
+
+def _applied(conn: Any) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
 
 
 def migrate_any(conn: Any) -> int:
