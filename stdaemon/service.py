@@ -88,6 +88,7 @@ from stdaemon.webhooks.service import WebhookService
 log = get_logger("stdaemon.service")
 
 SETUP_LINK_TTL = 30 * 60.0  # seconds the first sign-in link stays valid (injected clock)
+CHECKSUM_LOAD_DELAY = 1.0  # seconds after ready before the C checksum libraries are imported
 
 
 def build_app(config: Config, reactor: Any, clock: Optional[Any] = None) -> tuple[App, Root]:
@@ -355,6 +356,7 @@ class StdaemonService(MultiService):
         self._idle: list[defer.Deferred] = []
         self.log_observer = log_observer
         self.started: defer.Deferred = defer.Deferred()
+        self._warm_up: Any = None  # the delayed load of the checksum libraries
         self._wrap_root_for_inflight()
 
     # -- logging under twistd -----------------------------------------------
@@ -437,6 +439,9 @@ class StdaemonService(MultiService):
         await start_capabilities(ctx)
         ctx.health.phase = "ready"
         ctx.health.not_ready_reason = None
+        # The C CRC libraries load in the s3-io pool a moment after ready (awscrt holds the GIL for
+        # tens of milliseconds while it loads): neither the start nor the first upload waits for it.
+        self._warm_up = ctx.clock.callLater(CHECKSUM_LOAD_DELAY, ctx.s3.load_checksum_libraries)
         log.info("stdaemon {version} ready on {listen} (schema version {schema})",
                  version=ctx.version, listen=", ".join(self.config.server.listen), schema=version)
 
@@ -476,6 +481,8 @@ class StdaemonService(MultiService):
     async def _stop(self) -> None:
         ctx = self.ctx
         ctx.health.phase = "stopping"
+        if self._warm_up is not None and self._warm_up.active():
+            self._warm_up.cancel()
         log.info("Stopping: no new connections, finishing {n} in-flight request(s)", n=self.inflight)
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []

@@ -105,3 +105,39 @@ async def test_boto3_put_and_multipart_with_crc32c_and_crc64nvme(make_daemon):
         part = await deferToThread(client.upload_part, Bucket="outputs", Key=key + ".mp", PartNumber=1,
                                    UploadId=upload["UploadId"], Body=body, ChecksumAlgorithm=algorithm)
         assert part[field] == s3_checksums.checksum_b64(algorithm.lower(), body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_s3_service_loads_the_c_libraries_in_its_pool(monkeypatch):
+    """An aws-chunked upload's decoder runs on the reactor: the C CRC libraries must already be
+    imported by then, in the S3 pool (a thread), not in the first such request."""
+    import threading
+
+    from twisted.internet import reactor
+
+    from stdaemon.s3.service import S3Service
+    from stdaemon.threads import BlockingPool
+
+    loaded_in: list = []
+    monkeypatch.setattr(s3_checksums, "_native", {})
+    original = s3_checksums._c_function
+
+    def record(algorithm):
+        loaded_in.append((algorithm, threading.current_thread() is threading.main_thread()))
+        return original(algorithm)
+
+    monkeypatch.setattr(s3_checksums, "_c_function", record)
+
+    class Engine:
+        async def start(self):
+            pass
+
+    pool = BlockingPool(reactor, "test-s3-io", maxthreads=1)
+    pool.start()
+    try:
+        service = S3Service(Engine(), pool, None, reactor, "/nonexistent")
+        await service.load_checksum_libraries()
+    finally:
+        await pool.stop()
+    assert sorted(loaded_in) == [("crc32c", False), ("crc64nvme", False)]
+    assert s3_checksums._native["crc32c"] is not None and s3_checksums._native["crc64nvme"] is not None

@@ -2,14 +2,17 @@
 
 ``Certificate.loadPEM`` reads only the first certificate of a PEM file, so the
 bundle is split and every certificate in it is loaded.  :func:`load_ca_bundle`
-reads a file: call it off the reactor thread.
+reads a file: call it off the reactor thread.  ``twisted.internet.ssl`` (and pyOpenSSL) is
+imported by the first call, so a configuration without a CA bundle does not load it for this.
 """
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from twisted.internet import ssl
+if TYPE_CHECKING:
+    from twisted.internet import ssl
 
 
 class CABundleError(ValueError):
@@ -28,6 +31,8 @@ def split_pem_certificates(data: bytes) -> list[bytes]:
 
 def load_ca_bundle(path: str) -> list[ssl.Certificate]:
     """Read a PEM bundle and parse all of its certificates (small file)."""
+    from twisted.internet import ssl
+
     try:
         with open(path, "rb") as handle:
             data = handle.read(8 * 1024 * 1024)

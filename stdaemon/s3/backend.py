@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional, Protocol
 
-from stdaemon.s3.backing_store import BackingStore
 from stdaemon.s3.credentials import UPLOAD_BUCKET
 from stdaemon.s3.multipart import StorageEngine
 from stdaemon.s3.objects import ObjectInfo, PartInfo, PendingWrite
@@ -108,5 +107,9 @@ def object_backend(storage: Any, outputs_dir: str, default_spool: str, now: floa
     store's keys resolved by ``secret``)."""
     if storage.backend == "s3":
         spool = os.path.expanduser(storage.spool_dir) if storage.spool_dir else default_spool
+        # Imported only when configured (at build time, not in a request): the default local
+        # backend starts without the S3 client side.
+        from stdaemon.s3.backing_store import BackingStore
+
         return BackingStore(storage, spool, (UPLOAD_BUCKET,), created_at=now, environ=environ, secret=secret)
     return StorageEngine({UPLOAD_BUCKET: outputs_dir}, created_at=now)

@@ -40,6 +40,13 @@ def _c_function(algorithm: str) -> Optional[Callable[[Any, int], int]]:
     return _native[algorithm]
 
 
+def load_native() -> None:
+    """Import the C CRC libraries now.  Blocking (``awscrt`` takes tens of milliseconds): the S3
+    service calls it in its pool at start, so no upload's request imports them on the reactor."""
+    for algorithm in ("crc32c", "crc64nvme"):
+        _c_function(algorithm)
+
+
 def native(algorithm: str) -> bool:
     """The algorithm runs in C here (``False``: the pure-Python fallback is in use)."""
     return algorithm.lower() not in ("crc32c", "crc64nvme") or _c_function(algorithm.lower()) is not None

@@ -15,6 +15,7 @@ from twisted.internet import defer
 
 from stdaemon.health.service import DEGRADED, HEALTHY, Component
 from stdaemon.logs import get_logger
+from stdaemon.s3 import checksums as s3_checksums
 from stdaemon.s3.auth import Caller
 from stdaemon.s3.credentials import UPLOAD_BUCKET
 from stdaemon.s3.errors import StorageError
@@ -68,6 +69,13 @@ class S3Service:
     async def start(self) -> None:
         """Before the daemon is ready: whatever the store needs first (its keys from secrets)."""
         await self.engine.start()
+
+    def load_checksum_libraries(self) -> defer.Deferred:
+        """Import the C CRC libraries in the pool (once the daemon is ready, so the import does
+        not delay it): an aws-chunked upload's decoder runs on the reactor, and the first one
+        asking for CRC32C or CRC64/NVME must not import them there."""
+        return self.run(s3_checksums.load_native).addErrback(
+            lambda failure: log.failure("Loading the checksum libraries failed", failure=failure))
 
     async def cleanup(self) -> None:
         await self.engine.start()  # rotated store keys are picked up within the timer's interval
