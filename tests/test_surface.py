@@ -160,3 +160,37 @@ def test_api_error_carries_extra_fields_and_headers():
     assert error.body() == {"error": "breaker_open", "detail": "Provider unavailable",
                             "provider": "replicate"}
     assert error.headers == {"Retry-After": "30"}
+
+
+def test_route_declarations_compile_no_url_builders_until_one_is_asked_for(monkeypatch):
+    """werkzeug compiles two URL builders per rule when it joins a map; a surface's rules compile
+    theirs only when a URL is built (start-up cost), and building a URL still works."""
+    from werkzeug.routing import Rule
+
+    compiled: list = []
+    original = Rule._compile_builder
+
+    def counting(self, append_unknown=True):
+        compiled.append(self.rule)
+        return original(self, append_unknown)
+
+    monkeypatch.setattr(Rule, "_compile_builder", counting)
+
+    class Lazy(Surface):
+        app = Klein()
+
+        @route(app, "/api/lazy/<int:item>", access=PUBLIC)
+        def item(self, request, item):
+            return {"item": item}
+
+    rules = list(Lazy.app.url_map.iter_rules())
+    assert [r.rule for r in rules] == ["/api/lazy/<int:item>"]
+    assert compiled == []
+    adapter = Lazy.app.url_map.bind("localhost")
+    assert adapter.match("/api/lazy/7") == (rules[0].endpoint, {"item": 7})
+    assert compiled == []
+    assert adapter.build(rules[0].endpoint, {"item": 7}) == "/api/lazy/7"
+    assert adapter.build(rules[0].endpoint, {"item": 8, "extra": "x"}) == "/api/lazy/8?extra=x"
+    assert compiled == ["/api/lazy/<int:item>"]  # the one builder asked for, once
+    assert adapter.build(rules[0].endpoint, {"item": 9}, append_unknown=False) == "/api/lazy/9"
+    assert compiled == ["/api/lazy/<int:item>"] * 2
