@@ -42,7 +42,8 @@ def _c_function(algorithm: str) -> Optional[Callable[[Any, int], int]]:
 
 def load_native() -> None:
     """Import the C CRC libraries now.  Blocking (``awscrt`` takes tens of milliseconds): the S3
-    service calls it in its pool at start, so no upload's request imports them on the reactor."""
+    service calls it in its pool shortly after the daemon is ready, so no upload's request imports
+    them on the reactor."""
     for algorithm in ("crc32c", "crc64nvme"):
         _c_function(algorithm)
 
