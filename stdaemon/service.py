@@ -352,12 +352,9 @@ class StdaemonService(MultiService):
         self.ctx.services.setServiceParent(self)
         self.site = StdaemonSite(self.root, body_policy=self.root.body_policy)
         self.ports: list = []
-        self.inflight = 0
-        self._idle: list[defer.Deferred] = []
         self.log_observer = log_observer
         self.started: defer.Deferred = defer.Deferred()
         self._warm_up: Any = None  # the delayed load of the checksum libraries
-        self._wrap_root_for_inflight()
 
     # -- logging under twistd -----------------------------------------------
 
@@ -368,25 +365,6 @@ class StdaemonService(MultiService):
             if parent.getComponent(ILogObserver, None) is None:
                 parent.setComponent(ILogObserver, self.log_observer)
         super().setServiceParent(parent)
-
-    # -- in-flight tracking for graceful stop ---------------------------------
-
-    def _wrap_root_for_inflight(self) -> None:
-        original = self.root.render
-
-        def render(request: Any) -> Any:
-            self.inflight += 1
-            request.notifyFinish().addBoth(self._request_done)
-            return original(request)
-
-        self.root.render = render  # type: ignore[method-assign]
-
-    def _request_done(self, _: Any) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            waiting, self._idle = self._idle, []
-            for d in waiting:
-                d.callback(None)
 
     # -- start -----------------------------------------------------------------
 
@@ -483,20 +461,19 @@ class StdaemonService(MultiService):
         ctx.health.phase = "stopping"
         if self._warm_up is not None and self._warm_up.active():
             self._warm_up.cancel()
-        log.info("Stopping: no new connections, finishing {n} in-flight request(s)", n=self.inflight)
+        log.info("Stopping: no new connections, finishing {n} in-flight request(s)", n=self.root.inflight)
         await defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
         for hook in list(ctx.drain_hooks):  # end long-lived responses (SSE) so requests drain
             hook()
-        if self.inflight:
-            idle: defer.Deferred = defer.Deferred()
-            self._idle.append(idle)
+        if self.root.inflight:
+            idle = self.root.idle()
             idle.addTimeout(self.config.server.shutdown_timeout, ctx.clock)
             try:
                 await idle
             except defer.TimeoutError:
                 log.warning("{n} request(s) still running after {t} s; stopping anyway",
-                            n=self.inflight, t=self.config.server.shutdown_timeout)
+                            n=self.root.inflight, t=self.config.server.shutdown_timeout)
         await defer.maybeDeferred(MultiService.stopService, self)
         ctx.db.stop()
         log.info("Stopped; database closed")

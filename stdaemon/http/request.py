@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 
 from stdaemon.logs import get_logger
 
@@ -394,6 +395,20 @@ class StdaemonChannel(http.HTTPChannel):
         self.transport.write(_protocol_error(b"400 Bad Request", "bad_request",
                                              "The request is not valid HTTP/1.1"))
         self.loseConnection()
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """The status line and headers as ONE bytes object: twisted.web hands the transport a
+        sequence of four pieces per header, each checked and buffered on its own, a tenth of a
+        small answer's CPU. Same bytes on the wire; the values were sanitised when set."""
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.transport.write(_protocol_error(b"431 Request Header Fields Too Large", "header_too_large",

@@ -27,12 +27,15 @@ import contextvars
 import itertools
 import os
 import re
+from types import CoroutineType
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import unquote
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import Map, RequestRedirect, Rule
@@ -187,6 +190,20 @@ _cid_counter = itertools.count(1)
 Middleware = Callable[[Any, RouteMatch], Awaitable[Optional[bytes]]]
 
 
+class _Flight:
+    """What the root keeps about one request between its start and its finish."""
+
+    __slots__ = ("started", "method", "match", "pipeline", "running", "observed")
+
+    def __init__(self, started: float):
+        self.started = started
+        self.method = ""                  # set once known; unknown methods are not counted
+        self.match: Optional[RouteMatch] = None
+        self.pipeline: Optional[defer.Deferred] = None
+        self.running = False              # the endpoint is running (a client gone cancels it)
+        self.observed = True              # counted and logged when it finishes
+
+
 class UnprotectedRoute(RuntimeError):
     """A surface registered a Klein route without ``stdaemon.http.surface.route``."""
 
@@ -202,6 +219,8 @@ class Root(Resource):
         self.dispatch = Dispatch(surfaces)
         self._labels: dict[tuple[str, str], str] = {}    # (method, template) → metrics label
         self._peer_ips: dict[str, str] = {}               # peer host → client IP (no forwarding headers)
+        self.inflight = 0                                  # requests not yet finished (graceful stop)
+        self._idle: list[defer.Deferred] = []
 
     # -- routing --------------------------------------------------------------
 
@@ -267,65 +286,83 @@ class Root(Resource):
             cid = f"{_CID_PREFIX}{next(_cid_counter):016x}"
         correlation_id_var.set(cid)
         request.correlation_id = cid
-        request.setHeader("X-Correlation-ID", cid)
-        request.setHeader("X-Content-Type-Options", "nosniff")
-        request.setHeader("Server", "stdaemon")
-        started = self.ctx.clock.seconds()
-        d = defer.Deferred.fromCoroutine(self._handle(request, started))
-        d.addErrback(self._crashed, request)
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"X-Correlation-ID", [cid.encode("ascii")])
+        headers.setRawHeaders(b"X-Content-Type-Options", [b"nosniff"])
+        headers.setRawHeaders(b"Server", [b"stdaemon"])
+        flight = _Flight(self.ctx.clock.seconds())
+        self.inflight += 1
+        # ONE finish notification per request: the metrics/log line (in a copy of this request's
+        # context: the finish callback runs outside it), cancelling a handler whose client left,
+        # and the in-flight count the graceful stop waits on.
+        context = contextvars.copy_context()
+        request.notifyFinish().addBoth(lambda outcome: context.run(self._done, outcome, request, flight))
+        # One Deferred drives the whole pipeline, the handler included (it is awaited, not
+        # wrapped in a Deferred of its own).
+        flight.pipeline = defer.Deferred.fromCoroutine(self._handle(request, flight))
+        flight.pipeline.addErrback(self._pipeline_failed, request)
 
-    async def _handle(self, request: Any, started: float) -> None:
+    async def _handle(self, request: Any, flight: "_Flight") -> None:
         method = request.method.decode("latin-1").upper()
-        path = _request_path(request)
+        flight.method = method
         match: Optional[RouteMatch] = None
         if method not in KNOWN_METHODS:
             error = ApiError(405, "method_not_allowed", f"Method {method[:32]!r} is not allowed here",
                              headers={"Allow": ", ".join(sorted(KNOWN_METHODS - {"OPTIONS"}))})
-            self._write(request, self.render_error(request, None, path, error))
+            flight.observed = False
+            self._write(request, self.render_error(request, None, _request_path(request), error))
             return
         try:
             match = self.match_request(request)
-            request.route = match
+            request.route = flight.match = match
             request.client_ip = self.client_ip(request)
             for middleware in self.middlewares:
                 answer = await middleware(request, match)
                 if answer is not None:
+                    flight.observed = False
                     self._write(request, answer)
                     return
             await self._authorise(request, match)
         except ApiError as error:
-            self._write(request, self.render_error(request, match, path, error))
-            self._observe(request, match, method, started)
+            self._write(request, self.render_error(request, match, _request_path(request), error))
             return
-        # The finish callback runs outside this request's context: log and
-        # count inside a copy of it so the line carries the correlation id.
-        context = contextvars.copy_context()
-        request.notifyFinish().addBoth(
-            lambda _: context.run(self._observe, request, match, method, started))
-        self._run_endpoint(request, match)
-
-    def _run_endpoint(self, request: Any, match: RouteMatch) -> None:
-        """Run the matched endpoint through its surface's Klein app (what Klein's resource does
-        after its own match, without matching again): a client gone cancels the handler; the
-        result (bytes, or ``NOT_DONE_YET`` when the handler wrote itself) finishes the request."""
-        gone = request.notifyFinish()
-        d = defer.maybeDeferred(match.app.execute_endpoint, match.endpoint, request, **match.args)
-        gone.addErrback(lambda _: d.cancel())
-        d.addCallbacks(self._finish_endpoint, self._endpoint_failed, callbackArgs=(request,),
-                       errbackArgs=(request,))
-
-    def _finish_endpoint(self, result: Any, request: Any) -> None:
+        # The matched endpoint runs through its surface's Klein app (what Klein's resource does
+        # after its own match, without matching again); a client gone cancels it (``_done``).
+        flight.running = True
+        result = match.app.execute_endpoint(match.endpoint, request, **match.args)
+        if isinstance(result, (CoroutineType, defer.Deferred)):
+            result = await result
+        flight.running = False
         if request.finished or getattr(request, "_disconnected", False):
             return
         if isinstance(result, str):
             result = result.encode("utf-8")
-        if isinstance(result, bytes) and result:
-            request.write(result)
-        # NOT_DONE_YET: the handler wrote to the request itself and has returned (a stream that
-        # ended); it is finished here, as Klein did.
-        request.finish()
+        # bytes: the whole answer; NOT_DONE_YET: the handler wrote to the request itself and has
+        # returned (a stream that ended); it is finished here, as Klein did.
+        self._write(request, result if isinstance(result, bytes) else b"")
 
-    def _endpoint_failed(self, failure: Any, request: Any) -> None:
+    def _done(self, outcome: Any, request: Any, flight: "_Flight") -> None:
+        """The request finished, or its client went away (``outcome`` a Failure)."""
+        if flight.running and isinstance(outcome, Failure) and flight.pipeline is not None:
+            flight.running = False
+            flight.pipeline.cancel()
+        if flight.observed and flight.method:
+            self._observe(request, flight.match, flight.method, flight.started)
+        self.inflight -= 1
+        if self.inflight == 0 and self._idle:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
+
+    def idle(self) -> defer.Deferred:
+        """Fires once no request is in flight (at once when none is)."""
+        if not self.inflight:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._idle.append(d)
+        return d
+
+    def _pipeline_failed(self, failure: Any, request: Any) -> None:
         if failure.check(defer.CancelledError) and (
                 request.finished or getattr(request, "_disconnected", False)):
             return None
@@ -389,10 +426,16 @@ class Root(Resource):
         return client_ip(request, self.ctx.trusted_proxies)
 
     def _write(self, request: Any, body: Any) -> None:
+        """Send ``body`` as the whole answer and finish: with its ``Content-Length`` (no chunked
+        framing) unless the handler already started writing or set one itself."""
         if request.finished or getattr(request, "_disconnected", False):
             return
         if isinstance(body, str):
             body = body.encode()
+        if (not request.startedWriting and request.method != b"HEAD"
+                and request.code not in NO_BODY_CODES
+                and not request.responseHeaders.hasHeader(b"content-length")):
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         if body:
             request.write(body)
         request.finish()
