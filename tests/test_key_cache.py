@@ -178,6 +178,36 @@ async def test_a_hot_job_row_is_read_once_and_forgotten_on_any_write(daemon):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_kept_answer_of_a_running_job_still_follows_the_clock(daemon, monkeypatch):
+    """``get_public`` works the ISO times out once per kept row, but the duration of a running job
+    is the clock's, and every answer is its caller's own dict."""
+    insert_job(daemon, "timed")
+    conn = connect(daemon)
+    try:
+        with conn:
+            conn.execute("UPDATE jobs SET started_at = 1700000100.0, metadata = ? WHERE job_id = 'timed'",
+                         ('{"progress": {"step": 3}, "hardware_profile": "h100"}',))
+    finally:
+        conn.close()
+    await daemon.ctx.poll_change_counters()
+    jobs = daemon.ctx.jobs
+    now = [1_700_000_200.0]
+    monkeypatch.setattr(jobs, "now", lambda: now[0])
+    first = await jobs.get_public("timed")
+    row = await jobs.get_row("timed")
+    assert first == jobs.public(row)
+    assert first["duration_seconds"] == 100.0 and first["progress"] == {"step": 3}
+    assert first["started_at"] == "2023-11-14T22:15:00.000Z"
+    first["upload_progress"] = {"changed": "by a handler"}
+    now[0] += 2.5
+    second = await jobs.get_public("timed")
+    assert second is not first and "upload_progress" not in second
+    assert second["duration_seconds"] == 102.5
+    assert list(second) == list(jobs.public(row))     # same fields, same order as before
+    assert await jobs.get_public("no-such-job") is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_job_changed_by_another_process_is_seen_after_the_counter_poll(any_daemon):
     daemon = any_daemon
     insert_job(daemon, "elsewhere")

@@ -54,6 +54,8 @@ _VALID_CORRELATION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # stay bounded by the route table (METHOD_<template>, METHOD ∈ this set).
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Bound of the dispatch table's kept matches of paths with parameters.
+RECENT_MATCHES = 4096
 
 
 @dataclass
@@ -129,6 +131,10 @@ class Dispatch:
                         by_method.setdefault(method, entry)
         self.map = Map(rules)
         self.adapter = self.map.bind("localhost")
+        # (method, path) → (route, args) of recent matches of rules with converters: clients poll
+        # the same few job ids, and werkzeug's matcher is most of the cost of such a request's
+        # routing. The table never changes after start-up; bounded, cleared when full.
+        self._recent: dict[tuple[str, str], tuple[_Route, dict]] = {}
         for surface in surfaces:
             prefixes = tuple(rule.rule.split("<", 1)[0] for rule in surface.app.url_map.iter_rules()
                              if rule.arguments)
@@ -160,6 +166,11 @@ class Dispatch:
             if entry is not None:
                 return RouteMatch(entry.surface, entry.app, entry.endpoint, entry.template, {},
                                   entry.info)
+        recent = self._recent.get((method, path))
+        if recent is not None:
+            entry, args = recent
+            return RouteMatch(entry.surface, entry.app, entry.endpoint, entry.template, dict(args),
+                              entry.info)
         try:
             rule, args = self.adapter.match(path, method, return_rule=True)
         except MethodNotAllowed as e:
@@ -178,6 +189,9 @@ class Dispatch:
                     continue
                 entry = self.routes[rule.endpoint]
                 break
+        if len(self._recent) >= RECENT_MATCHES:
+            self._recent.clear()
+        self._recent[(method, path)] = (entry, dict(args))
         return RouteMatch(entry.surface, entry.app, entry.endpoint, entry.template, args, entry.info)
 
 

@@ -78,10 +78,9 @@ class JobsSurface(Surface):
 
     @route(app, "/api/cloud/jobs/<job_id>", access=VIEWER)
     async def get_job(self, request, job_id):
-        job = await self.jobs.get_row(job_id)
-        if job is None:
+        public = await self.jobs.get_public(job_id)
+        if public is None:
             raise not_found(f"Job {job_id} not found")
-        public = self.jobs.public(job)
         public["upload_progress"] = self._upload_progress(job_id)
         return {"job": public, "upload_progress": public["upload_progress"], "progress": public["progress"]}
 

@@ -92,7 +92,7 @@ class JobService:
         self.timer = None  # the "jobs.poll" SafeTimerService (set by build_app)
         self.stats = {"by_status": {status: 0 for status in st.STATUSES}, "cost_usd_total": 0.0,
                       "created_total": 0, "durations": 0, "duration_seconds_total": 0.0}
-        self._rows: dict[str, tuple[int, dict]] = {}  # hot job rows (get_row)
+        self._rows: dict[str, list] = {}  # hot job rows (get_row): id → [epoch, row, public base or None]
         self._last_sync: Optional[float] = None
 
     async def sync_active(self) -> bool:
@@ -113,6 +113,13 @@ class JobService:
         """A job as the API shows it: times ISO 8601 (S18) and the fields
         SimpleTuner's CLI reads (``job_type``, ``is_terminal``, ``is_active``,
         ``finished_at`` = ``completed_at``, ``duration_seconds``)."""
+        out = self._public_base(job)
+        out["duration_seconds"] = self._duration(job)
+        return out
+
+    def _public_base(self, job: dict) -> dict:
+        """Everything :meth:`public` shows but the duration (which moves with the clock while the
+        job runs): computed once per kept row by :meth:`get_public`."""
         out = dict(job)
         for name in ("created_at", "started_at", "completed_at"):
             out[name] = iso(job.get(name))
@@ -120,9 +127,7 @@ class JobService:
         out["job_type"] = "cloud"
         out["is_terminal"] = job["status"] in st.TERMINAL
         out["is_active"] = job["status"] in st.ACTIVE
-        end = job.get("completed_at") or (None if job["status"] in st.TERMINAL else self.now())
-        out["duration_seconds"] = (round(end - job["started_at"], 3)
-                                   if job.get("started_at") and end else None)
+        out["duration_seconds"] = None    # set per answer (keeps its place in the JSON)
         metadata = dict(job.get("metadata") or {})
         metadata.pop("request", None)  # a pending submission's payload is not echoed
         metadata.pop(TOKEN_HASH_KEY, None)  # the trainer's webhook token hash stays private
@@ -130,6 +135,27 @@ class JobService:
         out["progress"] = metadata.get("progress")  # latest trainer progress (step, epoch, loss, lr, eta)
         out["hardware_profile"] = metadata.get("hardware_profile", job.get("hardware_type"))
         out.pop("idempotency_key", None)
+        return out
+
+    def _duration(self, job: dict) -> Optional[float]:
+        end = job.get("completed_at") or (None if job["status"] in st.TERMINAL else self.now())
+        return round(end - job["started_at"], 3) if job.get("started_at") and end else None
+
+    async def get_public(self, job_id: str) -> Optional[dict]:
+        """:meth:`public` of :meth:`get_row`, the ISO times and metadata worked out once per kept
+        row. The answer is the caller's; nested values (``metadata``, ``progress``) are shared
+        with later answers of the same row and must not be changed."""
+        row = await self.get_row(job_id)
+        if row is None:
+            return None
+        kept = self._rows.get(job_id)
+        if kept is not None and kept[1] is row:
+            if kept[2] is None:
+                kept[2] = self._public_base(row)
+            out = dict(kept[2])
+        else:
+            out = self._public_base(row)
+        out["duration_seconds"] = self._duration(row)
         return out
 
     # -- hot job rows ---------------------------------------------------------------------------
@@ -158,7 +184,7 @@ class JobService:
             rows.pop(job_id, None)
             while len(rows) >= ROW_CACHE_SIZE:
                 del rows[next(iter(rows))]
-            rows[job_id] = (epoch, row)
+            rows[job_id] = [epoch, row, None]
         return row
 
     # -- incrementally kept figures for metrics (no table scan per scrape) ------

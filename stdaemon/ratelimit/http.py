@@ -104,6 +104,8 @@ class RateLimitMiddleware:
     async def __call__(self, request: Any, match: Any) -> Optional[bytes]:
         if match is not None and not match.info.rate_limited:
             return None
+        if not self.rules.enabled:
+            return None
         # A surface may exempt some of its own requests (S3 multipart parts).
         exempt = getattr(match.surface, "rate_limit_exempt", None) if match is not None else None
         if exempt is not None and exempt(request, match):
