@@ -257,3 +257,59 @@ async def test_post_bodies_are_not_parsed_as_forms_by_twisted_web(daemon, monkey
         body = json.loads(await response.content())
         assert response.code == 400, body
     assert calls == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_carry_their_length_and_stdaemons_headers_over_keep_alive(daemon):
+    """Whole answers are sent with Content-Length (no chunked framing), two pipelined requests on
+    one connection are both answered, and the headers name stdaemon, not the framework."""
+    from twisted.internet.threads import deferToThread
+
+    port = int(daemon.url.rsplit(":", 1)[1])
+    one = b"GET /api/cloud/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /no/such/route HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    raw = await deferToThread(raw_request, port, one + last)
+    first, rest = raw.split(b"\r\n\r\n", 1)
+    head = first.decode("latin-1").split("\r\n")
+    assert head[0] == "HTTP/1.1 200 OK"
+    fields = {}
+    for line in head[1:]:
+        name, _, value = line.partition(": ")
+        fields.setdefault(name.lower(), []).append(value)
+    assert fields["content-length"] == [str(len(b'{"status":"ok"}'))]
+    assert "transfer-encoding" not in fields
+    assert fields["server"] == ["stdaemon"]
+    assert fields["x-content-type-options"] == ["nosniff"]
+    assert fields["content-type"] == ["application/json"]
+    assert len(fields["x-correlation-id"][0]) == 32 and fields["date"][0].endswith("GMT")
+    assert rest.startswith(b'{"status":"ok"}HTTP/1.1 404 Not Found\r\n')
+    second_head, second_body = rest[len(b'{"status":"ok"}'):].split(b"\r\n\r\n", 1)
+    length = re.search(rb"\r\nContent-Length: (\d+)\r\n", second_head + b"\r\n")
+    assert length and int(length.group(1)) == len(second_body)
+    assert json.loads(second_body)["error"] == "not_found"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_cancels_its_handler_and_is_not_in_flight(daemon, monkeypatch):
+    root = daemon.service.root
+    match = root.match("GET", "/api/cloud/health/live")
+    cancelled = defer.Deferred()
+    entered = defer.Deferred()
+
+    async def hanging(surface, request):
+        entered.callback(None)
+        await defer.Deferred(lambda d: cancelled.callback("cancelled"))
+        return {"never": "sent"}
+
+    monkeypatch.setattr(match.info, "handler", hanging)
+    with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"GET /api/cloud/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        await entered
+        assert root.inflight == 1
+    assert await cancelled == "cancelled"
+    for _ in range(50):
+        if root.inflight == 0:
+            break
+        await deferLater(0.02)
+    assert root.inflight == 0
+    assert (await root.idle()) is None

@@ -74,8 +74,15 @@ async def test_by_default_results_are_kept_one_second(make_daemon):
     assert daemon.ctx.health.cache_seconds == 1.0
     daemon.ctx.health.register("probe", counting_probe())
     assert (await report(daemon))["probe"]["message"] == "run 1"
+    first = await (await treq.get(daemon.url + "/api/cloud/health")).json()
     clock.advance(0.5)
     assert (await report(daemon))["probe"]["message"] == "run 1"
+    # the components are the kept ones; the report's own time is the clock's
+    later = await (await treq.get(daemon.url + "/api/cloud/health")).json()
+    assert later["components"] == first["components"]
+    assert round(later["uptime_seconds"] - first["uptime_seconds"], 3) == 0.5
+    assert later["timestamp"] != first["timestamp"]
+    assert list(later) == ["status", "version", "uptime_seconds", "timestamp", "components"]
     clock.advance(0.5)
     assert (await report(daemon))["probe"]["message"] == "run 2"
 

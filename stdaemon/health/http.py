@@ -10,6 +10,8 @@ component check (see ``stdaemon/health/service.py``; the daemon's own ``database
 
 from __future__ import annotations
 
+import json
+
 from klein import Klein
 
 from stdaemon.timestamps import iso
@@ -56,14 +58,28 @@ class HealthSurface(Surface):
         """The component report."""
         include = query.include_providers or query.include_replicate
         components = await self.ctx.health.check_all(include_optional=include)
-        status = overall(components)
+        status, listed = self._components_json(components)
         if self.ctx.health.phase == "stopping" and status == HEALTHY:
             status = DEGRADED
-        body = {
+        now = self.ctx.clock.seconds()
+        head = json.dumps({
             "status": status,
             "version": self.ctx.version,
-            "uptime_seconds": round(self.ctx.clock.seconds() - self.ctx.started_at, 3),
-            "timestamp": iso(self.ctx.clock.seconds()),
-            "components": [c.as_dict() for c in components],
-        }
-        return Response(body, status=503 if status == UNHEALTHY else 200)
+            "uptime_seconds": round(now - self.ctx.started_at, 3),
+            "timestamp": iso(now),
+        }, separators=(",", ":"))
+        body = f'{head[:-1]},"components":{listed}}}'.encode()
+        return Response(body, status=503 if status == UNHEALTHY else 200, content_type="application/json")
+
+    _rendered: tuple = ((), HEALTHY, "[]")
+
+    def _components_json(self, components: list) -> tuple[str, str]:
+        """The overall status and the JSON of the components, worked out again only when a result
+        changed: while results are kept (``server.health_cache_seconds``) reports hand back the
+        very same (frozen) components."""
+        kept, status, listed = self._rendered
+        if len(kept) != len(components) or any(a is not b for a, b in zip(kept, components)):
+            status = overall(components)
+            listed = json.dumps([c.as_dict() for c in components], separators=(",", ":"), default=str)
+            self._rendered = (tuple(components), status, listed)
+        return status, listed

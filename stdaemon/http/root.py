@@ -13,7 +13,7 @@ outbound calls carry its correlation id):
 4. middlewares (rate limiting, …), each may answer instead of the handler;
 5. authentication and authorisation from the matched route's access policy
    (``stdaemon.http.surface.route``) — nothing reaches a handler otherwise;
-6. the matched handler runs (the surface's Klein app declares and executes it; Klein's own
+6. the matched handler runs (declared on the surface's Klein app, called as Klein would call it; Klein's own
    routing is not run again);
 7. metrics: request count, errors and latency per ``METHOD_<route template>``.
 
@@ -27,7 +27,6 @@ import contextvars
 import itertools
 import os
 import re
-from types import CoroutineType
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import unquote
@@ -61,7 +60,7 @@ RECENT_MATCHES = 4096
 @dataclass
 class RouteMatch:
     surface: Surface
-    app: Any               # the surface's bound Klein app (executes the endpoint)
+    app: Any               # the surface's bound Klein app (where the route is declared)
     endpoint: str
     template: str          # the route template, e.g. /api/cloud/jobs/<job_id>
     args: dict
@@ -102,8 +101,8 @@ class Dispatch:
 
     Paths without converters are looked up in a dict (``path → {method: route}``); the others go
     through ONE werkzeug ``Map`` holding every surface's rules. Surfaces keep their Klein apps to
-    declare routes; the root runs the matched endpoint through its app without Klein routing the
-    request a second time. Where two surfaces' rules could match the same path, the surface listed
+    declare routes; the root calls the matched handler as Klein's executor would, without Klein
+    routing the request a second time. Where two surfaces' rules could match the same path, the surface listed
     first wins, as when each surface's map was tried in turn (``tests/test_dispatch.py``)."""
 
     def __init__(self, surfaces: list[Surface]):
@@ -303,7 +302,6 @@ class Root(Resource):
         headers = request.responseHeaders
         headers.setRawHeaders(b"X-Correlation-ID", [cid.encode("ascii")])
         headers.setRawHeaders(b"X-Content-Type-Options", [b"nosniff"])
-        headers.setRawHeaders(b"Server", [b"stdaemon"])
         flight = _Flight(self.ctx.clock.seconds())
         self.inflight += 1
         # ONE finish notification per request: the metrics/log line (in a copy of this request's
@@ -340,12 +338,11 @@ class Root(Resource):
         except ApiError as error:
             self._write(request, self.render_error(request, match, _request_path(request), error))
             return
-        # The matched endpoint runs through its surface's Klein app (what Klein's resource does
-        # after its own match, without matching again); a client gone cancels it (``_done``).
+        # The matched endpoint runs as Klein's executor would run it (the surface's instance first),
+        # without Klein matching again or wrapping the coroutine in a Deferred of its own; a client
+        # gone cancels it (``_done``).
         flight.running = True
-        result = match.app.execute_endpoint(match.endpoint, request, **match.args)
-        if isinstance(result, (CoroutineType, defer.Deferred)):
-            result = await result
+        result = await match.info.handler(match.surface, request, **match.args)
         flight.running = False
         if request.finished or getattr(request, "_disconnected", False):
             return

@@ -77,6 +77,9 @@ class RouteInfo:
     # A cap read from its own config key (``config -> bytes``), which may exceed
     # server.max_body_bytes (job submissions: jobs.max_submit_bytes).
     max_body_from: Optional[Callable[[Any], int]] = None
+    # The coroutine function ``route`` registered with Klein, called by the root as
+    # ``handler(surface, request, **args)``: what Klein's executor does, without its Deferred.
+    handler: Optional[Callable] = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -189,6 +192,7 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
             return render_result(request, result)
 
         handler.route_info = info  # type: ignore[attr-defined]  (read back by route_info)
+        info.handler = handler
         _lazy_builders(app)
         app.route(path, methods=list(methods), endpoint=endpoint)(handler)
         return fn
