@@ -71,14 +71,14 @@ def test_the_one_table_matches_like_each_surface_in_turn(daemon):
 
 
 def test_kept_matches_are_bounded_and_hand_out_their_own_arguments(daemon, monkeypatch):
-    from stdaemon.http import root as root_module
+    from stdaemon.http import dispatch as dispatch_module
 
     dispatch = daemon.service.root.dispatch
     first = dispatch.match("GET", "/api/cloud/jobs/abc")
     first.args["job_id"] = "changed by a handler"
     again = dispatch.match("GET", "/api/cloud/jobs/abc")
     assert again.args == {"job_id": "abc"} and again.endpoint == first.endpoint
-    monkeypatch.setattr(root_module, "RECENT_MATCHES", 8)
+    monkeypatch.setattr(dispatch_module, "RECENT_MATCHES", 8)
     dispatch._recent.clear()
     for n in range(50):
         assert dispatch.match("GET", f"/api/cloud/jobs/j{n}").args == {"job_id": f"j{n}"}

@@ -12,7 +12,8 @@ from twisted.internet import task
 
 from stdaemon.health.service import HealthRegistry
 from stdaemon.http.errors import ApiError, invalid_field
-from stdaemon.http.root import Root, UnprotectedRoute
+from stdaemon.http.dispatch import UnprotectedRoute
+from stdaemon.http.root import Root
 from stdaemon.http.surface import ADMIN, OPERATOR, PUBLIC, VIEWER, Response, Surface, route
 from stdaemon.http.validation import BodyModel
 from stdaemon.metrics.service import Metrics

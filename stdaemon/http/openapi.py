@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from klein import Klein
 from pydantic.json_schema import models_json_schema
 
-from stdaemon.http.root import route_table
+from stdaemon.http.dispatch import route_table
 from stdaemon.http.surface import PUBLIC, Access, RouteInfo, Surface, route
 
 REF = "#/components/schemas/{model}"

@@ -378,7 +378,7 @@ class StdaemonRequest(server.Request):
         twisted.web's own ``process`` sets its ``Server`` header (replaced here by stdaemon's),
         splits and percent-decodes every path segment into ``postpath`` and walks the resource
         tree, about a twentieth of a small request's CPU that nothing here uses: the root matches
-        the raw path once (``stdaemon.http.root.Dispatch``). ``OPTIONS *`` and sites serving
+        the raw path once (``stdaemon.http.dispatch.Dispatch``). ``OPTIONS *`` and sites serving
         another resource keep twisted's behaviour."""
         site = self.channel.site
         resource = getattr(site, "resource", None)
