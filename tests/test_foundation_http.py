@@ -313,3 +313,47 @@ async def test_a_client_that_leaves_cancels_its_handler_and_is_not_in_flight(dae
         await deferLater(0.02)
     assert root.inflight == 0
     assert (await root.idle()) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handler_cancelled_because_its_client_left_logs_no_error(daemon, monkeypatch):
+    from klein import Klein
+    from twisted.logger import globalLogPublisher
+
+    from stdaemon.http.surface import PUBLIC, Surface, route
+
+    entered = defer.Deferred()
+
+    class Hanging(Surface):
+        app = Klein()
+
+        @route(app, "/hang", access=PUBLIC)
+        async def hang(self, request):
+            entered.callback(None)
+            await defer.Deferred()
+            return {"never": "sent"}
+
+    hanging = Hanging.app.endpoints[next(iter(Hanging.app.endpoints))].route_info.handler
+    root = daemon.service.root
+    monkeypatch.setattr(root.match("GET", "/api/cloud/health/live").info, "handler", hanging)
+    errors = []
+
+    def observe(event):
+        level = event.get("log_level")
+        if level is not None and level.name in ("error", "critical"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(b"GET /api/cloud/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            await entered
+        for _ in range(50):
+            if root.inflight == 0:
+                break
+            await deferLater(0.02)
+        await deferLater(0.05)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert root.inflight == 0
+    assert errors == []

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from klein import Klein
+from twisted.internet import defer
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.routing import Map, Rule
 
@@ -185,6 +186,8 @@ def route(app: Klein, path: str, methods: Iterable[str] = ("GET",), *,
                 for name, value in info.error_extra.items():
                     error.extra.setdefault(name, value)
                 return render_error(request, error)
+            except defer.CancelledError:
+                raise   # the client went away (the root cancels the handler): nothing to answer or log
             except Exception:
                 log.failure("Unhandled error in {endpoint}", endpoint=endpoint)
                 return render_error(request, ApiError(500, "internal_error",

@@ -106,8 +106,14 @@ class WebhookService:
     # -- settings and secrets -----------------------------------------------------------
 
     def settings(self, provider: str) -> dict:
-        values = dict(DEFAULT_SETTINGS)
-        values.update(self.providers.values(provider))
+        """The settings a delivery reads (copies; the defaults where the provider has none): only
+        these, not a copy of every provider setting per delivery."""
+        values = {}
+        for name, default in DEFAULT_SETTINGS.items():
+            try:
+                values[name] = self.providers.value(provider, name)
+            except KeyError:
+                values[name] = type(default)(default) if isinstance(default, (list, dict)) else default
         return values
 
     async def secret(self, provider: str, refetch: bool = False) -> tuple[Optional[str], str]:
