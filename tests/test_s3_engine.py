@@ -221,3 +221,140 @@ def test_part_copy_falls_back_without_losing_the_parts_before(tmp_path, monkeypa
             multipart._copy_file(src, dst, 5000)
     assert calls, "the kernel copy was tried first"
     assert assembled.read_bytes() == b"A" * 3000 + b"B" * 5000
+
+
+# -- parts written in place (the upload's assembly file) ------------------------------------------
+
+def _part(engine, key, upload_id, number, data, expected=True):
+    pending = engine.begin_part("outputs", key, upload_id, number,
+                                expected_size=len(data) if expected else None)
+    pending.write(data)
+    return pending, engine.commit_part("outputs", key, upload_id, number, pending, 1.0).etag
+
+
+def _upload_files(engine, upload_id):
+    return sorted(os.listdir(os.path.join(engine.bucket("outputs").multipart, upload_id)))
+
+
+def _read(engine, key):
+    fh, _ = engine.open_read("outputs", key)
+    with fh:
+        return fh.read()
+
+
+def test_uniform_parts_go_in_place_and_complete_copies_nothing(engine, monkeypatch):
+    from stdaemon.s3 import multipart
+
+    upload_id = engine.create_multipart("outputs", "job-1/ckpt.bin", 1.0)
+    data = {1: os.urandom(MIN_PART_SIZE), 2: os.urandom(MIN_PART_SIZE), 3: os.urandom(1000)}
+    etags = {}
+    for number in (2, 3, 1):   # out of order, the short last part before the first
+        pending, etags[number] = _part(engine, "job-1/ckpt.bin", upload_id, number, data[number])
+        assert pending.in_place is not None
+    files = [f for f in _upload_files(engine, upload_id) if f.endswith(".data")]
+    assert files == [f"assembly.{MIN_PART_SIZE}.data"]      # no file per part
+    assembly = os.path.join(engine.bucket("outputs").multipart, upload_id, files[0])
+    inode = os.stat(assembly).st_ino
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("Complete copied a part")
+
+    monkeypatch.setattr(multipart, "_copy_file", no_copy)
+    info = engine.complete_multipart("outputs", "job-1/ckpt.bin", upload_id,
+                                     [(n, etags[n]) for n in (1, 2, 3)], 2.0)
+    body = data[1] + data[2] + data[3]
+    assert _read(engine, "job-1/ckpt.bin") == body and info.size == len(body)
+    assert os.stat(engine.bucket("outputs").object_path("job-1/ckpt.bin")).st_ino == inode
+    digest = hashlib.md5(b"".join(hashlib.md5(data[n]).digest() for n in (1, 2, 3))).hexdigest()
+    assert info.etag == f'"{digest}-3"'
+    assert _upload_files(engine, upload_id) == [multipart.COMPLETED]
+    # a repeated Complete answers the same object
+    again = engine.complete_multipart("outputs", "job-1/ckpt.bin", upload_id,
+                                      [(n, etags[n]) for n in (1, 2, 3)], 3.0)
+    assert again.etag == info.etag
+
+
+def test_parts_that_cannot_go_in_place_are_copied_and_the_object_is_the_same(engine):
+    from stdaemon.s3 import multipart
+
+    size = MIN_PART_SIZE
+    # the short last part arrives first: it sets the part size, the full parts get files of their own
+    upload_id = engine.create_multipart("outputs", "a", 1.0)
+    data = {1: os.urandom(size), 2: os.urandom(size), 3: os.urandom(777)}
+    etags = {3: _part(engine, "a", upload_id, 3, data[3])[1]}
+    for number in (1, 2):
+        pending, etags[number] = _part(engine, "a", upload_id, number, data[number])
+        assert pending.in_place is None
+    engine.complete_multipart("outputs", "a", upload_id, [(n, etags[n]) for n in (1, 2, 3)], 2.0)
+    assert _read(engine, "a") == data[1] + data[2] + data[3]
+
+    # a re-uploaded part replaces the one in place; an unknown size and a part uploaded twice at
+    # once get files of their own; a part beyond those listed keeps Complete from using the file
+    upload_id = engine.create_multipart("outputs", "b", 1.0)
+    data = {1: os.urandom(size), 2: os.urandom(size), 3: os.urandom(size)}
+    etags = {n: _part(engine, "b", upload_id, n, data[n])[1] for n in (1, 2, 3)}
+    data[2] = os.urandom(size)
+    pending, etags[2] = _part(engine, "b", upload_id, 2, data[2])
+    assert pending.in_place is None
+    first = engine.begin_part("outputs", "b", upload_id, 4, expected_size=size)
+    second = engine.begin_part("outputs", "b", upload_id, 4, expected_size=size)
+    assert first.in_place is not None and second.in_place is None
+    first.abort()
+    second.abort()
+    unknown = engine.begin_part("outputs", "b", upload_id, 5)
+    assert unknown.in_place is None
+    unknown.abort()
+    engine.complete_multipart("outputs", "b", upload_id, [(n, etags[n]) for n in (1, 2)], 2.0)
+    assert _read(engine, "b") == data[1] + data[2]
+    assert _upload_files(engine, upload_id) == [multipart.COMPLETED]
+
+
+def test_an_aborted_part_in_place_leaves_nothing_and_is_uploaded_again(engine):
+    size = MIN_PART_SIZE
+    upload_id = engine.create_multipart("outputs", "c", 1.0)
+    data = {1: os.urandom(size), 2: os.urandom(size)}
+    broken = engine.begin_part("outputs", "c", upload_id, 2, expected_size=size)
+    broken.write(os.urandom(size // 2))
+    broken.abort()                       # the client went away half-way
+    _, parts = engine.list_parts("outputs", "c", upload_id)
+    assert parts == []
+    etags = {n: _part(engine, "c", upload_id, n, data[n])[1] for n in (2, 1)}
+    engine.complete_multipart("outputs", "c", upload_id, [(n, etags[n]) for n in (1, 2)], 2.0)
+    assert _read(engine, "c") == data[1] + data[2]
+
+
+def test_a_complete_refused_by_a_condition_leaves_the_upload_whole(engine):
+    size = MIN_PART_SIZE
+    _put(engine, "d", b"already here")
+    upload_id = engine.create_multipart("outputs", "d", 1.0)
+    data = {1: os.urandom(size), 2: os.urandom(10)}
+    etags = {n: _part(engine, "d", upload_id, n, data[n])[1] for n in (1, 2)}
+    listed = [(n, etags[n]) for n in (1, 2)]
+    with pytest.raises(StorageError) as err:
+        engine.complete_multipart("outputs", "d", upload_id, listed, 2.0, if_none_match=True)
+    assert err.value.code == "PreconditionFailed"
+    assert _read(engine, "d") == b"already here"
+    engine.complete_multipart("outputs", "d", upload_id, listed, 3.0)
+    assert _read(engine, "d") == data[1] + data[2]
+
+
+def test_parts_in_place_survive_a_restart_and_a_late_writer_cannot_touch_the_object(tmp_path):
+    size = MIN_PART_SIZE
+    root = str(tmp_path / "outputs")
+    engine = StorageEngine({"outputs": root})
+    upload_id = engine.create_multipart("outputs", "e", 1.0)
+    data = {1: os.urandom(size), 2: os.urandom(size), 3: os.urandom(5)}
+    etags = {n: _part(engine, "e", upload_id, n, data[n])[1] for n in (1, 2)}
+    restarted = StorageEngine({"outputs": root})   # what the process kept in memory is gone
+    etags[3] = _part(restarted, "e", upload_id, 3, data[3])[1]
+    late = restarted.begin_part("outputs", "e", upload_id, 4, expected_size=size)
+    assert late.in_place is not None
+    late.write(b"x" * 100)
+    restarted.complete_multipart("outputs", "e", upload_id, [(n, etags[n]) for n in (1, 2, 3)], 2.0)
+    body = data[1] + data[2] + data[3]
+    assert _read(restarted, "e") == body
+    late.write(b"y" * 100)
+    with pytest.raises(StorageError) as err:
+        restarted.commit_part("outputs", "e", upload_id, 4, late, 3.0)
+    assert err.value.code == "NoSuchUpload"
+    assert _read(restarted, "e") == body

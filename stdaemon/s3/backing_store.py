@@ -421,7 +421,8 @@ class BackingStore:
         return True
 
     def begin_part(self, bucket: str, key: str, upload_id: str, part_number: int,
-                   checksum_algorithms: Iterable[str] = (), sha256: bool = True) -> PendingWrite:
+                   checksum_algorithms: Iterable[str] = (), sha256: bool = True,
+                   expected_size: Optional[int] = None) -> PendingWrite:
         self._upload(bucket, upload_id, key, fresh=False)
         if not 1 <= part_number <= MAX_PART_NUMBER:
             raise StorageError("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive")

@@ -17,7 +17,8 @@ from typing import Callable, Iterable, Mapping, Optional
 
 from stdaemon.s3 import checksums as s3_checksums
 from stdaemon.s3.errors import StorageError, no_such_upload
-from stdaemon.s3.objects import Bucket, ObjectInfo, ObjectStore, PartInfo, PendingWrite, _write_json_atomic
+from stdaemon.s3.objects import (MAX_OBJECT_SIZE, Bucket, ObjectInfo, ObjectStore, PartInfo, PendingWrite,
+                                 _write_json_atomic)
 from stdaemon.store.files import fsync_dir
 
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -25,6 +26,18 @@ MAX_PART_NUMBER = 10000
 MAX_PART_SIZE = 5 * 1024 ** 3
 #: What a completed multipart upload leaves in its directory (answers repeated Completes).
 COMPLETED = "completed.json"
+#: The upload's assembly file, ``assembly.<part size>.data``: parts of one size are written straight
+#: into it at ``(part number - 1) × part size``, so Complete has nothing to copy (``begin_part``).
+ASSEMBLY_PREFIX = "assembly."
+ASSEMBLY_SUFFIX = ".data"
+
+
+def _assembly_part_size(name: str) -> Optional[int]:
+    """The part size an assembly file's name carries (None: not an assembly file)."""
+    if not (name.startswith(ASSEMBLY_PREFIX) and name.endswith(ASSEMBLY_SUFFIX)):
+        return None
+    digits = name[len(ASSEMBLY_PREFIX):-len(ASSEMBLY_SUFFIX)]
+    return int(digits) if digits.isdigit() and 0 < int(digits) <= MAX_PART_SIZE else None
 
 
 class StorageEngine(ObjectStore):
@@ -35,6 +48,10 @@ class StorageEngine(ObjectStore):
         super().__init__(buckets, created_at)
         self._lock = threading.Lock()
         self._completing: set[str] = set()
+        # In-place parts (this process): the part size an upload's first in-place part set, and the
+        # part numbers being written into its assembly file right now.
+        self._part_size: dict[str, int] = {}
+        self._writing: dict[str, set[int]] = {}
 
     def _upload_dir(self, bucket: Bucket, upload_id: str) -> str:
         if not upload_id or not all(c in "0123456789abcdef" for c in upload_id) or len(upload_id) != 32:
@@ -86,12 +103,87 @@ class StorageEngine(ObjectStore):
         return self._upload(self.bucket(bucket_name), upload_id, key)[1]
 
     def begin_part(self, bucket_name: str, key: str, upload_id: str, part_number: int,
-                   checksum_algorithms: Iterable[str] = (), sha256: bool = True) -> PendingWrite:
+                   checksum_algorithms: Iterable[str] = (), sha256: bool = True,
+                   expected_size: Optional[int] = None) -> PendingWrite:
+        """Where a part's body goes while it arrives.
+
+        The first upload of a part number whose size is known before the body (``expected_size``:
+        Content-Length, or aws-chunked's decoded length) and is not larger than the upload's part
+        size (set by its first such part) is written straight into the upload's assembly file at
+        ``(part number - 1) × part size``: when the parts turn out uniform (every SDK's transfer
+        manager), Complete hands that file over as the object without copying a byte. Anything
+        else — a re-upload of a part, a larger part, an unknown size, a part racing another upload
+        of its number or a Complete — gets a file of its own as before, and Complete copies."""
         bucket = self.bucket(bucket_name)
-        self._upload(bucket, upload_id, key)
+        path, _ = self._upload(bucket, upload_id, key)
         if not 1 <= part_number <= MAX_PART_NUMBER:
             raise StorageError("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive")
+        place = self._claim_in_place(path, upload_id, part_number, expected_size)
+        if place is not None:
+            assembly, offset, part_size = place
+            try:
+                return PendingWrite(bucket.tmp, checksum_algorithms, part_size, sha256, self.live_temp_files,
+                                    in_place=(assembly, offset),
+                                    on_done=lambda: self._release_in_place(upload_id, part_number))
+            except OSError:
+                self._release_in_place(upload_id, part_number)
+                raise
         return PendingWrite(bucket.tmp, checksum_algorithms, MAX_PART_SIZE, sha256, self.live_temp_files)
+
+    def _claim_in_place(self, path: str, upload_id: str, part_number: int,
+                        expected_size: Optional[int]) -> Optional[tuple[str, int, int]]:
+        """``(assembly file, offset, part size)`` when this part may be written into the upload's
+        assembly file (and it is claimed for this writer), else None."""
+        if not expected_size or expected_size <= 0 or self._read_part_meta(path, part_number) is not None:
+            return None
+        with self._lock:
+            if upload_id in self._completing or part_number in self._writing.get(upload_id, ()):
+                return None
+            layout = self._part_size.get(upload_id)
+            if layout is None:
+                layout = self._part_size[upload_id] = self._assembly_file(path, expected_size)
+            if layout is None:
+                return None
+            name, part_size = layout
+            offset = (part_number - 1) * part_size
+            if expected_size > part_size or offset + part_size > MAX_OBJECT_SIZE:
+                return None
+            self._writing.setdefault(upload_id, set()).add(part_number)
+        return os.path.join(path, name), offset, part_size
+
+    @staticmethod
+    def _assembly_file(path: str, part_size: int) -> Optional[tuple[str, int]]:
+        """The upload's assembly file and its part size, which its name carries
+        (``assembly.<part size>.data``), so the layout survives a restart: made with this part
+        size when the upload has none yet."""
+        for _ in range(2):
+            try:
+                names = os.listdir(path)
+            except OSError:
+                return None
+            for name in names:
+                size = _assembly_part_size(name)
+                if size is not None:
+                    return name, size
+            name = f"{ASSEMBLY_PREFIX}{part_size}{ASSEMBLY_SUFFIX}"
+            try:
+                fd = os.open(os.path.join(path, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            except FileExistsError:
+                continue
+            except OSError:
+                return None
+            os.close(fd)
+            fsync_dir(path)   # the file's name is durable before any part in it is acknowledged
+            return name, part_size
+        return None
+
+    def _release_in_place(self, upload_id: str, part_number: int) -> None:
+        with self._lock:
+            writing = self._writing.get(upload_id)
+            if writing is not None:
+                writing.discard(part_number)
+                if not writing:
+                    del self._writing[upload_id]
 
     def commit_part(self, bucket_name: str, key: str, upload_id: str, part_number: int, pending: PendingWrite,
                     now: float, checksums: Optional[dict] = None) -> PartInfo:
@@ -107,20 +199,27 @@ class StorageEngine(ObjectStore):
         meta = asdict(info)
         meta["md5"] = pending.md5.hexdigest()
         part_path = os.path.join(path, f"{part_number:05d}.part")
-        # The sidecar names the data file it describes, so a re-upload of the same part number
-        # that races an earlier one can never pair one body with the other's ETag.
-        data_name = f"{part_number:05d}.{uuid.uuid4().hex}.data"
-        meta["data"] = data_name
-        try:
-            os.replace(pending.path, os.path.join(path, data_name))
-        except FileNotFoundError:
-            pending.abort()
-            raise no_such_upload(upload_id) from None
-        pending.release()
-        fsync_dir(path)
+        if pending.in_place is not None:
+            # in the assembly file (made durable by the flush above): the record says where
+            data_name = os.path.basename(pending.path)
+            meta["data"] = data_name
+            meta["offset"] = pending.offset
+            pending.release()
+        else:
+            # The sidecar names the data file it describes, so a re-upload of the same part number
+            # that races an earlier one can never pair one body with the other's ETag.
+            data_name = f"{part_number:05d}.{uuid.uuid4().hex}.data"
+            meta["data"] = data_name
+            try:
+                os.replace(pending.path, os.path.join(path, data_name))
+            except FileNotFoundError:
+                pending.abort()
+                raise no_such_upload(upload_id) from None
+            pending.release()
+            fsync_dir(path)
         old = self._read_part_meta(path, part_number)
         _write_json_atomic(part_path + ".json", meta, bucket.tmp)
-        if old and old.get("data") and old["data"] != data_name:
+        if old and old.get("data") and old.get("offset") is None and old["data"] != data_name:
             try:
                 os.unlink(os.path.join(path, old["data"]))
             except OSError:
@@ -186,18 +285,21 @@ class StorageEngine(ObjectStore):
             self._completing.add(upload_id)
         try:
             metas = check_complete(parts, lambda number: self._read_part_meta(path, number))
-            pending = PendingWrite(bucket.tmp, sha256=False, live=self.live_temp_files)
             digest = hashlib.md5()
-            try:
-                for meta in metas:
-                    with open(os.path.join(path, meta["data"]), "rb") as src:
-                        _copy_file(src, pending._fh, meta["size"])
-                    pending.size += meta["size"]
-                    digest.update(bytes.fromhex(meta["md5"]))
-            except Exception:
-                pending.abort()
-                raise
+            for meta in metas:
+                digest.update(bytes.fromhex(meta["md5"]))
             etag = f'"{digest.hexdigest()}-{len(metas)}"'
+            pending = self._assembled_in_place(bucket, path, upload_id, parts, metas)
+            if pending is None:
+                pending = PendingWrite(bucket.tmp, sha256=False, live=self.live_temp_files)
+                try:
+                    for meta in metas:
+                        with open(os.path.join(path, meta["data"]), "rb") as src:
+                            _copy_file(src, pending._fh, meta["size"], meta.get("offset") or 0)
+                        pending.size += meta["size"]
+                except Exception:
+                    pending.abort()
+                    raise
             try:
                 checksums, checksum_type = self._object_checksums(upload, metas, object_checksum, pending)
             except Exception:
@@ -210,10 +312,54 @@ class StorageEngine(ObjectStore):
                 if_match=if_match, if_none_match=if_none_match,
             )
             self._retire_upload(bucket, path, info, now)
+            with self._lock:
+                self._part_size.pop(upload_id, None)
             return info
         finally:
             with self._lock:
                 self._completing.discard(upload_id)
+
+    def _assembled_in_place(self, bucket: Bucket, path: str, upload_id: str, parts: list,
+                            metas: list) -> Optional[PendingWrite]:
+        """The assembly file as the finished object, when the listed parts are exactly what it
+        holds: parts 1…N in order, each in place, all of one size but the last (no larger), the
+        file exactly their total long (no other part beyond), and no part being written into it.
+        Handed over as a new name (a hard link in the bucket's temp directory): a Complete refused
+        later (a condition) leaves the upload as it was. None: assemble by copying."""
+        numbers = [p[0] for p in parts]
+        name = metas[0].get("data") or ""
+        size = _assembly_part_size(name)
+        if size is None or numbers != list(range(1, len(metas) + 1)):
+            return None
+        for index, meta in enumerate(metas):
+            if meta.get("data") != name or meta.get("offset") != index * size:
+                return None
+            if meta["size"] != size and (index < len(metas) - 1 or meta["size"] > size):
+                return None
+        total = sum(meta["size"] for meta in metas)
+        assembly = os.path.join(path, name)
+        with self._lock:   # Complete holds _completing: no new in-place writer can start
+            if self._writing.get(upload_id):
+                return None
+        try:
+            if os.stat(assembly).st_size != total:
+                return None
+            pending = PendingWrite(bucket.tmp, sha256=False, live=self.live_temp_files)
+        except OSError:
+            return None
+        pending._fh.close()
+        pending.closed = True
+        try:
+            os.unlink(pending.path)
+            os.link(assembly, pending.path)
+            with open(pending.path, "rb+") as fh:
+                os.fsync(fh.fileno())   # every part was; this makes the (unchanged) size certain too
+                pending.mtime_ns = os.fstat(fh.fileno()).st_mtime_ns
+        except OSError:
+            pending.abort()
+            return None
+        pending.size = total
+        return pending
 
     @staticmethod
     def _object_checksums(upload: dict, metas: list, object_checksum: Optional[tuple[str, str]],
@@ -225,7 +371,8 @@ class StorageEngine(ObjectStore):
         # a FULL_OBJECT checksum (given on Complete, or asked for on Create): computed over the
         # assembled bytes before they become visible
         state = s3_checksums.new_checksum(algorithm)
-        pending._fh.flush()
+        if not pending.closed:
+            pending._fh.flush()
         with open(pending.path, "rb") as fh:
             for block in iter(lambda: fh.read(1024 * 1024), b""):
                 state.update(block)
@@ -267,6 +414,8 @@ class StorageEngine(ObjectStore):
         bucket = self.bucket(bucket_name)
         path, _ = self._upload(bucket, upload_id, key)
         shutil.rmtree(path, ignore_errors=True)
+        with self._lock:
+            self._part_size.pop(upload_id, None)
 
     def cleanup_stale(self, now: float, max_age: float) -> int:
         """Abort multipart uploads initiated more than ``max_age`` seconds before ``now``."""
@@ -280,6 +429,8 @@ class StorageEngine(ObjectStore):
             for upload_id, upload in uploads:
                 if now - float(upload.get("initiated", now)) > max_age and upload_id not in self._completing:
                     shutil.rmtree(os.path.join(bucket.multipart, upload_id), ignore_errors=True)
+                    with self._lock:
+                        self._part_size.pop(upload_id, None)
                     removed += 1
             # records of completed uploads (answers to repeated Completes) expire too
             try:
@@ -386,10 +537,12 @@ def _part_checksums_match(listed: Mapping[str, str], stored: Mapping[str, str]) 
     return True
 
 
-def _copy_file(src, dst, size: int) -> None:
-    """Append ``src`` to ``dst`` in the kernel when it can (``copy_file_range``), else by blocks."""
+def _copy_file(src, dst, size: int, offset: int = 0) -> None:
+    """Append ``size`` bytes of ``src`` from ``offset`` to ``dst``: in the kernel when it can
+    (``copy_file_range``), else by blocks."""
     dst.flush()
     start = dst.seek(0, os.SEEK_END)  # the parts already appended stay if the kernel copy fails
+    src.seek(offset)
     copy_range = getattr(os, "copy_file_range", None)
     if copy_range is not None:
         try:
@@ -402,9 +555,15 @@ def _copy_file(src, dst, size: int) -> None:
             if remaining == 0:
                 dst.seek(0, os.SEEK_END)
                 return
-            src.seek(size - remaining)
+            src.seek(offset + size - remaining)
+            size = remaining
         except OSError:
-            src.seek(0)
+            src.seek(offset)
             dst.seek(start)
             dst.truncate()
-    shutil.copyfileobj(src, dst, 1024 * 1024)
+    while size > 0:
+        block = src.read(min(size, 1024 * 1024))
+        if not block:
+            raise StorageError("InternalError", "A part of the upload is shorter than its record", 500)
+        dst.write(block)
+        size -= len(block)

@@ -28,7 +28,7 @@ import os
 import threading
 import uuid
 from dataclasses import dataclass, field, asdict
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from stdaemon.s3 import checksums as s3_checksums
 from stdaemon.s3.errors import (  # noqa: F401 - StorageError is part of this module's interface
@@ -96,13 +96,25 @@ class PendingWrite:
     """
 
     def __init__(self, tmp_dir: str, checksum_algorithms: Iterable[str] = (), max_size: Optional[int] = None,
-                 sha256: bool = True, live: Optional[set] = None):
-        os.makedirs(tmp_dir, exist_ok=True)
-        self.path = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.tmp")
-        # the engine's set of temp files in use: the clean-up timer never touches them
+                 sha256: bool = True, live: Optional[set] = None,
+                 in_place: Optional[tuple[str, int]] = None, on_done: Optional[Callable[[], None]] = None):
+        # ``in_place=(path, offset)``: the body is written into an existing file at ``offset`` (a
+        # multipart part in its upload's assembly file) instead of a temp file of its own; abort
+        # then leaves the file where it is. ``on_done`` runs once when the write is released.
+        self.in_place = in_place
+        self._on_done = on_done
         self._live = live if live is not None else set()
-        self._live.add(self.path)
-        self._fh = open(self.path, "wb")
+        if in_place is not None:
+            self.path, self.offset = in_place
+            self._fh = open(self.path, "r+b")
+            self._fh.seek(self.offset)
+        else:
+            os.makedirs(tmp_dir, exist_ok=True)
+            self.path = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.tmp")
+            self.offset = 0
+            # the engine's set of temp files in use: the clean-up timer never touches them
+            self._live.add(self.path)
+            self._fh = open(self.path, "wb")
         self.size = 0
         self.md5 = hashlib.md5()
         self.sha256 = hashlib.sha256() if sha256 else None  # only when the payload hash is signed
@@ -142,14 +154,18 @@ class PendingWrite:
             except OSError:
                 pass
             self.closed = True
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if self.in_place is None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
         self.release()
 
     def release(self) -> None:
         self._live.discard(self.path)
+        done, self._on_done = self._on_done, None
+        if done is not None:
+            done()
 
 
 class Bucket:

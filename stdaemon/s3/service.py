@@ -119,11 +119,13 @@ class S3Service:
             return target.key.split("/", 1)[0]
         return None
 
-    def begin_write(self, target: Target, algorithms: list, max_size: int, sha256: bool = True) -> PendingWrite:
-        """In a worker thread: open the temp file for an upload."""
+    def begin_write(self, target: Target, algorithms: list, max_size: int, sha256: bool = True,
+                    expected_size: Optional[int] = None) -> PendingWrite:
+        """In a worker thread: open the temp file for an upload (``expected_size``: the body's
+        size when its head declares it)."""
         if target.upload_id:
             return self.engine.begin_part(target.bucket, target.key, target.upload_id, target.part_number or 0,
-                                          algorithms, sha256)
+                                          algorithms, sha256, expected_size=expected_size)
         return self.engine.begin_put(target.bucket, target.key, algorithms, max_size, sha256)
 
     # -- buckets and listings ------------------------------------------------------------------

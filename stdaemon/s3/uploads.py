@@ -76,6 +76,8 @@ class UploadSink(NullSink):
         self.max_size = max_size
         self.decoder: Optional[AwsChunkedDecoder] = None
         self.checksum_algorithms: list[str] = s3_checksums.requested_algorithms(parsed)
+        # the body's size when the head says it (where a multipart part may be written in place)
+        self.expected_size: Optional[int] = None if self.streaming else length
         if self.streaming:
             trailer = b",".join(headers.getRawHeaders(b"x-amz-trailer") or []).decode("latin-1")
             decoded = (headers.getRawHeaders(b"x-amz-decoded-content-length") or [b""])[0]
@@ -88,6 +90,7 @@ class UploadSink(NullSink):
                     decoded_length=int(decoded) if decoded.strip() else None,
                     max_decoded=self.max_size,
                 )
+                self.expected_size = int(decoded) if decoded.strip() else None
             except (ChunkedError, ValueError) as exc:
                 self.error = S3Error("InvalidRequest", getattr(exc, "message", "invalid aws-chunked headers"))
         elif length is not None and length > self.max_size:
@@ -200,7 +203,7 @@ class UploadSink(NullSink):
         try:
             if self.pending is None:
                 self.pending = self.storage.begin_write(self.target, self.checksum_algorithms, self.max_size,
-                                                       self.signed_payload)
+                                                       self.signed_payload, self.expected_size)
             pieces = self.decoder.feed(batch) if self.decoder is not None else (batch,)
             for piece in pieces:
                 self.pending.write(piece)
@@ -262,7 +265,7 @@ class UploadSink(NullSink):
         try:
             if self.pending is None:
                 self.pending = self.storage.begin_write(self.target, self.checksum_algorithms, self.max_size,
-                                                       self.signed_payload)
+                                                       self.signed_payload, self.expected_size)
             if self.decoder is not None:
                 self.decoder.finish()
             self.pending.flush()
