@@ -126,3 +126,53 @@ def test_streaming_1_byte_chunks_from_strangers_keep_memory_flat_and_store_nothi
     codes = set().union(*(s["codes"] for s in stats))
     assert statuses == {403}, (statuses, codes)
     assert codes <= {"AccessDenied", "InvalidAccessKeyId"} and codes, codes
+
+
+def test_body_bytes_held_in_memory_are_bounded_across_connections():
+    """Each upload's queue has its own bound; the daemon-wide budget bounds their sum: over it a
+    connection that receives more is paused, and resumes once the sum is low again."""
+    from types import SimpleNamespace
+
+    from twisted.internet import defer, task
+    from twisted.web.http_headers import Headers
+
+    from stdaemon.s3.service import BodyBudget
+    from stdaemon.s3.uploads import MIN_BATCH, UploadSink
+
+    class Transport:
+        def __init__(self):
+            self.paused = False
+
+        def pauseProducing(self):
+            self.paused = True
+
+        def resumeProducing(self):
+            self.paused = False
+
+    runs = []
+    storage = SimpleNamespace(
+        job_for=lambda target: None, clock=task.Clock(),
+        body_budget=BodyBudget(high=3 * MIN_BATCH, low=MIN_BATCH),
+        run=lambda fn, batch: runs.append(defer.Deferred()) or runs[-1])
+    sinks = []
+    for n in range(3):
+        request = SimpleNamespace(requestHeaders=Headers({b"x-amz-content-sha256": [b"UNSIGNED-PAYLOAD"]}),
+                                  channel=SimpleNamespace(transport=Transport()), method=b"PUT")
+        target = SimpleNamespace(bucket="outputs", key=f"k{n}", upload_id=None)
+        sinks.append(UploadSink(storage, request, 100 * MIN_BATCH, target, 1 << 30, None))
+    transports = [s.request.channel.transport for s in sinks]
+    sinks[0].write(b"a" * (2 * MIN_BATCH))       # under both bounds: one batch to the pool
+    assert not transports[0].paused and len(runs) == 1
+    sinks[1].write(b"b" * (2 * MIN_BATCH))       # the sum (4 MiB) is over the budget
+    assert transports[1].paused and storage.body_budget.held == 4 * MIN_BATCH
+    sinks[2].write(b"c" * 100)                   # a small read while over budget pauses too
+    assert transports[2].paused
+    assert storage.body_budget.held <= 4 * MIN_BATCH + 100
+    runs[0].callback(None)                       # the first batch is written: 2 MiB + 100 B held
+    assert transports[1].paused and transports[2].paused   # still over the low mark
+    runs[1].callback(None)                       # the second: the sum is low again
+    assert storage.body_budget.held <= MIN_BATCH
+    assert not transports[1].paused and not transports[2].paused
+    for sink in sinks:
+        sink.close()
+    assert storage.body_budget.held == 0

@@ -43,6 +43,38 @@ class Target:
     part_number: Optional[int] = None
 
 
+class BodyBudget:
+    """Upload body bytes held in memory (queued on the reactor or being written by the pool),
+    summed over every connection: each upload's own queue is bounded, but many at once would add
+    up. Over :attr:`high` a connection that receives more is paused; once the sum is back under
+    :attr:`low`, every connection paused for it is offered to resume (its own queue decides)."""
+
+    def __init__(self, high: int = 24 * 1024 * 1024, low: int = 12 * 1024 * 1024):
+        self.high = high
+        self.low = low
+        self.held = 0
+        self._waiting: set = set()   # sinks paused because of the sum
+
+    def add(self, size: int) -> None:
+        self.held += size
+
+    def remove(self, size: int) -> None:
+        self.held -= size
+        if self._waiting and self.held <= self.low:
+            waiting, self._waiting = self._waiting, set()
+            for sink in waiting:
+                sink.resume_if_drained()
+
+    def over(self) -> bool:
+        return self.held > self.high
+
+    def wait(self, sink: Any) -> None:
+        self._waiting.add(sink)
+
+    def forget(self, sink: Any) -> None:
+        self._waiting.discard(sink)
+
+
 class S3Service:
     """The storage behind the S3 endpoint (``app.s3``).
 
@@ -59,6 +91,7 @@ class S3Service:
         self.outputs_root = outputs_root
         self.multipart_max_age = multipart_max_age
         self._cleaned_at_start = False
+        self.body_budget = BodyBudget()
 
     # -- plumbing ------------------------------------------------------------------------------
 

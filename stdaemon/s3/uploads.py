@@ -112,13 +112,18 @@ class UploadSink(NullSink):
             return  # refused already: drain and drop
         self._queue += data
         self._queued += len(data)
+        budget = self.storage.body_budget
+        budget.add(len(data))
         if self.length is not None and self.received >= self.length:
             self._tail = True
-        if self._queued > HIGH_WATER and not self._paused:
+        over_budget = budget.over()
+        if (self._queued > HIGH_WATER or over_budget) and not self._paused:
             transport = getattr(getattr(self.request, "channel", None), "transport", None)
             if transport is not None:
                 transport.pauseProducing()
                 self._paused = True
+        if over_budget and self._paused:
+            budget.wait(self)
         self._kick()
 
     def close(self) -> None:
@@ -130,6 +135,8 @@ class UploadSink(NullSink):
         if not self._finalised:
             self._finalised = True
             self._queue.clear()
+            self.storage.body_budget.forget(self)
+            self._release_budget(self._queued)
             self._queued = 0
             self._after_idle(self._abort_in_thread)
             if self.progress_token is not None:
@@ -177,7 +184,9 @@ class UploadSink(NullSink):
 
     def _processed(self, result: Any, size: int) -> None:
         self._busy = False
-        self._queued -= size
+        if not self.closed:   # (close gave back everything still held)
+            self._queued -= size
+            self._release_budget(size)
         if isinstance(result, Failure) and self.error is None:
             log.failure("Upload worker failed", failure=result)
             self.error = internal_error()
@@ -189,12 +198,24 @@ class UploadSink(NullSink):
         self._maybe_resume()
         self._kick()
 
+    def _release_budget(self, size: int) -> None:
+        if size:
+            self.storage.body_budget.remove(size)
+
     def _maybe_resume(self) -> None:
         if self._paused and self._queued < LOW_WATER:
+            if self.storage.body_budget.over():
+                self.storage.body_budget.wait(self)   # offered again once the sum is low
+                return
             self._paused = False
             transport = getattr(getattr(self.request, "channel", None), "transport", None)
             if transport is not None:
                 transport.resumeProducing()
+
+    def resume_if_drained(self) -> None:
+        """The daemon-wide body budget is low again: read on when this upload's own queue allows."""
+        if not self.closed:
+            self._maybe_resume()
 
     def _process(self, batch: bytes) -> None:
         """In a worker thread: decode, hash and write one batch."""
@@ -254,6 +275,7 @@ class UploadSink(NullSink):
         rest = bytes(self._queue)
         self._queue.clear()
         self._queued -= len(rest)
+        self._release_budget(len(rest))
         self._maybe_resume()
         return rest
 
