@@ -8,7 +8,8 @@ import os
 import pytest
 
 from stdaemon.s3.keys import InvalidKey, key_under_prefix, validate_bucket, validate_key
-from stdaemon.s3.multipart import MIN_PART_SIZE, StorageEngine
+from stdaemon.s3.completion import MIN_PART_SIZE
+from stdaemon.s3.multipart import StorageEngine
 from stdaemon.s3.objects import StorageError
 
 BAD_KEYS = [

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 from stdaemon.s3 import checksums as s3_checksums
 from stdaemon.s3.errors import StorageError
 from stdaemon.s3.keys import InvalidKey, validate_key
-from stdaemon.s3.multipart import check_complete as multipart_check_complete, parts_checksum
+from stdaemon.s3.completion import check_complete as multipart_check_complete, parts_checksum
 from stdaemon.s3.objects import FOLDER_MARKER, SYSTEM_DIR, ObjectInfo, PartInfo
 
 _INFO_FIELDS = {f.name for f in fields(ObjectInfo)}
@@ -142,7 +142,7 @@ def completed_info(record: Optional[dict], key: str) -> Optional[ObjectInfo]:
 
 def check_complete(parts: list, records: Mapping[int, dict]) -> list[dict]:
     """The records of the parts a Complete lists, checked as the local store checks them
-    (:func:`stdaemon.s3.multipart.check_complete`)."""
+    (:func:`stdaemon.s3.completion.check_complete`)."""
     return multipart_check_complete(parts, records.get)
 
 

@@ -98,11 +98,9 @@ class PendingWrite:
     def __init__(self, tmp_dir: str, checksum_algorithms: Iterable[str] = (), max_size: Optional[int] = None,
                  sha256: bool = True, live: Optional[set] = None,
                  in_place: Optional[tuple[str, int]] = None, on_done: Optional[Callable[[], None]] = None):
-        # ``in_place=(path, offset)``: the body is written into an existing file at ``offset`` (a
-        # multipart part in its upload's assembly file) instead of a temp file of its own; abort
-        # then leaves the file where it is. ``on_done`` runs once when the write is released.
-        self.in_place = in_place
-        self._on_done = on_done
+        # in_place=(path, offset): into an existing file (a part in its upload's assembly file), which
+        # abort leaves where it is. on_done runs once, when the write is released.
+        self.in_place, self._on_done = in_place, on_done
         self._live = live if live is not None else set()
         if in_place is not None:
             self.path, self.offset = in_place
@@ -110,10 +108,8 @@ class PendingWrite:
             self._fh.seek(self.offset)
         else:
             os.makedirs(tmp_dir, exist_ok=True)
-            self.path = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.tmp")
-            self.offset = 0
-            # the engine's set of temp files in use: the clean-up timer never touches them
-            self._live.add(self.path)
+            self.path, self.offset = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.tmp"), 0
+            self._live.add(self.path)   # temp files in use: the clean-up timer never touches them
             self._fh = open(self.path, "wb")
         self.size = 0
         self.md5 = hashlib.md5()
