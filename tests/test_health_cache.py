@@ -93,3 +93,34 @@ async def test_zero_runs_every_check_for_every_report(make_daemon):
     daemon.ctx.health.register("probe", counting_probe())
     assert (await report(daemon))["probe"]["message"] == "run 1"
     assert (await report(daemon))["probe"]["message"] == "run 2"
+
+
+def test_a_report_of_kept_results_is_handed_out_again_only_while_they_are_fresh():
+    from stdaemon.health.service import HealthRegistry
+
+    clock = task.Clock()
+    clock.advance(1_000)
+    registry = HealthRegistry(clock, cache_seconds=1.0)
+    registry.register("a", counting_probe())
+    registry.register("b", counting_probe())
+
+    def report():
+        found = []
+        registry.check_all().addCallback(found.append)
+        return found[0]
+
+    first = report()                              # runs both checks
+    kept = report()                               # every result kept: a report is made of them
+    assert [c.message for c in kept] == ["run 1", "run 1"]
+    assert report() is kept                       # ... and handed out again while fresh
+    clock.advance(0.5)
+    assert report() is kept
+    registry.invalidate()                         # a state-changing request
+    after = report()
+    assert after is not kept and after is not first and [c.message for c in after] == ["run 2", "run 2"]
+    kept = report()
+    clock.advance(1.0)                            # the oldest result is no longer fresh
+    assert [c.message for c in report()] == ["run 3", "run 3"]
+    registry.check_all(include_optional=True)     # a new result from another run forgets the report
+    registry.register("c", counting_probe())
+    assert [c.message for c in report()][-1] == "run 1"

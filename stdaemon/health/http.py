@@ -78,8 +78,9 @@ class HealthSurface(Surface):
         changed: while results are kept (``server.health_cache_seconds``) reports hand back the
         very same (frozen) components."""
         kept, status, listed = self._rendered
-        if len(kept) != len(components) or any(a is not b for a, b in zip(kept, components)):
+        if kept is not components and (len(kept) != len(components)
+                                       or any(a is not b for a, b in zip(kept, components))):
             status = overall(components)
             listed = json.dumps([c.as_dict() for c in components], separators=(",", ":"), default=str)
-            self._rendered = (tuple(components), status, listed)
+            self._rendered = (components, status, listed)
         return status, listed

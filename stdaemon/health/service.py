@@ -74,15 +74,20 @@ class HealthRegistry:
         self._running: dict[str, list[defer.Deferred]] = {}          # name → waiters of the run
         self.phase = "starting"       # starting | ready | stopping
         self.not_ready_reason: Optional[str] = "starting"
+        # the last report made only of kept results: (its oldest result's time, the components),
+        # handed out again as it is while that oldest result is still fresh
+        self._report: Optional[tuple[float, list]] = None
 
     def register(self, name: str, check: Check, optional: bool = False) -> None:
         """``optional`` components run only when asked for (providers)."""
         self._checks[name] = (check, optional)
         self._results.pop(name, None)
+        self._report = None
 
     def invalidate(self) -> None:
         """Forget the kept results: the next report runs every check."""
         self._results.clear()
+        self._report = None
 
     def names(self, include_optional: bool = False) -> list[str]:
         return [n for n, (_, opt) in self._checks.items() if include_optional or not opt]
@@ -90,8 +95,11 @@ class HealthRegistry:
     def check_all(self, include_optional: bool = False) -> defer.Deferred:
         """A Deferred of every component (registration order). When every result is still kept,
         it has already fired: a report then costs no Deferred per component."""
-        names = self.names(include_optional)
         now = self.clock.seconds()
+        report = self._report
+        if report is not None and not include_optional and now - report[0] < self.cache_seconds:
+            return defer.succeed(report[1])
+        names = self.names(include_optional)
         results: list = []
         pending: list[tuple[int, defer.Deferred]] = []
         for name in names:
@@ -102,6 +110,9 @@ class HealthRegistry:
                 pending.append((len(results), self._shared_run(name)))
                 results.append(None)
         if not pending:
+            if not include_optional and names:
+                oldest = min(self._results[name][1] for name in names)
+                self._report = (oldest, results)
             return defer.succeed(results)
 
         def fill(found: list) -> list:
@@ -122,6 +133,7 @@ class HealthRegistry:
 
         def done(component: Component) -> None:
             self._results[name] = (component, self.clock.seconds())
+            self._report = None
             for each in self._running.pop(name, []):
                 each.callback(component)
 

@@ -109,6 +109,8 @@ def query_string_args(request: Any) -> Mapping[bytes, list]:
 
 def validate_query(request: Any, model: type[QueryModel]) -> QueryModel:
     args = query_string_args(request)
+    if not args:
+        return _defaults(model)
     data: dict[str, Any] = {}
     if args:
         for name, key, alias, listed in _query_plan(model):
@@ -124,6 +126,13 @@ def validate_query(request: Any, model: type[QueryModel]) -> QueryModel:
                 continue
             data[alias] = texts if listed else texts[0]
     return validate(model, data, code="invalid_query")
+
+
+@functools.lru_cache(maxsize=None)  # one entry per query model class: a bounded set
+def _defaults(model: type[QueryModel]) -> QueryModel:
+    """The model of an empty query string, validated once: query models are frozen, so every
+    request without parameters can share it (a model with required fields raises, uncached)."""
+    return validate(model, {}, code="invalid_query")
 
 
 @functools.lru_cache(maxsize=None)  # one entry per query model class: a bounded set
