@@ -359,3 +359,33 @@ def test_parts_in_place_survive_a_restart_and_a_late_writer_cannot_touch_the_obj
         restarted.commit_part("outputs", "e", upload_id, 4, late, 3.0)
     assert err.value.code == "NoSuchUpload"
     assert _read(restarted, "e") == body
+
+
+def test_another_upload_of_a_part_being_recorded_never_goes_over_its_bytes(engine, monkeypatch):
+    """An SDK retry of a part may arrive while the first upload of it is being recorded: until the
+    record is written the number stays claimed, so the retry gets a file of its own and the bytes
+    the record describes stay as they are."""
+    from stdaemon.s3 import multipart
+
+    size = MIN_PART_SIZE
+    upload_id = engine.create_multipart("outputs", "f", 1.0)
+    data = {1: os.urandom(size), 2: os.urandom(size)}
+    retries = []
+    original = multipart._write_json_atomic
+
+    def record(path, value, tmp):
+        if path.endswith("00002.part.json") and not retries:
+            retry = engine.begin_part("outputs", "f", upload_id, 2, expected_size=size)
+            retries.append(retry.in_place)
+            retry.write(os.urandom(size // 2))   # ... and then its client gives up
+            retry.abort()
+        return original(path, value, tmp)
+
+    monkeypatch.setattr(multipart, "_write_json_atomic", record)
+    etags = {n: _part(engine, "f", upload_id, n, data[n])[1] for n in (1, 2)}
+    assert retries == [None]
+    late = engine.begin_part("outputs", "f", upload_id, 2, expected_size=size)
+    assert late.in_place is None                  # recorded: a re-upload gets a file of its own
+    late.abort()
+    engine.complete_multipart("outputs", "f", upload_id, [(n, etags[n]) for n in (1, 2)], 2.0)
+    assert _read(engine, "f") == data[1] + data[2]

@@ -133,10 +133,13 @@ class StorageEngine(ObjectStore):
                         expected_size: Optional[int]) -> Optional[tuple[str, int, int]]:
         """``(assembly file, offset, part size)`` when this part may be written into the upload's
         assembly file (and it is claimed for this writer), else None."""
-        if not expected_size or expected_size <= 0 or self._read_part_meta(path, part_number) is not None:
+        if not expected_size or expected_size <= 0:
             return None
         with self._lock:
-            if upload_id in self._completing or part_number in self._writing.get(upload_id, ()):
+            # the record is looked for under the lock: a part's claim ends only once its record is
+            # written (commit_part), so one of the two is always seen
+            if upload_id in self._completing or part_number in self._writing.get(upload_id, ()) \
+                    or self._read_part_meta(path, part_number) is not None:
                 return None
             layout = self._part_size.get(upload_id)
             if layout is None:
@@ -199,11 +202,13 @@ class StorageEngine(ObjectStore):
         meta["md5"] = pending.md5.hexdigest()
         part_path = os.path.join(path, f"{part_number:05d}.part")
         if pending.in_place is not None:
-            # in the assembly file (made durable by the flush above): the record says where
+            # in the assembly file (made durable by the flush above): the record says where. The
+            # part number stays claimed until its record is written, so another upload of it can
+            # never be written over these bytes (it finds the claim, then the record: a file of
+            # its own).
             data_name = os.path.basename(pending.path)
             meta["data"] = data_name
             meta["offset"] = pending.offset
-            pending.release()
         else:
             # The sidecar names the data file it describes, so a re-upload of the same part number
             # that races an earlier one can never pair one body with the other's ETag.
@@ -217,7 +222,11 @@ class StorageEngine(ObjectStore):
             pending.release()
             fsync_dir(path)
         old = self._read_part_meta(path, part_number)
-        _write_json_atomic(part_path + ".json", meta, bucket.tmp)
+        try:
+            _write_json_atomic(part_path + ".json", meta, bucket.tmp)
+        finally:
+            if pending.in_place is not None:
+                pending.release()
         if old and old.get("data") and old.get("offset") is None and old["data"] != data_name:
             try:
                 os.unlink(os.path.join(path, old["data"]))
