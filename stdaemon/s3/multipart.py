@@ -104,15 +104,12 @@ class StorageEngine(ObjectStore):
     def begin_part(self, bucket_name: str, key: str, upload_id: str, part_number: int,
                    checksum_algorithms: Iterable[str] = (), sha256: bool = True,
                    expected_size: Optional[int] = None) -> PendingWrite:
-        """Where a part's body goes while it arrives.
-
-        The first upload of a part number whose size is known before the body (``expected_size``:
-        Content-Length, or aws-chunked's decoded length) and is not larger than the upload's part
-        size (set by its first such part) is written straight into the upload's assembly file at
-        ``(part number - 1) × part size``: when the parts turn out uniform (every SDK's transfer
-        manager), Complete hands that file over as the object without copying a byte. Anything
-        else — a re-upload of a part, a larger part, an unknown size, a part racing another upload
-        of its number or a Complete — gets a file of its own as before, and Complete copies."""
+        """Where a part's body goes. The first upload of a part whose size the head declares
+        (``expected_size``), no larger than the upload's part size (set by its first such part),
+        goes into the assembly file at ``(part number - 1) × part size``; uniform parts (every
+        SDK's transfer manager) then need no copy at Complete. Anything else (a re-upload, a larger
+        part, an unknown size, a race with another upload of the number or a Complete) gets a
+        file of its own, and Complete copies."""
         bucket = self.bucket(bucket_name)
         path, _ = self._upload(bucket, upload_id, key)
         if not 1 <= part_number <= MAX_PART_NUMBER:
@@ -136,8 +133,7 @@ class StorageEngine(ObjectStore):
         if not expected_size or expected_size <= 0:
             return None
         with self._lock:
-            # the record is looked for under the lock: a part's claim ends only once its record is
-            # written (commit_part), so one of the two is always seen
+            # under the lock: a claim ends only once its record is written, so one is always seen
             if upload_id in self._completing or part_number in self._writing.get(upload_id, ()) \
                     or self._read_part_meta(path, part_number) is not None:
                 return None
@@ -202,10 +198,8 @@ class StorageEngine(ObjectStore):
         meta["md5"] = pending.md5.hexdigest()
         part_path = os.path.join(path, f"{part_number:05d}.part")
         if pending.in_place is not None:
-            # in the assembly file (made durable by the flush above): the record says where. The
-            # part number stays claimed until its record is written, so another upload of it can
-            # never be written over these bytes (it finds the claim, then the record: a file of
-            # its own).
+            # in the assembly file (durable since the flush); the number stays claimed until the
+            # record is written, so no other upload of it can be written over these bytes
             data_name = os.path.basename(pending.path)
             meta["data"] = data_name
             meta["offset"] = pending.offset
