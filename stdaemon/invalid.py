@@ -29,3 +29,11 @@ class InvalidValue(ValueError):
     def field(self) -> str:
         """The request or settings field: the same as ``path``."""
         return self.path
+
+
+def check_positive(path: str, value: float) -> float:
+    """``value`` when it is greater than 0, else :class:`InvalidValue` at ``path`` (the one such
+    check of configuration values, whichever module's keys)."""
+    if value <= 0:
+        raise InvalidValue(path, f"must be greater than 0, got {value!r}")
+    return value

@@ -6,7 +6,7 @@ import re
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from stdaemon.invalid import InvalidValue
+from stdaemon.invalid import InvalidValue, check_positive
 
 #: environment variable → key path, merged into the loader's table
 ENV_KEYS: dict[str, str] = {
@@ -51,12 +51,6 @@ def check_name(allow_empty: bool) -> Callable[[str, str], str]:
                                      f"starting with a letter or digit, got {value!r}")
         return value
     return check
-
-
-def check_positive(path: str, value: float) -> float:
-    if value <= 0:
-        raise InvalidValue(path, f"must be greater than 0, got {value!r}")
-    return value
 
 
 #: key path → validator, merged into the loader's table

@@ -27,7 +27,7 @@ import yaml
 from stdaemon.cluster import settings as cluster_settings
 from stdaemon.config.schema import SECTIONS, Config
 from stdaemon.config.storage import STORAGE_VALIDATORS, check_storage
-from stdaemon.invalid import InvalidValue
+from stdaemon.invalid import InvalidValue, check_positive
 from stdaemon.outbound.tls import CABundleError, load_ca_bundle
 from stdaemon.providers.settings import config_validators
 from stdaemon.ratelimit.rules import parse_rules
@@ -211,12 +211,6 @@ def _check_choice(choices: tuple[str, ...], upper: bool = False) -> Callable[[st
     return check
 
 
-def _check_positive(path: str, value: float) -> float:
-    if value <= 0:
-        raise InvalidValue(path, f"must be greater than 0, got {value!r}")
-    return value
-
-
 def _check_non_negative(path: str, value: float) -> float:
     if value < 0:
         raise InvalidValue(path, f"must not be negative, got {value!r}")
@@ -284,7 +278,7 @@ def _check_rules(path: str, value: tuple) -> tuple:
         if not pattern:
             raise InvalidValue(f"{rpath}.pattern", "required")
         calls = _check_non_negative(f"{rpath}.calls", _as_int(f"{rpath}.calls", rule.get("calls")))
-        period = _check_positive(f"{rpath}.period", _as_int(f"{rpath}.period", rule.get("period")))
+        period = check_positive(f"{rpath}.period", _as_int(f"{rpath}.period", rule.get("period")))
         methods = rule.get("methods")
         if methods is not None:
             methods = tuple(m.upper() for m in _as_str_tuple(f"{rpath}.methods", methods))
@@ -300,30 +294,30 @@ VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "server.listen": _check_listen,
     "server.public_url": _check_url,
     "server.trusted_proxies": _check_cidrs,
-    "server.max_body_bytes": _check_positive,
-    "server.shutdown_timeout": _check_positive,
+    "server.max_body_bytes": check_positive,
+    "server.shutdown_timeout": check_positive,
     "server.health_cache_seconds": _check_non_negative,
     "logging.level": _check_choice(_LOG_LEVELS, upper=True),
     "logging.format": _check_choice(("json", "text")),
     "rate_limit.calls": _check_non_negative,
-    "rate_limit.period": _check_positive,
+    "rate_limit.period": check_positive,
     "rate_limit.backend": _check_choice(("memory", "sqlite", "redis")),
     "rate_limit.redis_url": _check_redis_url,
-    "rate_limit.timeout": _check_positive,
+    "rate_limit.timeout": check_positive,
     "rate_limit.rules": _check_rules,
     "secrets.vault_addr": _check_url,
     "secrets.cache_ttl": _check_non_negative,
-    "backup.interval": _check_positive,
+    "backup.interval": check_positive,
     "backup.keep_days": _check_non_negative,
     "backup.keep_count": _check_non_negative,
     "metrics.prometheus_categories": _check_categories,
-    "auth.session_ttl": _check_positive,
-    "jobs.poll_interval": _check_positive,
-    "jobs.upload_credential_ttl": _check_positive,
-    "jobs.max_submit_bytes": _check_positive,
+    "auth.session_ttl": check_positive,
+    "jobs.poll_interval": check_positive,
+    "jobs.upload_credential_ttl": check_positive,
+    "jobs.max_submit_bytes": check_positive,
     "audit.retention_days": _check_non_negative,
     "database.url": check_config_url,
-    "database.pool_size": _check_positive,
+    "database.pool_size": check_positive,
     **STORAGE_VALIDATORS,
     **cluster_settings.VALIDATORS,
 }
